@@ -1,0 +1,25 @@
+"""Test set-up: 8 fake CPU devices so sharding tests run anywhere.
+
+XLA reads the flag once, when jax first initialises its backends, so it is set here,
+before any test imports jax.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_CIFAR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
+
+
+@pytest.fixture(scope="session")
+def shared_cifar_dir():
+  """The shared CIFAR-10 image folder beside the checkout (present on CI and dev machines)."""
+  if not SHARED_CIFAR.is_dir():
+    pytest.fail(f"{SHARED_CIFAR} is missing: tests that read real images need ../shared/data/cifar10/train")
+  return SHARED_CIFAR
