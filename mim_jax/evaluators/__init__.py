@@ -1,0 +1,38 @@
+"""Evaluators run by the trainer: weighted kNN, linear probe, reconstruction picture.
+
+Usage::
+
+  from mim_jax import evaluators
+  ctx = evaluators.EvalContext(encode=..., batches=..., num_classes=10,
+                               reconstruct=None, workdir=workdir, step=step)
+  results = evaluators.run_all(config.evals, ctx)     # {name: result}
+  evaluators.write_results(workdir, results, step)    # merges eval_results.json
+
+or one at a time: ``evaluators.build(name, cfg).run(ctx)``.
+"""
+from mim_jax.evaluators import knn, linear_probe, reconstruction  # noqa: F401  (register types)
+from mim_jax.evaluators.common import (
+    EvalContext,
+    Evaluator,
+    RESULTS_FILENAME,
+    build,
+    extract_features,
+    register,
+    registered_types,
+    run_all,
+    topk_accuracy,
+    write_results,
+)
+
+__all__ = [
+    "EvalContext",
+    "Evaluator",
+    "RESULTS_FILENAME",
+    "build",
+    "extract_features",
+    "register",
+    "registered_types",
+    "run_all",
+    "topk_accuracy",
+    "write_results",
+]
