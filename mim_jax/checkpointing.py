@@ -1,0 +1,98 @@
+"""Orbax checkpoints: async saves every `ckpt_every` steps, keep the last N, preemption saves,
+the data iterator's state beside the model, and restores into the current mesh's shardings.
+
+A checkpoint directory `<workdir>/checkpoints/<step>/` holds three items:
+  state   the train state pytree (params, opt_state, method state, step, rng);
+  data    the grain iterator state of this process (skipped when the loader has none);
+  meta    JSON: the method/model identity (`Method.describe()`) and the step.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+PyTree = Any
+
+
+class CheckpointMismatchError(RuntimeError):
+  pass
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _diff(va, vb, f"{prefix}{k}.")
+    elif va != vb:
+      out.append(f"{prefix}{k}: checkpoint {va!r} vs config {vb!r}")
+  return out
+
+
+def _jsonable(x):
+  return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with the three items above."""
+
+  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.every = every
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=opts,
+                                         item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: PyTree, data_iter: Any, meta: dict, *, force: bool = False) -> bool:
+    import grain  # lazily: heavy
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta)))
+    if data_iter is not None and hasattr(data_iter, "get_state"):
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def check_meta(self, step: int, meta: dict) -> None:
+    saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    want = _jsonable(meta)
+    diffs = _diff(saved.get("model", {}), want.get("model", {}))
+    if diffs:
+      raise CheckpointMismatchError(
+          f"{self.directory} holds a checkpoint of a different model ({'; '.join(diffs[:3])}): "
+          f"use a new --workdir, or delete that directory to start over")
+
+  def restore(self, step: int, abstract_state: PyTree, data_iter: Any, meta: dict) -> PyTree:
+    """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings), so a
+    checkpoint written under one mesh loads under another."""
+    import grain
+    self.check_meta(step, meta)
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iter is not None and hasattr(data_iter, "set_state"):
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointMismatchError(
+          f"{self.directory}/{step} does not match this config's model ({first[:200]}): "
+          f"use a new --workdir, or delete that directory to start over") from e
+    logging.info("restored checkpoint %s/%d", self.directory, step)
+    return out["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,93 @@
+"""The shared skeleton of every config; `configs/<method>.py` fills in the method's settings.
+
+Every key a run may set is declared here (or in the method's config), and `main.py` locks the
+config, so a mistyped `--config.key=value` fails with the list of valid keys.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = ""
+  c.seed = 0
+  # Length: total_steps wins when > 0, else total_epochs over the training split.
+  c.total_epochs = 1.0
+  c.total_steps = 0
+
+  c.input = ml_collections.ConfigDict(dict(
+      data=dict(
+          name="embedded",          # 'embedded' | 'image_folder' | 'tfds'
+          dir="",                   # image folder root, or tfds data_dir
+          tfds_name="",             # e.g. 'imagenet2012'
+          train_split="train",      # tfds split names
+          eval_split="validation",
+          holdout_per_class=100,    # seeded per-class hold-out used only for evaluation
+          holdout_seed=0,
+          in_memory=True,           # decode once, augment on the device
+          cache_dir="",
+      ),
+      batch_size=128,               # global batch of one optimiser step
+      image_size=32,
+      workers=0,                    # grain worker processes (streaming sources)
+      aug=dict(crop_scale=(0.2, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0), hflip=True),
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant="tiny",
+      depth=0,                      # 0 = the variant's depth
+      patch_size=4,
+      pos_embed="sincos",
+      rel_pos_bias="none",
+      qkv_bias="qkv",
+      init_values=0.0,              # layer scale; 0 = off
+      init_style="xavier",
+      drop_path=0.0,
+      remat=False,
+      attn_impl="",                 # '' = JAX's choice, 'xla', 'cudnn'
+      dtype="float32",              # compute dtype: 'bfloat16' on accelerators
+      param_dtype="float32",
+  ))
+  c.pooling = "cls"                 # features for evaluators: 'cls' | 'mean'
+  c.ema = ml_collections.ConfigDict(dict(enabled=False, decay=0.999))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", base_lr=1.5e-4, lr_batch_divisor=256, b1=0.9, b2=0.95, eps=1e-8,
+      momentum=0.9, weight_decay=0.05, schedule="cosine", warmup_epochs=0.0, warmup_lr=0.0,
+      min_lr=0.0, milestones_epochs=(), gamma=0.1, clip_grad=0.0, grad_accum=1,
+  ))
+
+  c.mesh = (("data", -1), ("fsdp", 1))
+  c.sharding_rules = ((".*", "replicate"),)
+
+  c.log_every = 10
+  c.ckpt_every = 100
+  c.keep_ckpts = 3
+  c.eval_every = 0                  # steps between evaluations; 0 = only at the end
+  c.evals = ml_collections.ConfigDict()
+  return c
+
+
+def default_evals(*, knn_k=20, probe_epochs=90, probe_lr=0.1, probe_optimizer="lars", num_images=8,
+                  pooling="cls"):
+  """kNN, linear probe and reconstruction picture.
+
+  The probe follows MAE's linear-probe recipe (LARS, base lr 0.1 x batch/256, parameter-free
+  BatchNorm on the features, 90 epochs). LARS's trust ratio moves the weights by ~1e-3 of
+  their norm per step, which needs ImageNet's ~10^5 steps; CPU presets with a few hundred
+  probe steps use SGD with momentum instead (probe_optimizer='sgd') and say so in the
+  recorded protocol.
+  """
+  return ml_collections.ConfigDict(dict(
+      knn=dict(type="knn", k=knn_k, temperature=0.07, batch_size=256, pooling=pooling),
+      linear=dict(type="linear_probe", optimizer=probe_optimizer, base_lr=probe_lr, epochs=probe_epochs,
+                  batch_size=256, warmup_epochs=min(10, probe_epochs // 9), weight_decay=0.0,
+                  pooling=pooling, seed=0),
+      reconstruction=dict(type="reconstruction", num_images=num_images, seed=0),
+  ))

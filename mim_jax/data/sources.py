@@ -1,0 +1,503 @@
+"""Where images come from: the embedded CIFAR-10 subset, image folders and TFDS.
+
+Two kinds of source live here:
+
+* In-memory data (`load_in_memory`): every image of a split decoded once into one uint8
+  array. Used for small datasets (the embedded set, CIFAR-sized folders); augmentation
+  then happens on the device.
+* Streaming sources (`ImageFolderSource`, `tfds_source`): random-access sources of encoded
+  records ``{'image_bytes': bytes, 'label': int}`` (or an already decoded ``'image'``),
+  decoded later inside grain worker processes. Used for ImageNet-sized datasets.
+
+Both kinds split a labelled folder the same way: the 'eval' split is a fixed, seeded
+hold-out of ``holdout_per_class`` files per class, 'train' is every other file.
+
+Configuration keys read from ``data_cfg`` (an ``ml_collections.ConfigDict`` or a dict):
+``name`` ('embedded' | 'image_folder' | 'tfds'), ``dir``, ``holdout_per_class``,
+``holdout_seed``, ``cache_dir`` and, for TFDS, ``tfds_name``, ``train_split``,
+``eval_split``.
+
+`tensorflow_datasets` and PIL are imported inside functions, so importing this module is cheap.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import multiprocessing
+import os
+import pathlib
+import threading
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from absl import logging
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+EMBEDDED_PATH = pathlib.Path(__file__).resolve().parent / "embedded_cifar10.npz"
+SPLITS = ("train", "eval")
+
+# Files at or above this count are decoded with a process pool (when there is more than one core).
+_POOL_MIN_FILES = 4096
+
+
+class DataError(Exception):
+  """Base class of the data errors; each message is one line that names the fix."""
+
+
+class DataConfigError(DataError, ValueError):
+  """The data configuration, or the data it points at, cannot be used."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+  """The configured data does not exist."""
+
+
+@dataclasses.dataclass
+class InMemoryData:
+  """A split decoded into memory.
+
+  Attributes:
+    images: uint8 [N, H, W, 3], read-only.
+    labels: int32 [N], read-only.
+    class_names: class index -> name.
+    num_skipped: files of this split that could not be read or decoded and were left out.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  class_names: list[str]
+  num_skipped: int = 0
+
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+  """`cfg.get(key, default)` for dicts and ConfigDicts, treating '' and None as unset."""
+  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+  return default if value is None or value == "" else value
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise DataConfigError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hold-out split.
+
+
+def holdout_mask(labels: np.ndarray, holdout_per_class: int, holdout_seed: int,
+                 class_names: Optional[Sequence[str]] = None, where: str = "the data") -> np.ndarray:
+  """Boolean [N] mask of the records in the 'eval' hold-out.
+
+  ``labels`` lists the records in their stored order (for folders: each class's files sorted by
+  name). One ``np.random.Generator(PCG64(holdout_seed))`` draws, class by class in class-index
+  order, a permutation of that class's records; its first ``holdout_per_class`` entries are
+  held out.
+
+  Raises:
+    DataConfigError: a class has no more than ``holdout_per_class`` records.
+  """
+  labels = np.asarray(labels)
+  holdout_per_class = int(holdout_per_class)
+  if holdout_per_class < 0:
+    raise DataConfigError(f"holdout_per_class={holdout_per_class} is negative: "
+                          "set --config.input.data.holdout_per_class to 0 or more")
+  mask = np.zeros(labels.shape[0], bool)
+  num_classes = int(labels.max()) + 1 if labels.size else 0
+  rng = np.random.Generator(np.random.PCG64(int(holdout_seed)))
+  for c in range(num_classes):
+    idx = np.flatnonzero(labels == c)
+    if holdout_per_class and idx.size <= holdout_per_class:
+      name = class_names[c] if class_names is not None else str(c)
+      raise DataConfigError(
+          f"class {name!r} of {where} has {idx.size} images, too few for a hold-out of "
+          f"{holdout_per_class} per class plus training images: lower "
+          "--config.input.data.holdout_per_class or add images")
+    perm = rng.permutation(idx.size)
+    mask[idx[perm[:holdout_per_class]]] = True
+  return mask
+
+
+def split_indices(labels: np.ndarray, split: str, holdout_per_class: int, holdout_seed: int,
+                  class_names: Optional[Sequence[str]] = None, where: str = "the data") -> np.ndarray:
+  """Sorted int64 indices of the records in ``split`` ('train' or 'eval'); see `holdout_mask`."""
+  _check_split(split)
+  mask = holdout_mask(labels, holdout_per_class, holdout_seed, class_names, where)
+  return np.flatnonzero(mask if split == "eval" else ~mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders.
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderListing:
+  """The files of an image folder ``root/<class>/<file>``.
+
+  Attributes:
+    root: absolute folder path.
+    files: paths relative to ``root``, grouped by class (classes sorted), sorted within a class.
+    labels: int32 [N] class index of each file.
+    class_names: sorted class sub-folder names.
+    fingerprint: hex digest of the root, the file names, sizes and modification times.
+  """
+  root: str
+  files: tuple[str, ...]
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+  fingerprint: str
+
+
+def list_image_folder(directory: str | os.PathLike) -> FolderListing:
+  """Lists an image folder of class sub-folders (one level, image extensions only).
+
+  Raises:
+    DataNotFoundError: the folder does not exist.
+    DataConfigError: it has no class sub-folders or no images.
+  """
+  if not directory:
+    raise DataNotFoundError("no image folder given: set --config.input.data.dir to a folder "
+                            "of class sub-folders")
+  root = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+  if not os.path.isdir(root):
+    raise DataNotFoundError(f"image folder {root} does not exist: set --config.input.data.dir "
+                            "to a folder of class sub-folders")
+  with os.scandir(root) as it:
+    classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+  if not classes:
+    raise DataConfigError(f"image folder {root} has no class sub-folders: set "
+                          "--config.input.data.dir to a folder laid out as <dir>/<class>/<image>")
+  files, labels = [], []
+  digest = hashlib.sha1(root.encode())
+  for label, name in enumerate(classes):
+    with os.scandir(os.path.join(root, name)) as it:
+      entries = sorted((e for e in it if e.is_file() and not e.name.startswith(".")
+                        and e.name.lower().endswith(IMAGE_EXTENSIONS)), key=lambda e: e.name)
+    for e in entries:
+      st = e.stat()
+      rel = f"{name}/{e.name}"
+      files.append(rel)
+      labels.append(label)
+      digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+  if not files:
+    raise DataConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in the class "
+                          f"sub-folders of {root}: set --config.input.data.dir to a folder of "
+                          "class sub-folders holding images")
+  return FolderListing(root=root, files=tuple(files), labels=np.asarray(labels, np.int32),
+                       class_names=tuple(classes), fingerprint=digest.hexdigest())
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """Decodes encoded image bytes to uint8 [H, W, 3] RGB (raises on unreadable data)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(data)) as im:
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _decode_files(paths: Sequence[str]) -> list[Any]:
+  """Decodes files; an unreadable one gives its error message (a str) instead of an array."""
+  out = []
+  for p in paths:
+    try:
+      with open(p, "rb") as f:
+        out.append(decode_image(f.read()))
+    except Exception as e:  # pylint: disable=broad-except
+      out.append(f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)
+  return out
+
+
+def _decode_many(paths: Sequence[str]) -> list[Any]:
+  """`_decode_files`, with a pool of spawned processes for many files on a multi-core host."""
+  cores = os.cpu_count() or 1
+  if len(paths) < _POOL_MIN_FILES or cores < 2:
+    return _decode_files(paths)
+  workers = min(cores, 16)
+  chunk = max(256, len(paths) // (workers * 8))
+  chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+  # spawn, not fork: the parent may already run JAX's threads.
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    out = []
+    for part in pool.map(_decode_files, chunks):
+      out.extend(part)
+  return out
+
+
+def _cache_dir(data_cfg: Any) -> pathlib.Path:
+  return pathlib.Path(os.path.expanduser(_get(data_cfg, "cache_dir", "~/.cache/mim_jax")))
+
+
+def _log_skipped(where: str, files: Sequence[str], errors: Sequence[str]) -> None:
+  if files:
+    logging.warning("skipped %d unreadable image file(s) in %s, e.g. %s (%s)",
+                    len(files), where, files[0], errors[0])
+
+
+def _decode_folder(listing: FolderListing, cache_dir: pathlib.Path) -> dict[str, np.ndarray]:
+  """Decodes every file of ``listing`` once; cached as ``<cache_dir>/folder-<fingerprint>.npz``.
+
+  Returns arrays ``images`` [M,H,W,3] and ``file_index`` [M] (the readable files' indices in
+  ``listing.files``), plus ``bad_index`` (the unreadable ones).
+  """
+  cache = cache_dir / f"folder-{listing.fingerprint[:20]}.npz"
+  if cache.is_file():
+    try:
+      with np.load(cache, allow_pickle=False) as z:
+        return {k: z[k] for k in ("images", "file_index", "bad_index")}
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("ignoring unreadable decode cache %s (%s)", cache, e)
+  logging.info("decoding %d images of %s (cached afterwards in %s)", len(listing.files),
+               listing.root, cache)
+  decoded = _decode_many([os.path.join(listing.root, f) for f in listing.files])
+  good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+  bad = [i for i, d in enumerate(decoded) if not isinstance(d, np.ndarray)]
+  _log_skipped(listing.root, [listing.files[i] for i in bad], [decoded[i] for i in bad])
+  if not good:
+    raise DataConfigError(f"none of the {len(decoded)} image files in {listing.root} could be "
+                          "decoded: set --config.input.data.dir to a folder of readable images")
+  shape = decoded[good[0]].shape
+  for i in good:
+    if decoded[i].shape != shape:
+      raise DataConfigError(
+          f"images in {listing.root} differ in size ({shape[1]}x{shape[0]} for "
+          f"{listing.files[good[0]]}, {decoded[i].shape[1]}x{decoded[i].shape[0]} for "
+          f"{listing.files[i]}): resize them to one size, or stream them with "
+          "--config.input.data.in_memory=False")
+  out = dict(images=np.stack([decoded[i] for i in good]),
+             file_index=np.asarray(good, np.int64), bad_index=np.asarray(bad, np.int64))
+  try:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, cache)
+  except OSError as e:
+    logging.warning("could not write the decode cache %s (%s); decoding again next time", cache, e)
+  return out
+
+
+def _readonly(*arrays: np.ndarray) -> None:
+  for a in arrays:
+    a.flags.writeable = False
+
+
+def _load_image_folder(data_cfg: Any, split: str) -> InMemoryData:
+  listing = list_image_folder(_get(data_cfg, "dir"))
+  select = split_indices(listing.labels, split, _get(data_cfg, "holdout_per_class", 0),
+                         _get(data_cfg, "holdout_seed", 0), listing.class_names, listing.root)
+  decoded = _decode_folder(listing, _cache_dir(data_cfg))
+  in_split = np.zeros(len(listing.files), bool)
+  in_split[select] = True
+  rows = np.flatnonzero(in_split[decoded["file_index"]])
+  images = decoded["images"][rows]
+  labels = listing.labels[decoded["file_index"][rows]].astype(np.int32)
+  num_skipped = int(in_split[decoded["bad_index"]].sum())
+  _readonly(images, labels)
+  return InMemoryData(images, labels, list(listing.class_names), num_skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded CIFAR-10 subset.
+
+
+def read_embedded(path: str | os.PathLike = EMBEDDED_PATH) -> tuple[list[bytes], np.ndarray, list[str]]:
+  """Reads the embedded npz: (encoded JPEGs, int32 labels, class names), in stored order."""
+  with np.load(path, allow_pickle=False) as z:
+    data, offsets = z["jpeg_bytes"], z["offsets"]
+    labels = z["labels"].astype(np.int32)
+    class_names = [str(c) for c in z["class_names"]]
+  blobs = [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(labels))]
+  return blobs, labels, class_names
+
+
+_EMBEDDED_CACHE: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, list[str], np.ndarray]] = {}
+
+
+def _decoded_embedded() -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+  """Decoded embedded set, memoised per process: (images, labels, class names, ok mask)."""
+  if not EMBEDDED_PATH.is_file():
+    raise DataNotFoundError(f"{EMBEDDED_PATH} is missing: reinstall mim_jax, or rebuild it with "
+                            "tools/build_embedded.py")
+  key = (str(EMBEDDED_PATH), EMBEDDED_PATH.stat().st_mtime_ns)
+  if key not in _EMBEDDED_CACHE:
+    blobs, labels, class_names = read_embedded(EMBEDDED_PATH)
+    decoded = []
+    for b in blobs:
+      try:
+        decoded.append(decode_image(b))
+      except Exception:  # pylint: disable=broad-except
+        decoded.append(None)
+    ok = np.asarray([d is not None for d in decoded])
+    images = np.stack([d for d in decoded if d is not None])
+    _readonly(images, labels)
+    _EMBEDDED_CACHE.clear()
+    _EMBEDDED_CACHE[key] = (images, labels, class_names, ok)
+  return _EMBEDDED_CACHE[key]
+
+
+def _load_embedded(data_cfg: Any, split: str) -> InMemoryData:
+  images, labels, class_names, ok = _decoded_embedded()
+  select = split_indices(labels, split, _get(data_cfg, "holdout_per_class", 0),
+                         _get(data_cfg, "holdout_seed", 0), class_names, "the embedded set")
+  in_split = np.zeros(labels.shape[0], bool)
+  in_split[select] = True
+  rows = np.flatnonzero(in_split[ok])   # positions among the decodable images
+  out_images, out_labels = images[rows], labels[ok][rows]
+  _readonly(out_images, out_labels)
+  return InMemoryData(out_images, out_labels, list(class_names), int((in_split & ~ok).sum()))
+
+
+def load_in_memory(data_cfg: Any, split: str) -> InMemoryData:
+  """Decodes a whole split into memory.
+
+  Args:
+    data_cfg: ``name`` 'embedded' or 'image_folder'; ``dir`` (image_folder);
+      ``holdout_per_class``, ``holdout_seed``; optional ``cache_dir`` (default ~/.cache/mim_jax),
+      where a decoded image folder is cached so that the next load is fast.
+    split: 'train' or 'eval'.
+
+  Raises:
+    DataError: with a one-line message naming the fix.
+  """
+  _check_split(split)
+  name = _get(data_cfg, "name", "embedded")
+  if name == "embedded":
+    return _load_embedded(data_cfg, split)
+  if name == "image_folder":
+    return _load_image_folder(data_cfg, split)
+  raise DataConfigError(f"data source {name!r} cannot be loaded into memory: set "
+                        "--config.input.data.name to 'embedded' or 'image_folder', or stream it "
+                        "with --config.input.data.in_memory=False")
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming sources (random access, decoded later in grain workers).
+
+
+class ImageFolderSource:
+  """Random-access source over image files: ``source[i] -> {'image_bytes', 'label'}``.
+
+  Stores the relative paths as one bytes blob plus offsets, so pickling it to grain worker
+  processes stays cheap for ImageNet-sized folders.
+  """
+
+  def __init__(self, root: str, files: Sequence[str], labels: np.ndarray,
+               class_names: Sequence[str], tag: str = ""):
+    encoded = [f.encode() for f in files]
+    self.root = root
+    self.class_names = list(class_names)
+    self._blob = b"".join(encoded)
+    self._offsets = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64)
+    self._labels = np.asarray(labels, np.int32)
+    self._tag = tag
+
+  def __len__(self) -> int:
+    return int(self._labels.shape[0])
+
+  def path(self, index: int) -> str:
+    """Absolute path of record ``index``."""
+    rel = self._blob[self._offsets[index]:self._offsets[index + 1]].decode()
+    return os.path.join(self.root, rel)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range [0, {len(self)})")
+    with open(self.path(index), "rb") as f:
+      return {"image_bytes": f.read(), "label": int(self._labels[index])}
+
+  def __repr__(self) -> str:
+    # Deterministic: grain compares it when restoring an iterator state.
+    return f"ImageFolderSource(root={self.root!r}, num_records={len(self)}, tag={self._tag!r})"
+
+
+def image_folder_source(data_cfg: Any, split: str) -> ImageFolderSource:
+  """The streaming source of ``split`` of the image folder ``data_cfg.dir`` (same hold-out)."""
+  listing = list_image_folder(_get(data_cfg, "dir"))
+  select = split_indices(listing.labels, split, _get(data_cfg, "holdout_per_class", 0),
+                         _get(data_cfg, "holdout_seed", 0), listing.class_names, listing.root)
+  tag = f"{split}:{_get(data_cfg, 'holdout_per_class', 0)}:{_get(data_cfg, 'holdout_seed', 0)}"
+  return ImageFolderSource(listing.root, [listing.files[i] for i in select],
+                           listing.labels[select], listing.class_names,
+                           tag=f"{tag}:{listing.fingerprint[:12]}")
+
+
+class TfdsSource:
+  """Wraps a ``tfds.data_source`` and normalises its records.
+
+  Records become ``{'image_bytes': bytes, 'label': int}`` when images are left encoded
+  (``decode=False``, the default: TFDS's ``SkipDecoding``), else ``{'image': uint8 [H,W,C],
+  'label': int}``. A record without a label gets -1.
+  """
+
+  def __init__(self, source: Any, name: str, split: str, data_dir: Optional[str], decode: bool):
+    self._source = source
+    self._desc = f"TfdsSource(name={name!r}, split={split!r}, data_dir={data_dir!r}, decode={decode})"
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._source[int(index)]
+    image = record["image"]
+    label = int(np.asarray(record.get("label", -1)))
+    if isinstance(image, (bytes, np.bytes_)):
+      return {"image_bytes": bytes(image), "label": label}
+    return {"image": np.asarray(image), "label": label}
+
+  def __repr__(self) -> str:
+    return self._desc
+
+
+def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *,
+                decode: bool = False) -> TfdsSource:
+  """A random-access TFDS source (array_record files; TensorFlow is not needed).
+
+  Args:
+    name: TFDS builder name, e.g. 'imagenet2012'.
+    split: TFDS split name, e.g. 'train' or 'validation[:1000]'.
+    data_dir: TFDS data directory (None = TFDS's default).
+    decode: decode images in TFDS (True) or hand the encoded bytes on (False, cheaper: the
+      pipeline decodes them in its workers and can skip corrupt ones).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None, decoders=decoders)
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise DataNotFoundError(
+        f"TFDS dataset {name!r} split {split!r} could not be opened ({first}): prepare it in "
+        "array_record format and set --config.input.data.dir to its TFDS data_dir") from e
+  return TfdsSource(source, name, split, data_dir, decode)
+
+
+def streaming_source(data_cfg: Any, split: str, *, decode: bool = False) -> Any:
+  """The random-access source of ``split`` for a streaming config (image_folder or tfds)."""
+  _check_split(split)
+  name = _get(data_cfg, "name", "embedded")
+  if name == "image_folder":
+    return image_folder_source(data_cfg, split)
+  if name == "tfds":
+    tfds_name = _get(data_cfg, "tfds_name")
+    if not tfds_name:
+      raise DataConfigError("data.name='tfds' needs a dataset name: set "
+                            "--config.input.data.tfds_name, e.g. imagenet2012")
+    tfds_split = _get(data_cfg, "train_split" if split == "train" else "eval_split",
+                      "train" if split == "train" else "validation")
+    return tfds_source(tfds_name, tfds_split, _get(data_cfg, "dir"), decode=decode)
+  raise DataConfigError(f"data source {name!r} cannot be streamed: set "
+                        "--config.input.data.name to 'image_folder' or 'tfds', or use "
+                        "--config.input.data.in_memory=True")
+
+
+def is_in_memory(data_cfg: Any) -> bool:
+  """Whether ``data_cfg`` selects in-memory data (embedded, or an image folder with in_memory)."""
+  name = _get(data_cfg, "name", "embedded")
+  if name == "embedded":
+    return True
+  if name == "tfds":
+    return False
+  return bool(_get(data_cfg, "in_memory", True))

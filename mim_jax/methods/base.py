@@ -1,0 +1,102 @@
+"""The method interface: what the one trainer needs from a pretraining method.
+
+A method declares
+  * its trainable parameters (`init`), a dict with at least an 'encoder' entry;
+  * its extra, non-trainable state (`init_state`): EMA teachers, queues, centres, frozen
+    tokenizers ... anything the step carries from one iteration to the next;
+  * its loss, a pure function of (params, state, images, rng) (`loss`);
+  * its per-step state update after the optimiser step (`update_state`);
+  * the features evaluators read (`features`), one entry per encoder worth evaluating;
+  * optionally a reconstruction for the picture (`reconstruct`) and a weight-decay mask.
+
+The trainer never branches on the method: it calls these, jits them, shards their pytrees
+and checkpoints `state` beside the parameters. This base class also carries the one small
+stateful feature every method gets for free: an optional EMA of the encoder
+(`config.ema.decay`), evaluated beside the online encoder.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mim_jax.models import vit
+
+PyTree = Any
+
+
+def path_names(path) -> tuple[str, ...]:
+  return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+
+
+class Method:
+  """Base class; subclasses set `name` and implement `init`, `loss` (and `reconstruct`)."""
+
+  name: str = "base"
+  # Parameter names (last path element) never decayed besides 1-D parameters.
+  no_decay_names: tuple[str, ...] = ()
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.image_size = config.input.image_size
+    self.encoder = vit.vit_from_config(config.model, self.image_size,
+                                       **self.encoder_overrides())
+    self.pooling = config.get("pooling", "cls")
+    ema = config.get("ema", None)
+    self.ema_decay = float(ema.decay) if ema is not None and ema.get("enabled", False) else None
+
+  # -- what subclasses provide --------------------------------------------------------------
+  def encoder_overrides(self) -> dict:
+    return {}
+
+  def init(self, rng: jax.Array, images: jax.Array) -> PyTree:
+    raise NotImplementedError
+
+  def loss(self, params: PyTree, state: PyTree, images: jax.Array, rng: jax.Array,
+           step: jax.Array) -> tuple[jax.Array, dict]:
+    """Returns (scalar loss, metrics dict of scalars). `images` are normalised, NHWC, float."""
+    raise NotImplementedError
+
+  def reconstruct(self, params: PyTree, state: PyTree, images: jax.Array,
+                  rng: jax.Array) -> Optional[dict]:
+    """{'masked': ..., 'reconstruction': ...} in the normalised image space, or None."""
+    return None
+
+  # -- defaults -----------------------------------------------------------------------------
+  def init_state(self, params: PyTree) -> PyTree:
+    state = {}
+    if self.ema_decay is not None:
+      state["ema_encoder"] = jax.tree.map(jnp.copy, params["encoder"])
+    return state
+
+  def update_state(self, params: PyTree, state: PyTree, step: jax.Array) -> PyTree:
+    if self.ema_decay is None:
+      return state
+    d = self.ema_decay
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema_encoder"], params["encoder"])
+    return {**state, "ema_encoder": ema}
+
+  def features(self, params: PyTree, state: PyTree, images: jax.Array) -> dict[str, jax.Array]:
+    """Pooled, frozen-encoder features of un-masked images, for kNN and the linear probe."""
+    out = {"online": self.encode(params["encoder"], images)}
+    if self.ema_decay is not None:
+      out["ema"] = self.encode(state["ema_encoder"], images)
+    return out
+
+  def encode(self, encoder_params: PyTree, images: jax.Array) -> jax.Array:
+    tokens = self.encoder.apply({"params": encoder_params}, images)
+    return vit.pool(tokens, self.pooling).astype(jnp.float32)
+
+  def decay_mask(self, params: PyTree) -> PyTree:
+    """True where weight decay applies: every parameter of 2 or more dims not named in
+    `no_decay_names` (1-D parameters are biases, norm scales and layer-scale gammas)."""
+    def decays(path, p):
+      return p.ndim > 1 and path_names(path)[-1] not in self.no_decay_names
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+  def describe(self) -> dict:
+    """A JSON-able identity of the model, compared on resume to refuse a foreign checkpoint."""
+    return {"method": self.name, "model": self.config.model.to_dict(),
+            "image_size": self.image_size}

@@ -1,0 +1,120 @@
+"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., 2022).
+
+Exact to facebookresearch/mae `models_mae.py`:
+  * per-sample random masking by argsort of uniform noise, int(L * (1 - r)) tokens kept;
+  * encoder (timm blocks, qkv bias, fixed 2-D sin-cos position embedding, cls token) on the
+    visible patches only;
+  * decoder: linear embed, a learnable mask token appended for the removed patches, un-shuffled
+    to their places, fixed sin-cos decoder position embedding, blocks, norm, linear to p*p*3;
+  * MSE per patch, averaged over masked patches only; norm_pix_loss standardises each target
+    patch with its own mean and unbiased variance (eps 1e-6);
+  * xavier-uniform Linear weights, zero biases, cls and mask tokens ~ N(0, 0.02).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax import masking
+from mim_jax.methods.base import Method
+from mim_jax.models import vit
+from mim_jax.targets import pixels
+
+
+class MAEDecoder(nn.Module):
+  num_patches: int
+  patch_size: int
+  width: int = 512
+  depth: int = 8
+  heads: int = 16
+  remat: bool = False
+  attn_impl: str | None = None
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, latent, restore_ids):
+    """latent [B, 1+K, D] (cls first), restore_ids [B, L] -> predictions [B, L, p*p*3]."""
+    b = latent.shape[0]
+    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=vit.xavier_uniform, name="embed")(latent).astype(jnp.float32)
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
+                            self.param_dtype)
+    n_mask = self.num_patches - (x.shape[1] - 1)
+    tokens = jnp.concatenate(
+        [x[:, 1:], jnp.broadcast_to(mask_token.astype(x.dtype), (b, n_mask, self.width))], axis=1)
+    tokens = jnp.take_along_axis(tokens, restore_ids[:, :, None], axis=1)  # un-shuffle
+    x = jnp.concatenate([x[:, :1], tokens], axis=1)
+    grid = int(round(self.num_patches ** 0.5))
+    x = x + jnp.asarray(vit.sincos_2d(self.width, grid, cls_token=True))[None]
+    x = vit.Encoder(self.depth, self.heads, remat=self.remat, attn_impl=self.attn_impl,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="blocks")(x)
+    x = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=vit.xavier_uniform, name="pred")(x)
+    return x[:, 1:].astype(jnp.float32)
+
+
+def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over masked patches of the per-patch mean squared error (models_mae.forward_loss)."""
+  per_patch = jnp.mean((pred - target) ** 2, axis=-1)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+class MAE(Method):
+  name = "mae"
+
+  def __init__(self, config):
+    super().__init__(config)
+    c = config.mae
+    self.mask_ratio = float(c.mask_ratio)
+    self.norm_pix = bool(c.norm_pix_loss)
+    self.patch = config.model.patch_size
+    self.num_patches = (self.image_size // self.patch) ** 2
+    m = config.model
+    self.decoder = MAEDecoder(self.num_patches, self.patch, c.decoder.width, c.decoder.depth,
+                              c.decoder.heads, m.get("remat", False), m.get("attn_impl", "") or None,
+                              jnp.dtype(m.get("dtype", "float32")),
+                              jnp.dtype(m.get("param_dtype", "float32")))
+
+  def init(self, rng, images):
+    r1, r2, r3 = jax.random.split(rng, 3)
+    enc = self.encoder.init(r1, images)["params"]
+    sm = masking.random_shuffle_mask(r3, images.shape[0], self.num_patches, self.mask_ratio)
+    latent = self.encoder.apply({"params": enc}, images, keep_ids=sm.keep_ids)
+    dec = self.decoder.init(r2, latent, sm.restore_ids)["params"]
+    return {"encoder": enc, "decoder": dec}
+
+  def forward(self, params, images, rng):
+    sm = masking.random_shuffle_mask(rng, images.shape[0], self.num_patches, self.mask_ratio)
+    latent = self.encoder.apply({"params": params["encoder"]}, images, keep_ids=sm.keep_ids)
+    pred = self.decoder.apply({"params": params["decoder"]}, latent, sm.restore_ids)
+    return pred, sm
+
+  def loss(self, params, state, images, rng, step):
+    pred, sm = self.forward(params, images, rng)
+    target = pixels.pixel_target(images.astype(jnp.float32), self.patch, self.norm_pix)
+    loss = mae_loss(pred, target, sm.mask)
+    return loss, {"mask_ratio": jnp.mean(sm.mask)}
+
+  def reconstruct(self, params, state, images, rng):
+    """Prediction mapped back to pixels. With norm_pix_loss each predicted patch is
+    un-normalised with the mean and standard deviation of the image's VISIBLE pixels (per
+    channel), so the picture uses nothing the model did not see; visible patches are pasted."""
+    images = images.astype(jnp.float32)
+    pred, sm = self.forward(params, images, rng)
+    p = self.patch
+    target = pixels.patchify(images, p)
+    mask = sm.mask[:, :, None]
+    if self.norm_pix:
+      b, n, _ = target.shape
+      vis = (1.0 - mask).reshape(b, n, 1, 1)
+      t = target.reshape(b, n, p * p, 3)
+      cnt = vis.sum(axis=(1, 2)) * p * p
+      mean = (t * vis).sum(axis=(1, 2)) / cnt
+      var = (((t - mean[:, None, None]) ** 2) * vis).sum(axis=(1, 2)) / cnt
+      pred = pred.reshape(b, n, p * p, 3) * jnp.sqrt(var[:, None, None] + 1e-6) + mean[:, None, None]
+      pred = pred.reshape(b, n, -1)
+    rec = pred * mask + target * (1 - mask)
+    return {"masked": pixels.unpatchify(target * (1 - mask), p),
+            "reconstruction": pixels.unpatchify(rec, p)}

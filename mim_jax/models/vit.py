@@ -1,0 +1,387 @@
+"""A Flax linen Vision Transformer covering the variants the MIM papers use.
+
+One `Encoder` (a stack of pre-norm blocks) serves every ViT here: the MAE encoder and decoder
+(timm blocks: qkv bias, no layer scale, fixed 2-D sin-cos position embeddings) and the SimMIM /
+BEiT encoder (q and v biases only, layer scale, shared relative position bias, no absolute
+position embedding). The options only switch parameters on and off; the arithmetic of a block
+is the same.
+
+Compute runs in `dtype` (bfloat16 by default) with parameters kept in `param_dtype` (float32).
+LayerNorm statistics and the attention softmax are computed in float32 whatever `dtype` is.
+Attention goes through `jax.nn.dot_product_attention`, whose `implementation` ('xla', 'cudnn'
+or None for JAX's choice) comes from the config.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# name -> (width, depth, heads); mlp ratio 4 everywhere.
+VARIANTS = {
+    "mu": (64, 2, 2),        # tests only
+    "ti": (192, 12, 3),
+    "tiny": (192, 12, 3),
+    "s": (384, 12, 6),
+    "small": (384, 12, 6),
+    "b": (768, 12, 12),
+    "base": (768, 12, 12),
+    "l": (1024, 24, 16),
+    "large": (1024, 24, 16),
+    "h": (1280, 32, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def variant(name: str) -> tuple[int, int, int]:
+  try:
+    return VARIANTS[name.lower()]
+  except KeyError:
+    raise ValueError(f"unknown ViT variant {name!r}: use one of {sorted(set(VARIANTS))}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Position embeddings (numpy, computed once at trace time).
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """1-D sin-cos embedding as in MAE's `get_1d_sincos_pos_embed_from_grid` (float64 math)."""
+  assert dim % 2 == 0
+  omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+  omega = 1.0 / 10000**omega
+  out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: Optional[int] = None, cls_token: bool = False) -> np.ndarray:
+  """2-D sin-cos embedding [(1 +) h*w, dim] with the same layout as the official MAE code.
+
+  Half the channels encode the column (w) coordinate and half the row (h) coordinate, in that
+  order, and a zero row is prepended for the cls token when `cls_token`.
+  """
+  assert dim % 4 == 0, "sin-cos position embedding needs a width divisible by 4"
+  grid_w = grid_w or grid_h
+  gw, gh = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
+  emb = np.concatenate([sincos_1d(dim // 2, gw), sincos_1d(dim // 2, gh)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def relative_position_index(grid: int) -> np.ndarray:
+  """BEiT/SimMIM relative position index [(1+g*g), (1+g*g)] with three extra cls entries."""
+  coords = np.stack(np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+  rel[:, :, 0] += grid - 1
+  rel[:, :, 1] += grid - 1
+  rel[:, :, 0] *= 2 * grid - 1
+  num = (2 * grid - 1) ** 2 + 3
+  idx = np.zeros((grid * grid + 1,) * 2, dtype=np.int32)
+  idx[1:, 1:] = rel.sum(-1)
+  idx[0, 0:] = num - 3
+  idx[0:, 0] = num - 2
+  idx[0, 0] = num - 1
+  return idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers.
+
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def trunc_normal(std: float, cutoff: float = 2.0) -> Callable:
+  """timm's trunc_normal_(std, a=-cutoff*std, b=cutoff*std) (cutoff in units of std)."""
+  def init(key, shape, dtype=jnp.float32):
+    return std * jax.random.truncated_normal(key, -cutoff, cutoff, shape, dtype)
+  return init
+
+
+def torch_default_uniform(fan_in: int) -> Callable:
+  """PyTorch's default Linear/Conv init for biases (and weights): U(-1/sqrt(fan_in), +)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+class Attention(nn.Module):
+  """Multi-head self-attention. `qkv_bias`: 'qkv' (timm), 'qv' (BEiT/SimMIM) or 'none'."""
+  num_heads: int
+  qkv_bias: str = "qkv"
+  kernel_init: Callable = xavier_uniform
+  proj_init: Callable = xavier_uniform
+  attn_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, bias=None):
+    b, n, d = x.shape
+    h = self.num_heads
+    w = self.param("qkv_kernel", self.kernel_init, (d, 3 * d), self.param_dtype)
+    qkv = jnp.einsum("bnd,de->bne", x.astype(self.dtype), w.astype(self.dtype))
+    if self.qkv_bias == "qkv":
+      qkv = qkv + self.param("qkv_bias", nn.initializers.zeros, (3 * d,), self.param_dtype).astype(self.dtype)
+    elif self.qkv_bias == "qv":
+      qb = self.param("q_bias", nn.initializers.zeros, (d,), self.param_dtype)
+      vb = self.param("v_bias", nn.initializers.zeros, (d,), self.param_dtype)
+      qkv = qkv + jnp.concatenate([qb, jnp.zeros_like(vb), vb]).astype(self.dtype)
+    elif self.qkv_bias != "none":
+      raise ValueError(f"qkv_bias must be 'qkv', 'qv' or 'none', got {self.qkv_bias!r}")
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [b, n, h, hd]
+    if bias is not None:
+      bias = bias.astype(self.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attn_impl)
+    out = out.reshape(b, n, d)
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.proj_init,
+                    name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  kernel_init: Callable = xavier_uniform
+  fc2_init: Callable = xavier_uniform
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=self.kernel_init, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)  # PyTorch nn.GELU default: exact erf form.
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=self.fc2_init, name="fc2")(x)
+
+
+def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  # eps 1e-6 as in MAE (partial(nn.LayerNorm, eps=1e-6)) and SimMIM's ViT.
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block, optional layer scale (`init_values`) and drop path."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: str = "qkv"
+  init_values: Optional[float] = None
+  drop_path: float = 0.0
+  init_style: str = "xavier"        # 'xavier' (MAE) or 'beit' (trunc-normal .02 + depth rescale)
+  layer_id: int = 1           # 1-based, for the BEiT depth rescale of proj/fc2
+  attn_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _drop_path(self, x, deterministic):
+    if deterministic or self.drop_path == 0.0:
+      return x
+    keep = 1.0 - self.drop_path
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * mask.astype(x.dtype) / keep
+
+  @nn.compact
+  def __call__(self, x, bias=None, deterministic=True):
+    d = x.shape[-1]
+    if self.init_style == "beit":
+      kinit = trunc_normal(0.02)
+      scale = 1.0 / math.sqrt(2.0 * self.layer_id)
+      rinit = lambda k, s, t=jnp.float32: kinit(k, s, t) * scale  # noqa: E731
+    else:
+      kinit = rinit = xavier_uniform
+    y = layer_norm("norm1", self.param_dtype)(x)
+    y = Attention(self.num_heads, self.qkv_bias, kinit, rinit, self.attn_impl, self.dtype,
+                  self.param_dtype, name="attn")(y, bias)
+    if self.init_values is not None:
+      y = y * self.param("gamma_1", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
+    x = x + self._drop_path(y, deterministic).astype(x.dtype)
+    y = layer_norm("norm2", self.param_dtype)(x)
+    y = Mlp(int(d * self.mlp_ratio), kinit, rinit, self.dtype, self.param_dtype, name="mlp")(y)
+    if self.init_values is not None:
+      y = y * self.param("gamma_2", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
+    return x + self._drop_path(y, deterministic).astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  """A stack of `depth` blocks followed by a final LayerNorm (unless `final_norm=False`)."""
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: str = "qkv"
+  init_values: Optional[float] = None
+  drop_path: float = 0.0
+  init_style: str = "xavier"
+  remat: bool = False
+  attn_impl: Optional[str] = None
+  final_norm: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, bias=None, deterministic=True):
+    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+    rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, self.mlp_ratio, self.qkv_bias, self.init_values, float(rates[i]),
+                    self.init_style, i + 1, self.attn_impl, self.dtype, self.param_dtype,
+                    name=f"block{i:02d}")(x, bias, deterministic)
+    if self.final_norm:
+      x = layer_norm("norm", self.param_dtype)(x)
+    return x
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch projection, equal to a Conv2d with kernel = stride = patch."""
+  patch_size: int
+  width: int
+  kernel_init: Callable = xavier_uniform
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    b, hh, ww, c = images.shape
+    if hh % p or ww % p:
+      raise ValueError(f"image size {hh}x{ww} is not divisible by the patch size {p}")
+    # Rows of (p, p, c) like patchify() below, so a Dense over them is the conv.
+    x = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, (hh // p) * (ww // p), p * p * c)
+    return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=self.kernel_init, bias_init=self.bias_init, name="proj")(x)
+
+
+class RelativePositionBias(nn.Module):
+  """SimMIM/BEiT shared relative position bias: one table for all blocks, zeros at init."""
+  grid: int
+  num_heads: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    num = (2 * self.grid - 1) ** 2 + 3
+    table = self.param("table", nn.initializers.zeros, (num, self.num_heads), self.param_dtype)
+    idx = relative_position_index(self.grid)
+    bias = table[idx.reshape(-1)].reshape(idx.shape + (self.num_heads,))
+    return bias.transpose(2, 0, 1)[None]  # [1, heads, n, n]
+
+
+class ViT(nn.Module):
+  """ViT backbone: patch embed, cls token, position information, blocks, final norm.
+
+  `__call__(images, mask=None, keep_ids=None)` returns all tokens [B, 1+L', D] after the final
+  norm, cls first. `mask` [B, L] (1 = masked) swaps masked patch embeddings for a learnable
+  mask token before the encoder (SimMIM); `keep_ids` [B, K] keeps only those patches (MAE).
+  """
+  variant: str = "tiny"
+  depth: int = 0                   # 0 = the variant's depth; >0 overrides it (small CPU runs)
+  patch_size: int = 16
+  image_size: int = 224
+  pos_embed: str = "sincos"        # 'sincos' (fixed), 'learned' or 'none'
+  rel_pos_bias: str = "none"       # 'none' or 'shared'
+  qkv_bias: str = "qkv"
+  init_values: Optional[float] = None
+  init_style: str = "xavier"             # 'xavier' (MAE) or 'beit' (SimMIM)
+  drop_path: float = 0.0
+  use_mask_token: bool = False
+  remat: bool = False
+  attn_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def width(self) -> int:
+    return variant(self.variant)[0]
+
+  @nn.compact
+  def __call__(self, images, mask=None, keep_ids=None, deterministic=True):
+    width, depth, heads = variant(self.variant)
+    depth = self.depth or depth
+    beit = self.init_style == "beit"
+    x = PatchEmbed(self.patch_size, width,
+                   kernel_init=trunc_normal(0.02) if beit else xavier_uniform,
+                   dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
+    # The residual stream stays float32 (as under torch autocast); blocks compute in `dtype`.
+    x = x.astype(jnp.float32)
+    b, n, _ = x.shape
+    if n != self.grid ** 2:
+      raise ValueError(f"got {n} patches, the model was built for image_size={self.image_size}")
+    if self.use_mask_token:
+      # SimMIM: trunc_normal_(std=.02, a=-.02, b=.02), i.e. cut at one std.
+      tok = self.param("mask_token", trunc_normal(0.02, cutoff=1.0), (1, 1, width), self.param_dtype)
+      if mask is not None:
+        w = mask.reshape(b, n, 1).astype(x.dtype)
+        x = x * (1 - w) + tok.astype(x.dtype) * w
+    cls_init = trunc_normal(0.02) if beit else nn.initializers.normal(0.02)
+    cls = self.param("cls_token", cls_init, (1, 1, width), self.param_dtype)
+    if self.pos_embed == "sincos":
+      pe = jnp.asarray(sincos_2d(width, self.grid, cls_token=True))[None]
+    elif self.pos_embed == "learned":
+      pe = self.param("pos_embed", trunc_normal(0.02), (1, n + 1, width), self.param_dtype)
+    elif self.pos_embed == "none":
+      pe = None
+    else:
+      raise ValueError(f"pos_embed must be 'sincos', 'learned' or 'none', got {self.pos_embed!r}")
+    cls = cls.astype(x.dtype)
+    if pe is not None:
+      x = x + pe[:, 1:].astype(x.dtype)
+      cls = cls + pe[:, :1].astype(x.dtype)
+    if keep_ids is not None:
+      x = jnp.take_along_axis(x, keep_ids[:, :, None], axis=1)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)), x], axis=1)
+    bias = None
+    if self.rel_pos_bias == "shared":
+      if keep_ids is not None:
+        raise ValueError("a shared relative position bias needs all tokens (no keep_ids)")
+      bias = RelativePositionBias(self.grid, heads, self.param_dtype, name="rel_pos_bias")()
+    elif self.rel_pos_bias != "none":
+      raise ValueError(f"rel_pos_bias must be 'none' or 'shared', got {self.rel_pos_bias!r}")
+    return Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, self.init_style,
+                   self.remat, self.attn_impl, True, self.dtype, self.param_dtype,
+                   name="encoder")(x, bias, deterministic)
+
+
+def pool(tokens: jax.Array, pooling: str) -> jax.Array:
+  """Image features from ViT tokens: 'cls' token, or 'mean' over patch tokens."""
+  if pooling == "cls":
+    return tokens[:, 0]
+  if pooling == "mean":
+    return tokens[:, 1:].mean(axis=1)
+  raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+
+
+def vit_from_config(model_cfg, image_size: int, **overrides) -> ViT:
+  """Builds the ViT named by `config.model`."""
+  kw = dict(
+      variant=model_cfg.variant,
+      depth=model_cfg.get("depth", 0),
+      patch_size=model_cfg.patch_size,
+      image_size=image_size,
+      pos_embed=model_cfg.get("pos_embed", "sincos"),
+      rel_pos_bias=model_cfg.get("rel_pos_bias", "none"),
+      qkv_bias=model_cfg.get("qkv_bias", "qkv"),
+      init_values=model_cfg.get("init_values", 0.0) or None,   # 0 = no layer scale
+      init_style=model_cfg.get("init_style", "xavier"),
+      drop_path=model_cfg.get("drop_path", 0.0),
+      remat=model_cfg.get("remat", False),
+      attn_impl=model_cfg.get("attn_impl", "") or None,         # '' = JAX's choice
+      dtype=jnp.dtype(model_cfg.get("dtype", "float32")),
+      param_dtype=jnp.dtype(model_cfg.get("param_dtype", "float32")),
+  )
+  kw.update(overrides)
+  return ViT(**kw)
+

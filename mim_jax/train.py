@@ -1,0 +1,379 @@
+"""The one trainer: mesh, data, state, one jitted and sharded step, the loop, evals, checkpoints.
+
+Every method runs through `train_and_evaluate`; a method only supplies its parameters, extra
+state, loss and state update (see `mim_jax.methods.base.Method`). Notebooks can call the pieces
+(`Trainer.create`, `Trainer.step`, `Trainer.evaluate`) directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mim_jax import checkpointing, methods, optim, sharding
+
+PyTree = Any
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on; the message says what to change."""
+
+
+class Preempted(Exception):
+  """Raised after the preemption checkpoint is written (SIGTERM)."""
+
+  def __init__(self, step: int, path: str):
+    super().__init__(f"preempted: saved step {step} to {path}; rerun the same command to resume")
+    self.step = step
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: uint8 batches from the host, augmentation + normalisation inside the jitted step.
+
+def preprocess(rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool,
+               train: bool = True) -> jax.Array:
+  """uint8 [B,H,W,3] -> normalised float32 [B,S,S,3]."""
+  from mim_jax.data import augment
+  size = input_cfg.image_size
+  x = images.astype(jnp.float32)
+  if train and on_device_aug:
+    a = input_cfg.aug
+    x = augment.random_resized_crop_flip(rng, x, out_size=size, scale=tuple(a.crop_scale),
+                                         ratio=tuple(a.crop_ratio), hflip=bool(a.hflip))
+  elif x.shape[1] != size or x.shape[2] != size:
+    x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
+  return augment.normalize(x, input_cfg.mean, input_cfg.std)
+
+
+def denormalize_uint8(x: jax.Array, input_cfg) -> np.ndarray:
+  mean = np.asarray(input_cfg.mean, np.float32)
+  std = np.asarray(input_cfg.std, np.float32)
+  return np.clip(np.rint((np.asarray(x, np.float32) * std + mean) * 255.0), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The train state and the step.
+
+def total_and_epoch_steps(config, steps_per_epoch: int) -> int:
+  if config.get("total_steps", 0) and config.total_steps > 0:
+    return int(config.total_steps)
+  return max(1, int(round(float(config.total_epochs) * steps_per_epoch)))
+
+
+def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_accum: int):
+  """The pure step (state, batch) -> (state, metrics); the trainer jits it with shardings."""
+
+  def loss_fn(params, mstate, images, rng, step):
+    return method.loss(params, mstate, images, rng, step)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(state["rng"], step)
+    aug_rng, loss_rng = jax.random.split(rng)
+    images = preprocess(aug_rng, batch["image"], input_cfg, on_device_aug)
+    params, mstate = state["params"], state["method_state"]
+    if grad_accum == 1:
+      (loss, aux), grads = grad_fn(params, mstate, images, loss_rng, step)
+    else:
+      b = images.shape[0]
+      if b % grad_accum:
+        raise TrainingError(f"batch {b} is not divisible by config.optim.grad_accum={grad_accum}")
+      micro = images.reshape((grad_accum, b // grad_accum) + images.shape[1:])
+
+      def body(carry, i_x):
+        i, x = i_x
+        (l, a), g = grad_fn(params, mstate, x, jax.random.fold_in(loss_rng, i), step)
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+      (l0, a0), g0 = jax.eval_shape(grad_fn, params, mstate, micro[0], loss_rng, step)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+      loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    import optax
+    params = optax.apply_updates(params, updates)
+    mstate = method.update_state(params, mstate, step)
+    metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.global_norm(grads),
+               **{f"aux/{k}": v for k, v in aux.items()}}
+    if "bad" in batch:
+      metrics["data/bad_images"] = jnp.sum(batch["bad"])
+    new = dict(state, step=step + 1, params=params, opt_state=opt_state, method_state=mstate)
+    return new, metrics
+
+  return step_fn
+
+
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything one run needs, built from a config; usable from a notebook."""
+  config: ml_collections.ConfigDict
+  method: Any
+  mesh: Any
+  loader: Any
+  state: PyTree
+  state_shardings: PyTree
+  batch_sharding: Any
+  step_fn: Any
+  schedule: Any
+  total_steps: int
+  steps_per_epoch: int
+  on_device_aug: bool
+
+  @classmethod
+  def create(cls, config, *, devices=None) -> "Trainer":
+    from mim_jax.data import pipeline
+    jax.config.update("jax_threefry_partitionable", True)
+    method = methods.get(config)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    sharding.check_batch(config.input.batch_size, mesh)
+    loader = pipeline.make_train_loader(config.input, seed=config.seed,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    on_device_aug = bool(getattr(loader, "on_device_aug", False))
+    spe = pipeline.steps_per_epoch(config.input)
+    total = total_and_epoch_steps(config, spe)
+    schedule = optim.make_schedule(config.optim, config.input.batch_size, spe, total)
+    size = config.input.image_size
+    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+
+    def init_fn(rng):
+      prng, srng = jax.random.split(rng)
+      params = method.init(prng, dummy)
+      tx = optim.make_optimizer(config.optim, schedule, method.decay_mask(params))
+      return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                  method_state=method.init_state(params), rng=srng)
+
+    rng = jax.random.PRNGKey(config.seed)
+    shapes = jax.eval_shape(init_fn, rng)
+    tx = optim.make_optimizer(config.optim, schedule, method.decay_mask(shapes["params"]))
+    state_sh = sharding.tree_shardings(mesh, shapes, config.sharding_rules)
+    state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+    step_fn = make_train_step(method, tx, schedule, config.input, on_device_aug,
+                              int(config.optim.get("grad_accum", 1)))
+    batch_sh = sharding.batch_sharding(mesh)
+    metrics_sh = sharding.replicated(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
+                     donate_argnums=(0,))
+    return cls(config, method, mesh, loader, state, state_sh, batch_sh, jitted, schedule, total, spe,
+               on_device_aug)
+
+  def next_batch(self) -> dict:
+    batch = next(self.loader)
+    return sharding.host_to_global(batch, self.batch_sharding)
+
+  def step(self):
+    self.state, metrics = self.step_fn(self.state, self.next_batch())
+    return metrics
+
+  # -- evaluation ---------------------------------------------------------------------------
+  def eval_context(self, workdir: str, step: int):
+    from mim_jax import evaluators
+    from mim_jax.data import pipeline
+    cfg, method, mesh = self.config, self.method, self.mesh
+    ndev = mesh.devices.size
+    chunk = int(math.ceil(256 / ndev) * ndev)
+    rep = sharding.replicated(mesh)
+    feat_fn = jax.jit(lambda p, s, x: method.features(p, s, preprocess(None, x, cfg.input, False, train=False)),
+                      in_shardings=(self.state_shardings["params"], self.state_shardings["method_state"],
+                                    self.batch_sharding), out_shardings=rep)
+    params, mstate = self.state["params"], self.state["method_state"]
+
+    def run_padded(fn, images):
+      outs = []
+      for i in range(0, len(images), chunk):
+        x = np.asarray(images[i:i + chunk])
+        n = len(x)
+        if n < chunk:
+          x = np.concatenate([x, np.zeros((chunk - n,) + x.shape[1:], x.dtype)])
+        local = np.split(x, jax.process_count())[jax.process_index()]
+        out = fn(sharding.host_to_global(local, self.batch_sharding))
+        outs.append(jax.tree.map(lambda a: np.asarray(a)[:n], out))
+      return jax.tree.map(lambda *a: np.concatenate(a), *outs)
+
+    def encode(images):
+      return run_padded(lambda x: feat_fn(params, mstate, x), images)
+
+    reconstruct = None
+    if type(method).reconstruct is not methods.base.Method.reconstruct:
+      rec_fn = jax.jit(lambda p, s, x, r: method.reconstruct(p, s, preprocess(None, x, cfg.input, False, False), r),
+                       out_shardings=rep)
+
+      def reconstruct(images, seed):
+        x = sharding.host_to_global(np.asarray(images), rep)
+        out = rec_fn(params, mstate, x, jax.random.PRNGKey(seed))
+        res = {k: denormalize_uint8(v, cfg.input) for k, v in out.items()}
+        res["input"] = np.asarray(images, np.uint8)
+        return res
+
+    return evaluators.EvalContext(
+        encode=encode,
+        batches=lambda split, bs: pipeline.eval_batches(cfg.input, split, bs),
+        num_classes=pipeline.num_classes(cfg.input),
+        reconstruct=reconstruct, workdir=workdir, step=step)
+
+  def evaluate(self, workdir: str) -> dict:
+    from mim_jax import evaluators
+    step = int(jax.device_get(self.state["step"]))
+    ctx = self.eval_context(workdir, step)
+    results = evaluators.run_all(self.config.evals, ctx)
+    if jax.process_index() == 0:
+      evaluators.write_results(workdir, results, step)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+class MetricsWriter:
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.on = jax.process_index() == 0
+
+  def write(self, record: dict) -> None:
+    if self.on:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _finite(x) -> bool:
+  return bool(np.all(np.isfinite(np.asarray(x))))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
+                       stop_after: Optional[int] = None, progress: bool = True) -> dict:
+  """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, returns a summary.
+
+  `stop_after` ends the loop early at that step, as a preemption would (tests use it).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  tr = Trainer.create(config, devices=devices)
+  ckpt = checkpointing.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
+  meta = {"model": tr.method.describe()}
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = checkpointing.abstract_with_shardings(tr.state, tr.state_shardings)
+    tr.state = ckpt.restore(latest, abstract, tr.loader, meta)
+    start = int(jax.device_get(tr.state["step"]))
+    logging.info("resuming from step %d", start)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  writer = MetricsWriter(workdir)
+  stop = {"flag": False}
+  old_handler = None
+  if hasattr(signal, "SIGTERM"):
+    def on_term(signum, frame):
+      stop["flag"] = True
+    try:
+      old_handler = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (e.g. a notebook worker)
+      old_handler = None
+
+  bar = None
+  if progress and jax.process_index() == 0:
+    from tqdm import auto as tqdm
+    bar = tqdm.tqdm(total=tr.total_steps, initial=start, desc=f"{config.method} train",
+                    unit="step", dynamic_ncols=True)
+
+  pending: list = []
+  t_last, step_last = time.perf_counter(), start
+  last_good = latest
+  bad_total = 0
+  step = start
+  try:
+    while step < tr.total_steps:
+      metrics = tr.step()
+      step += 1
+      pending.append(metrics)
+      if bar is not None:
+        bar.update(1)
+      want_log = step % config.log_every == 0 or step == tr.total_steps
+      want_ckpt = step % config.ckpt_every == 0 or step == tr.total_steps
+      preempt = stop["flag"] or (stop_after is not None and step >= stop_after)
+      if jax.process_count() > 1 and (want_log or preempt):
+        from jax.experimental import multihost_utils
+        preempt = bool(np.any(multihost_utils.process_allgather(np.asarray(preempt))))
+      if want_log or want_ckpt or preempt:
+        fetched = jax.device_get(pending)
+        pending = []
+        losses = [float(m["loss"]) for m in fetched]
+        if not all(math.isfinite(v) for v in losses):
+          where = "no checkpoint yet" if last_good is None else f"last good checkpoint: step {last_good} in {ckpt.directory}"
+          raise TrainingError(f"loss is {losses[-1]} at step {step} ({where}): lower "
+                              f"config.optim.base_lr or enable config.optim.clip_grad")
+        bad_total += sum(int(m.get("data/bad_images", 0)) for m in fetched)
+        if want_log:
+          now = time.perf_counter()
+          ips = (step - step_last) * config.input.batch_size / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          rec = {"step": step, "loss": float(np.mean(losses)), "loss_last": losses[-1],
+                 "lr": float(fetched[-1]["lr"]), "grad_norm": float(fetched[-1]["grad_norm"]),
+                 "images_per_sec": ips, "epoch": step / tr.steps_per_epoch,
+                 "data/bad_images_total": bad_total}
+          rec.update({k: float(v) for k, v in fetched[-1].items() if k.startswith("aux/")})
+          if config.log_every == 1:
+            rec["loss"] = losses[-1]
+          writer.write(rec)
+          if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{ips:.0f}")
+      if want_ckpt or preempt:
+        ckpt.save(step, tr.state, tr.loader, {**meta, "step": step}, force=True)
+        last_good = step
+      if preempt:
+        ckpt.wait()
+        raise Preempted(step, ckpt.directory)
+      if config.eval_every and step % config.eval_every == 0 and step < tr.total_steps:
+        res = tr.evaluate(workdir)
+        writer.write({"step": step, "eval": _flat_numbers(res)})
+  finally:
+    if bar is not None:
+      bar.close()
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
+    ckpt.close()
+
+  results = tr.evaluate(workdir)
+  summary = {"step": step, "workdir": os.path.abspath(workdir), "eval": _flat_numbers(results),
+             "bad_images": bad_total}
+  writer.write({"step": step, "summary": summary["eval"]})
+  return summary
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
+  """--mode=eval: restores the workdir's latest checkpoint and runs the config's evaluators."""
+  tr = Trainer.create(config, devices=devices)
+  ckpt = checkpointing.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise TrainingError(f"no checkpoint in {ckpt.directory}: train first with --mode=train "
+                        f"(or point --workdir at a trained run)")
+  abstract = checkpointing.abstract_with_shardings(tr.state, tr.state_shardings)
+  tr.state = ckpt.restore(latest, abstract, None, {"model": tr.method.describe()})
+  ckpt.close()
+  results = tr.evaluate(workdir)
+  return {"step": latest, "workdir": os.path.abspath(workdir), "eval": _flat_numbers(results)}
+
+
+def _flat_numbers(results: dict) -> dict:
+  out = {}
+  for name, res in results.items():
+    for k, v in res.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        out[f"{name}/{k}"] = v
+  return out
