@@ -36,16 +36,11 @@ class MAEDecoder(nn.Module):
   @nn.compact
   def __call__(self, latent, restore_ids):
     """latent [B, 1+K, D] (cls first), restore_ids [B, L] -> predictions [B, L, p*p*3]."""
-    b = latent.shape[0]
     x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=vit.xavier_uniform, name="embed")(latent).astype(jnp.float32)
     mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
                             self.param_dtype)
-    n_mask = self.num_patches - (x.shape[1] - 1)
-    tokens = jnp.concatenate(
-        [x[:, 1:], jnp.broadcast_to(mask_token.astype(x.dtype), (b, n_mask, self.width))], axis=1)
-    tokens = jnp.take_along_axis(tokens, restore_ids[:, :, None], axis=1)  # un-shuffle
-    x = jnp.concatenate([x[:, :1], tokens], axis=1)
+    x = jnp.concatenate([x[:, :1], unshuffle(x[:, 1:], mask_token.astype(x.dtype), restore_ids)], axis=1)
     grid = int(round(self.num_patches ** 0.5))
     x = x + jnp.asarray(vit.sincos_2d(self.width, grid, cls_token=True))[None]
     x = vit.Encoder(self.depth, self.heads, remat=self.remat, attn_impl=self.attn_impl,
@@ -53,6 +48,15 @@ class MAEDecoder(nn.Module):
     x = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=vit.xavier_uniform, name="pred")(x)
     return x[:, 1:].astype(jnp.float32)
+
+
+def unshuffle(visible: jax.Array, mask_token: jax.Array, restore_ids: jax.Array) -> jax.Array:
+  """Appends mask tokens after the K visible tokens and un-shuffles to the original order:
+  position i receives visible token j where keep_ids[j] == i, else the mask token."""
+  b, k, d = visible.shape
+  n = restore_ids.shape[1]
+  tokens = jnp.concatenate([visible, jnp.broadcast_to(mask_token, (b, n - k, d))], axis=1)
+  return jnp.take_along_axis(tokens, restore_ids[:, :, None], axis=1)
 
 
 def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,0 +1,100 @@
+"""Schedules, weight-decay masks and the optimiser against hand computations."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mim_jax import config_lib, methods, optim
+
+
+def cfg(**kw):
+  return ml_collections.ConfigDict(kw)
+
+
+def test_cosine_schedule_is_maes_per_iteration_rule():
+  c = cfg(base_lr=1.5e-4, lr_batch_divisor=256, warmup_epochs=2, schedule="cosine", min_lr=0.0)
+  spe, total, batch = 10, 100, 512
+  s = optim.make_schedule(c, batch, spe, total)
+  lr = 1.5e-4 * batch / 256
+  for it in (0, 5, 19, 20, 37, 99):
+    epoch = it / spe
+    if epoch < 2:
+      expect = lr * epoch / 2
+    else:
+      expect = lr * 0.5 * (1 + math.cos(math.pi * (epoch - 2) / (10 - 2)))
+    np.testing.assert_allclose(float(s(it)), expect, rtol=1e-5, atol=1e-10)
+
+
+def test_multistep_schedule_is_simmims():
+  c = cfg(base_lr=1e-4, lr_batch_divisor=512, warmup_epochs=1, warmup_lr=5e-7, schedule="multistep",
+          milestones_epochs=(7,), gamma=0.1)
+  s = optim.make_schedule(c, 1024, 10, 100)
+  np.testing.assert_allclose(float(s(0)), 1e-6, rtol=1e-5)
+  np.testing.assert_allclose(float(s(10)), 2e-4, rtol=1e-5)
+  np.testing.assert_allclose(float(s(69)), 2e-4, rtol=1e-5)
+  np.testing.assert_allclose(float(s(70)), 2e-5, rtol=1e-5)
+
+
+def method_params(name, preset=""):
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(preset)
+  c.model.variant, c.model.depth = "mu", 1
+  if name == "mae":
+    c.mae.decoder = dict(width=32, depth=1, heads=2)
+  if c.model.patch_size == 16:
+    c.input.image_size = 64
+  m = methods.get(c)
+  size = c.input.image_size
+  p = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+  return m, p
+
+
+def test_mae_decays_matrices_and_tokens_not_biases_or_norms():
+  m, p = method_params("mae")
+  mask = m.decay_mask(p)
+  assert mask["encoder"]["cls_token"] is True
+  assert mask["decoder"]["mask_token"] is True
+  assert mask["encoder"]["encoder"]["block00"]["attn"]["qkv_kernel"] is True
+  assert mask["encoder"]["encoder"]["block00"]["attn"]["qkv_bias"] is False
+  assert mask["encoder"]["encoder"]["block00"]["norm1"]["scale"] is False
+
+
+def test_simmim_skips_cls_token_and_pos_embed_like_official_vit():
+  m, p = method_params("simmim", "imagenet")
+  mask = m.decay_mask(p)
+  assert mask["encoder"]["cls_token"] is False
+  assert mask["encoder"]["mask_token"] is True
+  assert mask["encoder"]["rel_pos_bias"]["table"] is True
+  assert mask["encoder"]["encoder"]["block00"]["gamma_1"] is False
+  assert mask["encoder"]["encoder"]["block00"]["attn"]["q_bias"] is False
+
+
+def test_adamw_decays_only_masked_parameters():
+  params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+  c = cfg(name="adamw", weight_decay=0.5, b1=0.9, b2=0.95)
+  tx = optim.make_optimizer(c, lambda s: 0.1, {"w": True, "b": False})
+  zero = jax.tree.map(jnp.zeros_like, params)
+  upd, _ = tx.update(zero, tx.init(params), params)
+  np.testing.assert_allclose(upd["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_allclose(upd["b"], 0.0)
+
+
+def test_clip_grad_bounds_the_global_norm():
+  c = cfg(name="sgd", weight_decay=0.0, momentum=0.0, clip_grad=1.0)
+  tx = optim.make_optimizer(c, lambda s: 1.0, {"w": True})
+  p = {"w": jnp.zeros((4,))}
+  upd, _ = tx.update({"w": jnp.full((4,), 10.0)}, tx.init(p), p)
+  np.testing.assert_allclose(float(jnp.linalg.norm(upd["w"])), 1.0, rtol=1e-5)
+
+
+def test_peak_lr_scaling_rule():
+  assert optim.peak_lr(cfg(base_lr=1.5e-4, lr_batch_divisor=256), 4096) == 1.5e-4 * 16
+  base = config_lib.base_config()
+  assert base.optim.lr_batch_divisor == 256
