@@ -89,7 +89,8 @@ def _check_split(split: str) -> None:
 
 
 def holdout_mask(labels: np.ndarray, holdout_per_class: int, holdout_seed: int,
-                 class_names: Optional[Sequence[str]] = None, where: str = "the data") -> np.ndarray:
+                 class_names: Optional[Sequence[str]] = None,
+                 where: str = "the data") -> np.ndarray:
   """Boolean [N] mask of the records in the 'eval' hold-out.
 
   ``labels`` lists the records in their stored order (for folders: each class's files sorted by
@@ -122,7 +123,8 @@ def holdout_mask(labels: np.ndarray, holdout_per_class: int, holdout_seed: int,
 
 
 def split_indices(labels: np.ndarray, split: str, holdout_per_class: int, holdout_seed: int,
-                  class_names: Optional[Sequence[str]] = None, where: str = "the data") -> np.ndarray:
+                  class_names: Optional[Sequence[str]] = None,
+                  where: str = "the data") -> np.ndarray:
   """Sorted int64 indices of the records in ``split`` ('train' or 'eval'); see `holdout_mask`."""
   _check_split(split)
   mask = holdout_mask(labels, holdout_per_class, holdout_seed, class_names, where)
@@ -142,7 +144,7 @@ class FolderListing:
     files: paths relative to ``root``, grouped by class (classes sorted), sorted within a class.
     labels: int32 [N] class index of each file.
     class_names: sorted class sub-folder names.
-    fingerprint: hex digest of the root, the file names, sizes and modification times.
+    fingerprint: hex digest of the root and the file names.
   """
   root: str
   files: tuple[str, ...]
@@ -151,8 +153,19 @@ class FolderListing:
   fingerprint: str
 
 
+_LISTINGS: dict[str, tuple[tuple[int, ...], FolderListing]] = {}
+
+
+def _class_dirs(root: str) -> list[str]:
+  with os.scandir(root) as it:
+    return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
 def list_image_folder(directory: str | os.PathLike) -> FolderListing:
   """Lists an image folder of class sub-folders (one level, image extensions only).
+
+  Listings are memoised per process and refreshed when the folder or a class folder changes
+  (their modification times), so repeated calls on ImageNet-sized folders are cheap.
 
   Raises:
     DataNotFoundError: the folder does not exist.
@@ -165,8 +178,11 @@ def list_image_folder(directory: str | os.PathLike) -> FolderListing:
   if not os.path.isdir(root):
     raise DataNotFoundError(f"image folder {root} does not exist: set --config.input.data.dir "
                             "to a folder of class sub-folders")
-  with os.scandir(root) as it:
-    classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+  classes = _class_dirs(root)
+  stamp = tuple([os.stat(root).st_mtime_ns]
+                + [os.stat(os.path.join(root, c)).st_mtime_ns for c in classes])
+  if root in _LISTINGS and _LISTINGS[root][0] == stamp:
+    return _LISTINGS[root][1]
   if not classes:
     raise DataConfigError(f"image folder {root} has no class sub-folders: set "
                           "--config.input.data.dir to a folder laid out as <dir>/<class>/<image>")
@@ -174,20 +190,30 @@ def list_image_folder(directory: str | os.PathLike) -> FolderListing:
   digest = hashlib.sha1(root.encode())
   for label, name in enumerate(classes):
     with os.scandir(os.path.join(root, name)) as it:
-      entries = sorted((e for e in it if e.is_file() and not e.name.startswith(".")
-                        and e.name.lower().endswith(IMAGE_EXTENSIONS)), key=lambda e: e.name)
-    for e in entries:
-      st = e.stat()
-      rel = f"{name}/{e.name}"
+      names = sorted(e.name for e in it if not e.name.startswith(".")
+                     and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+    for n in names:
+      rel = f"{name}/{n}"
       files.append(rel)
       labels.append(label)
-      digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+      digest.update(f"{rel}\n".encode())
   if not files:
     raise DataConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in the class "
                           f"sub-folders of {root}: set --config.input.data.dir to a folder of "
                           "class sub-folders holding images")
-  return FolderListing(root=root, files=tuple(files), labels=np.asarray(labels, np.int32),
-                       class_names=tuple(classes), fingerprint=digest.hexdigest())
+  listing = FolderListing(root=root, files=tuple(files), labels=np.asarray(labels, np.int32),
+                          class_names=tuple(classes), fingerprint=digest.hexdigest())
+  _LISTINGS[root] = (stamp, listing)
+  return listing
+
+
+def _content_key(listing: FolderListing) -> str:
+  """Digest of the listing plus every file's size and modification time (the cache key)."""
+  digest = hashlib.sha1(listing.fingerprint.encode())
+  for rel in listing.files:
+    st = os.stat(os.path.join(listing.root, rel))
+    digest.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+  return digest.hexdigest()
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -237,16 +263,23 @@ def _log_skipped(where: str, files: Sequence[str], errors: Sequence[str]) -> Non
 
 
 def _decode_folder(listing: FolderListing, cache_dir: pathlib.Path) -> dict[str, np.ndarray]:
-  """Decodes every file of ``listing`` once; cached as ``<cache_dir>/folder-<fingerprint>.npz``.
+  """Decodes every file of ``listing`` once; cached as ``<cache_dir>/folder-<key>.npz``, keyed
+  by the folder path, the file names and the files' sizes and modification times.
 
   Returns arrays ``images`` [M,H,W,3] and ``file_index`` [M] (the readable files' indices in
   ``listing.files``), plus ``bad_index`` (the unreadable ones).
   """
-  cache = cache_dir / f"folder-{listing.fingerprint[:20]}.npz"
+  key = _content_key(listing)
+  memo = _DECODED.get(listing.root)
+  if memo is not None and memo[0] == key:
+    return memo[1]
+  cache = cache_dir / f"folder-{key[:20]}.npz"
   if cache.is_file():
     try:
       with np.load(cache, allow_pickle=False) as z:
-        return {k: z[k] for k in ("images", "file_index", "bad_index")}
+        out = {k: z[k] for k in ("images", "file_index", "bad_index")}
+      _remember(listing.root, key, out)
+      return out
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("ignoring unreadable decode cache %s (%s)", cache, e)
   logging.info("decoding %d images of %s (cached afterwards in %s)", len(listing.files),
@@ -275,7 +308,18 @@ def _decode_folder(listing: FolderListing, cache_dir: pathlib.Path) -> dict[str,
     os.replace(tmp, cache)
   except OSError as e:
     logging.warning("could not write the decode cache %s (%s); decoding again next time", cache, e)
+  _remember(listing.root, key, out)
   return out
+
+
+# The last decoded folder, per process: loaders, eval and size queries share one copy.
+_DECODED: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
+
+
+def _remember(root: str, key: str, decoded: dict[str, np.ndarray]) -> None:
+  _readonly(*decoded.values())
+  _DECODED.clear()
+  _DECODED[root] = (key, decoded)
 
 
 def _readonly(*arrays: np.ndarray) -> None:
@@ -302,7 +346,8 @@ def _load_image_folder(data_cfg: Any, split: str) -> InMemoryData:
 # The embedded CIFAR-10 subset.
 
 
-def read_embedded(path: str | os.PathLike = EMBEDDED_PATH) -> tuple[list[bytes], np.ndarray, list[str]]:
+def read_embedded(path: str | os.PathLike = EMBEDDED_PATH
+                  ) -> tuple[list[bytes], np.ndarray, list[str]]:
   """Reads the embedded npz: (encoded JPEGs, int32 labels, class names), in stored order."""
   with np.load(path, allow_pickle=False) as z:
     data, offsets = z["jpeg_bytes"], z["offsets"]
@@ -434,7 +479,13 @@ class TfdsSource:
 
   def __init__(self, source: Any, name: str, split: str, data_dir: Optional[str], decode: bool):
     self._source = source
-    self._desc = f"TfdsSource(name={name!r}, split={split!r}, data_dir={data_dir!r}, decode={decode})"
+    self._desc = (f"TfdsSource(name={name!r}, split={split!r}, data_dir={data_dir!r}, "
+                  f"decode={decode})")
+    self.class_names: Optional[list[str]] = None
+    try:
+      self.class_names = list(source.dataset_info.features["label"].names)
+    except (AttributeError, KeyError, TypeError):
+      pass
 
   def __len__(self) -> int:
     return len(self._source)
@@ -465,7 +516,8 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None, decoders=decoders)
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None, decoders=decoders,
+                              download=False)
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise DataNotFoundError(
