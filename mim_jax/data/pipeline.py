@@ -1,0 +1,494 @@
+"""Grain input pipelines: the checkpointable training loader and one-pass evaluation batches.
+
+Two modes, chosen by the data config (`sources.is_in_memory`):
+
+* In memory (the embedded set, image folders with ``in_memory=True``): grain samples record
+  indices (shuffled, sharded by process, checkpointable) and the loader gathers the stored
+  images, e.g. 32x32. Augmentation happens on the device afterwards (`augment`):
+  ``loader.on_device_aug`` is True.
+* Streaming (image folders with ``in_memory=False``, TFDS): grain worker processes read,
+  decode, RandomResizedCrop (bicubic, antialiased) and flip each record on the host, so
+  batches already have ``image_size``; ``loader.on_device_aug`` is False. A record that
+  cannot be read or decoded is replaced by the next readable one (i+1, i+2, ...) and the
+  number skipped is reported in the batch's ``'bad'`` field.
+
+Config keys (``input_cfg``): ``data`` (see `sources`, plus ``in_memory``), ``batch_size``
+(global), ``image_size``, ``workers``, ``aug`` = {``crop_scale``, ``crop_ratio``, ``hflip``}.
+
+grain is imported inside functions so importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+from absl import logging
+
+from mim_jax.data import sources
+from mim_jax.data.sources import DataConfigError, DataError
+
+_MAX_CONSECUTIVE_BAD = 64
+_warned_bad = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-access sources (pickled to grain workers: module-level classes, deterministic repr).
+
+
+class _IndexSource:
+  """``source[i] -> i``: in-memory data is gathered by index after batching."""
+
+  def __init__(self, num_records: int, tag: str):
+    self._n = int(num_records)
+    self._tag = tag
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> int:
+    return int(index)
+
+  def __repr__(self) -> str:
+    return f"IndexSource(num_records={self._n}, tag={self._tag!r})"
+
+
+class _Permuted:
+  """A fixed seeded permutation of a source's records.
+
+  grain shards the record range contiguously across processes; permuting first makes every
+  process's shard a random subset instead of, say, the first classes of a sorted folder.
+  """
+
+  def __init__(self, source: Any, seed: int):
+    self._source = source
+    self._seed = int(seed)
+    self._perm = np.random.Generator(np.random.PCG64(self._seed)).permutation(len(source))
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Any:
+    return self._source[int(self._perm[index])]
+
+  def __repr__(self) -> str:
+    return f"Permuted({self._source!r}, seed={self._seed})"
+
+
+class _Subset:
+  """The records ``indices`` of a source, in that order."""
+
+  def __init__(self, source: Any, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return int(self._indices.shape[0])
+
+  def __getitem__(self, index: int) -> Any:
+    return self._source[int(self._indices[index])]
+
+  def __repr__(self) -> str:
+    return f"Subset({self._source!r}, {len(self)})"
+
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"expected uint8 image, got {image.dtype}")
+  if image.ndim == 2:
+    image = image[:, :, None]
+  if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+    raise ValueError(f"bad image shape {image.shape}")
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  elif image.shape[-1] == 4:
+    image = image[..., :3]
+  elif image.shape[-1] != 3:
+    raise ValueError(f"bad image shape {image.shape}")
+  return image
+
+
+class DecodedSource:
+  """Decodes a streaming source's records: ``{'image': uint8 [H,W,3], 'label', 'bad'}``.
+
+  A record that cannot be read or decoded is replaced by the next readable record (i+1, i+2,
+  ..., wrapping around), deterministically; ``'bad'`` counts the records skipped. More than
+  64 unreadable records in a row raise `DataError`.
+  """
+
+  def __init__(self, source: Any):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    global _warned_bad
+    n = len(self._source)
+    index = int(index)
+    for skipped in range(min(_MAX_CONSECUTIVE_BAD, n)):
+      j = (index + skipped) % n
+      try:
+        record = self._source[j]
+        if "image" in record:
+          image = _to_rgb(record["image"])
+        else:
+          image = sources.decode_image(record["image_bytes"])
+        return {"image": image, "label": np.int32(record["label"]), "bad": np.int32(skipped)}
+      except Exception as e:  # pylint: disable=broad-except
+        if not _warned_bad:
+          _warned_bad = True
+          logging.warning("skipping unreadable record %d of %r (%s: %s); further ones are only "
+                          "counted in the batches' 'bad' field", j, self._source,
+                          type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    raise DataError(f"{min(_MAX_CONSECUTIVE_BAD, n)} unreadable records in a row from record "
+                    f"{index} of {self._source!r}: check the data files")
+
+  def __repr__(self) -> str:
+    return f"Decoded({self._source!r})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side transforms (registered as grain transforms when a loader is built).
+
+
+def sample_crop_box_np(rng: np.random.Generator, height: int, width: int,
+                       scale: Sequence[float], ratio: Sequence[float]) -> tuple[float, ...]:
+  """One RandomResizedCrop box (top, left, h, w), same rule as `augment.sample_crop_boxes`."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = math.sqrt(target * aspect)
+    h = math.sqrt(target / aspect)
+    if 0 < w <= width and 0 < h <= height:
+      return rng.uniform() * (height - h), rng.uniform() * (width - w), h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = float(width), width / min(ratio)
+  elif in_ratio > max(ratio):
+    w, h = height * max(ratio), float(height)
+  else:
+    w, h = float(width), float(height)
+  return (height - h) / 2, (width - w) / 2, h, w
+
+
+def _resize_box(image: np.ndarray, box: Sequence[float], size: int) -> np.ndarray:
+  """Resamples ``box`` = (top, left, h, w) of ``image`` to size x size, bicubic (antialiased)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  top, left, h, w = box
+  pil = Image.fromarray(image)
+  out = pil.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+  return np.asarray(out, dtype=np.uint8)
+
+
+class HostRandomResizedCropFlip:
+  """grain RandomMap: RandomResizedCrop (bicubic) to ``size`` and a random horizontal flip."""
+
+  def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], hflip: bool):
+    self.size = int(size)
+    self.scale = tuple(float(s) for s in scale)
+    self.ratio = tuple(float(r) for r in ratio)
+    self.hflip = bool(hflip)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image = element["image"]
+    box = sample_crop_box_np(rng, image.shape[0], image.shape[1], self.scale, self.ratio)
+    out = _resize_box(image, box, self.size)
+    if self.hflip and rng.uniform() < 0.5:
+      out = np.ascontiguousarray(out[:, ::-1])
+    return {**element, "image": out}
+
+
+def center_crop_box(height: int, width: int, size: int, crop_fraction: float = 0.875
+                    ) -> tuple[float, float, float, float]:
+  """Box (top, left, h, w) equal to resizing the shorter side to ``size / crop_fraction`` and
+  center-cropping ``size`` pixels, expressed in the original image's pixels."""
+  side = min(height, width) * crop_fraction
+  return (height - side) / 2, (width - side) / 2, side, side
+
+
+class HostCenterCrop:
+  """grain Map: resize shorter side to ``size / 0.875``, center crop ``size`` (one resample)."""
+
+  def __init__(self, size: int, crop_fraction: float = 0.875):
+    self.size = int(size)
+    self.crop_fraction = float(crop_fraction)
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    image = element["image"]
+    box = center_crop_box(image.shape[0], image.shape[1], self.size, self.crop_fraction)
+    return {**element, "image": _resize_box(image, box, self.size)}
+
+
+def _grain(workers: int = 0):
+  """Imports grain and registers this module's duck-typed transforms with its ABCs.
+
+  grain's worker processes read absl flags; outside an absl app (tests, notebooks) the flags
+  are unparsed, so with ``workers > 0`` they are marked parsed, keeping their defaults.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  if workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+  grain.transforms.RandomMap.register(HostRandomResizedCropFlip)
+  grain.transforms.Map.register(HostCenterCrop)
+  return grain
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loader.
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+  return sources._get(cfg, key, default)  # pylint: disable=protected-access
+
+
+def _process_index_and_count(process_index: Optional[int], process_count: Optional[int]
+                             ) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return int(process_index), int(process_count)
+
+
+class TrainLoader:
+  """An endless iterator of local training batches with checkpointable state.
+
+  Yields ``{'image': uint8 [local_batch, H, W, 3], 'label': int32 [local_batch],
+  'bad': int32 [local_batch]}``. ``get_state()`` / ``set_state(state)`` (bytes) save and
+  restore the position; they and ``start_prefetch()`` make the loader usable directly as the
+  item of ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``.
+
+  Attributes:
+    on_device_aug: True when images are the stored ones and must be augmented on the device.
+    image_shape: (H, W, 3) of the yielded images.
+    local_batch_size, global_batch_size: per process / over all processes.
+    num_records: records of the training split (all processes).
+    steps_per_epoch: ``num_records // global_batch_size``.
+    class_names: class index -> name (None when unknown).
+  """
+
+  def __init__(self, data_loader: Any, *, on_device_aug: bool, images: Optional[np.ndarray],
+               labels: Optional[np.ndarray], image_shape: tuple[int, int, int],
+               local_batch_size: int, global_batch_size: int, num_records: int,
+               class_names: Optional[list[str]]):
+    self._data_loader = data_loader
+    self._iterator = iter(data_loader)
+    self._images = images
+    self._labels = labels
+    self.on_device_aug = on_device_aug
+    self.image_shape = image_shape
+    self.local_batch_size = local_batch_size
+    self.global_batch_size = global_batch_size
+    self.num_records = num_records
+    self.steps_per_epoch = num_records // global_batch_size
+    self.class_names = class_names
+
+  def __iter__(self) -> "TrainLoader":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    if self._images is None:
+      return {"image": batch["image"], "label": batch["label"].astype(np.int32),
+              "bad": batch["bad"].astype(np.int32)}
+    index = np.asarray(batch)
+    return {"image": self._images[index], "label": self._labels[index],
+            "bad": np.zeros(index.shape[0], np.int32)}
+
+  def get_state(self) -> bytes:
+    """The iterator position (grain's JSON state, bytes)."""
+    return self._iterator.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    """Continues from a position returned by `get_state` (same config and worker count)."""
+    self._iterator.set_state(state)
+
+  def start_prefetch(self) -> None:
+    """Starts producing batches in the background (no-op without workers)."""
+    if hasattr(self._iterator, "start_prefetch"):
+      self._iterator.start_prefetch()
+
+  @property
+  def grain_iterator(self) -> Any:
+    """The underlying ``grain.DataLoaderIterator``."""
+    return self._iterator
+
+
+def _local_batch(input_cfg: Any, process_count: int) -> tuple[int, int]:
+  global_batch = int(input_cfg.batch_size)
+  if global_batch <= 0 or global_batch % process_count:
+    raise DataConfigError(
+        f"--config.input.batch_size={global_batch} is not a positive multiple of the "
+        f"{process_count} processes: set it to a multiple of {process_count}")
+  return global_batch, global_batch // process_count
+
+
+def _aug(input_cfg: Any) -> tuple[tuple[float, float], tuple[float, float], bool]:
+  aug = _get(input_cfg, "aug", {}) or {}
+  scale = tuple(_get(aug, "crop_scale", (0.2, 1.0)))
+  ratio = tuple(_get(aug, "crop_ratio", (3 / 4, 4 / 3)))
+  return scale, ratio, bool(_get(aug, "hflip", True))
+
+
+def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int] = None,
+                      process_count: Optional[int] = None) -> TrainLoader:
+  """Builds this process's endless, shuffled training loader.
+
+  Args:
+    input_cfg: the ``input`` config (see the module docstring).
+    seed: shuffling seed (and, when streaming, the per-record augmentation seed).
+    process_index, process_count: this process's data shard; default: JAX's.
+
+  Raises:
+    DataError: bad batch size, data smaller than one batch, or bad data (one-line message).
+  """
+  workers = int(_get(input_cfg, "workers", 0))
+  grain = _grain(workers)
+  process_index, process_count = _process_index_and_count(process_index, process_count)
+  global_batch, local_batch = _local_batch(input_cfg, process_count)
+  data_cfg = input_cfg.data
+  seed = int(seed) % (2**31)
+  in_memory = sources.is_in_memory(data_cfg)
+
+  images = labels = class_names = None
+  if in_memory:
+    data = sources.load_in_memory(data_cfg, "train")
+    images, labels, class_names = data.images, data.labels, data.class_names
+    source = _Permuted(_IndexSource(len(data), f"{_get(data_cfg, 'name')}:train"), seed)
+    image_shape = tuple(images.shape[1:])
+    operations = [grain.transforms.Batch(local_batch, drop_remainder=True)]
+    read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  else:
+    raw = sources.streaming_source(data_cfg, "train")
+    class_names = getattr(raw, "class_names", None)
+    source = _Permuted(DecodedSource(raw), seed)
+    size = int(input_cfg.image_size)
+    image_shape = (size, size, 3)
+    scale, ratio, hflip = _aug(input_cfg)
+    operations = [HostRandomResizedCropFlip(size, scale, ratio, hflip),
+                  grain.transforms.Batch(local_batch, drop_remainder=True)]
+    read_options = None
+
+  num_records = len(source)
+  if num_records // process_count < local_batch:
+    raise DataConfigError(
+        f"the training split has {num_records} records, fewer than one batch of {global_batch} "
+        f"({local_batch} on each of {process_count} processes): lower --config.input.batch_size "
+        "or use more data")
+  shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(num_records, shard_options=shard, shuffle=True,
+                                        seed=seed, num_epochs=None)
+  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            worker_count=workers, shard_options=shard,
+                            read_options=read_options)
+  return TrainLoader(loader, on_device_aug=in_memory, images=images, labels=labels,
+                     image_shape=image_shape, local_batch_size=local_batch,
+                     global_batch_size=global_batch, num_records=num_records,
+                     class_names=class_names)
+
+
+def checkpoint_args_save(loader_iterator: Any) -> Any:
+  """``grain.checkpoint.CheckpointSave`` for a `TrainLoader` (or a grain iterator); use it as
+  one item of ``orbax.checkpoint.args.Composite``."""
+  return _grain().checkpoint.CheckpointSave(loader_iterator)
+
+
+def checkpoint_args_restore(loader_iterator: Any) -> Any:
+  """``grain.checkpoint.CheckpointRestore``: restores the saved position into
+  ``loader_iterator`` in place."""
+  return _grain().checkpoint.CheckpointRestore(loader_iterator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and sizes.
+
+
+def _resize_images(images: np.ndarray, size: int) -> np.ndarray:
+  """Resizes a batch of uint8 images to size x size (bicubic); unchanged if already that size."""
+  if images.shape[1] == size and images.shape[2] == size:
+    return images
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+                   for im in images])
+
+
+def _eval_indices(num_records: int, max_examples: Optional[int]) -> np.ndarray:
+  """All records, or a fixed seeded subset of ``max_examples`` of them kept in stored order
+  (so a subset of a class-sorted split still spans the classes)."""
+  if max_examples is None or max_examples >= num_records:
+    return np.arange(num_records)
+  rng = np.random.Generator(np.random.PCG64(0))
+  return np.sort(rng.permutation(num_records)[:max(int(max_examples), 0)])
+
+
+def eval_batches(input_cfg: Any, split: str, batch_size: int,
+                 max_examples: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields ``(images uint8 [b, S, S, 3], labels int32 [b])`` once over ``split`` in a fixed
+  order; the last batch may be smaller. S = ``input_cfg.image_size``. With ``max_examples``,
+  a fixed seeded subset of that many records (in stored order) is used.
+
+  In memory: the stored images, resized to S when their size differs (no crop). Streaming:
+  shorter side resized to S / 0.875, then the central S x S (unreadable records are replaced
+  by the next readable one).
+  """
+  batch_size = int(batch_size)
+  if batch_size <= 0:
+    raise DataConfigError(f"eval batch size {batch_size} must be positive")
+  size = int(input_cfg.image_size)
+  data_cfg = input_cfg.data
+  if sources.is_in_memory(data_cfg):
+    data = sources.load_in_memory(data_cfg, split)
+    index = _eval_indices(len(data), max_examples)
+    for start in range(0, index.shape[0], batch_size):
+      rows = index[start:start + batch_size]
+      yield _resize_images(data.images[rows], size), data.labels[rows]
+    return
+
+  workers = int(_get(input_cfg, "workers", 0))
+  grain = _grain(workers)
+  source: Any = sources.streaming_source(data_cfg, split)
+  if max_examples is not None:
+    source = _Subset(source, _eval_indices(len(source), max_examples))
+  source = DecodedSource(source)
+  if len(source) == 0:
+    return
+  shard = grain.sharding.ShardOptions(0, 1, drop_remainder=False)
+  sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=False,
+                                        num_epochs=1)
+  loader = grain.DataLoader(
+      data_source=source, sampler=sampler, shard_options=shard,
+      operations=[HostCenterCrop(size), grain.transforms.Batch(batch_size, drop_remainder=False)],
+      worker_count=workers)
+  for batch in loader:
+    yield batch["image"], batch["label"].astype(np.int32)
+
+
+def num_examples(input_cfg: Any, split: str) -> int:
+  """Number of records in ``split`` (in memory: the readable images)."""
+  data_cfg = input_cfg.data
+  if sources.is_in_memory(data_cfg):
+    return len(sources.load_in_memory(data_cfg, split))
+  return len(sources.streaming_source(data_cfg, split))
+
+
+def num_classes(input_cfg: Any) -> int:
+  """Number of classes of the dataset (from its class folders / TFDS label feature)."""
+  data_cfg = input_cfg.data
+  if sources.is_in_memory(data_cfg):
+    return len(sources.load_in_memory(data_cfg, "train").class_names)
+  names = getattr(sources.streaming_source(data_cfg, "train"), "class_names", None)
+  if not names:
+    raise DataConfigError(f"the dataset of --config.input.data.name={_get(data_cfg, 'name')!r} "
+                          "has no class names: use a labelled dataset")
+  return len(names)
+
+
+def steps_per_epoch(input_cfg: Any) -> int:
+  """Optimiser steps in one epoch: training records // global batch size."""
+  return num_examples(input_cfg, "train") // int(input_cfg.batch_size)
