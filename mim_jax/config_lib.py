@@ -85,9 +85,11 @@ def default_evals(*, knn_k=20, probe_epochs=90, probe_lr=0.1, probe_optimizer="l
   recorded protocol.
   """
   return ml_collections.ConfigDict(dict(
-      knn=dict(type="knn", k=knn_k, temperature=0.07, batch_size=256, pooling=pooling),
-      linear=dict(type="linear_probe", optimizer=probe_optimizer, base_lr=probe_lr, epochs=probe_epochs,
+      knn=dict(type="knn", enabled=True, k=knn_k, temperature=0.07, batch_size=256, pooling=pooling,
+               max_train=0, max_eval=0),   # 0 = the whole split
+      linear=dict(type="linear_probe", enabled=True, optimizer=probe_optimizer, base_lr=probe_lr,
+                  epochs=probe_epochs, max_train=0, max_eval=0,
                   batch_size=256, warmup_epochs=min(10, probe_epochs // 9), weight_decay=0.0,
                   pooling=pooling, seed=0),
-      reconstruction=dict(type="reconstruction", num_images=num_images, seed=0),
+      reconstruction=dict(type="reconstruction", enabled=True, num_images=num_images, seed=0),
   ))

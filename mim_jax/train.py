@@ -105,7 +105,7 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
     import optax
     params = optax.apply_updates(params, updates)
     mstate = method.update_state(params, mstate, step)
-    metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.tree.norm(grads),
                **{f"aux/{k}": v for k, v in aux.items()}}
     if "bad" in batch:
       metrics["data/bad_images"] = jnp.sum(batch["bad"])

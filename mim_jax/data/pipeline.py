@@ -3,7 +3,8 @@
 Two modes, chosen by the data config (`sources.is_in_memory`):
 
 * In memory (the embedded set, image folders with ``in_memory=True``): grain samples record
-  indices (shuffled, sharded by process, checkpointable) and the loader gathers the stored
+  indices (shuffled, checkpointable; every process slices its part of each global index
+  batch, so batches do not depend on the process count) and the loader gathers the stored
   images, e.g. 32x32. Augmentation happens on the device afterwards (`augment`):
   ``loader.on_device_aug`` is True.
 * Streaming (image folders with ``in_memory=False``, TFDS): grain worker processes read,
@@ -276,8 +277,9 @@ class TrainLoader:
   def __init__(self, data_loader: Any, *, on_device_aug: bool, images: Optional[np.ndarray],
                labels: Optional[np.ndarray], image_shape: tuple[int, int, int],
                local_batch_size: int, global_batch_size: int, num_records: int,
-               class_names: Optional[list[str]]):
+               class_names: Optional[list[str]], index_slice: slice = slice(None)):
     self._data_loader = data_loader
+    self._index_slice = index_slice
     self._iterator = iter(data_loader)
     self._images = images
     self._labels = labels
@@ -297,7 +299,7 @@ class TrainLoader:
     if self._images is None:
       return {"image": batch["image"], "label": batch["label"].astype(np.int32),
               "bad": batch["bad"].astype(np.int32)}
-    index = np.asarray(batch)
+    index = np.asarray(batch)[self._index_slice]
     return {"image": self._images[index], "label": self._labels[index],
             "bad": np.zeros(index.shape[0], np.int32)}
 
@@ -362,7 +364,10 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     images, labels, class_names = data.images, data.labels, data.class_names
     source = _Permuted(_IndexSource(len(data), f"{_get(data_cfg, 'name')}:train"), seed)
     image_shape = tuple(images.shape[1:])
-    operations = [grain.transforms.Batch(local_batch, drop_remainder=True)]
+    # Every process walks the same global order of index batches and keeps its own slice of
+    # each (indices are cheap): the global batch of step s is then the same for any number of
+    # processes, so a 2-process run equals a 1-process run.
+    operations = [grain.transforms.Batch(global_batch, drop_remainder=True)]
     read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   else:
     raw = sources.streaming_source(data_cfg, "train")
@@ -381,7 +386,10 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
         f"the training split has {num_records} records, fewer than one batch of {global_batch} "
         f"({local_batch} on each of {process_count} processes): lower --config.input.batch_size "
         "or use more data")
-  shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
+  if in_memory:
+    shard = grain.sharding.ShardOptions(0, 1, drop_remainder=True)
+  else:
+    shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
   sampler = grain.samplers.IndexSampler(num_records, shard_options=shard, shuffle=True,
                                         seed=seed, num_epochs=None)
   loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
@@ -390,7 +398,8 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
   return TrainLoader(loader, on_device_aug=in_memory, images=images, labels=labels,
                      image_shape=image_shape, local_batch_size=local_batch,
                      global_batch_size=global_batch, num_records=num_records,
-                     class_names=class_names)
+                     class_names=class_names,
+                     index_slice=slice(process_index * local_batch, (process_index + 1) * local_batch))
 
 
 def checkpoint_args_save(loader_iterator: Any) -> Any:

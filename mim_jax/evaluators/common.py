@@ -215,6 +215,8 @@ def extract_features(ctx: EvalContext, split: str, batch_size: int,
   ``({name: float32 [N,D]}, int32 labels [N])``. Results are cached in
   ``ctx.feature_cache`` so evaluators of one round share the extraction.
   """
+  if limit is not None and int(limit) <= 0:  # configs use 0 for "no cap" (None cannot be overridden)
+    limit = None
   key = (split, int(batch_size), None if limit is None else int(limit))
   if key in ctx.feature_cache:
     return ctx.feature_cache[key]

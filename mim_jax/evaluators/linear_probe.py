@@ -61,7 +61,7 @@ def _decay_mask(params):
 def make_optimizer(cfg: ProbeConfig, steps_per_epoch: int, batch_size: int):
   """The optax transformation and its learning-rate schedule."""
   total = max(1, cfg.epochs * steps_per_epoch)
-  warmup = min(cfg.warmup_epochs * steps_per_epoch, total)
+  warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)  # leave at least one decay step
   peak = cfg.lr(batch_size)
   if warmup > 0:
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)

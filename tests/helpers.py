@@ -1,0 +1,40 @@
+"""Small configs for fast CPU tests."""
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(method: str, preset: str = ""):
+  path = ROOT / "configs" / f"{method}.py"
+  spec = importlib.util.spec_from_file_location(f"cfg_{method}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(preset)
+
+
+def tiny_config(method: str = "mae", **overrides):
+  """The method's default (embedded data) config shrunk to a 2-block, 64-wide ViT."""
+  c = load_config(method)
+  c.model.variant = "mu"
+  c.model.depth = 2
+  if method == "mae":
+    c.mae.decoder = dict(width=32, depth=1, heads=2)
+  c.input.batch_size = 16
+  c.total_steps = 6
+  c.log_every = 1
+  c.ckpt_every = 3
+  c.keep_ckpts = 5
+  c.evals.knn.max_train = 500
+  c.evals.knn.max_eval = 200
+  c.evals.linear.epochs = 2
+  c.evals.linear.max_train = 500
+  c.evals.linear.max_eval = 200
+  c.evals.reconstruction.num_images = 2
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c

@@ -1,0 +1,109 @@
+"""`python -m mim_jax.main` as a user runs it: one-line errors, preemption, multi-process."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import ROOT
+
+TINY = ["--config.model.variant=mu", "--config.model.depth=2", "--config.input.batch_size=16",
+        "--config.evals.knn.max_train=300", "--config.evals.linear.epochs=1",
+        "--config.evals.linear.max_train=300", "--config.evals.reconstruction.num_images=2"]
+
+
+def env(devices=1):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+  return e
+
+
+def main(args, devices=1, timeout=240, **kw):
+  return subprocess.run([sys.executable, "-m", "mim_jax.main", *args], cwd=ROOT, env=env(devices),
+                        capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def last_line(stderr):
+  return [l for l in stderr.strip().splitlines() if l.strip()][-1]
+
+
+def test_unknown_config_key_fails(tmp_path):
+  r = main(["--config=configs/mae.py", f"--workdir={tmp_path}", "--config.optim.learning_rate=1"])
+  assert r.returncode != 0
+  assert "learning_rate" in r.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_missing_data_dir_is_one_line_error(tmp_path):
+  r = main(["--config=configs/mae.py:cifar10", f"--workdir={tmp_path}",
+            f"--config.input.data.dir={tmp_path}/nowhere", *TINY])
+  assert r.returncode == 2, r.stderr[-2000:]
+  line = last_line(r.stderr)
+  assert line.startswith("error:") and "config.input.data.dir" in line, line
+  assert "Traceback" not in r.stderr
+
+
+def test_batch_not_divisible_by_devices_is_one_line_error(tmp_path):
+  r = main(["--config=configs/simmim.py", f"--workdir={tmp_path}", *TINY,
+            "--config.input.batch_size=10"], devices=4)
+  assert r.returncode == 2, r.stderr[-2000:]
+  line = last_line(r.stderr)
+  assert "batch_size=10" in line and "multiple of 4" in line, line
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
+  args = ["--config=configs/mae.py", f"--workdir={tmp_path}", *TINY, "--config.total_steps=100000",
+          "--config.ckpt_every=100000", "--config.log_every=1"]
+  p = subprocess.Popen([sys.executable, "-m", "mim_jax.main", *args], cwd=ROOT, env=env(),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 180
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    time.sleep(0.5)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 143, err[-2000:]
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  assert len(steps) == 1 and steps[0] >= 3
+  assert "preempted: saved step" in err
+  r = main(["--config=configs/mae.py", f"--workdir={tmp_path}", *TINY, f"--config.total_steps={steps[0] + 2}",
+            "--config.ckpt_every=100000", "--config.log_every=1"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  logged = [json.loads(l) for l in metrics.read_text().splitlines()]
+  train_steps = [x["step"] for x in logged if "loss" in x]
+  assert train_steps[-2:] == [steps[0] + 1, steps[0] + 2]
+  assert "eval results:" in r.stdout
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  common = ["--config=configs/mae.py", *TINY, "--config.total_steps=3", "--config.log_every=1",
+            "--config.ckpt_every=3", "--config.evals.knn.enabled=False",
+            "--config.evals.linear.enabled=False", "--config.evals.reconstruction.enabled=False"]
+  one = main([*common, f"--workdir={tmp_path}/one"], devices=2)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "mim_jax.main", *common, f"--workdir={tmp_path}/two",
+                             f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=ROOT, env=env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+
+  def losses(d):
+    return [json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl")) if '"loss"' in l]
+
+  np.testing.assert_allclose(losses(f"{tmp_path}/two"), losses(f"{tmp_path}/one"), rtol=1e-5)

@@ -1,0 +1,154 @@
+"""The trainer end to end on the embedded data: learning, resume, sharding, checkpoints, errors."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from mim_jax import checkpointing, methods, train
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def test_loss_falls_on_embedded_data(tmp_path):
+  c = tiny_config("mae", total_steps=120, log_every=10, ckpt_every=1000)
+  c.input.batch_size = 64
+  c.optim.warmup_epochs = 0.5
+  c.evals = {}
+  train.train_and_evaluate(c, str(tmp_path), progress=False)
+  ls = losses(str(tmp_path))
+  first, last = ls[10], ls[120]
+  assert last < 0.85 * first, ls
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_resumed_run_equals_uninterrupted(tmp_path, method):
+  c = tiny_config(method, total_steps=6, ckpt_every=2)
+  c.evals = {}
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  train.train_and_evaluate(c, a, progress=False)
+  with pytest.raises(train.Preempted):
+    train.train_and_evaluate(c, b, stop_after=3, progress=False)
+  assert sorted(os.listdir(os.path.join(b, "checkpoints")))[-1] == "3"
+  train.train_and_evaluate(c, b, progress=False)
+  la, lb = losses(a), losses(b)
+  assert sorted(la) == [1, 2, 3, 4, 5, 6]
+  for s in range(1, 7):
+    assert la[s] == lb[s], (s, la[s], lb[s])
+
+
+def run_steps(c, devices, n=2):
+  tr = train.Trainer.create(c, devices=devices)
+  out = [float(tr.step()["loss"]) for _ in range(n)]
+  return out, jax.device_get(tr.state["params"])
+
+
+@pytest.mark.parametrize("mesh,rules", [
+    ((("data", -1), ("fsdp", 1)), ((".*", "replicate"),)),
+    ((("data", 2), ("fsdp", 4)), ((".*", "fsdp"),)),
+])
+def test_sharded_step_equals_one_device_step(mesh, rules):
+  c = tiny_config("mae")
+  ref_l, ref_p = run_steps(c, jax.devices()[:1])
+  c.mesh, c.sharding_rules = mesh, rules
+  l8, p8 = run_steps(c, jax.devices()[:8])
+  np.testing.assert_allclose(l8, ref_l, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p8, ref_p)
+
+
+def test_fsdp_really_shards_parameters():
+  c = tiny_config("mae", mesh=(("data", 2), ("fsdp", 4)), sharding_rules=((".*", "fsdp"),))
+  tr = train.Trainer.create(c, devices=jax.devices()[:8])
+  k = tr.state["params"]["encoder"]["encoder"]["block00"]["mlp"]["fc1"]["kernel"]
+  assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert k.addressable_shards[0].data.shape == (64, 256 // 4)
+
+
+def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
+  c = tiny_config("mae", total_steps=2, ckpt_every=2, mesh=(("data", 2), ("fsdp", 4)),
+                  sharding_rules=((".*", "fsdp"),))
+  c.evals = {}
+  train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:8], progress=False)
+  saved = None
+  tr8 = train.Trainer.create(c, devices=jax.devices()[:8])
+  ck = checkpointing.Checkpointer(str(tmp_path), every=2, keep=2)
+  meta = {"model": tr8.method.describe()}
+  saved = jax.device_get(ck.restore(2, checkpointing.abstract_with_shardings(tr8.state, tr8.state_shardings), None, meta))
+  c1 = tiny_config("mae", total_steps=2)
+  tr1 = train.Trainer.create(c1, devices=jax.devices()[:1])
+  got = ck.restore(2, checkpointing.abstract_with_shardings(tr1.state, tr1.state_shardings), None, meta)
+  ck.close()
+  leaf = got["params"]["encoder"]["encoder"]["block00"]["mlp"]["fc1"]["kernel"]
+  assert len(leaf.sharding.device_set) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), saved)
+  assert int(got["step"]) == 2
+
+
+def test_foreign_checkpoint_is_a_clear_error(tmp_path):
+  c = tiny_config("mae", total_steps=2, ckpt_every=2)
+  c.evals = {}
+  train.train_and_evaluate(c, str(tmp_path), progress=False)
+  other = tiny_config("mae", total_steps=4)
+  other.model.depth = 3
+  other.evals = {}
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="different model.*depth"):
+    train.train_and_evaluate(other, str(tmp_path), progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  c = tiny_config("mae", total_steps=8, ckpt_every=2, log_every=4)
+  c.evals = {}
+  cls = type(methods.get(c))
+  orig = cls.loss
+
+  def poisoned(self, params, state, images, rng, step):
+    loss, aux = orig(self, params, state, images, rng, step)
+    return jnp.where(step >= 3, jnp.nan, loss), aux
+
+  monkeypatch.setattr(cls, "loss", poisoned)
+  with pytest.raises(train.TrainingError, match="loss is nan at step 4.*last good checkpoint: step 2"):
+    train.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_ema_state_follows_the_online_encoder():
+  c = tiny_config("mae")
+  c.ema.enabled, c.ema.decay = True, 0.9
+  m = methods.get(c)
+  p = m.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
+  s = m.init_state(p)
+  moved = jax.tree.map(lambda x: x + 1.0, p)
+  s2 = m.update_state(moved, s, jnp.asarray(0))
+  jax.tree.map(lambda e, x: np.testing.assert_allclose(e, x + 0.1, rtol=1e-6, atol=1e-6),
+               s2["ema_encoder"], p["encoder"])
+  feats = m.features(moved, s2, jnp.zeros((2, 32, 32, 3)))
+  assert set(feats) == {"online", "ema"}
+
+
+def test_train_writes_metrics_checkpoint_picture_and_eval_results(tmp_path):
+  c = tiny_config("simmim", total_steps=4, ckpt_every=4, log_every=2)
+  c.ema.enabled = True
+  summary = train.train_and_evaluate(c, str(tmp_path), progress=False)
+  recs = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+  assert [r["step"] for r in recs] == [2, 4]
+  assert all(k in recs[0] for k in ("lr", "images_per_sec", "grad_norm"))
+  assert os.listdir(tmp_path / "checkpoints") == ["4"]
+  assert (tmp_path / "reconstruction.png").is_file()
+  res = json.loads((tmp_path / "eval_results.json").read_text())
+  assert res["knn"]["protocol"]["k"] == 20 and res["knn"]["protocol"]["temperature"] == 0.07
+  assert {"online/top1", "ema/top1"} <= set(res["knn"])
+  assert "optimizer" in json.dumps(res["linear"]["protocol"])
+  assert summary["eval"]["knn/online/top1"] == res["knn"]["online/top1"]
+  # --mode=eval on the same workdir reproduces the numbers from the checkpoint
+  again = train.evaluate_only(c, str(tmp_path))
+  assert again["eval"]["knn/online/top1"] == res["knn"]["online/top1"]
