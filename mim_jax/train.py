@@ -65,9 +65,11 @@ def denormalize_uint8(x: jax.Array, input_cfg) -> np.ndarray:
 # The train state and the step.
 
 def total_and_epoch_steps(config, steps_per_epoch: int) -> int:
+  """total_steps when > 0, else total_epochs over the training split (0 epochs = evaluate the
+  initialisation: the random-init baseline of the README tables)."""
   if config.get("total_steps", 0) and config.total_steps > 0:
     return int(config.total_steps)
-  return max(1, int(round(float(config.total_epochs) * steps_per_epoch)))
+  return max(0, int(round(float(config.total_epochs) * steps_per_epoch)))
 
 
 def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_accum: int):
@@ -275,6 +277,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
       f.write(config.to_json_best_effort(indent=2))
 
   writer = MetricsWriter(workdir)
+  skipped = int(getattr(tr.loader, "num_skipped", 0))
+  if skipped:
+    logging.warning("%d unreadable images were skipped while loading the training data", skipped)
+  writer.write({"step": start, "data/skipped_at_load": skipped, "steps_per_epoch": tr.steps_per_epoch,
+                "total_steps": tr.total_steps})
   stop = {"flag": False}
   old_handler = None
   if hasattr(signal, "SIGTERM"):
@@ -350,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
 
   results = tr.evaluate(workdir)
   summary = {"step": step, "workdir": os.path.abspath(workdir), "eval": _flat_numbers(results),
-             "bad_images": bad_total}
+             "bad_images": bad_total + skipped}
   writer.write({"step": step, "summary": summary["eval"]})
   return summary
 

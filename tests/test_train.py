@@ -152,3 +152,38 @@ def test_train_writes_metrics_checkpoint_picture_and_eval_results(tmp_path):
   # --mode=eval on the same workdir reproduces the numbers from the checkpoint
   again = train.evaluate_only(c, str(tmp_path))
   assert again["eval"]["knn/online/top1"] == res["knn"]["online/top1"]
+
+
+def test_gradient_accumulation_equals_the_full_batch_step(monkeypatch):
+  """With a deterministic loss, k micro-batches give the full batch's loss and update."""
+  c = tiny_config("mae")
+  cls = type(methods.get(c))
+
+  def det_loss(self, params, state, images, rng, step):
+    tokens = self.encoder.apply({"params": params["encoder"]}, images)
+    return jnp.mean(tokens ** 2) + 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(params["decoder"])), {}
+
+  monkeypatch.setattr(cls, "loss", det_loss)
+  c.model.drop_path = 0.0
+  l1, p1 = run_steps(c, jax.devices()[:1], n=2)
+  c.optim.grad_accum = 4
+  l4, p4 = run_steps(c, jax.devices()[:1], n=2)
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p4, p1)
+
+
+def test_corrupt_image_in_folder_is_skipped_and_counted(tmp_path, shared_cifar_dir):
+  import shutil
+  root = tmp_path / "data"
+  for cls_name in ("airplane", "cat"):
+    (root / cls_name).mkdir(parents=True)
+    for f in sorted((shared_cifar_dir / cls_name).iterdir())[:30]:
+      shutil.copy(f, root / cls_name / f.name)
+  (root / "cat" / "9999.jpg").write_bytes(b"not a jpeg at all")
+  c = tiny_config("simmim", total_steps=2, ckpt_every=2)
+  c.input.data.update(name="image_folder", dir=str(root), holdout_per_class=5,
+                      cache_dir=str(tmp_path / "cache"))
+  c.evals = {}
+  summary = train.train_and_evaluate(c, str(tmp_path / "w"), progress=False)
+  first = read_metrics(str(tmp_path / "w"))[0]
+  assert first["data/skipped_at_load"] == 1 and summary["bad_images"] == 1

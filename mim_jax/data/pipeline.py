@@ -359,9 +359,11 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
   in_memory = sources.is_in_memory(data_cfg)
 
   images = labels = class_names = None
+  num_skipped = 0
   if in_memory:
     data = sources.load_in_memory(data_cfg, "train")
     images, labels, class_names = data.images, data.labels, data.class_names
+    num_skipped = int(data.num_skipped)
     source = _Permuted(_IndexSource(len(data), f"{_get(data_cfg, 'name')}:train"), seed)
     image_shape = tuple(images.shape[1:])
     # Every process walks the same global order of index batches and keeps its own slice of
@@ -395,11 +397,13 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
   loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=workers, shard_options=shard,
                             read_options=read_options)
-  return TrainLoader(loader, on_device_aug=in_memory, images=images, labels=labels,
+  train_loader = TrainLoader(loader, on_device_aug=in_memory, images=images, labels=labels,
                      image_shape=image_shape, local_batch_size=local_batch,
                      global_batch_size=global_batch, num_records=num_records,
                      class_names=class_names,
                      index_slice=slice(process_index * local_batch, (process_index + 1) * local_batch))
+  train_loader.num_skipped = num_skipped  # unreadable files skipped while decoding (in memory)
+  return train_loader
 
 
 def checkpoint_args_save(loader_iterator: Any) -> Any:
