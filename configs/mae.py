@@ -66,20 +66,9 @@ def get_config(arg=None):
     c.pooling = "mean"
     c.evals = config_lib.default_evals(probe_epochs=30, probe_optimizer="sgd", pooling="mean")
   elif preset in ("imagenet", "imagenet_large"):
-    c.input.data.update(name="tfds", tfds_name="imagenet2012", dir="", in_memory=False,
-                        train_split="train", eval_split="validation", holdout_per_class=0)
-    c.input.batch_size = 4096
-    c.input.image_size = 224
-    c.input.workers = 16
-    c.model.update(variant="large" if preset == "imagenet_large" else "base", patch_size=16,
-                   dtype="bfloat16")
+    config_lib.imagenet_preset(c, batch_size=4096, total_epochs=800,
+                               variant="large" if preset == "imagenet_large" else "base")
     c.optim.warmup_epochs = 40
-    c.total_epochs = 800
-    c.log_every = 100
-    c.ckpt_every = 2000
-    c.pooling = "cls"
-    c.evals = config_lib.default_evals(probe_epochs=90, pooling="cls")
-    c.evals.knn.max_train = 100_000
   else:
     raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10', 'imagenet' or 'imagenet_large'")
   return c

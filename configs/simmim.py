@@ -64,19 +64,8 @@ def get_config(arg=None):
       c.log_every = 20
       c.ckpt_every = 500
   elif preset == "imagenet":
-    c.input.data.update(name="tfds", tfds_name="imagenet2012", dir="", in_memory=False,
-                        train_split="train", eval_split="validation", holdout_per_class=0)
-    c.input.batch_size = 2048
-    c.input.image_size = 224
-    c.input.workers = 16
-    c.model.update(variant="base", patch_size=16, dtype="bfloat16")
+    config_lib.imagenet_preset(c, batch_size=2048, total_epochs=800, variant="base")
     c.optim.update(schedule="multistep", warmup_epochs=10, milestones_epochs=(700,), gamma=0.1)
-    c.total_epochs = 800
-    c.log_every = 100
-    c.ckpt_every = 2000
-    c.pooling = "cls"
-    c.evals = config_lib.default_evals(probe_epochs=90, pooling="cls")
-    c.evals.knn.max_train = 100_000
   else:
     raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10' or 'imagenet'")
   return c

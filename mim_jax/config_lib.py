@@ -93,3 +93,21 @@ def default_evals(*, knn_k=20, probe_epochs=90, probe_lr=0.1, probe_optimizer="l
                   pooling=pooling, seed=0),
       reconstruction=dict(type="reconstruction", enabled=True, num_images=num_images, seed=0),
   ))
+
+
+def imagenet_preset(c: ml_collections.ConfigDict, *, batch_size: int, variant: str,
+                    total_epochs: int) -> None:
+  """The shared part of the ImageNet-1k presets: tfds imagenet2012 streamed through grain
+  workers, 224 px, patch 16, bf16 compute, MAE's linear-probe protocol on the cls token."""
+  c.input.data.update(name="tfds", tfds_name="imagenet2012", dir="", in_memory=False,
+                      train_split="train", eval_split="validation", holdout_per_class=0)
+  c.input.batch_size = batch_size
+  c.input.image_size = 224
+  c.input.workers = 16
+  c.model.update(variant=variant, patch_size=16, dtype="bfloat16")
+  c.total_epochs = total_epochs
+  c.log_every = 100
+  c.ckpt_every = 2000
+  c.pooling = "cls"
+  c.evals = default_evals(probe_epochs=90, pooling="cls")
+  c.evals.knn.max_train = 100_000

@@ -23,6 +23,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _ATTEMPTS = 10
 
 
+def fallback_crop_size(height: int, width: int, ratio) -> tuple[float, float]:
+  """torchvision's RandomResizedCrop fallback: (w, h) of the whole image with its aspect ratio
+  clamped into `ratio`."""
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    return float(width), width / min(ratio)
+  if in_ratio > max(ratio):
+    return height * max(ratio), float(height)
+  return float(width), float(height)
+
+
 def sample_crop_boxes(rng: jax.Array, batch: int, height: int, width: int, *,
                       scale: Sequence[float] = (0.2, 1.0),
                       ratio: Sequence[float] = (3 / 4, 4 / 3)) -> jax.Array:
@@ -54,13 +65,7 @@ def sample_crop_boxes(rng: jax.Array, batch: int, height: int, width: int, *,
   h = jnp.take_along_axis(h, first[:, None], axis=1)[:, 0]
 
   # Fallback: the central crop whose aspect ratio is the image's, clamped into `ratio`.
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    fw, fh = float(width), width / min(ratio)
-  elif in_ratio > max(ratio):
-    fw, fh = height * max(ratio), float(height)
-  else:
-    fw, fh = float(width), float(height)
+  fw, fh = fallback_crop_size(height, width, ratio)
   w = jnp.where(any_fit, w, fw)
   h = jnp.where(any_fit, h, fh)
   # Guard against float round-off in sqrt: the box must never exceed the image.

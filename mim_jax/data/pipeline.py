@@ -166,13 +166,8 @@ def sample_crop_box_np(rng: np.random.Generator, height: int, width: int,
     h = math.sqrt(target / aspect)
     if 0 < w <= width and 0 < h <= height:
       return rng.uniform() * (height - h), rng.uniform() * (width - w), h, w
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = float(width), width / min(ratio)
-  elif in_ratio > max(ratio):
-    w, h = height * max(ratio), float(height)
-  else:
-    w, h = float(width), float(height)
+  from mim_jax.data.augment import fallback_crop_size  # jax-free helper, imported lazily
+  w, h = fallback_crop_size(height, width, ratio)
   return (height - h) / 2, (width - w) / 2, h, w
 
 

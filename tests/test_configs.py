@@ -1,0 +1,52 @@
+"""Every preset loads, and the ImageNet presets carry the official settings."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from helpers import load_config
+from mim_jax import methods, optim
+
+
+@pytest.mark.parametrize("method,preset", [("mae", ""), ("mae", "cifar10"), ("mae", "imagenet"),
+                                           ("mae", "imagenet_large"), ("simmim", ""),
+                                           ("simmim", "cifar10"), ("simmim", "imagenet")])
+def test_presets_build_their_method(method, preset):
+  c = load_config(method, preset)
+  m = methods.get(c)
+  assert m.name == method
+  assert c.input.batch_size % 8 == 0
+
+
+def test_unknown_preset_is_an_error():
+  with pytest.raises(ValueError, match="unknown preset"):
+    load_config("mae", "imagenet22k")
+
+
+def test_mae_imagenet_is_the_paper_recipe():
+  c = load_config("mae", "imagenet")
+  assert (c.input.image_size, c.model.patch_size, c.mae.mask_ratio, c.mae.norm_pix_loss) == (224, 16, 0.75, True)
+  assert dict(c.mae.decoder) == {"width": 512, "depth": 8, "heads": 16}
+  assert (c.optim.b1, c.optim.b2, c.optim.weight_decay, c.optim.warmup_epochs) == (0.9, 0.95, 0.05, 40)
+  assert optim.peak_lr(c.optim, c.input.batch_size) == pytest.approx(1.5e-4 * 4096 / 256)
+  assert tuple(c.input.aug.crop_scale) == (0.2, 1.0) and c.input.data.tfds_name == "imagenet2012"
+
+
+def test_mae_large_has_the_official_encoder_size():
+  c = load_config("mae", "imagenet_large")
+  m = methods.get(c)
+  p = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  n = sum(x.size for x in jax.tree.leaves(p["encoder"]))
+  # patch embed 768*1024+1024, cls 1024, 24 blocks of 12,596,224, final norm 2048; the
+  # sin-cos pos_embed is fixed (MAE: requires_grad=False), so not a parameter.
+  assert n == 787_456 + 1_024 + 24 * 12_596_224 + 2_048 == 303_099_904
+
+
+def test_simmim_imagenet_is_the_official_vit_recipe():
+  c = load_config("simmim", "imagenet")
+  assert (c.simmim.mask_patch_size, c.simmim.mask_ratio) == (32, 0.6)
+  assert (c.model.qkv_bias, c.model.init_values, c.model.rel_pos_bias, c.model.pos_embed) == ("qv", 0.1, "shared", "none")
+  assert (c.model.drop_path, c.optim.clip_grad, c.optim.b2) == (0.1, 5.0, 0.999)
+  assert tuple(c.input.aug.crop_scale) == (0.67, 1.0)
+  s = optim.make_schedule(c.optim, 2048, 100, 80_000)
+  assert float(s(1000)) == pytest.approx(1e-4 * 4, rel=1e-5)     # after 10 warm-up epochs
+  assert float(s(70_000)) == pytest.approx(1e-5 * 4, rel=1e-5)   # x0.1 from epoch 700
