@@ -223,7 +223,7 @@ class Trainer:
 
     return evaluators.EvalContext(
         encode=encode,
-        batches=lambda split, bs: pipeline.eval_batches(cfg.input, split, bs),
+        batches=lambda split, bs, limit=None: pipeline.eval_batches(cfg.input, split, bs, limit),
         num_classes=pipeline.num_classes(cfg.input),
         reconstruct=reconstruct, workdir=workdir, step=step)
 

@@ -39,7 +39,7 @@ class FakeData:
     idx = images[:, 0, 0, 0].astype(np.int64) + 256 * images[:, 0, 0, 1].astype(np.int64)
     return {name: table[idx] for name, table in self.tables.items()}
 
-  def batches(self, split, batch_size):
+  def batches(self, split, batch_size, max_examples=None):
     labels, off = self.labels[split], self.offset[split]
     for start in range(0, len(labels), batch_size):
       idx = np.arange(start, min(start + batch_size, len(labels)))
@@ -269,7 +269,7 @@ def test_reconstruction_grid_pixels(tmp_path):
   images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
   labels = np.zeros(n, np.int64)
 
-  def batches(split, batch_size):
+  def batches(split, batch_size, max_examples=None):
     assert split == "eval"
     for s in range(0, n, batch_size):
       yield images[s:s + batch_size], labels[s:s + batch_size]

@@ -21,7 +21,8 @@ import numpy as np
 
 # Called by the trainer: encode(uint8 images [B,S,S,3]) -> {name: features [B,D]}.
 EncodeFn = Callable[[np.ndarray], Mapping[str, np.ndarray]]
-# batches(split, batch_size) -> iterable of (uint8 images, int labels), one pass.
+# batches(split, batch_size, max_examples=None) -> iterable of (uint8 images, int labels), one
+# pass; with max_examples, over a fixed seeded subset of that many examples.
 BatchesFn = Callable[[str, int], Iterable[tuple[np.ndarray, np.ndarray]]]
 # reconstruct(uint8 images, seed) -> {'input', 'masked', 'reconstruction'} uint8.
 ReconstructFn = Callable[[np.ndarray, int], Mapping[str, np.ndarray]]
@@ -36,8 +37,9 @@ class EvalContext:
   Attributes:
     encode: maps uint8 images [B,S,S,3] to named, already pooled feature sets,
       e.g. ``{'online': [B,D], 'ema': [B,D]}``; metrics are computed per name.
-    batches: ``batches(split, batch_size)`` yields ``(images_uint8, labels)``
-      once over ``split`` ('train' or 'eval').
+    batches: ``batches(split, batch_size, max_examples=None)`` yields
+      ``(images_uint8, labels)`` once over ``split`` ('train' or 'eval'), or over a
+      fixed seeded subset of ``max_examples`` of it.
     num_classes: number of label classes.
     reconstruct: ``reconstruct(images_uint8, seed)`` returns uint8 arrays
       ``{'input', 'masked', 'reconstruction'}`` each [B,S,S,3]; None for
@@ -223,7 +225,9 @@ def extract_features(ctx: EvalContext, split: str, batch_size: int,
   chunks: dict[str, list[np.ndarray]] = {}
   labels: list[np.ndarray] = []
   have = 0
-  for images, y in ctx.batches(split, batch_size):
+  # The source picks which `limit` images (a seeded subset covering every class), so a capped
+  # bank is never just the first classes of a sorted folder.
+  for images, y in ctx.batches(split, batch_size, limit):
     y = np.asarray(y).reshape(-1)
     take = len(y) if limit is None else min(len(y), limit - have)
     if take <= 0:
