@@ -251,8 +251,9 @@ class MetricsWriter:
         f.write(json.dumps(record) + "\n")
 
 
-def _finite(x) -> bool:
-  return bool(np.all(np.isfinite(np.asarray(x))))
+def _any_process(flag: bool) -> bool:
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
@@ -313,9 +314,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
       want_log = step % config.log_every == 0 or step == tr.total_steps
       want_ckpt = step % config.ckpt_every == 0 or step == tr.total_steps
       preempt = stop["flag"] or (stop_after is not None and step >= stop_after)
-      if jax.process_count() > 1 and (want_log or preempt):
-        from jax.experimental import multihost_utils
-        preempt = bool(np.any(multihost_utils.process_allgather(np.asarray(preempt))))
+      if jax.process_count() > 1:
+        # Processes agree at log steps only (every process reaches those), so one that got
+        # SIGTERM first waits for the next log step instead of deadlocking the others.
+        preempt = want_log and _any_process(preempt)
       if want_log or want_ckpt or preempt:
         fetched = jax.device_get(pending)
         pending = []
