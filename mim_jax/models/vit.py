@@ -96,7 +96,14 @@ xavier_uniform = nn.initializers.xavier_uniform()
 
 
 def trunc_normal(std: float, cutoff: float = 2.0) -> Callable:
-  """timm's trunc_normal_(std, a=-cutoff*std, b=cutoff*std) (cutoff in units of std)."""
+  """timm's trunc_normal_(std, a=-cutoff*std, b=cutoff*std) (cutoff in units of std); like
+  timm, the truncated draw is not rescaled, so its standard deviation is below `std`.
+
+  SIMMIM_TRUNC: SimMIM's VisionTransformerForSimMIM overrides `_trunc_normal_` to cut at
+  +-1 std, and since the parent's __init__ calls the overridden method, every trunc-normal
+  weight of its encoder (patch embed, Linear layers, cls token, mask token) is cut at +-std.
+  The 'beit' init style does the same.
+  """
   def init(key, shape, dtype=jnp.float32):
     return std * jax.random.truncated_normal(key, -cutoff, cutoff, shape, dtype)
   return init
@@ -193,7 +200,7 @@ class Block(nn.Module):
   def __call__(self, x, bias=None, deterministic=True):
     d = x.shape[-1]
     if self.init_style == "beit":
-      kinit = trunc_normal(0.02)
+      kinit = trunc_normal(0.02, cutoff=1.0)  # see SIMMIM_TRUNC below
       scale = 1.0 / math.sqrt(2.0 * self.layer_id)
       rinit = lambda k, s, t=jnp.float32: kinit(k, s, t) * scale  # noqa: E731
     else:
@@ -313,7 +320,7 @@ class ViT(nn.Module):
     depth = self.depth or depth
     beit = self.init_style == "beit"
     x = PatchEmbed(self.patch_size, width,
-                   kernel_init=trunc_normal(0.02) if beit else xavier_uniform,
+                   kernel_init=trunc_normal(0.02, cutoff=1.0) if beit else xavier_uniform,
                    dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
     # The residual stream stays float32 (as under torch autocast); blocks compute in `dtype`.
     x = x.astype(jnp.float32)
@@ -326,12 +333,13 @@ class ViT(nn.Module):
       if mask is not None:
         w = mask.reshape(b, n, 1).astype(x.dtype)
         x = x * (1 - w) + tok.astype(x.dtype) * w
-    cls_init = trunc_normal(0.02) if beit else nn.initializers.normal(0.02)
+    cls_init = trunc_normal(0.02, cutoff=1.0) if beit else nn.initializers.normal(0.02)
     cls = self.param("cls_token", cls_init, (1, 1, width), self.param_dtype)
     if self.pos_embed == "sincos":
       pe = jnp.asarray(sincos_2d(width, self.grid, cls_token=True))[None]
     elif self.pos_embed == "learned":
-      pe = self.param("pos_embed", trunc_normal(0.02), (1, n + 1, width), self.param_dtype)
+      pe = self.param("pos_embed", trunc_normal(0.02, cutoff=1.0 if beit else 2.0), (1, n + 1, width),
+                      self.param_dtype)
     elif self.pos_embed == "none":
       pe = None
     else:
