@@ -195,9 +195,10 @@ def write_results(workdir: str, results: Mapping[str, Mapping[str, Any]], step: 
 
 
 def take_images(ctx: EvalContext, split: str, count: int, batch_size: Optional[int] = None):
-  """The first ``count`` (images, labels) of ``split``, fewer if it is shorter."""
+  """``count`` (images, labels) of ``split`` (the source's fixed seeded subset of that size, so
+  they span the classes), fewer if it is shorter."""
   images, labels, have = [], [], 0
-  for x, y in ctx.batches(split, batch_size or count):
+  for x, y in ctx.batches(split, batch_size or count, count):
     x = np.asarray(x)
     images.append(x[: count - have])
     labels.append(np.asarray(y)[: count - have])
