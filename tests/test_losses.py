@@ -64,3 +64,19 @@ def test_losses_are_differentiable_and_finite():
   g = jax.grad(lambda p: mae_loss(p, jnp.zeros((1, 3, 2)), jnp.asarray([[1.0, 0.0, 1.0]])))(jnp.ones((1, 3, 2)))
   # d/dp mean over masked of mean_j p^2 = 2p / (2 dims * 2 masked patches)
   np.testing.assert_allclose(np.asarray(g)[0], [[0.5, 0.5], [0, 0], [0.5, 0.5]])
+
+
+def test_mae_reconstruction_inverts_the_norm_pix_target_and_pastes_visible_patches():
+  from helpers import tiny_config
+  from mim_jax import masking, methods
+  c = tiny_config("mae")
+  m = methods.get(c)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  p = m.init(jax.random.PRNGKey(1), x)
+  # Make the decoder predict exactly the norm-pix target: then the reconstruction is the input.
+  target = pixels.norm_pix_target(x, 4)
+  m.forward = lambda params, images, rng: (target, masking.random_shuffle_mask(rng, 2, 64, 0.75))
+  out = m.reconstruct(p, {}, x, jax.random.PRNGKey(2))
+  np.testing.assert_allclose(np.asarray(out["reconstruction"]), np.asarray(x), atol=1e-4)
+  masked = np.asarray(out["masked"])
+  assert np.isclose((np.abs(masked).sum(-1) == 0).mean(), 0.75)

@@ -102,23 +102,23 @@ class MAE(Method):
     return loss, {"mask_ratio": jnp.mean(sm.mask)}
 
   def reconstruct(self, params, state, images, rng):
-    """Prediction mapped back to pixels. With norm_pix_loss each predicted patch is
-    un-normalised with the mean and standard deviation of the image's VISIBLE pixels (per
-    channel), so the picture uses nothing the model did not see; visible patches are pasted."""
+    """Prediction mapped back to pixels, visible patches pasted from the input.
+
+    With norm_pix_loss the model predicts each patch standardised by its own mean and
+    variance, which it is never asked for; the picture puts them back with the inverse of the
+    target transform (each patch's own pixel mean and unbiased variance, as in the MAE
+    visualisations of norm-pix models), so it shows the structure the model predicted inside
+    each masked patch. An image-level substitute (mean/std of the visible pixels) was tried
+    and mixes the per-patch channel statistics into false colours.
+    """
     images = images.astype(jnp.float32)
     pred, sm = self.forward(params, images, rng)
     p = self.patch
     target = pixels.patchify(images, p)
     mask = sm.mask[:, :, None]
     if self.norm_pix:
-      b, n, _ = target.shape
-      vis = (1.0 - mask).reshape(b, n, 1, 1)
-      t = target.reshape(b, n, p * p, 3)
-      cnt = vis.sum(axis=(1, 2)) * p * p
-      mean = (t * vis).sum(axis=(1, 2)) / cnt
-      var = (((t - mean[:, None, None]) ** 2) * vis).sum(axis=(1, 2)) / cnt
-      pred = pred.reshape(b, n, p * p, 3) * jnp.sqrt(var[:, None, None] + 1e-6) + mean[:, None, None]
-      pred = pred.reshape(b, n, -1)
+      mean, var = pixels.patch_stats(target)
+      pred = pred * jnp.sqrt(var + 1e-6) + mean
     rec = pred * mask + target * (1 - mask)
     return {"masked": pixels.unpatchify(target * (1 - mask), p),
             "reconstruction": pixels.unpatchify(rec, p)}
