@@ -41,9 +41,8 @@ def _jsonable(x):
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with the three items above."""
 
-  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.every = every
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=opts,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from mim_jax import checkpointing, methods, optim, sharding
@@ -104,7 +105,6 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
       (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
       loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    import optax
     params = optax.apply_updates(params, updates)
     mstate = method.update_state(params, mstate, step)
     metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.tree.norm(grads),
@@ -264,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   """
   os.makedirs(workdir, exist_ok=True)
   tr = Trainer.create(config, devices=devices)
-  ckpt = checkpointing.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_ckpts)
   meta = {"model": tr.method.describe()}
   start = 0
   latest = ckpt.latest_step()
@@ -367,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
   """--mode=eval: restores the workdir's latest checkpoint and runs the config's evaluators."""
   tr = Trainer.create(config, devices=devices)
-  ckpt = checkpointing.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_ckpts)
   latest = ckpt.latest_step()
   if latest is None:
     raise TrainingError(f"no checkpoint in {ckpt.directory}: train first with --mode=train "

@@ -81,7 +81,7 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
   train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:8], progress=False)
   saved = None
   tr8 = train.Trainer.create(c, devices=jax.devices()[:8])
-  ck = checkpointing.Checkpointer(str(tmp_path), every=2, keep=2)
+  ck = checkpointing.Checkpointer(str(tmp_path), keep=2)
   meta = {"model": tr8.method.describe()}
   saved = jax.device_get(ck.restore(2, checkpointing.abstract_with_shardings(tr8.state, tr8.state_shardings), None, meta))
   c1 = tiny_config("mae", total_steps=2)
