@@ -66,17 +66,40 @@ def test_losses_are_differentiable_and_finite():
   np.testing.assert_allclose(np.asarray(g)[0], [[0.5, 0.5], [0, 0], [0.5, 0.5]])
 
 
-def test_mae_reconstruction_inverts_the_norm_pix_target_and_pastes_visible_patches():
+def test_mae_picture_uses_only_visible_patch_statistics():
   from helpers import tiny_config
   from mim_jax import masking, methods
+  from mim_jax.methods.mae import visible_patch_stats
   c = tiny_config("mae")
   m = methods.get(c)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   p = m.init(jax.random.PRNGKey(1), x)
-  # Make the decoder predict exactly the norm-pix target: then the reconstruction is the input.
-  target = pixels.norm_pix_target(x, 4)
-  m.forward = lambda params, images, rng: (target, masking.random_shuffle_mask(rng, 2, 64, 0.75))
+  sm = masking.random_shuffle_mask(jax.random.PRNGKey(2), 2, 64, 0.75)
+  pred = jax.random.normal(jax.random.PRNGKey(3), (2, 64, 48))
+  m.forward = lambda params, images, rng: (pred, sm)
   out = m.reconstruct(p, {}, x, jax.random.PRNGKey(2))
-  np.testing.assert_allclose(np.asarray(out["reconstruction"]), np.asarray(x), atol=1e-4)
-  masked = np.asarray(out["masked"])
-  assert np.isclose((np.abs(masked).sum(-1) == 0).mean(), 0.75)
+  # Changing the hidden pixels changes nothing in the picture.
+  hidden = pixels.unpatchify(jnp.asarray(sm.mask)[:, :, None] * jnp.ones((2, 64, 48)), 4)
+  out2 = m.reconstruct(p, {}, x + 5.0 * hidden, jax.random.PRNGKey(2))
+  np.testing.assert_allclose(np.asarray(out2["reconstruction"]), np.asarray(out["reconstruction"]), atol=1e-5)
+  # Visible patches are pasted; masked ones are pred * std + mean of the visible estimate.
+  t = pixels.patchify(x, 4)
+  mean, var = visible_patch_stats(t, sm.mask)
+  rec = np.asarray(pixels.patchify(out["reconstruction"], 4))
+  mk = np.asarray(sm.mask) > 0
+  np.testing.assert_allclose(rec[~mk], np.asarray(t)[~mk], atol=1e-5)
+  expect = np.asarray(pred * jnp.sqrt(var + 1e-6) + mean)
+  np.testing.assert_allclose(rec[mk], expect[mk], rtol=1e-5, atol=1e-5)
+  assert np.isclose((np.abs(np.asarray(out["masked"])).sum(-1) == 0).mean(), 0.75)
+
+
+def test_visible_patch_stats_by_hand():
+  from mim_jax.methods.mae import visible_patch_stats
+  # 2x2 grid, one value pair per patch; patch 3 is masked, its neighbours at distance 1, 1, sqrt2.
+  patches = jnp.asarray([[[0.0, 2.0], [2.0, 4.0], [4.0, 8.0], [100.0, 100.0]]])
+  mask = jnp.asarray([[0.0, 0.0, 0.0, 1.0]])
+  mean, var = visible_patch_stats(patches, mask)
+  w = np.array([np.exp(-1.0), np.exp(-0.5), np.exp(-0.5)])  # d^2 = 2, 1, 1 from patch 3
+  means, vars_ = np.array([1.0, 3.0, 6.0]), np.array([2.0, 2.0, 8.0])
+  np.testing.assert_allclose(float(mean[0, 3, 0]), (w * means).sum() / w.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(var[0, 3, 0]), (w * vars_).sum() / w.sum(), rtol=1e-6)

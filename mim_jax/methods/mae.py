@@ -15,6 +15,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mim_jax import masking
 from mim_jax.methods.base import Method
@@ -105,11 +106,10 @@ class MAE(Method):
     """Prediction mapped back to pixels, visible patches pasted from the input.
 
     With norm_pix_loss the model predicts each patch standardised by its own mean and
-    variance, which it is never asked for; the picture puts them back with the inverse of the
-    target transform (each patch's own pixel mean and unbiased variance, as in the MAE
-    visualisations of norm-pix models), so it shows the structure the model predicted inside
-    each masked patch. An image-level substitute (mean/std of the visible pixels) was tried
-    and mixes the per-patch channel statistics into false colours.
+    variance (scalars over the patch's p*p*3 values). The picture restores them from the
+    VISIBLE patches only (`visible_patch_stats`): each masked patch gets the Gaussian-weighted
+    (sigma = 1 patch) average of the visible patches' means and variances, so nothing the
+    model did not see enters the picture.
     """
     images = images.astype(jnp.float32)
     pred, sm = self.forward(params, images, rng)
@@ -117,8 +117,25 @@ class MAE(Method):
     target = pixels.patchify(images, p)
     mask = sm.mask[:, :, None]
     if self.norm_pix:
-      mean, var = pixels.patch_stats(target)
+      mean, var = visible_patch_stats(target, sm.mask)
       pred = pred * jnp.sqrt(var + 1e-6) + mean
     rec = pred * mask + target * (1 - mask)
     return {"masked": pixels.unpatchify(target * (1 - mask), p),
             "reconstruction": pixels.unpatchify(rec, p)}
+
+
+def visible_patch_stats(patches: jax.Array, mask: jax.Array, sigma: float = 1.0):
+  """Per-patch mean and unbiased variance estimated from visible patches only.
+
+  patches [B, L, D], mask [B, L] (1 = masked). Each patch gets the average of the visible
+  patches' statistics weighted by exp(-d^2 / (2 sigma^2)), d the distance on the patch grid;
+  a visible patch's own statistics dominate its estimate (d = 0).
+  """
+  b, n, _ = patches.shape
+  g = int(round(n ** 0.5))
+  yx = np.stack(np.meshgrid(np.arange(g), np.arange(g), indexing="ij"), -1).reshape(n, 2)
+  d2 = ((yx[:, None, :] - yx[None, :, :]) ** 2).sum(-1)
+  w = jnp.asarray(np.exp(-d2 / (2 * sigma ** 2)), jnp.float32)[None] * (1 - mask)[:, None, :]
+  w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-12)
+  mean, var = pixels.patch_stats(patches)
+  return jnp.einsum("bij,bjk->bik", w, mean), jnp.einsum("bij,bjk->bik", w, var)
