@@ -52,10 +52,10 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: PyTree, data_iter: Any, meta: dict, *, force: bool = False) -> bool:
-    import grain  # lazily: heavy
+    from mim_jax.data import pipeline  # grain is imported lazily there
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta)))
     if data_iter is not None and hasattr(data_iter, "get_state"):
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = pipeline.checkpoint_args_save(data_iter)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def check_meta(self, step: int, meta: dict) -> None:
@@ -70,11 +70,11 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: PyTree, data_iter: Any, meta: dict) -> PyTree:
     """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings), so a
     checkpoint written under one mesh loads under another."""
-    import grain
+    from mim_jax.data import pipeline
     self.check_meta(step, meta)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None and hasattr(data_iter, "set_state"):
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = pipeline.checkpoint_args_restore(data_iter)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:

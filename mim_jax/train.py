@@ -130,7 +130,6 @@ class Trainer:
   state_shardings: PyTree
   batch_sharding: Any
   step_fn: Any
-  schedule: Any
   total_steps: int
   steps_per_epoch: int
   on_device_aug: bool
@@ -152,26 +151,35 @@ class Trainer:
     size = config.input.image_size
     dummy = jnp.zeros((2, size, size, 3), jnp.float32)
 
-    def init_fn(rng):
-      prng, srng = jax.random.split(rng)
+    prng, srng = jax.random.split(jax.random.PRNGKey(config.seed))
+    # The weight-decay mask depends only on the parameters' structure, so one optimiser built
+    # from their shapes serves both the initial state and the step.
+    tx = optim.make_optimizer(config.optim, schedule,
+                              method.decay_mask(jax.eval_shape(method.init, prng, dummy)))
+
+    def init_fn(prng, srng):
       params = method.init(prng, dummy)
-      tx = optim.make_optimizer(config.optim, schedule, method.decay_mask(params))
       return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                   method_state=method.init_state(params), rng=srng)
 
-    rng = jax.random.PRNGKey(config.seed)
-    shapes = jax.eval_shape(init_fn, rng)
-    tx = optim.make_optimizer(config.optim, schedule, method.decay_mask(shapes["params"]))
+    shapes = jax.eval_shape(init_fn, prng, srng)
     state_sh = sharding.tree_shardings(mesh, shapes, config.sharding_rules)
-    state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+    state = jax.jit(init_fn, out_shardings=state_sh)(prng, srng)
     step_fn = make_train_step(method, tx, schedule, config.input, on_device_aug,
                               int(config.optim.get("grad_accum", 1)))
     batch_sh = sharding.batch_sharding(mesh)
     metrics_sh = sharding.replicated(mesh)
     jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
                      donate_argnums=(0,))
-    return cls(config, method, mesh, loader, state, state_sh, batch_sh, jitted, schedule, total, spe,
+    return cls(config, method, mesh, loader, state, state_sh, batch_sh, jitted, total, spe,
                on_device_aug)
+
+  def restore(self, ckpt: checkpointing.Checkpointer, step: int, with_data: bool = True) -> None:
+    """Loads checkpoint `step` into this trainer's shardings (any mesh), and the data
+    iterator's position when `with_data`; refuses a checkpoint of another model."""
+    abstract = checkpointing.abstract_with_shardings(self.state, self.state_shardings)
+    self.state = ckpt.restore(step, abstract, self.loader if with_data else None,
+                              {"model": self.method.describe()})
 
   def next_batch(self) -> dict:
     batch = next(self.loader)
@@ -269,8 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   start = 0
   latest = ckpt.latest_step()
   if latest is not None:
-    abstract = checkpointing.abstract_with_shardings(tr.state, tr.state_shardings)
-    tr.state = ckpt.restore(latest, abstract, tr.loader, meta)
+    tr.restore(ckpt, latest)
     start = int(jax.device_get(tr.state["step"]))
     logging.info("resuming from step %d", start)
   if jax.process_index() == 0:
@@ -372,8 +379,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str, *, devices=No
   if latest is None:
     raise TrainingError(f"no checkpoint in {ckpt.directory}: train first with --mode=train "
                         f"(or point --workdir at a trained run)")
-  abstract = checkpointing.abstract_with_shardings(tr.state, tr.state_shardings)
-  tr.state = ckpt.restore(latest, abstract, None, {"model": tr.method.describe()})
+  tr.restore(ckpt, latest, with_data=False)
   ckpt.close()
   results = tr.evaluate(workdir)
   return {"step": latest, "workdir": os.path.abspath(workdir), "eval": _flat_numbers(results)}
