@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=128,               # global batch of one optimiser step
       image_size=32,
       workers=0,                    # grain worker processes (streaming sources)
+      fast_decode=True,             # streaming JPEGs: decode at reduced size when the crop allows
       aug=dict(crop_scale=(0.2, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0), hflip=True),
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,

@@ -12,14 +12,22 @@ Two modes, chosen by the data config (`sources.is_in_memory`):
   batches already have ``image_size``; ``loader.on_device_aug`` is False. A record that
   cannot be read or decoded is replaced by the next readable one (i+1, i+2, ...) and the
   number skipped is reported in the batch's ``'bad'`` field.
+  With ``fast_decode`` (the default) decoding and cropping are one step
+  (`HeaderCheckedSource` + `HostDecodeRandomResizedCropFlip`): the crop box is drawn from the
+  image header's size and a JPEG is decoded at 1/2, 1/4 or 1/8 scale when the box still
+  covers ``image_size`` pixels at that scale. There only records whose header cannot be
+  read are replaced by the next one; a body that fails to decode is decoded again with
+  truncated images allowed (else a grey image is used) and counted in ``'bad'`` too.
 
 Config keys (``input_cfg``): ``data`` (see `sources`, plus ``in_memory``), ``batch_size``
-(global), ``image_size``, ``workers``, ``aug`` = {``crop_scale``, ``crop_ratio``, ``hflip``}.
+(global), ``image_size``, ``workers``, ``aug`` = {``crop_scale``, ``crop_ratio``, ``hflip``},
+``fast_decode`` (default True; False: full decode, then crop).
 
 grain is imported inside functions so importing this module stays cheap.
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import Any, Iterator, Optional, Sequence
 
@@ -150,6 +158,53 @@ class DecodedSource:
     return f"Decoded({self._source!r})"
 
 
+class HeaderCheckedSource:
+  """Streaming records checked only as far as their header: the fast path's source.
+
+  ``source[i] -> {'image_bytes': bytes, 'label': int32, 'bad': int32}`` (or ``'image'``
+  instead of ``'image_bytes'`` for a source that yields decoded images). The bytes must open
+  with PIL and report a size (a header parse, no decode); a record that does not is replaced
+  by the next one that does, as in `DecodedSource`, and ``'bad'`` counts the records skipped.
+  The full decode happens in `HostDecodeRandomResizedCropFlip`, which handles a body that
+  fails to decode.
+  """
+
+  def __init__(self, source: Any):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    global _warned_bad
+    n = len(self._source)
+    index = int(index)
+    for skipped in range(min(_MAX_CONSECUTIVE_BAD, n)):
+      j = (index + skipped) % n
+      try:
+        record = self._source[j]
+        if "image" in record:
+          return {"image": _to_rgb(record["image"]), "label": np.int32(record["label"]),
+                  "bad": np.int32(skipped)}
+        data = record["image_bytes"]
+        with _pil().open(io.BytesIO(data)) as im:
+          width, height = im.size
+        if width <= 0 or height <= 0:
+          raise ValueError(f"bad image size {width}x{height}")
+        return {"image_bytes": data, "label": np.int32(record["label"]), "bad": np.int32(skipped)}
+      except Exception as e:  # pylint: disable=broad-except
+        if not _warned_bad:
+          _warned_bad = True
+          logging.warning("skipping unreadable record %d of %r (%s: %s); further ones are only "
+                          "counted in the batches' 'bad' field", j, self._source,
+                          type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    raise DataError(f"{min(_MAX_CONSECUTIVE_BAD, n)} unreadable records in a row from record "
+                    f"{index} of {self._source!r}: check the data files")
+
+  def __repr__(self) -> str:
+    return f"HeaderChecked({self._source!r})"
+
+
 # ----------------------------------------------------------------------------------------------
 # Host-side transforms (registered as grain transforms when a loader is built).
 
@@ -198,6 +253,146 @@ class HostRandomResizedCropFlip:
     return {**element, "image": out}
 
 
+_JPEG_REDUCTIONS = (8, 4, 2)
+
+
+def reduction_for_box(box: Sequence[float], size: int) -> int:
+  """The largest JPEG DCT scale reduction (8, 4, 2, else 1) that keeps ``box`` = (top, left,
+  h, w), in full-resolution pixels, at least ``size`` pixels on both sides once reduced."""
+  side = min(float(box[2]), float(box[3]))
+  for factor in _JPEG_REDUCTIONS:
+    if side >= factor * size:
+      return factor
+  return 1
+
+
+_PIL_IMAGE = None
+
+
+def _pil():
+  """``PIL.Image``, imported once per process (this module stays cheap to import)."""
+  global _PIL_IMAGE
+  if _PIL_IMAGE is None:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    _PIL_IMAGE = Image
+  return _PIL_IMAGE
+
+
+def _crop_opened(im: Any, box: Sequence[float], size: int) -> tuple[Any, int]:
+  """Decodes the opened, not yet loaded PIL image ``im`` (at a reduced JPEG scale when
+  ``box`` allows) and resamples ``box`` to size x size like `_resize_box`.
+
+  Returns (the size x size RGB PIL image, the reduction used).
+  """
+  top, left, h, w = box
+  width, height = im.size
+  sx = sy = 1.0
+  factor = reduction_for_box(box, size) if im.format == "JPEG" else 1
+  if factor > 1:
+    # draft() picks the largest scale whose output is at least the requested size; asking for
+    # floor(full / factor) makes that scale exactly `factor`. It returns the full image's
+    # extent in reduced pixels, (0, 0, W / scale, H / scale): libjpeg rounds the reduced size
+    # up and pads the last partial block, so the box maps by 1 / scale, not by reduced / full
+    # size (which would stretch it by up to scale / W).
+    drafted = im.draft("RGB", (max(width // factor, 1), max(height // factor, 1)))
+    if drafted is None:
+      factor = 1
+    else:
+      sx, sy = drafted[1][2] / width, drafted[1][3] / height
+      factor = int(round(1 / sx))
+  im.load()
+  rgb = im if im.mode == "RGB" else im.convert("RGB")
+  out = rgb.resize((size, size), _pil().Resampling.BICUBIC,
+                   box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+  return out, factor
+
+
+def _crop_truncated(data: bytes, box: Sequence[float], size: int) -> tuple[Any, int]:
+  """`_crop_opened` on a fresh open of ``data`` with PIL's LOAD_TRUNCATED_IMAGES set for the
+  duration of this call only."""
+  from PIL import ImageFile  # pylint: disable=g-import-not-at-top
+  previous = ImageFile.LOAD_TRUNCATED_IMAGES
+  ImageFile.LOAD_TRUNCATED_IMAGES = True
+  try:
+    with _pil().open(io.BytesIO(data)) as im:
+      return _crop_opened(im, box, size)
+  finally:
+    ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def decode_crop_flip(data: bytes, rng: np.random.Generator, size: int, scale: Sequence[float],
+                     ratio: Sequence[float], hflip: bool) -> tuple[np.ndarray, int, int]:
+  """RandomResizedCrop + flip of encoded image bytes, with reduced-size JPEG decoding.
+
+  The box comes from `sample_crop_box_np` on the header's full (H, W), then the flip from one
+  more ``rng.uniform()``: the same draws as `HostRandomResizedCropFlip` on the fully decoded
+  image, so without a reduction the output is identical to it.
+
+  Returns:
+    (uint8 [size, size, 3], bad, reduction). ``bad`` is 1 when the body did not decode
+    cleanly: it is then decoded again with truncated images allowed or, failing that (or when
+    not even the header opens), the output is uniform mid-grey (128). ``reduction`` is the
+    JPEG scale divisor used (1: full size).
+  """
+  image_mod = _pil()
+  bad, factor = 0, 1
+  out = None
+  try:
+    im = image_mod.open(io.BytesIO(data))
+  except Exception:  # pylint: disable=broad-except
+    bad = 1
+  else:
+    with im:
+      width, height = im.size
+      box = sample_crop_box_np(rng, height, width, scale, ratio)
+      try:
+        out, factor = _crop_opened(im, box, size)
+      except Exception:  # pylint: disable=broad-except
+        bad = 1
+    if out is None:
+      try:
+        out, factor = _crop_truncated(data, box, size)
+      except Exception:  # pylint: disable=broad-except
+        factor = 1
+  flip = hflip and rng.uniform() < 0.5
+  if out is None:
+    return np.full((size, size, 3), 128, np.uint8), bad, factor
+  if flip:   # in PIL: a numpy copy of a reversed 3-byte-pixel view is several times slower
+    out = out.transpose(image_mod.Transpose.FLIP_LEFT_RIGHT)
+  return np.asarray(out, dtype=np.uint8), bad, factor
+
+
+class HostDecodeRandomResizedCropFlip:
+  """grain RandomMap: decode + RandomResizedCrop (bicubic) + random flip in one step.
+
+  Takes `HeaderCheckedSource` elements. Encoded images go through `decode_crop_flip`: the
+  crop box is drawn on the header's size and JPEGs are decoded at the largest DCT scale
+  (1/2, 1/4, 1/8) at which the box is still at least ``size`` pixels on both sides, so no
+  resolution the output needs is dropped; other formats are decoded fully. Without a
+  reduction the output equals `DecodedSource` + `HostRandomResizedCropFlip` exactly.
+  Elements already decoded (``'image'``) are cropped like `HostRandomResizedCropFlip`.
+
+  Bad records: the source already skipped records whose header does not parse. A body that
+  then fails to decode (e.g. a truncated file) is decoded again with PIL's
+  ``ImageFile.LOAD_TRUNCATED_IMAGES`` set for that call only (the missing part is filled by
+  PIL), and if that fails too the output is a uniform mid-grey (128) image; either way the
+  element's ``'bad'`` gets one more (1 when no record was skipped before it).
+  """
+
+  def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], hflip: bool):
+    self.size = int(size)
+    self.scale = tuple(float(s) for s in scale)
+    self.ratio = tuple(float(r) for r in ratio)
+    self.hflip = bool(hflip)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if "image_bytes" not in element:   # already decoded: same attributes, same transform
+      return HostRandomResizedCropFlip.random_map(self, element, rng)  # type: ignore[arg-type]
+    out, bad, _ = decode_crop_flip(element["image_bytes"], rng, self.size, self.scale,
+                                   self.ratio, self.hflip)
+    return {"image": out, "label": element["label"], "bad": np.int32(element["bad"] + bad)}
+
+
 def center_crop_box(height: int, width: int, size: int, crop_fraction: float = 0.875
                     ) -> tuple[float, float, float, float]:
   """Box (top, left, h, w) equal to resizing the shorter side to ``size / crop_fraction`` and
@@ -231,6 +426,7 @@ def _grain(workers: int = 0):
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
   grain.transforms.RandomMap.register(HostRandomResizedCropFlip)
+  grain.transforms.RandomMap.register(HostDecodeRandomResizedCropFlip)
   grain.transforms.Map.register(HostCenterCrop)
   return grain
 
@@ -369,12 +565,16 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
   else:
     raw = sources.streaming_source(data_cfg, "train")
     class_names = getattr(raw, "class_names", None)
-    source = _Permuted(DecodedSource(raw), seed)
     size = int(input_cfg.image_size)
     image_shape = (size, size, 3)
     scale, ratio, hflip = _aug(input_cfg)
-    operations = [HostRandomResizedCropFlip(size, scale, ratio, hflip),
-                  grain.transforms.Batch(local_batch, drop_remainder=True)]
+    if bool(_get(input_cfg, "fast_decode", True)):
+      source = _Permuted(HeaderCheckedSource(raw), seed)
+      crop = HostDecodeRandomResizedCropFlip(size, scale, ratio, hflip)
+    else:
+      source = _Permuted(DecodedSource(raw), seed)
+      crop = HostRandomResizedCropFlip(size, scale, ratio, hflip)
+    operations = [crop, grain.transforms.Batch(local_batch, drop_remainder=True)]
     read_options = None
 
   num_records = len(source)

@@ -31,6 +31,7 @@ class MAEDecoder(nn.Module):
   heads: int = 16
   remat: bool = False
   attn_impl: str | None = None
+  attn_pad: int = -1
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -45,7 +46,7 @@ class MAEDecoder(nn.Module):
     grid = int(round(self.num_patches ** 0.5))
     x = x + jnp.asarray(vit.sincos_2d(self.width, grid, cls_token=True))[None]
     x = vit.Encoder(self.depth, self.heads, remat=self.remat, attn_impl=self.attn_impl,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="blocks")(x)
+                    attn_pad=self.attn_pad, dtype=self.dtype, param_dtype=self.param_dtype, name="blocks")(x)
     x = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=vit.xavier_uniform, name="pred")(x)
     return x[:, 1:].astype(jnp.float32)
@@ -57,7 +58,7 @@ def unshuffle(visible: jax.Array, mask_token: jax.Array, restore_ids: jax.Array)
   b, k, d = visible.shape
   n = restore_ids.shape[1]
   tokens = jnp.concatenate([visible, jnp.broadcast_to(mask_token, (b, n - k, d))], axis=1)
-  return jnp.take_along_axis(tokens, restore_ids[:, :, None], axis=1)
+  return vit.take_rows(tokens, restore_ids)
 
 
 def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
@@ -79,7 +80,7 @@ class MAE(Method):
     m = config.model
     self.decoder = MAEDecoder(self.num_patches, self.patch, c.decoder.width, c.decoder.depth,
                               c.decoder.heads, m.get("remat", False), m.get("attn_impl", "") or None,
-                              jnp.dtype(m.get("dtype", "float32")),
+                              m.get("attn_pad", -1), jnp.dtype(m.get("dtype", "float32")),
                               jnp.dtype(m.get("param_dtype", "float32")))
 
   def init(self, rng, images):

@@ -9,10 +9,14 @@ is the same.
 Compute runs in `dtype` (bfloat16 by default) with parameters kept in `param_dtype` (float32).
 LayerNorm statistics and the attention softmax are computed in float32 whatever `dtype` is.
 Attention goes through `jax.nn.dot_product_attention`, whose `implementation` ('xla', 'cudnn'
-or None for JAX's choice) comes from the config.
+or None for JAX's choice) comes from the config. cuDNN's fused attention rejects some sequence
+lengths (odd ones such as 197 in the backward pass), so with 'cudnn' the tokens are padded
+inside `attention` to a multiple of `attn_pad` (2 by default) and the padded keys masked out: the same function,
+checked against the plain path by tests/test_vit.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -120,6 +124,95 @@ def torch_default_uniform(fan_in: int) -> Callable:
 # ---------------------------------------------------------------------------------------------
 # Layers.
 
+def attention(q, k, v, bias=None, implementation=None, pad_multiple=0):
+  """softmax(q k^T / sqrt(d) + bias) v over [B, N, H, D] inputs.
+
+  With `pad_multiple` > 0, N is padded up to a multiple of it and the padded keys are masked
+  (`key_value_seq_lengths`); padded query rows attend to the real keys and are sliced off, so
+  the result and its gradients equal the unpadded attention. This lets cuDNN's fused kernel
+  run (forward and backward) on sequence lengths it rejects, such as 197.
+  """
+  n = q.shape[1]
+  padded = -(-n // pad_multiple) * pad_multiple if pad_multiple else n
+  if padded == n:
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+  widths = [(0, 0), (0, padded - n), (0, 0), (0, 0)]
+  q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+  if bias is not None:
+    bias = jnp.pad(bias, [(0, 0), (0, 0), (0, padded - n), (0, padded - n)])
+  lengths = jnp.full((q.shape[0],), n, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _take_rows(x, ids, _num_rows):
+  return jnp.take_along_axis(x, ids[..., None], axis=1)
+
+
+def _take_rows_fwd(x, ids, num_rows):
+  return _take_rows(x, ids, num_rows), ids
+
+
+def _take_rows_bwd(num_rows, ids, g):
+  # Each source row is picked at most once, so the gradient is a gather of g through the
+  # inverse index (rows never picked read an appended zero row), not a scatter-add.
+  b, k = ids.shape
+  inverse = jnp.full((b, num_rows), k, jnp.int32).at[jnp.arange(b)[:, None], ids].set(
+      jnp.arange(k, dtype=jnp.int32)[None])
+  g = jnp.concatenate([g, jnp.zeros((b, 1) + g.shape[2:], g.dtype)], axis=1)
+  return jnp.take_along_axis(g, inverse[..., None], axis=1), None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def take_rows(x: jax.Array, ids: jax.Array) -> jax.Array:
+  """x [B, L, D], ids [B, K] of DISTINCT indices per row -> x[b, ids[b]] [B, K, D].
+
+  Equal to `jnp.take_along_axis`, with a backward pass that gathers instead of scatter-adding
+  (the MAE keep and un-shuffle gathers, whose indices are a permutation or part of one).
+  """
+  return _take_rows(x, ids.astype(jnp.int32), x.shape[1])
+
+
+def attn_pad_multiple(attn_impl: Optional[str], attn_pad: int) -> int:
+  """`attn_pad` < 0 means automatic: cuDNN's fused attention trains only on even sequence
+  lengths, so pad to a multiple of 2 for cuDNN (197 -> 198), not at all otherwise."""
+  if attn_pad >= 0:
+    return attn_pad
+  return 2 if attn_impl == "cudnn" else 0
+
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@jax.custom_vjp
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """PyTorch's nn.GELU(): x * Phi(x) with the erf form, computed in float32.
+
+  A custom VJP keeps only x for the backward pass (Phi(x) + x phi(x) is recomputed there), so
+  the forward writes one tensor instead of the several that autodiff of the formula saves.
+  """
+  xf = x.astype(jnp.float32)
+  return (0.5 * xf * (1.0 + jax.lax.erf(xf * _SQRT_HALF))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+  return gelu_exact(x), x
+
+
+def _gelu_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(xf * _SQRT_HALF))
+  pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+  return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
+
 class Attention(nn.Module):
   """Multi-head self-attention. `qkv_bias`: 'qkv' (timm), 'qv' (BEiT/SimMIM) or 'none'."""
   num_heads: int
@@ -127,6 +220,7 @@ class Attention(nn.Module):
   kernel_init: Callable = xavier_uniform
   proj_init: Callable = xavier_uniform
   attn_impl: Optional[str] = None
+  attn_pad: int = -1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -148,7 +242,14 @@ class Attention(nn.Module):
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [b, n, h, hd]
     if bias is not None:
       bias = bias.astype(self.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attn_impl)
+    if self.is_mutable_collection("intermediates"):
+      # For the analyses (mim_jax.analysis): the attention maps [B, heads, N, N], computed
+      # only when a caller asks for intermediates, never in training.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d // h)
+      if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+      self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
+    out = attention(q, k, v, bias, self.attn_impl, attn_pad_multiple(self.attn_impl, self.attn_pad))
     out = out.reshape(b, n, d)
     return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.proj_init,
                     name="proj")(out)
@@ -166,7 +267,7 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=self.kernel_init, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # PyTorch nn.GELU default: exact erf form.
+    x = gelu_exact(x)  # PyTorch nn.GELU default: exact erf form.
     return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=self.fc2_init, name="fc2")(x)
 
@@ -186,6 +287,7 @@ class Block(nn.Module):
   init_style: str = "xavier"        # 'xavier' (MAE) or 'beit' (trunc-normal .02 + depth rescale)
   layer_id: int = 1           # 1-based, for the BEiT depth rescale of proj/fc2
   attn_impl: Optional[str] = None
+  attn_pad: int = -1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -206,8 +308,8 @@ class Block(nn.Module):
     else:
       kinit = rinit = xavier_uniform
     y = layer_norm("norm1", self.param_dtype)(x)
-    y = Attention(self.num_heads, self.qkv_bias, kinit, rinit, self.attn_impl, self.dtype,
-                  self.param_dtype, name="attn")(y, bias)
+    y = Attention(self.num_heads, self.qkv_bias, kinit, rinit, self.attn_impl, self.attn_pad,
+                  self.dtype, self.param_dtype, name="attn")(y, bias)
     if self.init_values is not None:
       y = y * self.param("gamma_1", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
     x = x + self._drop_path(y, deterministic).astype(x.dtype)
@@ -232,6 +334,7 @@ class Encoder(nn.Module):
   final_norm: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attn_pad: int = -1
 
   @nn.compact
   def __call__(self, x, bias=None, deterministic=True):
@@ -239,8 +342,10 @@ class Encoder(nn.Module):
     rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_ratio, self.qkv_bias, self.init_values, float(rates[i]),
-                    self.init_style, i + 1, self.attn_impl, self.dtype, self.param_dtype,
-                    name=f"block{i:02d}")(x, bias, deterministic)
+                    self.init_style, i + 1, self.attn_impl, self.attn_pad, self.dtype,
+                    self.param_dtype, name=f"block{i:02d}")(x, bias, deterministic)
+      # Every block's output, for per-layer probes and CKA (only when intermediates are asked).
+      self.sow("intermediates", "block_outputs", x)
     if self.final_norm:
       x = layer_norm("norm", self.param_dtype)(x)
     return x
@@ -289,6 +394,9 @@ class ViT(nn.Module):
   `__call__(images, mask=None, keep_ids=None)` returns all tokens [B, 1+L', D] after the final
   norm, cls first. `mask` [B, L] (1 = masked) swaps masked patch embeddings for a learnable
   mask token before the encoder (SimMIM); `keep_ids` [B, K] keeps only those patches (MAE).
+  Applied with `mutable=["intermediates"]` it also returns each block's output
+  (`encoder/block_outputs`, before the final norm) and attention maps
+  (`encoder/blockNN/attn/attention`, [B, heads, N, N]).
   """
   variant: str = "tiny"
   depth: int = 0                   # 0 = the variant's depth; >0 overrides it (small CPU runs)
@@ -303,6 +411,7 @@ class ViT(nn.Module):
   use_mask_token: bool = False
   remat: bool = False
   attn_impl: Optional[str] = None
+  attn_pad: int = -1                     # -1: 2 with cuDNN, none otherwise (see `attention`)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -349,7 +458,7 @@ class ViT(nn.Module):
       x = x + pe[:, 1:].astype(x.dtype)
       cls = cls + pe[:, :1].astype(x.dtype)
     if keep_ids is not None:
-      x = jnp.take_along_axis(x, keep_ids[:, :, None], axis=1)
+      x = take_rows(x, keep_ids)
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)), x], axis=1)
     bias = None
     if self.rel_pos_bias == "shared":
@@ -360,7 +469,7 @@ class ViT(nn.Module):
       raise ValueError(f"rel_pos_bias must be 'none' or 'shared', got {self.rel_pos_bias!r}")
     return Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, self.init_style,
                    self.remat, self.attn_impl, True, self.dtype, self.param_dtype,
-                   name="encoder")(x, bias, deterministic)
+                   self.attn_pad, name="encoder")(x, bias, deterministic)
 
 
 def pool(tokens: jax.Array, pooling: str) -> jax.Array:
@@ -387,6 +496,7 @@ def vit_from_config(model_cfg, image_size: int, **overrides) -> ViT:
       drop_path=model_cfg.get("drop_path", 0.0),
       remat=model_cfg.get("remat", False),
       attn_impl=model_cfg.get("attn_impl", "") or None,         # '' = JAX's choice
+      attn_pad=model_cfg.get("attn_pad", -1),
       dtype=jnp.dtype(model_cfg.get("dtype", "float32")),
       param_dtype=jnp.dtype(model_cfg.get("param_dtype", "float32")),
   )

@@ -1,0 +1,386 @@
+r"""Training speed on one GPU: mim_jax beside the PyTorch reference MAE, in one command.
+
+  python benchmarks/speed.py                      # every case below, one table
+  python benchmarks/speed.py --group base         # MAE ViT-B + SimMIM ViT-B + the torch MAE-B
+  python benchmarks/speed.py --group large        # MAE ViT-L, ViT-H/14, the torch MAE-L
+
+Each case runs in its own process (a clean device and its own peak-memory count) and prints
+a `RESULT {json}` line; the parent prints the table: method, model, batch, image size, dtype,
+images/s, step time, MFU, peak memory, and mim_jax / reference ratios. The mim_jax rows time
+the trainer's own jitted step (`mim_jax.train.build_state_and_step`: augmentation-free
+normalisation, loss, gradients, AdamW update, metrics) on device-resident random uint8
+images; the reference rows time benchmarks/torch_mae.py (eager and torch.compile).
+
+MFU = analytic model FLOPs per image (3 x the forward matmul FLOPs: patch embedding,
+attention projections, attention scores and values, MLPs, decoder; see `train_flops`) x
+images/s / the bf16 matmul rate measured in the same run (an 8192^3 product).
+
+`--max-batch` also runs each mim_jax case at the largest batch predicted to fit (from the
+compiled step's memory analysis at the base batch), `--profile DIR` writes a jax.profiler
+trace of the first mim_jax case and prints its kernel-time summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> (method, config preset, variant, patch)
+MODELS = {
+    "mae_b": ("mae", "imagenet", "base", 16),
+    "mae_l": ("mae", "imagenet_large", "large", 16),
+    "mae_h": ("mae", "imagenet_large", "huge", 14),
+    "simmim_b": ("simmim", "imagenet", "base", 16),
+}
+WIDTH_DEPTH = {"base": (768, 12), "large": (1024, 24), "huge": (1280, 32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic FLOPs.
+
+def vit_forward_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
+  """Matmul FLOPs of `depth` pre-norm blocks on `tokens` tokens (2 per multiply-add)."""
+  n, d = tokens, width
+  per_block = 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * mlp_ratio * d
+  return depth * per_block
+
+
+def train_flops(model: str, image_size: int = 224, mask_ratio: float = 0.75,
+                dec_width: int = 512, dec_depth: int = 8) -> float:
+  """Model FLOPs of one training image: 3 x forward (the backward pass is twice the forward)."""
+  method, _, variant, patch = MODELS[model]
+  width, depth = WIDTH_DEPTH[variant]
+  length = (image_size // patch) ** 2
+  pix = patch * patch * 3
+  embed = 2 * length * pix * width            # the patch embedding runs on every patch
+  if method == "mae":
+    keep = int(length * (1 - mask_ratio))
+    fwd = (embed + vit_forward_flops(keep + 1, width, depth)
+           + 2 * (keep + 1) * width * dec_width
+           + vit_forward_flops(length + 1, dec_width, dec_depth)
+           + 2 * (length + 1) * dec_width * pix)
+  else:  # simmim: the full sequence, then a 1x1 conv to patch*patch*3 per patch
+    fwd = embed + vit_forward_flops(length + 1, width, depth) + 2 * length * width * pix
+  return 3.0 * fwd
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (each run in its own process).
+
+def _result(row: dict) -> None:
+  print("RESULT " + json.dumps(row), flush=True)
+
+
+def worker_peak(_args) -> None:
+  """bf16 matmul rate on this device: 8192^3 products on random data, 10 back to back per
+  timing (so host dispatch overlaps the device), median of 10 timings."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  n = 8192
+  ka, kb = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+  b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+  f = jax.jit(lambda a, b: a @ b)
+  for _ in range(30):                        # warm up (and let the clocks rise)
+    out = f(a, b)
+  out.block_until_ready()
+  times = []
+  for _ in range(10):
+    t = time.perf_counter()
+    outs = [f(a, b) for _ in range(10)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t) / 10)
+  _result({"kind": "peak", "tflops": 2 * n**3 / float(np.median(times)) / 1e12,
+           "device": jax.devices()[0].device_kind, "jax": jax.__version__})
+
+
+def load_config(method: str, preset: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"cfg_{method}", ROOT / "configs" / f"{method}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(preset)
+
+
+def case_config(case: dict):
+  method, preset, variant, patch = MODELS[case["model"]]
+  c = load_config(method, preset)
+  c.model.variant = variant
+  c.model.patch_size = patch
+  c.input.batch_size = case["batch"]
+  c.input.image_size = case.get("image_size", 224)
+  c.model.dtype = case.get("dtype", "bfloat16")
+  c.model.attn_impl = case.get("attn", "cudnn")
+  c.model.attn_pad = int(case.get("attn_pad", -1))
+  c.model.remat = bool(case.get("remat", False))
+  c.optim.grad_accum = int(case.get("grad_accum", 1))
+  return c
+
+
+def worker_jax(args) -> None:
+  import jax
+  import numpy as np
+  from mim_jax import methods, optim, sharding, train
+  case = json.loads(args.case)
+  config = case_config(case)
+  batch = config.input.batch_size
+  size = config.input.image_size
+  jax.config.update("jax_threefry_partitionable", True)
+  method = methods.get(config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  schedule = optim.make_schedule(config.optim, batch, 1000, 100_000)
+  t0 = time.perf_counter()
+  state, _, batch_sh, step = train.build_state_and_step(config, method, mesh, schedule,
+                                                        on_device_aug=False)
+  rng = np.random.default_rng(0)
+  batches = [jax.device_put({"image": rng.integers(0, 256, (batch, size, size, 3), np.uint8)},
+                            batch_sh) for _ in range(2)]
+  compiled = step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  for i in range(3):
+    state, metrics = compiled(state, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  if args.profile:
+    if args.dump:
+      pathlib.Path(args.dump).write_text(compiled.as_text())
+    with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+      for i in range(5):
+        state, metrics = compiled(state, batches[i % 2])
+      jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(args.repeats):
+    t = time.perf_counter()
+    for i in range(args.steps):
+      state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - t) / args.steps)
+  step_s = float(np.median(times))
+  stats = jax.devices()[0].memory_stats() or {}
+  row = {"kind": "jax", "impl": "mim_jax", **case, "case": case, "step_s": step_s, "img_s": batch / step_s,
+         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+         "limit_gib": stats.get("bytes_limit", 0) / 2**30, "compile_s": compile_s,
+         "loss": float(metrics["loss"]), "spread": (max(times) - min(times)) / step_s}
+  if mem is not None:
+    row.update(temp_gib=mem.temp_size_in_bytes / 2**30, arg_gib=mem.argument_size_in_bytes / 2**30)
+  _result(row)
+
+
+def worker_torch(args) -> None:
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import torch_mae
+  case = json.loads(args.case)
+  row = torch_mae.run(case["variant"], case["batch"], case["compile"], args.steps, args.repeats)
+  _result({"kind": "torch", **case, **row})
+
+
+def worker_attention(_args) -> None:
+  """Which sequence lengths cuDNN's fused attention takes, forward and backward."""
+  import jax
+  import jax.numpy as jnp
+  from mim_jax.models import vit
+  for n in (50, 64, 197, 256):
+    for hd, h in ((64, 12), (32, 16)):
+      q = jax.random.normal(jax.random.PRNGKey(0), (8, n, h, hd), jnp.bfloat16)
+      for pad in (0, 64):
+        f = lambda q: vit.attention(q, q, q, None, "cudnn", pad).astype(jnp.float32).sum()  # noqa
+        try:
+          jax.block_until_ready(jax.jit(jax.grad(f))(q))
+          ok = "ok"
+        except Exception as e:  # pylint: disable=broad-except
+          ok = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        _result({"kind": "attention", "n": n, "head_dim": hd, "pad": pad, "cudnn_fwd_bwd": ok})
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile summary.
+
+def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "") -> None:
+  """Prints device time per kernel name (and per kind) from the perfetto trace."""
+  import gzip
+  from collections import defaultdict
+  paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz")) + sorted(
+      pathlib.Path(profile_dir).rglob("perfetto_trace.json.gz"))
+  if not paths:
+    print(f"no trace under {profile_dir}")
+    return
+  with gzip.open(paths[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  pids = {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      pids[e["pid"]] = e["args"]["name"]
+  gpu_pids = {p for p, name in pids.items() if "/device:GPU" in name or "GPU" in name}
+  by_name, by_kind = defaultdict(float), defaultdict(float)
+  total = 0.0
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+      continue
+    name, dur = e.get("name", "?"), float(e.get("dur", 0))
+    by_name[name] += dur
+    low = name.lower()
+    kind = ("attention" if any(w in low for w in ("fmha", "flash", "cudnn", "attn", "sdpa"))
+            else "matmul" if any(w in low for w in ("gemm", "xmma", "cutlass", "nvjet", "dot",
+                                                     "matmul", "cublas"))
+            else "other kernels (fusions, copies, reductions)")
+    by_kind[kind] += dur
+    total += dur
+  print(f"profile {paths[-1]}: {total / 1e3:.1f} ms of device time over 5 steps")
+  for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+    print(f"  {k:22s} {v / 1e3:9.1f} ms  {100 * v / max(total, 1):5.1f}%")
+  for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
+    print(f"  {100 * v / max(total, 1):5.1f}%  {v / 5e3:8.2f} ms/step  {k[:110]}")
+  if out_json:
+    pathlib.Path(out_json).write_text(json.dumps(
+        {"total_us": total, "by_kind": by_kind, "by_name": by_name}, indent=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: runs the cases, prints the table.
+
+def spawn(worker: str, case: dict | None, args, extra: list[str] | None = None) -> list[dict]:
+  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", worker,
+         "--steps", str(args.steps), "--repeats", str(args.repeats)]
+  if case is not None:
+    cmd += ["--case", json.dumps(case)]
+  cmd += extra or []
+  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
+      "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94"))
+  t = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+  rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  other = [line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")]
+  if other:
+    print("\n".join(other), flush=True)
+  if proc.returncode or not rows:
+    err = (proc.stderr.strip().splitlines() or ["?"])
+    oom = any("RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower() for l in err)
+    msg = "out of memory" if oom else err[-1][:200]
+    print(f"  {worker} {case}: failed ({msg})", flush=True)
+    if not oom and os.environ.get("BENCH_VERBOSE"):
+      print(proc.stderr[-3000:])
+    return [{"kind": worker, **(case or {}), "error": msg}]
+  for r in rows:
+    r["wall_s"] = time.perf_counter() - t
+    print("  " + json.dumps(r), flush=True)
+  return rows
+
+
+GROUPS = {
+    "base": dict(jax=[("mae_b", 256), ("simmim_b", 256)], torch=[("base", 256)]),
+    "large": dict(jax=[("mae_l", 256), ("mae_h", 256)], torch=[("large", 256)]),
+    "mae": dict(jax=[("mae_b", 256), ("mae_l", 256)], torch=[("large", 256)]),
+}
+
+
+def table(rows: list[dict], peak: float) -> str:
+  head = ("| impl | method | model | batch | image | dtype | attention | remat | images/s | step ms "
+          "| MFU | peak GiB | max batch (pred.) | vs torch eager | vs torch.compile |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  ref = {}
+  for r in rows:
+    if r.get("kind") == "torch" and "img_s" in r:
+      ref[(r["variant"], r["batch"], r["compile"])] = r["img_s"]
+  for r in rows:
+    if r.get("kind") not in ("jax", "torch"):
+      continue
+    if r["kind"] == "jax":
+      method, _, variant, patch = MODELS[r["model"]]
+      impl, dtype, remat = "mim_jax", r.get("dtype", "bfloat16"), r.get("remat", False)
+      attn = r.get("attn", "cudnn")
+      if r.get("attn_pad", -1) >= 0:
+        attn += f" (pad {r['attn_pad']})"
+      model_name = r["model"]
+    else:
+      method, variant, patch = "mae", r["variant"], 16 if r["variant"] != "huge" else 14
+      impl, dtype, attn, remat = r["impl"], "bf16 autocast", "SDPA", False
+      model_name = {"base": "mae_b", "large": "mae_l", "huge": "mae_h"}[variant]
+    model = f"ViT-{variant[0].upper()}/{patch}"
+    if "img_s" not in r:
+      lines.append(f"| {impl} | {method} | {model} | {r.get('batch')} | 224 | {dtype} | {attn} | "
+                   f"{remat} | {r.get('error', 'failed')} | | | | | | |")
+      continue
+    mfu = train_flops(model_name) * r["img_s"] / (peak * 1e12) if peak else float("nan")
+    ratios = []
+    for compiled in (False, True):
+      base = ref.get((variant, r["batch"], compiled))
+      ratios.append(f"{r['img_s'] / base:.2f}x" if base and r["kind"] == "jax" and method == "mae" else "")
+    lines.append(f"| {impl} | {method} | {model} | {r['batch']} | 224 | {dtype} | {attn} | {remat} | "
+                 f"{r['img_s']:,.0f} | {1e3 * r['step_s']:.1f} | {100 * mfu:.1f}% | "
+                 f"{r['peak_gib']:.1f} | {r.get('max_batch_pred', '')} | {ratios[0]} | {ratios[1]} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--group", default="all", choices=["all", *GROUPS])
+  ap.add_argument("--attn", default="cudnn", help="comma list of attention impls for mim_jax")
+  ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (eager only)")
+  ap.add_argument("--max-batch", action="store_true")
+  ap.add_argument("--probe-attention", action="store_true")
+  ap.add_argument("--profile", default="", help="trace the first mim_jax case into this folder")
+  ap.add_argument("--dump", default="", help="with --profile: write the compiled HLO here "
+                  "and the kernel summary beside it (.json)")
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--json", default="")
+  ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--case", default="", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.worker:
+    {"peak": worker_peak, "jax": worker_jax, "torch": worker_torch,
+     "attention": worker_attention}[args.worker](args)
+    return
+
+  print(f"# benchmarks/speed.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M')})", flush=True)
+  rows = spawn("peak", None, args)
+  peak = rows[0].get("tflops", 0.0)
+  print(f"# device {rows[0].get('device')}, jax {rows[0].get('jax')}: bf16 matmul {peak:.0f} TFLOP/s")
+  if args.probe_attention:
+    rows += spawn("attention", None, args)
+  groups = list(GROUPS) if args.group == "all" else [args.group]
+  profiled = False
+  for g in groups:
+    for model, batch in GROUPS[g]["jax"]:
+      for attn in args.attn.split(","):
+        case = {"model": model, "batch": batch, "attn": attn, "remat": model == "mae_h"}
+        extra = []
+        if args.profile and not profiled:
+          extra, profiled = ["--profile", args.profile, "--dump", args.dump], True
+        got = spawn("jax", case, args, extra)
+        if "error" in got[0] and attn == "cudnn" and "memory" not in got[0]["error"]:
+          # Fall back to padding the attention to a multiple of 64 (known to train on cuDNN).
+          got = spawn("jax", {**case, "attn_pad": 64}, args)
+        rows += got
+        if extra:
+          summarize_trace(args.profile, 40, args.dump + ".json" if args.dump else "")
+        r = got[0]
+        if "temp_gib" in r:
+          # Activations grow with the batch, the state does not: the largest batch predicted
+          # to fit in the memory JAX may use, rounded down to a multiple of 64.
+          per_image = r["temp_gib"] / r["batch"]
+          r["max_batch_pred"] = int((r["limit_gib"] - r["arg_gib"] - 1.0) / per_image) // 64 * 64
+          if args.max_batch and r["max_batch_pred"] > r["batch"]:
+            rows += spawn("jax", {**r["case"], "batch": r["max_batch_pred"]}, args)
+    if not args.no_torch:
+      for variant, batch in GROUPS[g]["torch"]:
+        for compiled in ([False] if args.no_compile else [False, True]):
+          rows += spawn("torch", {"variant": variant, "batch": batch, "compile": compiled}, args)
+  print()
+  print(table(rows, peak))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps({"peak_tflops": peak, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+  main()

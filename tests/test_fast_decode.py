@@ -1,0 +1,226 @@
+"""Tests of the fused decode + RandomResizedCrop + flip (``input.fast_decode``) streaming path."""
+from __future__ import annotations
+
+import io
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from mim_jax.data import pipeline, sources
+
+SCALE = (0.2, 1.0)
+RATIO = (3 / 4, 4 / 3)
+
+
+def _photo(shared_cifar_dir, width: int, height: int, name: str = "cat/0001.jpg",
+           texture: bool = True) -> np.ndarray:
+  """A real CIFAR picture upscaled to width x height, with fine detail added (so that losing
+  resolution would show)."""
+  with Image.open(shared_cifar_dir / name) as im:
+    base = np.asarray(im.convert("RGB").resize((width, height), Image.Resampling.BICUBIC),
+                      np.float32)
+  if texture:
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = base + 30 * np.sin(xx * 0.1 + yy * 0.06)[..., None]
+  return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def _encode(image: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format=fmt, **kw)
+  return buf.getvalue()
+
+
+def _old_path(data: bytes, seed: int, size: int) -> np.ndarray:
+  """The full-decode path: DecodedSource's decode, then HostRandomResizedCropFlip."""
+  crop = pipeline.HostRandomResizedCropFlip(size, SCALE, RATIO, True)
+  element = {"image": sources.decode_image(data), "label": np.int32(0), "bad": np.int32(0)}
+  return crop.random_map(element, np.random.default_rng(seed))["image"]
+
+
+def _fast_path(data: bytes, seed: int, size: int) -> tuple[np.ndarray, int, int]:
+  return pipeline.decode_crop_flip(data, np.random.default_rng(seed), size, SCALE, RATIO, True)
+
+
+def test_reduction_for_box_exact_values():
+  r = pipeline.reduction_for_box
+  assert r((0, 0, 64, 64), 64) == 1
+  assert r((0, 0, 127.9, 900), 64) == 1
+  assert r((5, 7, 128, 128), 64) == 2
+  assert r((0, 0, 255.99, 300), 64) == 2
+  assert r((0, 0, 256, 256), 64) == 4
+  assert r((0, 0, 600, 511), 64) == 4
+  assert r((0, 0, 512, 512), 64) == 8
+  assert r((0, 0, 5000, 4000), 64) == 8
+  assert r((10, 20, 448, 500), 224) == 2
+  assert r((10, 20, 447.5, 1000), 224) == 1
+  assert r((0, 0, 375, 500), 224) == 1   # an ImageNet-sized full crop keeps full resolution
+
+
+def test_fast_decode_close_to_full_decode_with_reduction(shared_cifar_dir):
+  data = _encode(_photo(shared_cifar_dir, 900, 700), quality=90)
+  size, diffs, used = 64, [], set()
+  for seed in range(30):
+    fast, bad, factor = _fast_path(data, seed, size)
+    # The reduction is the one the box allows (the box comes from the first rng draws).
+    box = pipeline.sample_crop_box_np(np.random.default_rng(seed), 700, 900, SCALE, RATIO)
+    assert factor == pipeline.reduction_for_box(box, size) and factor >= 4
+    assert bad == 0 and fast.shape == (size, size, 3) and fast.dtype == np.uint8
+    diffs.append(np.abs(fast.astype(np.float64) - _old_path(data, seed, size)).mean())
+    used.add(factor)
+  # Same crop and flip, decoded at 1/4 or 1/8 scale: mean abs difference < 1.5 grey levels per
+  # image (measured 0.3 at 1/4 and 0.8 at 1/8 here; the box moved by one reduced pixel gives
+  # 7.6 or more). Texture much finer than this (a period of ~4 output pixels) differs by up to
+  # ~2.6 at 1/8: libjpeg's scaled IDCT filters differently from PIL's antialiased bicubic.
+  assert max(diffs) < 1.5, diffs
+  assert used == {4, 8}
+
+
+def test_fast_decode_equals_full_decode_without_reduction(shared_cifar_dir):
+  small = _encode(_photo(shared_cifar_dir, 300, 240), quality=90)   # box < 2 * 224
+  grey = _encode(_photo(shared_cifar_dir, 300, 240)[..., 0], quality=85)
+  png = _encode(_photo(shared_cifar_dir, 900, 700), "PNG")          # not a JPEG: full decode
+  for data, size in ((small, 224), (grey, 160), (png, 64)):
+    for seed in range(8):
+      fast, bad, factor = _fast_path(data, seed, size)
+      assert factor == 1 and bad == 0
+      np.testing.assert_array_equal(fast, _old_path(data, seed, size))
+
+
+def _folder(root, shared_cifar_dir, per_class: int = 6, size=(160, 120)):
+  for c, name in enumerate(("airplane", "cat", "ship")):
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+      image = _photo(shared_cifar_dir, *size, name=f"{name}/{i:04d}.jpg", texture=False)
+      (root / name / f"{i:04d}.jpg").write_bytes(_encode(image, quality=90))
+  return root
+
+
+def _cfg(root, *, batch_size, image_size, fast_decode=True, workers=0):
+  return ml_collections.ConfigDict(dict(
+      data=dict(name="image_folder", dir=str(root), holdout_per_class=0, holdout_seed=0,
+                in_memory=False, cache_dir=""),
+      batch_size=batch_size, image_size=image_size, workers=workers,
+      aug=dict(crop_scale=SCALE, crop_ratio=RATIO, hflip=True), fast_decode=fast_decode))
+
+
+def test_truncated_and_non_image_files(tmp_path, shared_cifar_dir):
+  root = _folder(tmp_path / "images", shared_cifar_dir, per_class=4)
+  full = _encode(_photo(shared_cifar_dir, 600, 450), quality=90)
+  (root / "cat" / "0100_truncated.jpg").write_bytes(full[:len(full) // 2])
+  (root / "cat" / "0101_notes.jpg").write_bytes(b"this is not an image at all" * 4)
+  src = sources.image_folder_source(dict(name="image_folder", dir=str(root)), "train")
+  index = {src.path(i).rsplit("/", 1)[-1]: i for i in range(len(src))}
+  checked = pipeline.HeaderCheckedSource(src)
+  # The source keeps the truncated file (its header parses) ...
+  trunc = checked[index["0100_truncated.jpg"]]
+  assert trunc["bad"] == 0 and trunc["image_bytes"] == full[:len(full) // 2]
+  # ... and replaces the non-image by the next record, counting it, as DecodedSource does.
+  notes = checked[index["0101_notes.jpg"]]
+  nxt = (index["0101_notes.jpg"] + 1) % len(src)
+  assert notes["bad"] == 1 and notes["image_bytes"] == src[nxt]["image_bytes"]
+  assert pipeline.DecodedSource(src)[index["0101_notes.jpg"]]["bad"] == 1
+  # The transform decodes the truncated body with truncated images allowed, marking it bad.
+  crop = pipeline.HostDecodeRandomResizedCropFlip(32, SCALE, RATIO, True)
+  out = crop.random_map(trunc, np.random.default_rng(0))
+  assert out["bad"] == 1 and out["image"].shape == (32, 32, 3) and set(out) == {
+      "image", "label", "bad"}
+  assert ImageFile.LOAD_TRUNCATED_IMAGES is False   # restored
+  ok = crop.random_map(checked[0], np.random.default_rng(0))
+  assert ok["bad"] == 0
+  # A full epoch through the loader: two bad records, no crash.
+  loader = pipeline.make_train_loader(_cfg(root, batch_size=len(src), image_size=32), seed=0,
+                                      process_index=0, process_count=1)
+  batch = next(loader)
+  assert batch["image"].shape == (len(src), 32, 32, 3) and int(batch["bad"].sum()) == 2
+
+
+def test_undecodable_body_gives_grey(shared_cifar_dir, monkeypatch):
+  data = _encode(_photo(shared_cifar_dir, 300, 240))
+
+  def fail(*args, **kwargs):
+    raise OSError("broken")
+
+  monkeypatch.setattr(pipeline, "_crop_opened", fail)
+  out, bad, factor = _fast_path(data, 0, 48)
+  assert bad == 1 and factor == 1
+  np.testing.assert_array_equal(out, np.full((48, 48, 3), 128, np.uint8))
+  assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+  out, bad, _ = _fast_path(b"not an image", 0, 48)
+  assert bad == 1 and (out == 128).all()
+
+
+def _take(loader, n):
+  return [next(loader) for _ in range(n)]
+
+
+def _same(a, b):
+  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in ("image", "label", "bad"))
+
+
+def test_fast_loader_batches_and_state(tmp_path, shared_cifar_dir):
+  root = _folder(tmp_path / "images", shared_cifar_dir)
+  cfg = _cfg(root, batch_size=6, image_size=32)
+  loader = pipeline.make_train_loader(cfg, seed=1, process_index=0, process_count=1)
+  assert not loader.on_device_aug and loader.image_shape == (32, 32, 3)
+  first = _take(loader, 2)
+  for b in first:
+    assert b["image"].shape == (6, 32, 32, 3) and b["image"].dtype == np.uint8
+    assert b["label"].dtype == np.int32 and b["bad"].dtype == np.int32 and not b["bad"].any()
+  state = loader.get_state()
+  expect = _take(loader, 3)
+  fresh = pipeline.make_train_loader(cfg, seed=1, process_index=0, process_count=1)
+  fresh.set_state(state)
+  assert _same(_take(fresh, 3), expect)
+  # 160x120 files, 32-px crops: some boxes allow 1/2 scale, so the fast loader differs from
+  # the full-decode one, but not by much.
+  full = pipeline.make_train_loader(_cfg(root, batch_size=6, image_size=32, fast_decode=False),
+                                    seed=1, process_index=0, process_count=1)
+  both = _take(full, 2)
+  assert all(np.array_equal(x["label"], y["label"]) for x, y in zip(first, both))
+  diff = np.mean([np.abs(x["image"].astype(np.float64) - y["image"]).mean()
+                  for x, y in zip(first, both)])
+  assert diff < 3.0
+
+
+def test_fast_loader_equals_full_loader_on_small_images(shared_cifar_dir, tmp_path):
+  """32x32 files and 16-px crops: no reduction is possible, so the batches are identical."""
+  root = tmp_path / "images"
+  for name in ("airplane", "cat"):
+    (root / name).mkdir(parents=True)
+    for i in range(8):
+      (root / name / f"{i:04d}.jpg").write_bytes(
+          (shared_cifar_dir / name / f"{i:04d}.jpg").read_bytes())
+  (root / "cat" / "0999_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 3)
+  batches = {}
+  for fast in (True, False):
+    loader = pipeline.make_train_loader(_cfg(root, batch_size=17, image_size=16, fast_decode=fast),
+                                        seed=0, process_index=0, process_count=1)
+    batches[fast] = _take(loader, 2)
+  assert _same(batches[True], batches[False])
+  assert int(batches[True][0]["bad"].sum()) == 1
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_non_rgb_jpegs(shared_cifar_dir, mode):
+  image = Image.fromarray(_photo(shared_cifar_dir, 900, 700)).convert(mode)
+  buf = io.BytesIO()
+  image.save(buf, format="JPEG", quality=90)
+  out, bad, factor = _fast_path(buf.getvalue(), 3, 64)
+  assert out.shape == (64, 64, 3) and bad == 0 and factor > 1
+  assert np.abs(out.astype(np.float64) - _old_path(buf.getvalue(), 3, 64)).mean() < 1.5
+
+
+def test_decoded_records_cropped_like_before():
+  """Sources that yield decoded arrays (TFDS with decode=True) are cropped as before."""
+  images = np.random.default_rng(0).integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+  src = [{"image": images[i], "label": i} for i in range(3)]
+  fast = pipeline.HostDecodeRandomResizedCropFlip(24, SCALE, RATIO, True)
+  old = pipeline.HostRandomResizedCropFlip(24, SCALE, RATIO, True)
+  for i in range(3):
+    a = fast.random_map(pipeline.HeaderCheckedSource(src)[i], np.random.default_rng(i))
+    b = old.random_map(pipeline.DecodedSource(src)[i], np.random.default_rng(i))
+    assert set(a) == {"image", "label", "bad"} and a["bad"] == 0 and a["label"] == i
+    np.testing.assert_array_equal(a["image"], b["image"])

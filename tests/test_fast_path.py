@@ -1,0 +1,103 @@
+"""The GPU fast path computes the same function as the plain one (issue: speed on one GPU).
+
+The fast path is what the H100 benchmark runs: attention padded to an even length with the
+padded keys masked (so cuDNN's fused kernel accepts 197 tokens), gathers whose backward pass is
+a gather (`vit.take_rows`) and an exact GELU whose backward recomputes from x
+(`vit.gelu_exact`). On CPU the padded attention runs through XLA; everything else is the code
+the GPU runs. Each piece and the whole MAE / SimMIM loss and gradients are checked against the
+plain formulation (`jnp.take_along_axis`, `nn.gelu`, no padding).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mim_jax import masking, methods
+from mim_jax.models import vit
+from tests.helpers import tiny_config
+
+
+def _max_diff(a, b):
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("pad", [2, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_padded_attention_equals_plain(pad, with_bias):
+  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  q, k, v = (jax.random.normal(x, (2, 13, 3, 8)) for x in ks[:3])   # 13 tokens: odd
+  bias = jax.random.normal(ks[3], (1, 3, 13, 13)) if with_bias else None
+  w = jax.random.normal(ks[4], (2, 13, 3, 8))
+
+  def f(q, k, v, bias, pad):
+    return jnp.sum(vit.attention(q, k, v, bias, "xla", pad) * w)
+
+  argnums = (0, 1, 2, 3) if with_bias else (0, 1, 2)
+  np.testing.assert_allclose(f(q, k, v, bias, pad), f(q, k, v, bias, 0), rtol=1e-6)
+  g_pad = jax.grad(f, argnums)(q, k, v, bias, pad)
+  g_plain = jax.grad(f, argnums)(q, k, v, bias, 0)
+  assert _max_diff(g_pad, g_plain) < 1e-5
+
+
+def test_auto_padding_is_even_for_cudnn_only():
+  assert vit.attn_pad_multiple("cudnn", -1) == 2
+  assert vit.attn_pad_multiple("xla", -1) == 0
+  assert vit.attn_pad_multiple(None, -1) == 0
+  assert vit.attn_pad_multiple("xla", 64) == 64
+
+
+def test_take_rows_equals_take_along_axis_with_gradients():
+  sm = masking.random_shuffle_mask(jax.random.PRNGKey(1), 3, 16, 0.75)
+  x = jax.random.normal(jax.random.PRNGKey(2), (3, 16, 5))
+  for ids in (sm.keep_ids, sm.restore_ids):        # part of a permutation, a whole one
+    w = jax.random.normal(jax.random.PRNGKey(3), ids.shape + (5,))
+    fast = lambda x: jnp.sum(vit.take_rows(x, ids) * w)                          # noqa: E731
+    plain = lambda x: jnp.sum(jnp.take_along_axis(x, ids[..., None], axis=1) * w)  # noqa: E731
+    assert float(fast(x)) == float(plain(x))
+    np.testing.assert_array_equal(jax.jit(jax.grad(fast))(x), jax.grad(plain)(x))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_exact_equals_flax_erf_gelu(dtype):
+  x = (jax.random.normal(jax.random.PRNGKey(0), (4096,)) * 3).astype(dtype)
+  g = jax.random.normal(jax.random.PRNGKey(1), (4096,)).astype(dtype)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  x32 = x.astype(jnp.float32)
+  np.testing.assert_allclose(vit.gelu_exact(x).astype(jnp.float32),
+                             nn.gelu(x32, approximate=False), atol=tol, rtol=tol)
+  fast = jax.vjp(vit.gelu_exact, x)[1](g)[0].astype(jnp.float32)
+  plain = jax.vjp(lambda t: nn.gelu(t, approximate=False), x32)[1](g.astype(jnp.float32))[0]
+  np.testing.assert_allclose(fast, plain, atol=tol, rtol=tol)
+
+
+def _loss_and_grads(config, images):
+  method = methods.get(config)
+  params = method.init(jax.random.PRNGKey(0), images)
+  state = method.init_state(params)
+
+  def loss(p):
+    return method.loss(p, state, images, jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))[0]
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_fast_step_equals_plain_step(method, monkeypatch):
+  overrides = {"model.attn_impl": "xla", "model.attn_pad": 2}
+  if method == "simmim":   # relative position bias and 65 tokens: the padded-bias path
+    overrides.update({"model.pos_embed": "none", "model.rel_pos_bias": "shared"})
+  config = tiny_config(method, **overrides)
+  images = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
+  n_tokens = (32 // config.model.patch_size) ** 2 + 1
+  assert n_tokens % 2 == 1                         # so the padding really happens
+  fast_loss, fast_grads = _loss_and_grads(config, images)
+
+  monkeypatch.setattr(vit, "take_rows", lambda x, ids: jnp.take_along_axis(x, ids[..., None], axis=1))
+  monkeypatch.setattr(vit, "gelu_exact", lambda x: nn.gelu(x, approximate=False))
+  config.model.attn_pad = 0
+  plain_loss, plain_grads = _loss_and_grads(config, images)
+
+  np.testing.assert_allclose(fast_loss, plain_loss, rtol=1e-6)
+  assert _max_diff(fast_grads, plain_grads) < 1e-5
+  assert jax.tree.structure(fast_grads) == jax.tree.structure(plain_grads)
