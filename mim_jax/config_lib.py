@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
       drop_path=0.0,
       remat=False,
       attn_impl="",                 # '' = JAX's choice, 'xla', 'cudnn'
+      attn_pad=-1,                  # pad tokens in attention to a multiple; -1: 2 for cudnn
       dtype="float32",              # compute dtype: 'bfloat16' on accelerators
       param_dtype="float32",
   ))

@@ -76,7 +76,9 @@ def total_and_epoch_steps(config, steps_per_epoch: int) -> int:
 def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_accum: int):
   """The pure step (state, batch) -> (state, metrics); the trainer jits it with shardings."""
 
-  def loss_fn(params, mstate, images, rng, step):
+  def loss_fn(params, mstate, images, labels, rng, step):
+    if getattr(method, "uses_labels", False):
+      return method.loss(params, mstate, images, rng, step, labels=labels)
     return method.loss(params, mstate, images, rng, step)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -87,22 +89,26 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
     aug_rng, loss_rng = jax.random.split(rng)
     images = preprocess(aug_rng, batch["image"], input_cfg, on_device_aug)
     params, mstate = state["params"], state["method_state"]
+    labels = batch.get("label")
+    if labels is None:
+      labels = jnp.zeros((images.shape[0],), jnp.int32)
     if grad_accum == 1:
-      (loss, aux), grads = grad_fn(params, mstate, images, loss_rng, step)
+      (loss, aux), grads = grad_fn(params, mstate, images, labels, loss_rng, step)
     else:
       b = images.shape[0]
       if b % grad_accum:
         raise TrainingError(f"batch {b} is not divisible by config.optim.grad_accum={grad_accum}")
       micro = images.reshape((grad_accum, b // grad_accum) + images.shape[1:])
+      micro_labels = labels.reshape((grad_accum, b // grad_accum))
 
-      def body(carry, i_x):
-        i, x = i_x
-        (l, a), g = grad_fn(params, mstate, x, jax.random.fold_in(loss_rng, i), step)
+      def body(carry, i_x_y):
+        i, x, y = i_x_y
+        (l, a), g = grad_fn(params, mstate, x, y, jax.random.fold_in(loss_rng, i), step)
         return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-      (l0, a0), g0 = jax.eval_shape(grad_fn, params, mstate, micro[0], loss_rng, step)
+      (l0, a0), g0 = jax.eval_shape(grad_fn, params, mstate, micro[0], micro_labels[0], loss_rng, step)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
-      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro, micro_labels))
       loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
@@ -115,6 +121,52 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
     return new, metrics
 
   return step_fn
+
+
+def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool):
+  """The initial train state on `mesh`, its shardings, the batch sharding and the jitted step
+  (shared by `Trainer.create` and benchmarks/speed.py, so the benchmark times this step)."""
+  size = config.input.image_size
+  dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+  prng, srng = jax.random.split(jax.random.PRNGKey(config.seed))
+  # The weight-decay mask depends only on the parameters' structure, so one optimiser built
+  # from their shapes serves both the initial state and the step.
+  tx = optim.make_optimizer(config.optim, schedule,
+                            method.decay_mask(jax.eval_shape(method.init, prng, dummy)))
+
+  def init_fn(prng, srng):
+    params = method.init(prng, dummy)
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                method_state=method.init_state(params), rng=srng)
+
+  shapes = jax.eval_shape(init_fn, prng, srng)
+  state_sh = sharding.tree_shardings(mesh, shapes, config.sharding_rules)
+  state = jax.jit(init_fn, out_shardings=state_sh)(prng, srng)
+  step_fn = make_train_step(method, tx, schedule, config.input, on_device_aug,
+                            int(config.optim.get("grad_accum", 1)))
+  batch_sh = sharding.batch_sharding(mesh)
+  metrics_sh = sharding.replicated(mesh)
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
+                   donate_argnums=(0,))
+  return state, state_sh, batch_sh, jitted
+
+
+def load_run_config(workdir: str, overrides: Optional[dict] = None) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its config.json), with `overrides`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise TrainingError(f"{path} not found: point at a workdir written by mim_jax.main")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for key, value in (overrides or {}).items():
+    node = config
+    *parents, last = key.split(".")
+    for name in parents:
+      node = node[name]
+    if last not in node:
+      raise TrainingError(f"unknown config key {key!r} in the overrides")
+    node[last] = value
+  return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,31 +200,25 @@ class Trainer:
     spe = pipeline.steps_per_epoch(config.input)
     total = total_and_epoch_steps(config, spe)
     schedule = optim.make_schedule(config.optim, config.input.batch_size, spe, total)
-    size = config.input.image_size
-    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
-
-    prng, srng = jax.random.split(jax.random.PRNGKey(config.seed))
-    # The weight-decay mask depends only on the parameters' structure, so one optimiser built
-    # from their shapes serves both the initial state and the step.
-    tx = optim.make_optimizer(config.optim, schedule,
-                              method.decay_mask(jax.eval_shape(method.init, prng, dummy)))
-
-    def init_fn(prng, srng):
-      params = method.init(prng, dummy)
-      return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                  method_state=method.init_state(params), rng=srng)
-
-    shapes = jax.eval_shape(init_fn, prng, srng)
-    state_sh = sharding.tree_shardings(mesh, shapes, config.sharding_rules)
-    state = jax.jit(init_fn, out_shardings=state_sh)(prng, srng)
-    step_fn = make_train_step(method, tx, schedule, config.input, on_device_aug,
-                              int(config.optim.get("grad_accum", 1)))
-    batch_sh = sharding.batch_sharding(mesh)
-    metrics_sh = sharding.replicated(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
-                     donate_argnums=(0,))
+    state, state_sh, batch_sh, jitted = build_state_and_step(config, method, mesh, schedule,
+                                                             on_device_aug)
     return cls(config, method, mesh, loader, state, state_sh, batch_sh, jitted, total, spe,
                on_device_aug)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, *, step: Optional[int] = None, overrides: Optional[dict] = None,
+                   devices=None) -> "Trainer":
+    """The run saved in `workdir`: its config.json (with dotted-key `overrides`, e.g.
+    {'input.batch_size': 64}), restored from checkpoint `step` (default: the latest)."""
+    config = load_run_config(workdir, overrides)
+    tr = cls.create(config, devices=devices)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_ckpts)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise TrainingError(f"no checkpoint in {ckpt.directory}: train first (or point at a trained run)")
+    tr.restore(ckpt, step, with_data=False)
+    ckpt.close()
+    return tr
 
   def restore(self, ckpt: checkpointing.Checkpointer, step: int, with_data: bool = True) -> None:
     """Loads checkpoint `step` into this trainer's shardings (any mesh), and the data
@@ -217,6 +263,36 @@ class Trainer:
     def encode(images):
       return run_padded(lambda x: feat_fn(params, mstate, x), images)
 
+    def jit_eval(fn):
+      return jax.jit(fn, in_shardings=(self.state_shardings["params"], self.state_shardings["method_state"],
+                                       self.batch_sharding), out_shardings=rep)
+
+    layer_fns, token_fn, loss_fns = {}, [], {}
+
+    def encode_layers(images, pooling):
+      if pooling not in layer_fns:
+        layer_fns[pooling] = jit_eval(lambda p, s, x: method.layer_features(
+            p, s, preprocess(None, x, cfg.input, False, train=False), pooling))
+      return run_padded(lambda x: layer_fns[pooling](params, mstate, x), images)
+
+    def encode_tokens(images):
+      if not token_fn:
+        token_fn.append(jit_eval(lambda p, s, x: method.token_features(
+            p, s, preprocess(None, x, cfg.input, False, train=False))))
+      return run_padded(lambda x: token_fn[0](params, mstate, x), images)
+
+    def loss(images, seed):
+      """The training loss (same masking rule, its own seed) of each image, no augmentation:
+      [B] float; for held-out vs training loss (data-scaling analysis)."""
+      if seed not in loss_fns:
+        def per_image(p, s, x):
+          x = preprocess(None, x, cfg.input, False, train=False)
+          rngs = jax.random.split(jax.random.PRNGKey(seed), x.shape[0])
+          one = lambda xi, r: method.loss(p, s, xi[None], r, self.state["step"])[0]  # noqa: E731
+          return jax.lax.map(lambda xr: one(*xr), (x, rngs), batch_size=64)
+        loss_fns[seed] = jit_eval(per_image)
+      return run_padded(lambda x: loss_fns[seed](params, mstate, x), images)
+
     reconstruct = None
     if type(method).reconstruct is not methods.base.Method.reconstruct:
       rec_fn = jax.jit(lambda p, s, x, r: method.reconstruct(p, s, preprocess(None, x, cfg.input, False, False), r),
@@ -233,7 +309,8 @@ class Trainer:
         encode=encode,
         batches=lambda split, bs, limit=None: pipeline.eval_batches(cfg.input, split, bs, limit),
         num_classes=pipeline.num_classes(cfg.input),
-        reconstruct=reconstruct, workdir=workdir, step=step)
+        reconstruct=reconstruct, workdir=workdir, step=step, encode_layers=encode_layers,
+        encode_tokens=encode_tokens, loss=None if method.uses_labels else loss)
 
   def evaluate(self, workdir: str) -> dict:
     from mim_jax import evaluators

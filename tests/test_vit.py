@@ -112,3 +112,29 @@ def test_unknown_variant_and_bad_pooling_errors():
     vit.variant("gigantic")
   with pytest.raises(ValueError, match="pooling"):
     vit.pool(jnp.zeros((1, 2, 3)), "max")
+
+
+def test_intermediates_give_attention_maps_and_block_outputs():
+  m = vit.ViT("mu", depth=2, patch_size=4, image_size=16, rel_pos_bias="shared", pos_embed="none")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  p = m.init(jax.random.PRNGKey(1), x)
+  out, inter = m.apply(p, x, mutable=["intermediates"])
+  np.testing.assert_array_equal(out, m.apply(p, x))          # asking changes nothing
+  enc = inter["intermediates"]["encoder"]
+  assert len(enc["block_outputs"]) == 2 and enc["block_outputs"][1].shape == (2, 17, 64)
+  att = enc["block00"]["attn"]["attention"][0]
+  assert att.shape == (2, 2, 17, 17)
+  np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_sown_attention_maps_are_the_ones_the_layer_applies():
+  a = vit.Attention(num_heads=2, qkv_bias="qkv")
+  y = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+  pa = a.init(jax.random.PRNGKey(1), y)
+  out, inter = a.apply(pa, y, mutable=["intermediates"])
+  probs = inter["intermediates"]["attention"][0]
+  w = pa["params"]
+  v = (y @ w["qkv_kernel"] + w["qkv_bias"])[..., 16:].reshape(2, 5, 2, 4)
+  o = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(2, 5, 8)
+  o = o @ w["proj"]["kernel"] + w["proj"]["bias"]
+  np.testing.assert_allclose(out, o, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,14 @@ Usage::
 
 or one at a time: ``evaluators.build(name, cfg).run(ctx)``.
 """
-from mim_jax.evaluators import knn, linear_probe, reconstruction  # noqa: F401  (register types)
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+# Every module of this package registers its evaluator types when imported: a new evaluator is
+# one new file here.
+for _mod in _pkgutil.iter_modules(__path__):
+  if _mod.name != "common":
+    _importlib.import_module(f"{__name__}.{_mod.name}")
 from mim_jax.evaluators.common import (
     EvalContext,
     Evaluator,

@@ -46,6 +46,12 @@ class EvalContext:
       methods without a pixel reconstruction.
     workdir: directory for files written by evaluators.
     step: training step the evaluation belongs to.
+    encode_layers: ``encode_layers(images_uint8, pooling)`` -> {name: [B, depth + 1, D]}: every
+      block's output pooled ('cls' | 'mean'), before the final norm, then the final-norm
+      output (the last entry equals ``encode``'s features for that pooling).
+    encode_tokens: ``encode_tokens(images_uint8)`` -> {name: [B, 1 + L, D]} final-norm tokens.
+    loss: ``loss(images_uint8, seed)`` -> [B] the method's training loss of each image (no
+      augmentation, masks drawn from ``seed``); None for methods without one.
     feature_cache: features extracted during this evaluation round, shared by
       evaluators (kNN and linear probe read the same frozen features); leave it
       at its default and build a fresh context for every round.
@@ -57,6 +63,9 @@ class EvalContext:
   workdir: str = "."
   step: int = 0
   feature_cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+  encode_layers: Optional[Callable[[np.ndarray, str], Mapping[str, np.ndarray]]] = None
+  encode_tokens: Optional[Callable[[np.ndarray], Mapping[str, np.ndarray]]] = None
+  loss: Optional[Callable[[np.ndarray, int], np.ndarray]] = None
 
 
 class Evaluator(abc.ABC):

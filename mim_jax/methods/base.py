@@ -35,6 +35,9 @@ class Method:
   """Base class; subclasses set `name` and implement `init`, `loss` (and `reconstruct`)."""
 
   name: str = "base"
+  # True for methods whose loss needs the batch's labels (fine-tuning): the trainer then calls
+  # loss(..., labels=int32 [B]).
+  uses_labels: bool = False
   # Parameter names (last path element) never decayed besides 1-D parameters.
   no_decay_names: tuple[str, ...] = ()
 
@@ -80,14 +83,34 @@ class Method:
 
   def features(self, params: PyTree, state: PyTree, images: jax.Array) -> dict[str, jax.Array]:
     """Pooled, frozen-encoder features of un-masked images, for kNN and the linear probe."""
-    out = {"online": self.encode(params["encoder"], images)}
-    if self.ema_decay is not None:
-      out["ema"] = self.encode(state["ema_encoder"], images)
-    return out
+    return {name: self.encode(p, images) for name, p in self._encoders(params, state).items()}
 
   def encode(self, encoder_params: PyTree, images: jax.Array) -> jax.Array:
     tokens = self.encoder.apply({"params": encoder_params}, images)
     return vit.pool(tokens, self.pooling).astype(jnp.float32)
+
+  def _encoders(self, params: PyTree, state: PyTree) -> dict[str, PyTree]:
+    out = {"online": params["encoder"]}
+    if self.ema_decay is not None:
+      out["ema"] = state["ema_encoder"]
+    return out
+
+  def layer_features(self, params: PyTree, state: PyTree, images: jax.Array,
+                     pooling: str) -> dict[str, jax.Array]:
+    """Every block's output pooled ('cls' | 'mean'), [B, depth + 1, D] per encoder: entry i < depth
+    is block i's output (before the final norm), the last entry the final-norm output that
+    `features` uses."""
+    out = {}
+    for name, p in self._encoders(params, state).items():
+      tokens, inter = self.encoder.apply({"params": p}, images, mutable=["intermediates"])
+      blocks = list(inter["intermediates"]["encoder"]["block_outputs"]) + [tokens]
+      out[name] = jnp.stack([vit.pool(t, pooling) for t in blocks], axis=1).astype(jnp.float32)
+    return out
+
+  def token_features(self, params: PyTree, state: PyTree, images: jax.Array) -> dict[str, jax.Array]:
+    """All final-norm tokens [B, 1 + L, D] per encoder (cls first), for attentive probes."""
+    return {name: self.encoder.apply({"params": p}, images).astype(jnp.float32)
+            for name, p in self._encoders(params, state).items()}
 
   def decay_mask(self, params: PyTree) -> PyTree:
     """True where weight decay applies: every parameter of 2 or more dims not named in
