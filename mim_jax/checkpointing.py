@@ -34,6 +34,11 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
   return out
 
 
+# How the model is computed, not what it is: a checkpoint resumes and evaluates across these
+# (a run started with XLA attention continues with cuDNN on a GPU; keys added later default).
+EXECUTION_KEYS = ("model.attn_impl", "model.attn_pad", "model.remat", "model.dtype")
+
+
 def _jsonable(x):
   return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
@@ -61,7 +66,8 @@ class Checkpointer:
   def check_meta(self, step: int, meta: dict) -> None:
     saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     want = _jsonable(meta)
-    diffs = _diff(saved.get("model", {}), want.get("model", {}))
+    diffs = [d for d in _diff(saved.get("model", {}), want.get("model", {}))
+             if d.split(":")[0] not in EXECUTION_KEYS]
     if diffs:
       raise CheckpointMismatchError(
           f"{self.directory} holds a checkpoint of a different model ({'; '.join(diffs[:3])}): "

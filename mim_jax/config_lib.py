@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
           holdout_seed=0,
           in_memory=True,           # decode once, augment on the device
           cache_dir="",
+          train_subset=0.0,         # 0 = all; (0, 1] = that fraction; a whole number > 1 = that many images
+          subset_seed=0,            # the nested subsets' permutation (data-scaling sweeps)
       ),
       batch_size=128,               # global batch of one optimiser step
       image_size=32,
@@ -78,22 +80,41 @@ def base_config() -> ml_collections.ConfigDict:
 
 def default_evals(*, knn_k=20, probe_epochs=90, probe_lr=0.1, probe_optimizer="lars", num_images=8,
                   pooling="cls"):
-  """kNN, linear probe and reconstruction picture.
+  """The evaluators of `config.evals`: kNN, linear probe and reconstruction picture on, more off.
 
   The probe follows MAE's linear-probe recipe (LARS, base lr 0.1 x batch/256, parameter-free
   BatchNorm on the features, 90 epochs). LARS's trust ratio moves the weights by ~1e-3 of
   their norm per step, which needs ImageNet's ~10^5 steps; CPU presets with a few hundred
   probe steps use SGD with momentum instead (probe_optimizer='sgd') and say so in the
   recorded protocol.
+
+  Disabled by default, with CPU-sized options (turn one on with e.g.
+  `--config.evals.few_shot.enabled=True`): few-shot ridge regression (1/5/10/25 shots x 5
+  seeds), the per-block kNN probe (PNG of accuracy against depth), the attentive probe (a
+  learned query cross-attending over the frozen tokens) and the held-out vs training loss.
   """
   return ml_collections.ConfigDict(dict(
       knn=dict(type="knn", enabled=True, k=knn_k, temperature=0.07, batch_size=256, pooling=pooling,
-               max_train=0, max_eval=0),   # 0 = the whole split
+               max_train=0, max_eval=0,   # 0 = the whole split
+               feature="final"),          # or 'block:N' (block N's output, pooled with `pooling`)
       linear=dict(type="linear_probe", enabled=True, optimizer=probe_optimizer, base_lr=probe_lr,
                   epochs=probe_epochs, max_train=0, max_eval=0,
                   batch_size=256, warmup_epochs=min(10, probe_epochs // 9), weight_decay=0.0,
                   pooling=pooling, seed=0),
       reconstruction=dict(type="reconstruction", enabled=True, num_images=num_images, seed=0),
+      few_shot=dict(type="few_shot", enabled=False, shots=(1, 5, 10, 25), seeds=5,
+                    val_per_class=5, batch_size=256, max_train=10_000, max_eval=0,
+                    feature="final", pooling=pooling),
+      layer_probe=dict(type="layer_probe", enabled=False, classifier="knn", k=knn_k,
+                       temperature=0.07, pooling=pooling, batch_size=256, max_train=5_000,
+                       max_eval=0,   # classifier='linear': the probe options below, per block
+                       optimizer=probe_optimizer, base_lr=probe_lr, epochs=probe_epochs,
+                       warmup_epochs=min(10, probe_epochs // 9), probe_batch_size=256),
+      attentive_probe=dict(type="attentive_probe", enabled=False, tokens="patches", base_lr=1e-3,
+                           epochs=10, warmup_epochs=1, batch_size=256, weight_decay=0.05,
+                           num_heads=0, seed=0, max_train=5_000, max_eval=0),
+      heldout_loss=dict(type="heldout_loss", enabled=False, num_images=1000, seeds=(0,),
+                        max_train=1000),
   ))
 
 

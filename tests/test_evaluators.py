@@ -5,6 +5,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -249,6 +250,58 @@ def test_linear_probe_standardiser_and_schedule():
   w = np.asarray(params["w"])
   assert np.all(np.asarray(params["b"]) == 0) and np.abs(w).max() <= 0.02
   assert 0.007 < w.std() < 0.01  # trunc-normal at 2 std: std ~ 0.0088
+
+
+def test_linear_probe_lars_steps_equal_mae_rule_by_hand():
+  """Two steps of the probe's LARS against MAE's LARS (util/lars.py) written out in numpy: the
+  matrix gets g + wd * w scaled by 0.001 |w| / |g + wd w|, the 1-D bias the plain gradient;
+  buf = 0.9 buf + update; w -= lr_t * buf. No warm-up, 2 steps of cosine: lr_0 = 0.5, lr_1 = 0.25."""
+  cfg = linear_probe.ProbeConfig(optimizer="lars", base_lr=0.5, epochs=2, warmup_epochs=0,
+                                 weight_decay=0.1, momentum=0.9)
+  tx, schedule = linear_probe.make_optimizer(cfg, steps_per_epoch=1, batch_size=256)
+  lrs = [float(schedule(0)), float(schedule(1))]
+  assert lrs == pytest.approx([0.5, 0.25])
+  params = {"w": np.array([[3.0, 0.0], [0.0, 4.0]], np.float32), "b": np.array([1.0, -2.0], np.float32)}
+  grads = [{"w": np.array([[1.0, 2.0], [2.0, 0.0]], np.float32), "b": np.array([0.5, -1.0], np.float32)},
+           {"w": np.array([[0.0, -1.0], [3.0, 1.0]], np.float32), "b": np.array([2.0, 0.0], np.float32)}]
+  state = tx.init(params)
+  w, b = params["w"].astype(np.float64), params["b"].astype(np.float64)
+  buf_w, buf_b = np.zeros((2, 2)), np.zeros(2)
+  for t, g in enumerate(grads):
+    updates, state = tx.update(g, state, params)
+    d = g["w"] + 0.1 * w                                      # weight decay, matrix only
+    trust = 0.001 * np.sqrt((w ** 2).sum()) / np.sqrt((d ** 2).sum())
+    buf_w = 0.9 * buf_w + trust * d
+    buf_b = 0.9 * buf_b + g["b"]                              # bias: no decay, no trust ratio
+    np.testing.assert_allclose(updates["w"], -lrs[t] * buf_w, rtol=1e-5)
+    np.testing.assert_allclose(updates["b"], -lrs[t] * buf_b, rtol=1e-6)
+    if t == 0:  # the first step in numbers: |w| = 5, g + 0.1 w = [[1.3, 2], [2, 0.4]]
+      np.testing.assert_allclose(updates["w"], -0.5 * 0.005 / np.sqrt(9.85) * np.array(
+          [[1.3, 2.0], [2.0, 0.4]]), rtol=1e-5)
+      np.testing.assert_allclose(updates["b"], [-0.25, 0.5], rtol=1e-6)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    w, b = np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+  # optax.lars applies the rate inside the momentum (buf = 0.9 buf + lr_t u): with a changing
+  # rate its second step differs from MAE's, which is why the probe builds its own chain.
+  ref = optax.lars(schedule, weight_decay=0.1, weight_decay_mask=linear_probe._decay_mask,
+                   trust_ratio_mask=linear_probe._decay_mask, momentum=0.9)
+  p0 = {"w": np.array([[3.0, 0.0], [0.0, 4.0]], np.float32), "b": np.array([1.0, -2.0], np.float32)}
+  s0 = ref.init(p0)
+  u0, s0 = ref.update(grads[0], s0, p0)
+  u1, _ = ref.update(grads[1], s0, jax.tree.map(lambda p, u: p + u, p0, u0))
+  assert not np.allclose(u1["b"], -lrs[1] * buf_b, rtol=1e-3)
+  np.testing.assert_allclose(u1["b"], -(0.9 * 0.5 * grads[0]["b"] + 0.25 * grads[1]["b"]), rtol=1e-6)
+
+
+def test_linear_probe_records_each_optimizer():
+  data = _separable_data(2, n_train=64, n_eval=32)
+  for name in ("lars", "sgd", "adamw"):
+    p = evaluators.build("probe", dict(PROBE_CFG, optimizer=name, epochs=1)).run(data.ctx(3))["protocol"]
+    assert p["optimizer"] == name and p["optimizer_rule"] == linear_probe.OPTIMIZER_RULES[name]
+    assert (p["momentum"] is None) == (name == "adamw")
+    assert (p["trust_coefficient"] == 0.001) == (name == "lars")
+  with pytest.raises(ValueError, match="use lars, sgd or adamw"):
+    evaluators.build("probe", dict(PROBE_CFG, optimizer="lamb")).run(data.ctx(3))
 
 
 # ----------------------------------------------------------------------------- reconstruction

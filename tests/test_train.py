@@ -105,6 +105,21 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path):
     train.train_and_evaluate(other, str(tmp_path), progress=False)
 
 
+def test_checkpoint_resumes_across_execution_settings(tmp_path):
+  # Attention implementation, its padding, remat and compute dtype change how the model is
+  # computed, not its parameters: a run resumes (and evaluates) across them, including from a
+  # checkpoint written before such a key existed.
+  c = tiny_config("mae", total_steps=2, ckpt_every=2)
+  c.evals = {}
+  del c.model["attn_pad"]
+  train.train_and_evaluate(c, str(tmp_path), progress=False)
+  other = tiny_config("mae", total_steps=4, ckpt_every=2)
+  other.evals = {}
+  other.model.update(attn_impl="xla", attn_pad=2, remat=True)
+  summary = train.train_and_evaluate(other, str(tmp_path), progress=False)
+  assert summary["step"] == 4
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   c = tiny_config("mae", total_steps=8, ckpt_every=2, log_every=4)
   c.evals = {}

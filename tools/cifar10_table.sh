@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # The CIFAR-10 runs behind the README table: for each method given (mae, simmim), pretrain with
-# the cifar10 preset, then evaluate the same encoder at its random initialisation (0 epochs).
+# the cifar10 preset, then evaluate the same encoder at its random initialisation (0 epochs),
+# then write the table with its protocol notes (python -m mim_jax.report) to $OUT/table.md.
 #   bash tools/cifar10_table.sh mae simmim      (CIFAR_DIR, OUT_DIR override the paths)
 set -eux
 D=${CIFAR_DIR:-../shared/data/cifar10/train}
 OUT=${OUT_DIR:-runs}
+WORKDIRS=()
+NAMES=()
 for m in "$@"; do
   python -m mim_jax.main --config=configs/$m.py:cifar10 --workdir=$OUT/${m}_cifar10 \
     --config.input.data.dir=$D
   python -m mim_jax.main --config=configs/$m.py:cifar10 --workdir=$OUT/${m}_cifar10_random \
     --config.input.data.dir=$D --config.total_epochs=0
+  WORKDIRS+=("$OUT/${m}_cifar10" "$OUT/${m}_cifar10_random")
+  NAMES+=("pretrained" "random init")
 done
-python tools/results_table.py $OUT
+python -m mim_jax.report "${WORKDIRS[@]}" --names "$(IFS=,; echo "${NAMES[*]}")" \
+  --metrics knn/top1,linear/top1 --out "$OUT/table.md"

@@ -1,38 +1,49 @@
 """Prints the README's CIFAR-10 table from the workdirs written by tools/cifar10_table.sh.
 
-  python tools/results_table.py runs
+  python tools/results_table.py [OUT_DIR] [--out table.md]
+
+Looks for ``<OUT_DIR>/<method>_cifar10`` (pretrained) and ``<method>_cifar10_random`` (random
+initialisation) for MAE and SimMIM and hands the ones present to `mim_jax.report`, which
+writes the table and the protocol notes (any set of workdirs: python -m mim_jax.report).
 """
-import json
+import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-def load(path):
-  with open(os.path.join(path, "eval_results.json")) as f:
-    return json.load(f)
+from mim_jax import report  # noqa: E402  pylint: disable=g-import-not-at-top
+
+METHODS = ("mae", "simmim")
+ENCODERS = (("pretrained", ""), ("random init", "_random"))
+METRICS = ("knn/top1", "linear/top1")
 
 
-def main(out):
-  rows, protocol = [], None
-  for method in ("mae", "simmim"):
-    for tag, suffix in (("pretrained", ""), ("random init", "_random")):
-      d = os.path.join(out, f"{method}_cifar10{suffix}")
-      if not os.path.exists(os.path.join(d, "eval_results.json")):
-        continue
-      r = load(d)
-      cfg = json.load(open(os.path.join(d, "config.json")))
-      epochs = cfg["total_epochs"]
-      rows.append(f"| {method} | {tag} | {epochs:g} | {r['knn']['online/top1']:.1f} | "
-                  f"{r['linear']['online/top1']:.1f} |")
-      protocol = protocol or (r["knn"]["protocol"], r["linear"]["protocol"])
-  print("| method | encoder | pretraining epochs | kNN top-1 (%) | linear probe top-1 (%) |")
-  print("| --- | --- | --- | --- | --- |")
-  print("\n".join(rows))
-  if protocol:
-    print()
-    print("kNN protocol:", json.dumps(protocol[0], sort_keys=True))
-    print("linear-probe protocol:", json.dumps(protocol[1], sort_keys=True))
+def readme_runs(out_dir: str) -> tuple[list[str], list[str]]:
+  """The workdirs of tools/cifar10_table.sh found under ``out_dir`` and their row names."""
+  workdirs, names = [], []
+  for method in METHODS:
+    for tag, suffix in ENCODERS:
+      workdir = os.path.join(out_dir, f"{method}_cifar10{suffix}")
+      if os.path.exists(os.path.join(workdir, report.RESULTS_FILENAME)):
+        workdirs.append(workdir)
+        names.append(tag)
+  return workdirs, names
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("out_dir", nargs="?", default="runs", help="OUT_DIR of cifar10_table.sh")
+  parser.add_argument("--out", help="also write the table to this file")
+  args = parser.parse_args(argv)
+  workdirs, names = readme_runs(args.out_dir)
+  if not workdirs:
+    print(f"error: no <method>_cifar10[_random]/eval_results.json under {args.out_dir}: run "
+          "bash tools/cifar10_table.sh first", file=sys.stderr)
+    return 2
+  return report.main([*workdirs, "--names", ",".join(names), "--metrics", ",".join(METRICS)]
+                     + (["--out", args.out] if args.out else []))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else "runs")
+  sys.exit(main(sys.argv[1:]))

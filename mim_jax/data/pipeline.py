@@ -19,6 +19,11 @@ Two modes, chosen by the data config (`sources.is_in_memory`):
   read are replaced by the next one; a body that fails to decode is decoded again with
   truncated images allowed (else a grey image is used) and counted in ``'bad'`` too.
 
+Training reads the 'pretrain' split: the training split, or its nested ``data.train_subset``
+(see `sources.subset_positions`); `steps_per_epoch` counts that split. `eval_batches` serves
+any split: evaluators read 'train' and 'eval', the held-out-loss evaluator also 'pretrain'
+(the very images the model was trained on).
+
 Config keys (``input_cfg``): ``data`` (see `sources`, plus ``in_memory``), ``batch_size``
 (global), ``image_size``, ``workers``, ``aug`` = {``crop_scale``, ``crop_ratio``, ``hflip``},
 ``fast_decode`` (default True; False: full decode, then crop).
@@ -460,7 +465,8 @@ class TrainLoader:
     on_device_aug: True when images are the stored ones and must be augmented on the device.
     image_shape: (H, W, 3) of the yielded images.
     local_batch_size, global_batch_size: per process / over all processes.
-    num_records: records of the training split (all processes).
+    num_records: records of the pretraining split (all processes): the training split or its
+      ``data.train_subset``.
     steps_per_epoch: ``num_records // global_batch_size``.
     class_names: class index -> name (None when unknown).
   """
@@ -552,10 +558,14 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
   images = labels = class_names = None
   num_skipped = 0
   if in_memory:
-    data = sources.load_in_memory(data_cfg, "train")
+    data = sources.load_in_memory(data_cfg, "pretrain")
     images, labels, class_names = data.images, data.labels, data.class_names
     num_skipped = int(data.num_skipped)
-    source = _Permuted(_IndexSource(len(data), f"{_get(data_cfg, 'name')}:train"), seed)
+    tag = f"{_get(data_cfg, 'name')}:train"   # unchanged without a subset: old states restore
+    if sources.has_subset(data_cfg):
+      tag += (f":subset={_get(data_cfg, 'train_subset', 0)}"
+              f":seed={_get(data_cfg, 'subset_seed', 0)}")
+    source = _Permuted(_IndexSource(len(data), tag), seed)
     image_shape = tuple(images.shape[1:])
     # Every process walks the same global order of index batches and keeps its own slice of
     # each (indices are cheap): the global batch of step s is then the same for any number of
@@ -563,7 +573,7 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     operations = [grain.transforms.Batch(global_batch, drop_remainder=True)]
     read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   else:
-    raw = sources.streaming_source(data_cfg, "train")
+    raw = sources.streaming_source(data_cfg, "pretrain")
     class_names = getattr(raw, "class_names", None)
     size = int(input_cfg.image_size)
     image_shape = (size, size, 3)
@@ -582,7 +592,7 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     raise DataConfigError(
         f"the training split has {num_records} records, fewer than one batch of {global_batch} "
         f"({local_batch} on each of {process_count} processes): lower --config.input.batch_size "
-        "or use more data")
+        "or use more data (a larger --config.input.data.train_subset, if set)")
   if in_memory:
     shard = grain.sharding.ShardOptions(0, 1, drop_remainder=True)
   else:
@@ -637,9 +647,10 @@ def _eval_indices(num_records: int, max_examples: Optional[int]) -> np.ndarray:
 
 def eval_batches(input_cfg: Any, split: str, batch_size: int,
                  max_examples: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields ``(images uint8 [b, S, S, 3], labels int32 [b])`` once over ``split`` in a fixed
-  order; the last batch may be smaller. S = ``input_cfg.image_size``. With ``max_examples``,
-  a fixed seeded subset of that many records (in stored order) is used.
+  """Yields ``(images uint8 [b, S, S, 3], labels int32 [b])`` once over ``split`` ('train',
+  'eval' or 'pretrain') in a fixed order; the last batch may be smaller.
+  S = ``input_cfg.image_size``. With ``max_examples``, a fixed seeded subset of that many
+  records (in stored order) is used.
 
   In memory: the stored images, resized to S when their size differs (no crop). Streaming:
   shorter side resized to S / 0.875, then the central S x S (unreadable records are replaced
@@ -698,5 +709,6 @@ def num_classes(input_cfg: Any) -> int:
 
 
 def steps_per_epoch(input_cfg: Any) -> int:
-  """Optimiser steps in one epoch: training records // global batch size."""
-  return num_examples(input_cfg, "train") // int(input_cfg.batch_size)
+  """Optimiser steps in one epoch: pretraining records ('pretrain': the training split or its
+  ``train_subset``) // global batch size."""
+  return num_examples(input_cfg, "pretrain") // int(input_cfg.batch_size)

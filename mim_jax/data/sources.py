@@ -10,12 +10,16 @@ Two kinds of source live here:
   decoded later inside grain worker processes. Used for ImageNet-sized datasets.
 
 Both kinds split a labelled folder the same way: the 'eval' split is a fixed, seeded
-hold-out of ``holdout_per_class`` files per class, 'train' is every other file.
+hold-out of ``holdout_per_class`` files per class, 'train' is every other file. A third split,
+'pretrain', is what pretraining samples from: 'train', or the nested subset ``train_subset``
+of it (data-scaling studies, after Xie et al., "On Data Scaling in Masked Image Modeling",
+CVPR 2023). Evaluators keep reading 'train' whole, so a kNN bank or a linear probe sees the
+same labelled images whatever fraction the encoder was pretrained on.
 
 Configuration keys read from ``data_cfg`` (an ``ml_collections.ConfigDict`` or a dict):
 ``name`` ('embedded' | 'image_folder' | 'tfds'), ``dir``, ``holdout_per_class``,
-``holdout_seed``, ``cache_dir`` and, for TFDS, ``tfds_name``, ``train_split``,
-``eval_split``.
+``holdout_seed``, ``cache_dir``, ``train_subset`` (0 = all), ``subset_seed`` and, for TFDS,
+``tfds_name``, ``train_split``, ``eval_split``.
 
 `tensorflow_datasets` and PIL are imported inside functions, so importing this module is cheap.
 """
@@ -25,6 +29,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import math
 import multiprocessing
 import os
 import pathlib
@@ -36,7 +41,8 @@ from absl import logging
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 EMBEDDED_PATH = pathlib.Path(__file__).resolve().parent / "embedded_cifar10.npz"
-SPLITS = ("train", "eval")
+# 'pretrain' = 'train' or its `train_subset` (see `subset_positions`).
+SPLITS = ("train", "eval", "pretrain")
 
 # Files at or above this count are decoded with a process pool (when there is more than one core).
 _POOL_MIN_FILES = 4096
@@ -122,13 +128,102 @@ def holdout_mask(labels: np.ndarray, holdout_per_class: int, holdout_seed: int,
   return mask
 
 
+def subset_size(num_train: int, train_subset: Any) -> int:
+  """How many of ``num_train`` training records ``train_subset`` keeps.
+
+  0 (or unset) keeps all; a value in (0, 1] is a fraction, rounded half up (1 and 1.0 mean
+  all); a whole number above 1 is a count of images. Whole numbers and fractions are told
+  apart by value, not type, because a float config field turns 5000 into 5000.0.
+
+  Raises:
+    DataConfigError: a negative value, a non-whole count, a count above ``num_train``, or a
+      fraction that keeps no image.
+  """
+  value = float(train_subset or 0)
+  num_train = int(num_train)
+  if value == 0:
+    return num_train
+  if not math.isfinite(value) or value < 0:
+    raise DataConfigError(f"train_subset={train_subset} is not 0 (all), a fraction in (0, 1] or a "
+                          "count of images: fix --config.input.data.train_subset")
+  if value <= 1:
+    size = int(math.floor(value * num_train + 0.5))
+    if size < 1:
+      raise DataConfigError(f"train_subset={train_subset} keeps no image of the {num_train} "
+                            "training images: raise --config.input.data.train_subset")
+    return size
+  if value != int(value):
+    raise DataConfigError(f"train_subset={train_subset} is above 1 but not a whole number of "
+                          "images: give a count, or a fraction in (0, 1]")
+  if int(value) > num_train:
+    raise DataConfigError(f"train_subset={int(value)} exceeds the {num_train} training images: "
+                          "lower --config.input.data.train_subset or give a fraction in (0, 1]")
+  return int(value)
+
+
+def subset_positions(num_train: int, train_subset: Any, subset_seed: int = 0) -> np.ndarray:
+  """Sorted positions (into the 'train' split) of the records pretraining uses.
+
+  One ``np.random.Generator(PCG64(subset_seed))`` permutation of ``range(num_train)``; the
+  subset is its first `subset_size` entries. Subsets of one seed are therefore nested (10% is
+  inside 20%, inside 50%, inside all), and being drawn from the 'train' split they never hold
+  a held-out image.
+  """
+  size = subset_size(num_train, train_subset)
+  if size == num_train:
+    return np.arange(num_train, dtype=np.int64)
+  perm = np.random.Generator(np.random.PCG64(int(subset_seed))).permutation(int(num_train))
+  return np.sort(perm[:size]).astype(np.int64)
+
+
 def split_indices(labels: np.ndarray, split: str, holdout_per_class: int, holdout_seed: int,
                   class_names: Optional[Sequence[str]] = None,
-                  where: str = "the data") -> np.ndarray:
-  """Sorted int64 indices of the records in ``split`` ('train' or 'eval'); see `holdout_mask`."""
+                  where: str = "the data", train_subset: Any = 0,
+                  subset_seed: int = 0) -> np.ndarray:
+  """Sorted int64 indices of the records in ``split`` ('train', 'eval' or 'pretrain'); see
+  `holdout_mask` and, for 'pretrain' (``train_subset`` of 'train'), `subset_positions`."""
   _check_split(split)
   mask = holdout_mask(labels, holdout_per_class, holdout_seed, class_names, where)
-  return np.flatnonzero(mask if split == "eval" else ~mask)
+  if split == "eval":
+    return np.flatnonzero(mask)
+  train = np.flatnonzero(~mask)
+  if split == "pretrain":
+    train = train[subset_positions(train.size, train_subset, subset_seed)]
+  return train
+
+
+def _subset_args(data_cfg: Any) -> dict[str, Any]:
+  """The pretraining-subset keys of ``data_cfg`` (absent keys: no subset)."""
+  return dict(train_subset=_get(data_cfg, "train_subset", 0),
+              subset_seed=int(_get(data_cfg, "subset_seed", 0)))
+
+
+def has_subset(data_cfg: Any) -> bool:
+  """Whether ``data_cfg`` restricts pretraining to a subset ('pretrain' != 'train')."""
+  return float(_get(data_cfg, "train_subset", 0) or 0) != 0
+
+
+def _config_split_indices(data_cfg: Any, labels: np.ndarray, split: str,
+                          class_names: Optional[Sequence[str]], where: str) -> np.ndarray:
+  """`split_indices` with the hold-out and subset settings of ``data_cfg``."""
+  return split_indices(labels, split, _get(data_cfg, "holdout_per_class", 0),
+                       _get(data_cfg, "holdout_seed", 0), class_names, where,
+                       **_subset_args(data_cfg))
+
+
+def split_size(data_cfg: Any, split: str) -> int:
+  """Records listed in ``split`` without decoding anything (unreadable files included)."""
+  _check_split(split)
+  name = _get(data_cfg, "name", "embedded")
+  if name == "embedded":
+    with np.load(EMBEDDED_PATH, allow_pickle=False) as z:
+      labels = z["labels"].astype(np.int32)
+    return int(_config_split_indices(data_cfg, labels, split, None, "the embedded set").size)
+  if name == "image_folder":
+    listing = list_image_folder(_get(data_cfg, "dir"))
+    return int(_config_split_indices(data_cfg, listing.labels, split, listing.class_names,
+                                     listing.root).size)
+  return len(streaming_source(data_cfg, split))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,8 +424,8 @@ def _readonly(*arrays: np.ndarray) -> None:
 
 def _load_image_folder(data_cfg: Any, split: str) -> InMemoryData:
   listing = list_image_folder(_get(data_cfg, "dir"))
-  select = split_indices(listing.labels, split, _get(data_cfg, "holdout_per_class", 0),
-                         _get(data_cfg, "holdout_seed", 0), listing.class_names, listing.root)
+  select = _config_split_indices(data_cfg, listing.labels, split, listing.class_names,
+                                 listing.root)
   decoded = _decode_folder(listing, _cache_dir(data_cfg))
   in_split = np.zeros(len(listing.files), bool)
   in_split[select] = True
@@ -384,8 +479,7 @@ def _decoded_embedded() -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
 
 def _load_embedded(data_cfg: Any, split: str) -> InMemoryData:
   images, labels, class_names, ok = _decoded_embedded()
-  select = split_indices(labels, split, _get(data_cfg, "holdout_per_class", 0),
-                         _get(data_cfg, "holdout_seed", 0), class_names, "the embedded set")
+  select = _config_split_indices(data_cfg, labels, split, class_names, "the embedded set")
   in_split = np.zeros(labels.shape[0], bool)
   in_split[select] = True
   rows = np.flatnonzero(in_split[ok])   # positions among the decodable images
@@ -401,7 +495,7 @@ def load_in_memory(data_cfg: Any, split: str) -> InMemoryData:
     data_cfg: ``name`` 'embedded' or 'image_folder'; ``dir`` (image_folder);
       ``holdout_per_class``, ``holdout_seed``; optional ``cache_dir`` (default ~/.cache/mim_jax),
       where a decoded image folder is cached so that the next load is fast.
-    split: 'train' or 'eval'.
+    split: 'train', 'eval' or 'pretrain' (``train_subset`` of 'train').
 
   Raises:
     DataError: with a one-line message naming the fix.
@@ -461,9 +555,13 @@ class ImageFolderSource:
 def image_folder_source(data_cfg: Any, split: str) -> ImageFolderSource:
   """The streaming source of ``split`` of the image folder ``data_cfg.dir`` (same hold-out)."""
   listing = list_image_folder(_get(data_cfg, "dir"))
-  select = split_indices(listing.labels, split, _get(data_cfg, "holdout_per_class", 0),
-                         _get(data_cfg, "holdout_seed", 0), listing.class_names, listing.root)
+  select = _config_split_indices(data_cfg, listing.labels, split, listing.class_names,
+                                 listing.root)
+  if split == "pretrain" and not has_subset(data_cfg):
+    split = "train"   # the same records, and the same repr as before subsets existed
   tag = f"{split}:{_get(data_cfg, 'holdout_per_class', 0)}:{_get(data_cfg, 'holdout_seed', 0)}"
+  if split == "pretrain":
+    tag += f":subset={_get(data_cfg, 'train_subset', 0)}:{_get(data_cfg, 'subset_seed', 0)}"
   return ImageFolderSource(listing.root, [listing.files[i] for i in select],
                            listing.labels[select], listing.class_names,
                            tag=f"{tag}:{listing.fingerprint[:12]}")
@@ -526,12 +624,38 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *,
   return TfdsSource(source, name, split, data_dir, decode)
 
 
+class SubsetSource:
+  """Records ``positions`` (sorted) of a random-access source: a TFDS 'pretrain' subset."""
+
+  def __init__(self, source: Any, positions: np.ndarray, desc: str):
+    self._source = source
+    self._positions = np.asarray(positions, np.int64)
+    self._desc = desc
+    self.class_names = getattr(source, "class_names", None)
+
+  def __len__(self) -> int:
+    return int(self._positions.shape[0])
+
+  def __getitem__(self, index: int) -> Any:
+    return self._source[int(self._positions[int(index)])]
+
+  def __repr__(self) -> str:
+    return f"SubsetSource({self._source!r}, {len(self)}, {self._desc})"
+
+
 def streaming_source(data_cfg: Any, split: str, *, decode: bool = False) -> Any:
   """The random-access source of ``split`` for a streaming config (image_folder or tfds)."""
   _check_split(split)
   name = _get(data_cfg, "name", "embedded")
   if name == "image_folder":
     return image_folder_source(data_cfg, split)
+  if name == "tfds" and split == "pretrain":
+    train = streaming_source(data_cfg, "train", decode=decode)
+    if not has_subset(data_cfg):
+      return train
+    args = _subset_args(data_cfg)
+    return SubsetSource(train, subset_positions(len(train), **args),
+                        f"train_subset={args['train_subset']}, subset_seed={args['subset_seed']}")
   if name == "tfds":
     tfds_name = _get(data_cfg, "tfds_name")
     if not tfds_name:

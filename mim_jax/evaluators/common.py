@@ -38,7 +38,9 @@ class EvalContext:
     encode: maps uint8 images [B,S,S,3] to named, already pooled feature sets,
       e.g. ``{'online': [B,D], 'ema': [B,D]}``; metrics are computed per name.
     batches: ``batches(split, batch_size, max_examples=None)`` yields
-      ``(images_uint8, labels)`` once over ``split`` ('train' or 'eval'), or over a
+      ``(images_uint8, labels)`` once over ``split`` ('train': the whole training split,
+      'pretrain': the images pretraining uses, i.e. its ``train_subset`` when one is set, or
+      'eval': the held-out images), or over a
       fixed seeded subset of ``max_examples`` of it.
     num_classes: number of label classes.
     reconstruct: ``reconstruct(images_uint8, seed)`` returns uint8 arrays
@@ -219,46 +221,68 @@ def take_images(ctx: EvalContext, split: str, count: int, batch_size: Optional[i
   return np.concatenate(images), np.concatenate(labels)
 
 
-def extract_features(ctx: EvalContext, split: str, batch_size: int,
-                     limit: Optional[int] = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """Encodes one pass over ``split`` (at most ``limit`` images) with ``ctx.encode``.
+def cap(limit) -> Optional[int]:
+  """Configs use 0 (or None) for "no cap"."""
+  return None if limit is None or int(limit) <= 0 else int(limit)
 
-  Features are frozen and unaugmented (the split is read as given). Returns
-  ``({name: float32 [N,D]}, int32 labels [N])``. Results are cached in
-  ``ctx.feature_cache`` so evaluators of one round share the extraction.
+
+def extract_outputs(ctx: EvalContext, split: str, batch_size: int, limit,
+                    kind: tuple, encode: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+                    dtype=np.float32) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """One pass over ``split`` (at most ``limit`` images) through ``encode``.
+
+  Like `extract_features` for any encoder output ``{name: [B, ...]}``
+  (every block's pooled output, all tokens): the outputs are cast to ``dtype``
+  batch by batch (float16 keeps token banks small) and cached in
+  ``ctx.feature_cache`` under ``kind`` (e.g. ``('layers', 'cls')``), the split,
+  the batch size and the cap. Returns ``({name: [N, ...]}, int32 labels [N])``.
   """
-  if limit is not None and int(limit) <= 0:  # configs use 0 for "no cap" (None cannot be overridden)
-    limit = None
-  key = (split, int(batch_size), None if limit is None else int(limit))
+  limit = cap(limit)
+  key = (*kind, split, int(batch_size), limit)
   if key in ctx.feature_cache:
     return ctx.feature_cache[key]
   chunks: dict[str, list[np.ndarray]] = {}
   labels: list[np.ndarray] = []
   have = 0
-  # The source picks which `limit` images (a seeded subset covering every class), so a capped
-  # bank is never just the first classes of a sorted folder.
-  for images, y in ctx.batches(split, batch_size, limit):
+  for images, y in ctx.batches(split, int(batch_size), limit):
     y = np.asarray(y).reshape(-1)
     take = len(y) if limit is None else min(len(y), limit - have)
     if take <= 0:
       break
-    feats = ctx.encode(np.asarray(images)[:take])
-    if not isinstance(feats, Mapping):
-      feats = {"features": feats}
-    for name, f in feats.items():
-      f = np.asarray(f, dtype=np.float32)
-      if f.ndim != 2 or f.shape[0] != take:
-        raise ValueError(f"encode()[{name!r}] has shape {f.shape}; expected [{take}, D]")
-      chunks.setdefault(name, []).append(f)
+    outs = encode(np.asarray(images)[:take])
+    if not isinstance(outs, Mapping):
+      outs = {"features": outs}
+    for name, out in outs.items():
+      out = np.asarray(out, dtype=dtype)
+      if out.shape[0] != take:
+        raise ValueError(f"{kind[0]} encoder output {name!r} has {out.shape[0]} rows for {take} images")
+      chunks.setdefault(name, []).append(out)
     labels.append(y[:take].astype(np.int32))
     have += take
     if limit is not None and have >= limit:
       break
   if not labels:
     raise ValueError(f"split {split!r} yielded no batches")
-  out = ({name: np.concatenate(c) for name, c in chunks.items()}, np.concatenate(labels))
-  ctx.feature_cache[key] = out
-  return out
+  result = ({name: np.concatenate(c) for name, c in chunks.items()}, np.concatenate(labels))
+  ctx.feature_cache[key] = result
+  return result
+
+
+def extract_features(ctx: EvalContext, split: str, batch_size: int,
+                     limit: Optional[int] = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Encodes one pass over ``split`` (at most ``limit`` images) with ``ctx.encode``.
+
+  Features are frozen and unaugmented (the split is read as given). Returns
+  ``({name: float32 [N,D]}, int32 labels [N])``. Results are cached in
+  ``ctx.feature_cache`` so evaluators of one round share the extraction. The source picks
+  which ``limit`` images (a seeded subset covering every class), so a capped bank is never
+  just the first classes of a sorted folder.
+  """
+  feats, labels = extract_outputs(ctx, split, batch_size, limit, (), ctx.encode)
+  for name, f in feats.items():
+    if f.ndim != 2:
+      raise ValueError(f"encode()[{name!r}] has shape {f.shape[1:]} per image; expected [D]")
+  return feats, labels
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, float]:

@@ -7,13 +7,21 @@ variance (a parameter-free BatchNorm, eps 1e-6, as MAE's
 truncated-normal std 0.01, bias 0) is trained with softmax cross-entropy.
 The learning rate is ``base_lr * batch_size / 256`` with linear warm-up and a
 half-cosine decay to 0, stepped per iteration; LARS (momentum 0.9, weight
-decay 0 by default) is the default optimiser. Each epoch visits a seeded
-permutation of the train set in full batches (the remainder is dropped, as
-with ``drop_last=True``); one epoch is one jitted ``lax.scan``.
+decay 0 by default) is the default optimiser, SGD with momentum and AdamW the
+alternatives. LARS is MAE's (from MoCo v3): for parameters of 2+ dims the
+gradient plus ``wd * w`` is scaled by the trust ratio ``0.001 |w| / |g + wd w|``
+(1 when either norm is 0), 1-D parameters (the bias) take the plain gradient;
+the momentum buffer accumulates these and the step is ``-lr * buffer``, the
+learning rate outside the momentum as in PyTorch (``optax.lars`` puts it
+inside, which differs while the rate changes, i.e. always with this schedule).
+Each epoch visits a seeded permutation of the train set in full batches (the
+remainder is dropped, as with ``drop_last=True``); one epoch is one jitted
+``lax.scan``, compiled once per shape and recipe.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Optional
 
@@ -38,6 +46,7 @@ class ProbeConfig:
   batch_size: int = 256
   weight_decay: float = 0.0
   momentum: float = 0.9
+  trust_coefficient: float = 0.001
   seed: int = 0
 
   def lr(self, batch_size: Optional[int] = None) -> float:
@@ -58,6 +67,27 @@ def _decay_mask(params):
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
+def mae_lars(learning_rate, weight_decay: float = 0.0, momentum: float = 0.9,
+             trust_coefficient: float = 0.001, mask=_decay_mask) -> optax.GradientTransformation:
+  """MAE's LARS as an optax chain: on ``mask``-ed (2+ dim) parameters add ``wd * w`` and scale
+  by the trust ratio, then ``buf = momentum * buf + update`` and ``w -= lr * buf``."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=mask),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), mask),
+      optax.trace(decay=momentum, nesterov=False),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+OPTIMIZER_RULES = {
+    "lars": "MAE/MoCo-v3 LARS: 2+-dim params g + wd*w scaled by trust ratio "
+            "trust_coefficient*|w|/|g + wd*w|, 1-D params (bias) plain g; buf = momentum*buf + u; "
+            "w -= lr*buf",
+    "sgd": "SGD: 2+-dim params g + wd*w, bias plain g; buf = momentum*buf + u; w -= lr*buf",
+    "adamw": "AdamW (b1 0.9, b2 0.999, eps 1e-8), decoupled weight decay on 2+-dim params only",
+}
+
+
 def make_optimizer(cfg: ProbeConfig, steps_per_epoch: int, batch_size: int):
   """The optax transformation and its learning-rate schedule."""
   total = max(1, cfg.epochs * steps_per_epoch)
@@ -69,8 +99,7 @@ def make_optimizer(cfg: ProbeConfig, steps_per_epoch: int, batch_size: int):
     schedule = optax.cosine_decay_schedule(peak, total)
   name = cfg.optimizer.lower()
   if name == "lars":
-    tx = optax.lars(schedule, weight_decay=cfg.weight_decay, weight_decay_mask=_decay_mask,
-                    trust_ratio_mask=_decay_mask, momentum=cfg.momentum)
+    tx = mae_lars(schedule, cfg.weight_decay, cfg.momentum, cfg.trust_coefficient)
   elif name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
                      optax.sgd(schedule, momentum=cfg.momentum))
@@ -92,6 +121,33 @@ def logits_fn(params: dict, x: jnp.ndarray) -> jnp.ndarray:
   return jnp.matmul(x, params["w"], precision=jax.lax.Precision.HIGHEST) + params["b"]
 
 
+def _loss_fn(p, xb, yb):
+  return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, xb), yb).mean()
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_epoch(cfg: ProbeConfig, n: int, batch: int, steps: int):
+  """``(tx, epoch)``: the optimiser and one jitted epoch (a seeded permutation in full batches,
+  one ``lax.scan``); cached so that every fit of the same shape and recipe in a process (the
+  online and EMA encoders, the blocks of a per-layer probe) shares one compilation."""
+  tx, _ = make_optimizer(cfg, steps, batch)
+
+  @jax.jit
+  def epoch(params, opt_state, epoch_key, x, y):  # x, y as arguments, not baked-in constants
+    order = jax.random.permutation(epoch_key, n)[: steps * batch].reshape(steps, batch)
+
+    def step(carry, idx):
+      p, s = carry
+      loss, grads = jax.value_and_grad(_loss_fn)(p, x[idx], y[idx])
+      updates, s = tx.update(grads, s, p)
+      return (optax.apply_updates(p, updates), s), loss
+
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), order)
+    return params, opt_state, losses.mean()
+
+  return tx, epoch
+
+
 def fit(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, cfg: ProbeConfig):
   """Trains the probe; returns ``(params, (mean, inv_std), info)``.
 
@@ -107,27 +163,11 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, cfg: ProbeCo
   mean, inv_std = standardiser(train_x)
   x = jnp.asarray((np.asarray(train_x, np.float32) - mean) * inv_std)
   y = jnp.asarray(train_y)
-  tx, _ = make_optimizer(cfg, steps, batch)
+  tx, epoch = _compiled_epoch(dataclasses.replace(cfg, seed=0), n, batch, steps)  # seed-free
   key = jax.random.PRNGKey(cfg.seed)
   init_key, shuffle_key = jax.random.split(key)
   params = init_params(init_key, dim, num_classes)
   opt_state = tx.init(params)
-
-  def loss_fn(p, xb, yb):
-    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, xb), yb).mean()
-
-  @jax.jit
-  def epoch(params, opt_state, epoch_key, x, y):  # x, y as arguments, not baked-in constants
-    order = jax.random.permutation(epoch_key, n)[: steps * batch].reshape(steps, batch)
-
-    def step(carry, idx):
-      p, s = carry
-      loss, grads = jax.value_and_grad(loss_fn)(p, x[idx], y[idx])
-      updates, s = tx.update(grads, s, p)
-      return (optax.apply_updates(p, updates), s), loss
-
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), order)
-    return params, opt_state, losses.mean()
 
   last_loss = float("nan")
   for e in range(int(cfg.epochs)):
@@ -156,7 +196,8 @@ class LinearProbeEvaluator(common.Evaluator):
 
   Options: ``optimizer`` ('lars' | 'sgd' | 'adamw'), ``base_lr`` (0.1, scaled
   by batch/256), ``epochs`` (90), ``warmup_epochs`` (10), ``batch_size``
-  (256), ``weight_decay`` (0), ``momentum`` (0.9, lars/sgd), ``seed`` (0),
+  (256), ``weight_decay`` (0), ``momentum`` (0.9, lars/sgd),
+  ``trust_coefficient`` (0.001, lars), ``seed`` (0),
   ``feature_batch_size`` (extraction batch, default ``batch_size``),
   ``max_train`` / ``max_eval`` (caps, None = all), ``pooling`` (recorded).
   """
@@ -172,11 +213,14 @@ class LinearProbeEvaluator(common.Evaluator):
         batch_size=int(self.option("batch_size", d.batch_size)),
         weight_decay=float(self.option("weight_decay", d.weight_decay)),
         momentum=float(self.option("momentum", d.momentum)),
+        trust_coefficient=float(self.option("trust_coefficient", d.trust_coefficient)),
         seed=int(self.option("seed", d.seed)),
     )
 
   def run(self, ctx: common.EvalContext) -> dict:
     pcfg = self.probe_config()
+    if pcfg.optimizer.lower() not in OPTIMIZER_RULES:  # before the (slow) feature extraction
+      raise ValueError(f"unknown probe optimizer {pcfg.optimizer!r}; use lars, sgd or adamw")
     feature_batch = int(self.option("feature_batch_size", pcfg.batch_size))
     train, train_y = common.extract_features(ctx, "train", feature_batch,
                                              self.option("max_train", None))
@@ -205,6 +249,8 @@ class LinearProbeEvaluator(common.Evaluator):
         "steps_per_epoch": int(info.get("steps_per_epoch", 0)),
         "weight_decay": pcfg.weight_decay,
         "momentum": pcfg.momentum if pcfg.optimizer.lower() in ("lars", "sgd") else None,
+        "trust_coefficient": pcfg.trust_coefficient if pcfg.optimizer.lower() == "lars" else None,
+        "optimizer_rule": OPTIMIZER_RULES[pcfg.optimizer.lower()],
         "seed": pcfg.seed,
         "init": "trunc_normal(std=0.01) weights, zero bias",
         "feature_normalisation": f"parameter-free BatchNorm (train mean/std, eps {BN_EPS:g})",

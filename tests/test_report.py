@@ -1,0 +1,126 @@
+"""Tests of mim_jax.report: the Markdown results table from run folders."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from mim_jax import report
+
+KNN_PROTOCOL = {"type": "knn", "k": 20, "temperature": 0.07, "bank_size": 20000,
+                "bank_split": "train", "num_queries": 5000, "query_split": "eval",
+                "pooling": "mean", "weighting": "exp(cos_sim / T), summed per class"}
+LINEAR_PROTOCOL = {"type": "linear_probe", "optimizer": "sgd", "lr": 0.1, "base_lr": 0.1,
+                   "epochs": 30, "warmup_epochs": 3, "batch_size": 256, "weight_decay": 0.0,
+                   "pooling": "mean", "num_train": 20000, "num_eval": 5000}
+HELDOUT_PROTOCOL = {"type": "heldout_loss", "seeds": [0, 1], "num_heldout": 1000,
+                    "num_train": 1000, "heldout_split": "eval", "train_split": "pretrain"}
+
+
+def _config(method, depth, base_lr, divisor, **data):
+  return {"method": method, "total_epochs": 6.0, "total_steps": 0,
+          "input": {"batch_size": 256, "image_size": 32,
+                    "data": {"name": "image_folder", "dir": "/data/c10", "holdout_per_class": 500,
+                             "holdout_seed": 0, **data}},
+          "model": {"variant": "tiny", "depth": depth, "patch_size": 4},
+          "optim": {"name": "adamw", "base_lr": base_lr, "lr_batch_divisor": divisor}}
+
+
+def _write_run(root, name, config, results, steps_per_epoch=None):
+  workdir = os.path.join(root, name)
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
+  with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+    json.dump(results, f)
+  if steps_per_epoch:
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 0, "steps_per_epoch": steps_per_epoch}) + "\n")
+      f.write(json.dumps({"step": 20, "loss": 1.5}) + "\n")
+  return workdir
+
+
+@pytest.fixture()
+def two_runs(tmp_path):
+  """An MAE run (online + EMA, kNN, probe, held-out loss, 10% subset) and a SimMIM run at its
+  initialisation (online only, a kNN with a smaller bank, no probe)."""
+  mae = _write_run(tmp_path, "mae_run", _config("mae", 6, 1.5e-3, 256, train_subset=0.1,
+                                                subset_seed=0), {
+      "knn": {"online/top1": 41.94, "online/top5": 88.28, "ema/top1": 40.06, "ema/top5": 87.0,
+              "protocol": KNN_PROTOCOL, "step": 1050},
+      "linear": {"online/top1": 54.1, "online/top5": 94.3, "online/train_top1": 57.11,
+                 "online/train_loss": 1.2179, "ema/top1": 53.26, "protocol": LINEAR_PROTOCOL,
+                 "step": 1050},
+      "heldout_loss": {"heldout_loss": 0.41234, "train_loss": 0.40012, "gap": 0.01222,
+                       "per_seed": {"heldout_loss": [0.4, 0.42]}, "protocol": HELDOUT_PROTOCOL,
+                       "step": 1050},
+      "reconstruction": {"path": "x.png", "protocol": {"type": "reconstruction"}, "step": 1050},
+  }, steps_per_epoch=175)
+  simmim = _write_run(tmp_path, "simmim_run", _config("simmim", 0, 2e-3, 512), {
+      "knn": {"online/top1": 25.52, "online/top5": 75.0,
+              "protocol": dict(KNN_PROTOCOL, bank_size=4000), "step": 0},
+  })
+  return mae, simmim
+
+
+EXPECTED = """\
+| run | method | model | pretraining | encoder | kNN top-1 (%) | linear probe top-1 (%) [5] | held-out loss [6] |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| MAE 10% | MAE | ViT-tiny, 6 blocks, patch 4, 32 px | 1050 steps (6 epochs), 10% of the training images [1] | online | 41.9 [3] | 54.1 | 0.4123 |
+| MAE 10% | MAE | ViT-tiny, 6 blocks, patch 4, 32 px | 1050 steps (6 epochs), 10% of the training images [1] | ema | 40.1 [3] | 53.3 | - |
+| SimMIM init | SimMIM | ViT-tiny, 12 blocks, patch 4, 32 px | 0 steps (random init) [2] | online | 25.5 [4] | - | - |
+
+[1] pretraining: image folder /data/c10, 500 images per class held out (seed 0), pretrained on a nested subset: 10% of the rest (seed 0), batch 256, adamw peak lr 0.0015
+[2] pretraining: image folder /data/c10, 500 images per class held out (seed 0), batch 256, adamw peak lr 0.001
+[3] kNN: k=20, T=0.07, cosine, bank=20000 train images, pooling=mean, split=eval (5000 held-out)
+[4] kNN: k=20, T=0.07, cosine, bank=4000 train images, pooling=mean, split=eval (5000 held-out)
+[5] linear probe: sgd, lr 0.1 (base 0.1), 30 epochs (3 warm-up), batch 256, wd 0, BatchNorm on frozen features, pooling=mean, fit on 20000 train images, split=eval (5000 held-out)
+[6] held-out loss: the method's loss per image, no augmentation, mask seeds 0/1; 1000 held-out images vs 1000 of the images pretraining used
+"""
+
+
+def test_table_from_two_workdirs_matches_expected_markdown(two_runs):
+  # Default columns: the held-out top-1s and the held-out loss; the kNN protocols differ
+  # between the runs (bank 20000 vs 4000), so kNN cells carry their note, other columns have
+  # one protocol and carry it in the header; the held-out loss (no encoder) is in the online row.
+  got = report.report(list(two_runs), names=["MAE 10%", "SimMIM init"])
+  assert got == EXPECTED
+
+
+def test_cli_metrics_option_order_and_out_file(two_runs, tmp_path, capsys):
+  out = tmp_path / "table.md"
+  code = report.main([*two_runs, "--metrics", "heldout_loss/gap,knn/top5", "--out", str(out)])
+  printed = capsys.readouterr().out
+  assert code == 0 and out.read_text() == printed
+  lines = printed.splitlines()
+  assert lines[0] == ("| run | method | model | pretraining | encoder | "
+                      "loss gap (held-out - train) [3] | kNN top-5 (%) |")
+  # Rows named after the folders; gap has four decimals, top-5 one.
+  assert lines[2].startswith("| mae_run | MAE |") and lines[2].endswith("| 0.0122 | 88.3 [4] |")
+  assert lines[3].endswith("| ema | - | 87.0 [4] |")
+  assert lines[4].endswith("| online | - | 75.0 [5] |")
+  # Notes are numbered in order of use (data, then column by column); identical protocols
+  # appear once: one kNN note per bank size.
+  assert sum("bank=20000" in line for line in lines) == 1
+
+
+def test_all_metrics_lists_every_number_in_a_stable_order(two_runs):
+  runs = report.load_runs(list(two_runs))
+  assert report.all_metrics(runs) == [
+      "knn/top1", "knn/top5", "linear/top1", "linear/top5", "linear/train_loss",
+      "linear/train_top1", "heldout_loss/gap", "heldout_loss/heldout_loss",
+      "heldout_loss/train_loss"]
+  assert report.all_metrics(runs[::-1]) == report.all_metrics(runs)
+
+
+def test_errors_are_one_line_and_name_the_fix(two_runs, tmp_path, capsys):
+  with pytest.raises(report.ReportError, match="choose from knn/top1"):
+    report.report(list(two_runs), metrics=["knn/top3"])
+  with pytest.raises(report.ReportError, match="one name per workdir"):
+    report.report(list(two_runs), names=["only one"])
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert report.main([str(empty)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--mode=eval" in err
