@@ -4,11 +4,18 @@ The learning rate follows the official codes' linear scaling rule:
     lr = base_lr * batch_size / lr_batch_divisor
 (MAE: divisor 256, SimMIM: 512), where batch_size is the effective batch of one optimiser
 step (`config.input.batch_size`; gradient accumulation splits it, it does not grow it).
+
+Layer-wise learning-rate decay (`optim.layer_decay` < 1, fine-tuning; ELECTRA / BEiT / MAE's
+`util/lr_decay.py: param_groups_lrd`) multiplies each parameter's whole update (the Adam step
+and its decoupled weight decay, as a torch param group's `lr_scale` does) by
+decay^(L + 1 - layer_id), L the number of encoder blocks; see `layer_ids`.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
+import jax
 import ml_collections
 import optax
 
@@ -48,9 +55,72 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, batch_size: int, steps_p
   return optax.join_schedules([optax.linear_schedule(warm_lr, peak, warmup), after], [warmup])
 
 
+_BLOCK = re.compile(r"block(\d+)$")
+# Parameters of the ViT's input side (MAE's get_layer_id_for_vit: cls_token, pos_embed,
+# patch_embed; the mask token of SimMIM-style encoders sits beside them): layer 0.
+_EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "mask_token")
+
+
+def _names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def num_encoder_blocks(tree: Any) -> int:
+  """Number of ViT blocks (`blockNN` modules) under the top-level 'encoder' entry of `tree`."""
+  found = set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = _names(path)
+    if names and names[0] == "encoder":
+      found.update(int(m.group(1)) for m in map(_BLOCK.match, names[1:]) if m)
+  return max(found) + 1 if found else 0
+
+
+def layer_ids(tree: Any) -> Any:
+  """MAE's layer id of every leaf of a parameter tree whose 'encoder' entry is a mim_jax ViT.
+
+  0 for the patch embedding, cls token, position embedding (and mask token); i + 1 for
+  encoder block i; L + 1 for everything else (the encoder's final norm, fc_norm, the head),
+  L = number of blocks. MAE writes the last one as `num_layers` with num_layers = L + 1.
+  """
+  depth = num_encoder_blocks(tree)
+
+  def layer(path, _):
+    names = _names(path)
+    if not names or names[0] != "encoder":
+      return depth + 1
+    if len(names) > 1 and names[1] in _EMBEDDING_NAMES:
+      return 0
+    blocks = [int(m.group(1)) for m in map(_BLOCK.match, names[1:]) if m]
+    return blocks[0] + 1 if blocks else depth + 1
+
+  return jax.tree_util.tree_map_with_path(layer, tree)
+
+
+def layer_decay_factors(tree: Any, decay: float) -> Any:
+  """decay ** (L + 1 - layer_id) per leaf (MAE's `layer_scales[layer_id]`)."""
+  depth = num_encoder_blocks(tree)
+  return jax.tree.map(lambda i: float(decay) ** (depth + 1 - i), layer_ids(tree))
+
+
+def scale_by_tree(factors: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its fixed factor (a pytree of floats shaped like the params)."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u * f if u is not None else None, updates, factors), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
                    decay_mask: Any) -> optax.GradientTransformation:
-  """AdamW / LAMB / LARS / SGD with weight decay only where `decay_mask` is True."""
+  """AdamW / LAMB / LARS / SGD with weight decay only where `decay_mask` is True, and
+  layer-wise lr decay when `optim_cfg.layer_decay` < 1 (read from the mask's tree paths, so
+  `decay_mask` must then be a pytree shaped like the parameters)."""
   name = optim_cfg.get("name", "adamw")
   wd = float(optim_cfg.get("weight_decay", 0.0))
   if name == "adamw":
@@ -68,6 +138,13 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
                                nesterov=optim_cfg.get("nesterov", False)))
   else:
     raise ValueError(f"unknown optimizer {name!r}: set config.optim.name to adamw, lamb, lars or sgd")
+  layer_decay = float(optim_cfg.get("layer_decay", 1.0))
+  if not 0.0 < layer_decay <= 1.0:
+    raise ValueError(f"config.optim.layer_decay={layer_decay} must be in (0, 1] (1 = off)")
+  if layer_decay < 1.0:
+    if callable(decay_mask):
+      raise ValueError("layer decay needs the weight-decay mask as a pytree shaped like the params, not a function")
+    tx = optax.chain(tx, scale_by_tree(layer_decay_factors(decay_mask, layer_decay)))
   clip = float(optim_cfg.get("clip_grad", 0.0))
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)

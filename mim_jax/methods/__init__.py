@@ -7,6 +7,7 @@ import importlib
 REGISTRY = {
     "mae": "mim_jax.methods.mae:MAE",
     "simmim": "mim_jax.methods.simmim:SimMIM",
+    "finetune": "mim_jax.methods.finetune:FineTune",
 }
 
 

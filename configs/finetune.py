@@ -1,0 +1,145 @@
+r"""Fine-tuning a pretrained ViT for classification: MAE's end-to-end recipe (FINETUNE.md).
+
+`config.finetune.pretrained` names a pretraining workdir (configs/mae.py or configs/simmim.py
+run with the same `model` settings); its latest checkpoint's online encoder
+(`pretrained_encoder='ema'` for the EMA one) initialises the ViT. '' = from scratch, the same
+ViT at its pretraining initialisation.
+
+Presets (`--config=configs/finetune.py:<preset>`):
+
+  (none)     The embedded CIFAR-10 subset, the ViT of configs/mae.py's default preset (tiny
+             width, 6 blocks, 32 px, patch 4); fine-tunes the README's first MAE run:
+               python -m mim_jax.main --config=configs/mae.py --workdir=/tmp/mae
+               python -m mim_jax.main --config=configs/finetune.py --workdir=/tmp/mae_ft \
+                 --config.finetune.pretrained=/tmp/mae
+  cifar10    The CIFAR-10 image folder with the same 500-per-class hold-out as the pretraining
+             presets (the evaluation images are never trained on), the ViT of the `cifar10`
+             presets of configs/mae.py:
+               python -m mim_jax.main --config=configs/mae.py:cifar10 --workdir=/tmp/mae_c10 \
+                 --config.input.data.dir=../shared/data/cifar10/train
+               python -m mim_jax.main --config=configs/finetune.py:cifar10 --workdir=/tmp/mae_c10_ft \
+                 --config.finetune.pretrained=/tmp/mae_c10 \
+                 --config.input.data.dir=../shared/data/cifar10/train
+             and the same ViT from scratch (same recipe, no checkpoint):
+               python -m mim_jax.main --config=configs/finetune.py:cifar10 --workdir=/tmp/scratch_c10_ft \
+                 --config.input.data.dir=../shared/data/cifar10/train
+  imagenet_base   MAE ViT-B/16 on ImageNet-1k (tfds imagenet2012), the official recipe.
+  imagenet_large  MAE ViT-L/16, the official recipe.
+               python -m mim_jax.main --config=configs/finetune.py:imagenet_base --workdir=W \
+                 --config.finetune.pretrained=PRETRAIN_WORKDIR --config.input.data.dir=TFDS_DIR
+
+Official settings (main_finetune.py, FINETUNE.md, timm 0.3.2 create_transform / Mixup):
+AdamW betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (none on 1-D parameters, pos_embed,
+cls_token); lr = blr x batch / 256 with batch 1024, blr 5e-4 (ViT-B) / 1e-3 (ViT-L, ViT-H);
+layer-wise lr decay 0.65 (B) / 0.75 (L, H): scale decay^(L + 1 - layer id); 5 warm-up epochs
+from 0, then half-cycle cosine to min_lr 1e-6 (absolute), per iteration; 100 epochs (B) / 50
+(L, H); drop path 0.1 (B) / 0.2 (L) / 0.3 (H); no gradient clipping; global average pooling +
+fc_norm; head trunc_normal(std 2e-5), bias 0. Train transform: RandomResizedCrop(224, scale
+0.08-1, bicubic) + flip, RandAugment rand-m9-mstd0.5-inc1, Normalize(ImageNet mean/std),
+RandomErasing(p 0.25, 'pixel', count 1); Mixup 0.8, CutMix 1.0, prob 1.0, switch 0.5, mode
+'batch', label smoothing 0.1, soft-target cross-entropy. Eval: resize 256 (bicubic), centre
+crop 224. Published (ImageNet-1k top-1, 1600-epoch pretraining with norm-pix loss):
+ViT-B/16 83.6, ViT-L/16 85.9 (ViT-H/14 86.9).
+
+CPU presets (recipe scaled down, everything else as above): blr 1e-3 -- the default of
+main_finetune.py and the ViT-L/H value; a 6-block ViT with a short schedule tolerates the
+larger rate, where ViT-B's 5e-4 is tuned for 12 blocks and 100 epochs; layer decay 0.75
+(0.75^7 = 0.13 at the patch embedding, between ViT-B's 0.65^13 = 0.004 and no decay, for a
+model half as deep); drop path 0.1; batch 256 (128 for the embedded set); cifar10: 3 epochs
+with half a warm-up epoch (525 steps; 6.6 s a step measured on a busy 2-core machine, so under
+an hour), embedded: 6 epochs with one (186 steps). The encoder sees all 64 tokens here, four
+times the visible tokens of an MAE pretraining step. min_lr is written per 256 images like the
+peak (mim_jax scales both by the batch): 1e-6 x 256 / batch.
+A fine-tune run needs the pretraining workdir only at its start: resuming or --mode=eval
+restore the fine-tune checkpoint, so they also work with --config.finetune.pretrained=''.
+
+Deviations (see mim_jax/methods/finetune.py and mim_jax/data/finetune_aug.py): augmentation
+runs on the device after the trainer's crop (in memory: a bilinear crop; official: bicubic);
+RandAugment's geometric ops interpolate bilinearly (timm: bicubic); one mixup lam per global
+batch (official: per GPU batch of 32); from scratch the head also starts at N(0, 2e-5) and the
+learnable position embedding at the sin-cos table (the official script does so only when it
+loads a checkpoint; timm: trunc-normal .02); the 32 px CPU presets evaluate the stored images
+without the 0.875 centre crop; bf16 compute on accelerators (official: fp16 autocast).
+"""
+import ml_collections
+
+from mim_jax import config_lib
+
+
+def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
+  """`config.finetune`: the pretrained run, the head and timm's augmentation settings."""
+  return ml_collections.ConfigDict(dict(
+      pretrained="",                # pretraining workdir; '' = from scratch
+      pretrained_encoder="online",  # 'online' | 'ema'
+      num_classes=num_classes,
+      pooling="mean",               # 'mean' (MAE global_pool + fc_norm) | 'cls'
+      learn_pos_embed=True,         # MAE fine-tunes pos_embed (from the sin-cos table)
+      aug=dict(
+          rand_augment=True, ra_num_layers=2, ra_magnitude=9.0, ra_magnitude_std=0.5,
+          ra_prob=0.5,              # timm 'rand-m9-mstd0.5-inc1'
+          reprob=0.25, remode="pixel",
+          mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, smoothing=0.1,
+      ),
+  ))
+
+
+def classifier_evals(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The classifier evaluator only; the frozen-feature evaluators of `default_evals` are present
+  (so their keys can be set) but disabled."""
+  evals = config_lib.default_evals(probe_epochs=30, probe_optimizer="sgd", pooling="mean")
+  for name in evals:
+    evals[name].enabled = False
+  evals.classifier = ml_collections.ConfigDict(dict(
+      type="classifier", enabled=True, batch_size=256, max_eval=0, head="linear"))
+  evals.classifier.pooling = c.finetune.get_ref("pooling")   # follows --config.finetune.pooling
+  return evals
+
+
+def get_config(arg=None):
+  preset = arg or "default"
+  c = config_lib.base_config()
+  c.method = "finetune"
+  c.finetune = finetune_settings(num_classes=10)
+  c.optim.update(name="adamw", base_lr=1e-3, lr_batch_divisor=256, b1=0.9, b2=0.999, eps=1e-8,
+                 weight_decay=0.05, schedule="cosine", warmup_lr=0.0, clip_grad=0.0)
+  c.optim.layer_decay = 0.75
+  c.input.aug.crop_scale = (0.08, 1.0)
+  c.input.aug.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.model.drop_path = 0.1
+  c.ema.enabled = False
+  c.pooling = "mean"
+
+  if preset in ("default", "cifar10"):
+    # The ViT of configs/mae.py's CPU presets, so their workdirs load.
+    c.input.image_size = 32
+    c.model.update(variant="tiny", depth=6, patch_size=4)
+    if preset == "default":
+      c.input.data.update(name="embedded", holdout_per_class=100)
+      c.input.batch_size = 128
+      c.optim.warmup_epochs = 1
+      c.total_epochs = 6                # 186 steps
+      c.log_every = 10
+      c.ckpt_every = 200
+    else:
+      c.input.data.update(name="image_folder", dir="", holdout_per_class=500)
+      c.input.batch_size = 256
+      c.optim.warmup_epochs = 0.5
+      c.total_epochs = 3                # CPU budget: 525 steps
+      c.log_every = 20
+      c.ckpt_every = 500
+    c.optim.min_lr = 1e-6 * 256 / c.input.batch_size
+  elif preset in ("imagenet_base", "imagenet_large"):
+    large = preset == "imagenet_large"
+    config_lib.imagenet_preset(c, batch_size=1024, variant="large" if large else "base",
+                               total_epochs=50 if large else 100)
+    c.finetune.num_classes = 1000
+    c.optim.base_lr = 1e-3 if large else 5e-4
+    c.optim.layer_decay = 0.75 if large else 0.65
+    c.optim.warmup_epochs = 5
+    c.optim.min_lr = 1e-6 * 256 / c.input.batch_size    # 1e-6 absolute at batch 1024
+    c.model.drop_path = 0.2 if large else 0.1
+    c.pooling = "mean"
+  else:
+    raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10', 'imagenet_base' or 'imagenet_large'")
+  c.evals = classifier_evals(c)
+  return c

@@ -1,0 +1,286 @@
+"""End-to-end fine-tuning for classification, MAE's recipe (He et al., 2022; FINETUNE.md).
+
+Exact to facebookresearch/mae `main_finetune.py`, `models_vit.py`, `util/lr_decay.py` and the
+timm transforms they call (see `mim_jax.data.finetune_aug` for the augmentation):
+  * the pretraining ViT (`config.model`), with drop path `config.model.drop_path` (linearly
+    increasing over the blocks, as timm's dpr);
+  * head: `pooling='mean'` (MAE's `global_pool=True`, its default): mean of the patch tokens of
+    the last block, the encoder's final norm NOT applied (models_vit deletes `norm`), then a
+    LayerNorm `fc_norm` (eps 1e-6); `pooling='cls'`: the cls token after the final norm; then a
+    linear layer, weight ~ N(0, 2e-5) (timm trunc_normal_(std=2e-5) cuts at +-2 absolute, i.e.
+    10^5 std: a plain normal), bias 0;
+  * the position embedding is learnable during fine-tuning, initialised to the pretraining's
+    fixed 2-D sin-cos table (MAE loads `pos_embed` from the checkpoint into timm's learnable
+    parameter); no weight decay on it, on the cls token (timm's no_weight_decay) and on 1-D
+    parameters;
+  * per batch (timm order): RandAugment 'rand-m9-mstd0.5-inc1' on the [0, 1] crop ->
+    normalise -> RandomErasing(0.25, 'pixel') -> Mixup/CutMix (0.8 / 1.0, switch 0.5, prob 1,
+    'batch' mode, label smoothing 0.1) -> soft-target cross-entropy;
+  * layer-wise lr decay and AdamW: `config.optim` (`mim_jax.optim`).
+
+The trainer hands `loss` images after its RandomResizedCrop + flip, normalised; they are
+un-normalised to [0, 1] here for RandAugment (timm applies it to the PIL crop) and
+normalised again.
+
+Pretrained weights: `config.finetune.pretrained` = a pretraining workdir (its config.json and
+latest checkpoint); its online encoder (or `pretrained_encoder='ema'`) replaces the random
+encoder in `init`, after a check that the architecture and every parameter shape match.
+'' trains from scratch (the same initialisation as pretraining). Resuming and --mode=eval
+restore the fine-tune checkpoint over the initialisation, so they work with '' as well.
+
+Deviations: the encoder's final norm stays in the parameters (unused with mean pooling, so
+its gradient is zero and AdamW leaves it untouched) so the tree matches the pretrained one;
+one mixup lam per global batch (per micro-batch with grad_accum) where the official code draws
+one per GPU batch; from scratch, the head is also initialised with std 2e-5 (the official
+script re-initialises it only when loading a checkpoint) and the position embedding starts at
+the sin-cos table (timm: trunc-normal .02).
+"""
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mim_jax.checkpointing import CheckpointMismatchError
+from mim_jax.data import finetune_aug
+from mim_jax.methods.base import Method
+from mim_jax.models import vit
+
+
+class PretrainedMismatchError(CheckpointMismatchError):
+  """The pretrained workdir's encoder does not fit this config's model (main.py prints it as a
+  one-line error)."""
+
+
+class ClassifierHead(nn.Module):
+  """MAE's head: fc_norm(mean of patch tokens) or the cls token, then a linear classifier."""
+  num_classes: int
+  pooling: str = "mean"
+
+  @nn.compact
+  def __call__(self, tokens):
+    """tokens [B, 1+L, D] (cls first) -> (features [B, D], logits [B, num_classes]), float32."""
+    tokens = tokens.astype(jnp.float32)
+    if self.pooling == "mean":
+      feats = vit.layer_norm("fc_norm", jnp.float32)(tokens[:, 1:].mean(axis=1))
+    elif self.pooling == "cls":
+      feats = tokens[:, 0]
+    else:
+      raise ValueError(f"config.finetune.pooling must be 'mean' or 'cls', got {self.pooling!r}")
+    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(2e-5),
+                      bias_init=nn.initializers.zeros, name="fc")(feats)
+    return feats, logits
+
+
+def _skip_final_norm(next_fun, args, kwargs, context):
+  """flax interceptor: the ViT's final LayerNorm (Encoder 'norm') becomes the identity, giving
+  the last block's output (MAE's global_pool deletes that norm)."""
+  module = context.module
+  if (context.method_name == "__call__" and isinstance(module, nn.LayerNorm)
+      and module.name == "norm" and isinstance(module.parent, vit.Encoder)):
+    return args[0]
+  return next_fun(*args, **kwargs)
+
+
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """timm SoftTargetCrossEntropy: mean over the batch of sum(-t * log_softmax(logits))."""
+  return jnp.mean(jnp.sum(-targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1))
+
+
+# Model settings that change what a parameter means; they must equal the pretraining run's.
+_ARCH_KEYS = ("variant", "depth", "patch_size", "pos_embed", "rel_pos_bias", "qkv_bias")
+
+
+def _path(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int) -> dict:
+  """The encoder parameters (numpy) of the latest checkpoint in pretraining `workdir`.
+
+  which: 'online' (state.params.encoder) or 'ema' (state.method_state.ema_encoder). Only that
+  subtree is read. Raises PretrainedMismatchError when the run's architecture differs.
+  """
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  from mim_jax import checkpointing, train
+  try:
+    pre = train.load_run_config(workdir)
+  except train.TrainingError as e:
+    raise PretrainedMismatchError(f"config.finetune.pretrained={workdir!r}: {e}, or set it to '' "
+                                  f"to train from scratch") from None
+  diffs = [f"model.{k}: {pre.model.get(k)!r} vs {model_cfg.get(k)!r}" for k in _ARCH_KEYS
+           if pre.model.get(k) != model_cfg.get(k)]
+  if bool(pre.model.get("init_values", 0.0)) != bool(model_cfg.get("init_values", 0.0)):
+    diffs.append("model.init_values (layer scale on/off)")
+  if int(pre.input.image_size) != int(image_size):
+    diffs.append(f"input.image_size: {pre.input.image_size} vs {image_size}")
+  if diffs:
+    raise PretrainedMismatchError(
+        f"{workdir} was pretrained with a different model ({'; '.join(diffs[:3])}): set the "
+        f"fine-tune config's model to the pretraining run's")
+  ckpt = checkpointing.Checkpointer(workdir, keep=int(pre.get("keep_ckpts", 3)))
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise PretrainedMismatchError(f"no checkpoint in {ckpt.directory}: pretrain first, or set "
+                                    f"config.finetune.pretrained='' to train from scratch")
+    state_dir = os.path.join(ckpt.directory, str(step), "state")
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+    saved = getattr(saved, "tree", saved)
+    keys = {"online": ("params", "encoder"), "ema": ("method_state", "ema_encoder")}
+    if which not in keys:
+      raise PretrainedMismatchError(f"config.finetune.pretrained_encoder={which!r}: use 'online' or 'ema'")
+    outer, inner = keys[which]
+    sub = saved.get(outer, {}).get(inner) if isinstance(saved.get(outer), dict) else None
+    if sub is None:
+      raise PretrainedMismatchError(f"{state_dir} has no {which} encoder ({outer}.{inner}): set "
+                                    f"config.finetune.pretrained_encoder='online'")
+    item = {outer: {inner: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)}}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))
+  finally:
+    ckpt.close()
+  return jax.tree.map(np.asarray, out["state"][outer][inner])
+
+
+def merge_pretrained(init: dict, loaded: dict, workdir: str) -> dict:
+  """`init` (this model's encoder params) with every entry replaced by `loaded`'s.
+
+  Entries only `init` has: a learnable `pos_embed` (kept at its sin-cos initial value when
+  the pretrained position embedding was fixed). Entries only `loaded` has: a `mask_token`
+  (SimMIM-style encoders; unused when fine-tuning). Anything else, or a shape that differs,
+  is a PretrainedMismatchError.
+  """
+  flat_init = {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(init)[0]}
+  flat_loaded = {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  missing = sorted(set(flat_init) - set(flat_loaded) - {"pos_embed"})
+  extra = sorted(set(flat_loaded) - set(flat_init) - {"mask_token"})
+  shapes = [f"{k} {tuple(flat_loaded[k].shape)} vs {tuple(flat_init[k].shape)}"
+            for k in sorted(set(flat_init) & set(flat_loaded))
+            if tuple(flat_loaded[k].shape) != tuple(flat_init[k].shape)]
+  if missing or extra or shapes:
+    what = (shapes + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in extra])[:3]
+    raise PretrainedMismatchError(f"the encoder in {workdir} does not fit this model "
+                                  f"({'; '.join(what)}): use the pretraining run's config.model")
+
+  # The values arrive through a host callback at run time, not as constants baked into the
+  # jitted init (a ViT-L would be a 1.2 GB constant).
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(init)
+  keys = [_path(p) for p, _ in leaves if _path(p) in flat_loaded]
+  shapes = [jax.ShapeDtypeStruct(flat_init[k].shape, flat_init[k].dtype) for k in keys]
+  values = jax.pure_callback(
+      lambda: [np.asarray(flat_loaded[k], s.dtype) for k, s in zip(keys, shapes)], shapes)
+  by_key = dict(zip(keys, values))
+  return jax.tree_util.tree_unflatten(treedef, [by_key.get(_path(p), v) for p, v in leaves])
+
+
+class FineTune(Method):
+  name = "finetune"
+  uses_labels = True
+  # timm VisionTransformer.no_weight_decay(): {'pos_embed', 'cls_token'} (+ 1-D parameters).
+  no_decay_names = ("pos_embed", "cls_token")
+
+  def __init__(self, config):
+    super().__init__(config)
+    f = config.finetune
+    self.num_classes = int(f.num_classes)
+    self.head_pooling = str(f.pooling)
+    if self.head_pooling not in ("mean", "cls"):
+      raise ValueError(f"config.finetune.pooling must be 'mean' or 'cls', got {self.head_pooling!r}")
+    self.head = ClassifierHead(self.num_classes, self.head_pooling)
+    self.pretrained = str(f.get("pretrained", "") or "")
+    self.pretrained_encoder = str(f.get("pretrained_encoder", "online"))
+    self.aug = f.aug
+    self.mean = tuple(config.input.mean)
+    self.std = tuple(config.input.std)
+    self._loaded = None                 # the pretrained encoder, read once (numpy)
+
+  def encoder_overrides(self):
+    # MAE fine-tunes the position embedding: a learnable table initialised to the sin-cos one.
+    if self.config.model.get("pos_embed", "sincos") == "sincos" and self.config.finetune.get("learn_pos_embed", True):
+      return {"pos_embed": "learned"}
+    return {}
+
+  # -- parameters -----------------------------------------------------------------------------
+  def pretrained_encoder_params(self) -> dict:
+    """The pretrained encoder (numpy), read from the workdir once."""
+    if self._loaded is None:
+      self._loaded = load_pretrained_encoder(self.pretrained, self.pretrained_encoder,
+                                             self.config.model, self.image_size)
+    return self._loaded
+
+  def init(self, rng, images):
+    loaded = self.pretrained_encoder_params() if self.pretrained else None   # fails early
+    r_enc, r_head = jax.random.split(rng)
+    enc = self.encoder.init(r_enc, images)["params"]
+    if "pos_embed" in enc and self.config.model.get("pos_embed", "sincos") == "sincos":
+      grid = self.image_size // self.config.model.patch_size
+      table = vit.sincos_2d(self.encoder.width, grid, cls_token=True)[None]
+      enc = {**enc, "pos_embed": jnp.asarray(table, enc["pos_embed"].dtype)}
+    if loaded is not None:
+      enc = merge_pretrained(enc, loaded, self.pretrained)
+    n = (self.image_size // self.config.model.patch_size) ** 2
+    tokens = jnp.zeros((1, n + 1, self.encoder.width), jnp.float32)
+    return {"encoder": enc, "head": self.head.init(r_head, tokens)["params"]}
+
+  # -- forward --------------------------------------------------------------------------------
+  def encoder_tokens(self, encoder_params, images, train: bool = False, rng=None):
+    """Tokens the head reads: the last block's output (mean pooling, no final norm) or the
+    final-norm tokens (cls pooling)."""
+    kw = dict(deterministic=not train, rngs={"dropout": rng} if train else None)
+    if self.head_pooling == "mean":
+      with nn.intercept_methods(_skip_final_norm):
+        return self.encoder.apply({"params": encoder_params}, images, **kw)
+    return self.encoder.apply({"params": encoder_params}, images, **kw)
+
+  def classify(self, params, images, train: bool = False, rng=None):
+    tokens = self.encoder_tokens(params["encoder"], images, train, rng)
+    return self.head.apply({"params": params["head"]}, tokens)
+
+  def augment(self, rng, images, labels):
+    """RandAugment -> normalise -> random erasing -> mixup/cutmix, on normalised crops."""
+    a = self.aug
+    k_ra, k_re, k_mix = jax.random.split(rng, 3)
+    mean = jnp.asarray(self.mean, jnp.float32)
+    std = jnp.asarray(self.std, jnp.float32)
+    x = images.astype(jnp.float32)
+    if a.rand_augment:
+      x01 = jnp.clip(x * std + mean, 0.0, 1.0)
+      x01 = finetune_aug.rand_augment(
+          k_ra, x01, num_layers=int(a.ra_num_layers), magnitude=float(a.ra_magnitude),
+          magnitude_std=float(a.ra_magnitude_std), prob=float(a.ra_prob),
+          fill=finetune_aug.img_mean_fill(self.mean))
+      x = (x01 - mean) / std
+    if a.reprob > 0:
+      x = finetune_aug.random_erasing(k_re, x, prob=float(a.reprob), mode=str(a.remode))
+    return finetune_aug.mixup_cutmix(k_mix, x, labels, self.num_classes,
+                                     mixup_alpha=float(a.mixup), cutmix_alpha=float(a.cutmix),
+                                     prob=float(a.mixup_prob), switch_prob=float(a.mixup_switch_prob),
+                                     smoothing=float(a.smoothing))
+
+  def loss(self, params, state, images, rng, step, labels=None):
+    if labels is None:
+      raise ValueError("the finetune method needs labels: the trainer passes them when uses_labels is True")
+    k_aug, k_drop = jax.random.split(rng)
+    x, targets, aux = self.augment(k_aug, images, labels)
+    _, logits = self.classify(params, x, train=True, rng=k_drop)
+    loss = soft_target_cross_entropy(logits, targets)
+    acc = jnp.mean((jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32))
+    return loss, {**aux, "top1_vs_major_target": acc}
+
+  # -- evaluation -----------------------------------------------------------------------------
+  def features(self, params, state, images):
+    """{'online': the head's input features [B, D], 'logits': [B, num_classes]} (no
+    augmentation); the 'classifier' evaluator reads 'logits'."""
+    feats, logits = self.classify(params, images)
+    return {"online": feats.astype(jnp.float32), "logits": logits.astype(jnp.float32)}
+
+  def describe(self) -> dict:
+    return {**super().describe(), "num_classes": self.num_classes, "pooling": self.head_pooling}
+
