@@ -249,16 +249,10 @@ class Trainer:
     params, mstate = self.state["params"], self.state["method_state"]
 
     def run_padded(fn, images):
-      outs = []
-      for i in range(0, len(images), chunk):
-        x = np.asarray(images[i:i + chunk])
-        n = len(x)
-        if n < chunk:
-          x = np.concatenate([x, np.zeros((chunk - n,) + x.shape[1:], x.dtype)])
+      def global_batch(x):
         local = np.split(x, jax.process_count())[jax.process_index()]
-        out = fn(sharding.host_to_global(local, self.batch_sharding))
-        outs.append(jax.tree.map(lambda a: np.asarray(a)[:n], out))
-      return jax.tree.map(lambda *a: np.concatenate(a), *outs)
+        return fn(sharding.host_to_global(local, self.batch_sharding))
+      return evaluators.map_padded(global_batch, images, chunk)
 
     def encode(images):
       return run_padded(lambda x: feat_fn(params, mstate, x), images)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from mim_jax.analysis import attention, cka
+from mim_jax.evaluators.common import map_padded
 
 SUBSET_RULE = ("the data pipeline's fixed seeded subset of num_images records of the split "
                "(numpy PCG64 seed 0, kept in stored order), read from --workdir's data config and "
@@ -131,15 +132,8 @@ def map_batches(run: Run, fn: Callable, images: np.ndarray, batch_size: int) -> 
   bs = -(-min(int(batch_size), len(images)) // ndev) * ndev
   encoder, input_cfg = run.encoder, run.config.input
   jitted = jax.jit(lambda p, x: fn(encoder, p, train.preprocess(None, x, input_cfg, False, train=False)))
-  outs = []
-  for start in range(0, len(images), bs):
-    x = np.asarray(images[start:start + bs])
-    n = len(x)
-    if n < bs:
-      x = np.concatenate([x, np.zeros((bs - n,) + x.shape[1:], x.dtype)])
-    out = jitted(run.params, sharding.host_to_global(x, run.trainer.batch_sharding))
-    outs.append(jax.tree.map(lambda a: np.asarray(a)[:n], out))
-  return jax.tree.map(lambda *a: np.concatenate(a), *outs)
+  return map_padded(lambda x: jitted(run.params, sharding.host_to_global(x, run.trainer.batch_sharding)),
+                    images, bs)
 
 
 def _runs(args) -> list[Run]:

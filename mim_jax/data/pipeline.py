@@ -123,19 +123,20 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
   return image
 
 
-class DecodedSource:
-  """Decodes a streaming source's records: ``{'image': uint8 [H,W,3], 'label', 'bad'}``.
-
-  A record that cannot be read or decoded is replaced by the next readable record (i+1, i+2,
-  ..., wrapping around), deterministically; ``'bad'`` counts the records skipped. More than
-  64 unreadable records in a row raise `DataError`.
-  """
+class _SkippingSource:
+  """A streaming source's records, read by `_read`; a record `_read` rejects is replaced by the
+  next readable record (i+1, i+2, ..., wrapping around), deterministically, and ``'bad'``
+  counts the records skipped. More than 64 unreadable records in a row raise `DataError`."""
 
   def __init__(self, source: Any):
     self._source = source
 
   def __len__(self) -> int:
     return len(self._source)
+
+  def _read(self, record: dict[str, Any]) -> dict[str, Any]:
+    """The element for a readable record (without 'label' and 'bad'); raises if unreadable."""
+    raise NotImplementedError
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     global _warned_bad
@@ -145,11 +146,7 @@ class DecodedSource:
       j = (index + skipped) % n
       try:
         record = self._source[j]
-        if "image" in record:
-          image = _to_rgb(record["image"])
-        else:
-          image = sources.decode_image(record["image_bytes"])
-        return {"image": image, "label": np.int32(record["label"]), "bad": np.int32(skipped)}
+        return {**self._read(record), "label": np.int32(record["label"]), "bad": np.int32(skipped)}
       except Exception as e:  # pylint: disable=broad-except
         if not _warned_bad:
           _warned_bad = True
@@ -158,53 +155,40 @@ class DecodedSource:
                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     raise DataError(f"{min(_MAX_CONSECUTIVE_BAD, n)} unreadable records in a row from record "
                     f"{index} of {self._source!r}: check the data files")
+
+
+class DecodedSource(_SkippingSource):
+  """Decodes a streaming source's records: ``{'image': uint8 [H,W,3], 'label', 'bad'}``; an
+  unreadable or undecodable record is skipped (see `_SkippingSource`)."""
+
+  def _read(self, record: dict[str, Any]) -> dict[str, Any]:
+    if "image" in record:
+      return {"image": _to_rgb(record["image"])}
+    return {"image": sources.decode_image(record["image_bytes"])}
 
   def __repr__(self) -> str:
     return f"Decoded({self._source!r})"
 
 
-class HeaderCheckedSource:
+class HeaderCheckedSource(_SkippingSource):
   """Streaming records checked only as far as their header: the fast path's source.
 
   ``source[i] -> {'image_bytes': bytes, 'label': int32, 'bad': int32}`` (or ``'image'``
   instead of ``'image_bytes'`` for a source that yields decoded images). The bytes must open
   with PIL and report a size (a header parse, no decode); a record that does not is replaced
-  by the next one that does, as in `DecodedSource`, and ``'bad'`` counts the records skipped.
-  The full decode happens in `HostDecodeRandomResizedCropFlip`, which handles a body that
-  fails to decode.
+  by the next one that does (see `_SkippingSource`). The full decode happens in
+  `HostDecodeRandomResizedCropFlip`, which handles a body that fails to decode.
   """
 
-  def __init__(self, source: Any):
-    self._source = source
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    global _warned_bad
-    n = len(self._source)
-    index = int(index)
-    for skipped in range(min(_MAX_CONSECUTIVE_BAD, n)):
-      j = (index + skipped) % n
-      try:
-        record = self._source[j]
-        if "image" in record:
-          return {"image": _to_rgb(record["image"]), "label": np.int32(record["label"]),
-                  "bad": np.int32(skipped)}
-        data = record["image_bytes"]
-        with _pil().open(io.BytesIO(data)) as im:
-          width, height = im.size
-        if width <= 0 or height <= 0:
-          raise ValueError(f"bad image size {width}x{height}")
-        return {"image_bytes": data, "label": np.int32(record["label"]), "bad": np.int32(skipped)}
-      except Exception as e:  # pylint: disable=broad-except
-        if not _warned_bad:
-          _warned_bad = True
-          logging.warning("skipping unreadable record %d of %r (%s: %s); further ones are only "
-                          "counted in the batches' 'bad' field", j, self._source,
-                          type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-    raise DataError(f"{min(_MAX_CONSECUTIVE_BAD, n)} unreadable records in a row from record "
-                    f"{index} of {self._source!r}: check the data files")
+  def _read(self, record: dict[str, Any]) -> dict[str, Any]:
+    if "image" in record:
+      return {"image": _to_rgb(record["image"])}
+    data = record["image_bytes"]
+    with _pil().open(io.BytesIO(data)) as im:
+      width, height = im.size
+    if width <= 0 or height <= 0:
+      raise ValueError(f"bad image size {width}x{height}")
+    return {"image_bytes": data}
 
   def __repr__(self) -> str:
     return f"HeaderChecked({self._source!r})"

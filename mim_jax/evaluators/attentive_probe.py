@@ -151,14 +151,9 @@ def fit(tokens: np.ndarray, labels: np.ndarray, num_classes: int, cfg: Attentive
 
   def predict(x: np.ndarray) -> np.ndarray:
     """Logits [N, C] of tokens [N, L, D], ``batch`` images at a time (one compiled shape)."""
-    out = []
-    for start in range(0, len(x), batch):
-      chunk = np.asarray(x[start:start + batch])
-      real = len(chunk)
-      if real < batch:
-        chunk = np.concatenate([chunk, np.zeros((batch - real,) + chunk.shape[1:], chunk.dtype)])
-      out.append(np.asarray(apply(params, jnp.asarray(chunk)))[:real])
-    return np.concatenate(out) if out else np.zeros((0, int(num_classes)), np.float32)
+    if not len(x):
+      return np.zeros((0, int(num_classes)), np.float32)
+    return common.map_padded(lambda chunk: apply(params, jnp.asarray(chunk)), x, batch)
 
   info = {"batch_size": batch, "steps_per_epoch": steps, "lr": cfg.lr(batch),
           "num_heads": model.num_heads, "final_train_loss": last_loss}

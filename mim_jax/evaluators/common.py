@@ -285,6 +285,21 @@ def extract_features(ctx: EvalContext, split: str, batch_size: int,
   return feats, labels
 
 
+def map_padded(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int) -> Any:
+  """``fn`` over ``x`` in batches of exactly ``batch`` rows (the last one zero-padded, so one
+  compiled shape serves every call); returns the pytree of its outputs cut to the real rows and
+  concatenated on the host."""
+  import jax  # pylint: disable=g-import-not-at-top
+  outs = []
+  for start in range(0, len(x), batch):
+    chunk = np.asarray(x[start:start + batch])
+    n = len(chunk)
+    if n < batch:
+      chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
+    outs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], fn(chunk)))
+  return jax.tree.map(lambda *a: np.concatenate(a), *outs)
+
+
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, float]:
   """Percent of rows whose label is among the ``k`` highest scores.
 
