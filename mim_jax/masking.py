@@ -67,3 +67,120 @@ def simmim_mask(rng: jax.Array, batch: int, image_size: int, mask_patch_size: in
   ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
   mask = (ranks < count).astype(jnp.int32).reshape(batch, rand, rand)
   return jnp.repeat(jnp.repeat(mask, scale, axis=1), scale, axis=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# BEiT block-wise masking.
+
+class BlockMaskInfo(NamedTuple):
+  """Per-sample trace of `block_mask_trace`, for tests and analyses.
+
+  mask:   [H, W] int32, 1 = masked.
+  areas:  [T] float, the target area drawn for each accepted rectangle (0 past the last).
+  sizes:  [T] int32, h * w of each accepted rectangle.
+  deltas: [T] int32, patches each accepted rectangle newly masked.
+  """
+  mask: jax.Array
+  areas: jax.Array
+  sizes: jax.Array
+  deltas: jax.Array
+
+
+def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
+                     min_num: int = 16, max_num: int | None = None, min_aspect: float = 0.3,
+                     max_aspect: float | None = None, max_attempts: int = 10) -> BlockMaskInfo:
+  """One sample of microsoft/unilm `beit/masking_generator.py` `MaskingGenerator`, in JAX.
+
+  The algorithm, step for step: while fewer than `num_masking` patches are masked, try up to
+  `max_attempts` rectangles: target area ~ U(min_num, m) with m = min(remaining, max_num),
+  log aspect ~ U(log min_aspect, log max_aspect), h = round(sqrt(area * aspect)),
+  w = round(sqrt(area / aspect)) (round half to even, as Python's round); if h < H and w < W, a
+  uniformly placed rectangle is accepted when it adds between 1 and m new patches. Stop when
+  an attempt round adds nothing. The count therefore never exceeds `num_masking` and may stay
+  below it. The draws are JAX's, so masks equal the official ones in distribution, not bits.
+  """
+  max_num = num_masking if max_num is None else max_num
+  max_aspect = max_aspect or 1.0 / min_aspect
+  log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
+  rows = jnp.arange(height)[:, None]
+  cols = jnp.arange(width)[None, :]
+  limit = max(num_masking, 1)
+
+  def one_rectangle(mask, count, rng):
+    """Up to `max_attempts` tries; returns the mask, the patches added (0: none fitted), the
+    rng, and the accepted rectangle's target area and h * w."""
+    max_mask = jnp.minimum(num_masking - count, max_num).astype(jnp.int32)
+
+    def cond(c):
+      return (c[0] < max_attempts) & (c[1] == 0)
+
+    def body(c):
+      i, _, mask, rng, _, _ = c
+      rng, ka, kr, kt, kl = jax.random.split(rng, 5)
+      # Python's random.uniform(a, b) = a + (b - a) * U, also when b < a (few patches left);
+      # jax.random.uniform would clamp that case to a.
+      area = min_num + (max_mask.astype(jnp.float32) - min_num) * jax.random.uniform(ka, ())
+      aspect = jnp.exp(jax.random.uniform(kr, (), minval=log_lo, maxval=log_hi))
+      h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+      w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+      fits = (w < width) & (h < height)
+      top = jax.random.randint(kt, (), 0, jnp.maximum(height - h, 0) + 1)     # randint(0, H - h)
+      left = jax.random.randint(kl, (), 0, jnp.maximum(width - w, 0) + 1)
+      inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+      new = jnp.sum(inside & (mask == 0)).astype(jnp.int32)
+      ok = fits & (new > 0) & (new <= max_mask)
+      return (i + 1, jnp.where(ok, new, 0), jnp.where(ok & inside, 1, mask), rng,
+              jnp.where(ok, area, 0.0), jnp.where(ok, h * w, 0))
+
+    init = (jnp.int32(0), jnp.int32(0), mask, rng, jnp.float32(0), jnp.int32(0))
+    _, delta, mask, rng, area, size = jax.lax.while_loop(cond, body, init)
+    return mask, delta, rng, area, size
+
+  def cond(c):
+    mask, count, stuck, rng, k, areas, sizes, deltas = c
+    return (count < num_masking) & ~stuck
+
+  def body(c):
+    mask, count, stuck, rng, k, areas, sizes, deltas = c
+    mask, delta, rng, area, size = one_rectangle(mask, count, rng)
+    got = delta > 0
+    areas = areas.at[k].set(jnp.where(got, area, 0.0))
+    sizes = sizes.at[k].set(jnp.where(got, size, 0))
+    deltas = deltas.at[k].set(delta)
+    return mask, count + delta, ~got, rng, k + got.astype(jnp.int32), areas, sizes, deltas
+
+  init = (jnp.zeros((height, width), jnp.int32), jnp.int32(0), jnp.bool_(False), rng, jnp.int32(0),
+          jnp.zeros((limit,), jnp.float32), jnp.zeros((limit,), jnp.int32), jnp.zeros((limit,), jnp.int32))
+  mask, _, _, _, _, areas, sizes, deltas = jax.lax.while_loop(cond, body, init)
+  return BlockMaskInfo(mask, areas, sizes, deltas)
+
+
+def block_mask(rng: jax.Array, batch: int, height: int, width: int, num_masking: int,
+               min_num: int = 16, max_num: int | None = None, min_aspect: float = 0.3,
+               max_aspect: float | None = None, exact: bool = False) -> jax.Array:
+  """BEiT block-wise masks [B, H*W] int32 (1 = masked), jittable, drawn on the device.
+
+  `exact=False` is BEiT's generator (`block_mask_trace`): at most `num_masking` patches per
+  image, for encoders that see every token with mask tokens in place (static shapes whatever
+  the count). `exact=True` then masks randomly chosen unmasked patches until exactly
+  `num_masking` are masked, as CAE's generator does for its encoder that drops the masked
+  tokens (so every image keeps the same number of visible tokens).
+  """
+  keys = jax.random.split(rng, batch)
+  info = jax.vmap(lambda k: block_mask_trace(k, height, width, num_masking, min_num, max_num,
+                                             min_aspect, max_aspect))(keys)
+  mask = info.mask.reshape(batch, height * width)
+  if exact:
+    mask = fill_to_count(jax.random.fold_in(rng, 1), mask, num_masking)
+  return mask
+
+
+def fill_to_count(rng: jax.Array, mask: jax.Array, count: int) -> jax.Array:
+  """mask [B, L] with at most `count` ones -> exactly `count` ones: the missing ones go to
+  unmasked positions chosen uniformly at random (ranks of uniform noise among them)."""
+  noise = jax.random.uniform(rng, mask.shape)
+  noise = jnp.where(mask > 0, -1.0, noise)          # already masked: ranked last
+  order = jnp.argsort(-noise, axis=1)               # unmasked first, in random order
+  ranks = jnp.argsort(order, axis=1)
+  missing = count - jnp.sum(mask, axis=1, keepdims=True)
+  return jnp.where((mask > 0) | (ranks < missing), 1, 0).astype(jnp.int32)

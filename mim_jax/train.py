@@ -87,18 +87,19 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
     aug_rng, loss_rng = jax.random.split(rng)
-    images = preprocess(aug_rng, batch["image"], input_cfg, on_device_aug)
+    images = method.preprocess(aug_rng, batch["image"], input_cfg, on_device_aug)
     params, mstate = state["params"], state["method_state"]
     labels = batch.get("label")
     if labels is None:
-      labels = jnp.zeros((images.shape[0],), jnp.int32)
+      labels = jnp.zeros((batch["image"].shape[0],), jnp.int32)
     if grad_accum == 1:
       (loss, aux), grads = grad_fn(params, mstate, images, labels, loss_rng, step)
     else:
-      b = images.shape[0]
+      b = labels.shape[0]
       if b % grad_accum:
         raise TrainingError(f"batch {b} is not divisible by config.optim.grad_accum={grad_accum}")
-      micro = images.reshape((grad_accum, b // grad_accum) + images.shape[1:])
+      # `images` may be a pytree (several views of the batch): split each leaf.
+      micro = jax.tree.map(lambda x: x.reshape((grad_accum, b // grad_accum) + x.shape[1:]), images)
       micro_labels = labels.reshape((grad_accum, b // grad_accum))
 
       def body(carry, i_x_y):
@@ -106,13 +107,19 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
         (l, a), g = grad_fn(params, mstate, x, y, jax.random.fold_in(loss_rng, i), step)
         return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-      (l0, a0), g0 = jax.eval_shape(grad_fn, params, mstate, micro[0], micro_labels[0], loss_rng, step)
+      first = jax.tree.map(lambda x: x[0], micro)
+      (l0, a0), g0 = jax.eval_shape(grad_fn, params, mstate, first, micro_labels[0], loss_rng, step)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
       (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro, micro_labels))
       loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
+    # Batch statistics a method's state update needs (e.g. iBOT's centre: the mean teacher
+    # output) come back in aux under 'state_stats'; with gradient accumulation they are the
+    # mean over the micro-batches, like the loss.
+    aux = dict(aux)
+    stats = aux.pop("state_stats", None)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
-    mstate = method.update_state(params, mstate, step)
+    mstate = method.update_state(params, mstate, step, stats)
     metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.tree.norm(grads),
                **{f"aux/{k}": v for k, v in aux.items()}}
     if "bad" in batch:
@@ -134,14 +141,22 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool):
   tx = optim.make_optimizer(config.optim, schedule,
                             method.decay_mask(jax.eval_shape(method.init, prng, dummy)))
 
+  # Frozen weights read from other runs (a tokenizer, a teacher) enter the method state after
+  # the jitted init, so they are never baked into the program as constants.
+  external = method.external_state()
+
   def init_fn(prng, srng):
     params = method.init(prng, dummy)
+    mstate = {**method.init_state(params), **jax.tree.map(jnp.zeros_like, external)}
     return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                method_state=method.init_state(params), rng=srng)
+                method_state=mstate, rng=srng)
 
   shapes = jax.eval_shape(init_fn, prng, srng)
   state_sh = sharding.tree_shardings(mesh, shapes, config.sharding_rules)
   state = jax.jit(init_fn, out_shardings=state_sh)(prng, srng)
+  if external:
+    placed = jax.device_put(external, {k: state_sh["method_state"][k] for k in external})
+    state = dict(state, method_state={**state["method_state"], **placed})
   step_fn = make_train_step(method, tx, schedule, config.input, on_device_aug,
                             int(config.optim.get("grad_accum", 1)))
   batch_sh = sharding.batch_sharding(mesh)

@@ -8,6 +8,14 @@ REGISTRY = {
     "mae": "mim_jax.methods.mae:MAE",
     "simmim": "mim_jax.methods.simmim:SimMIM",
     "finetune": "mim_jax.methods.finetune:FineTune",
+    "maskfeat": "mim_jax.methods.maskfeat:MaskFeat",
+    "tokenizer": "mim_jax.methods.tokenizer:Tokenizer",
+    "beit": "mim_jax.methods.beit:BEiT",
+    "cae": "mim_jax.methods.cae:CAE",
+    "ibot": "mim_jax.methods.ibot:IBOT",
+    "data2vec": "mim_jax.methods.data2vec:Data2Vec",
+    "deepmim": "mim_jax.methods.deepmim:DeepMIM",
+    "feature_mim": "mim_jax.methods.feature_mim:FeatureMIM",
 }
 
 

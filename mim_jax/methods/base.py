@@ -5,7 +5,11 @@ A method declares
   * its extra, non-trainable state (`init_state`): EMA teachers, queues, centres, frozen
     tokenizers ... anything the step carries from one iteration to the next;
   * its loss, a pure function of (params, state, images, rng) (`loss`);
-  * its per-step state update after the optimiser step (`update_state`);
+  * its per-step state update after the optimiser step (`update_state`), which also receives
+    the batch statistics the loss returned in its metrics under 'state_stats' (a centre's
+    batch mean, say);
+  * optionally its own view of the batch (`preprocess`: several augmented views, say) and
+    frozen weights loaded from other runs (`external_state`: a tokenizer, a teacher);
   * the features evaluators read (`features`), one entry per encoder worth evaluating;
   * optionally a reconstruction for the picture (`reconstruct`) and a weight-decay mask.
 
@@ -25,6 +29,11 @@ import ml_collections
 from mim_jax.models import vit
 
 PyTree = Any
+
+
+def ema_update(target: PyTree, online: PyTree, decay) -> PyTree:
+  """decay * target + (1 - decay) * online, leaf by leaf (EMA teachers and encoders)."""
+  return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o, target, online)
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -68,18 +77,28 @@ class Method:
     return None
 
   # -- defaults -----------------------------------------------------------------------------
+  def preprocess(self, rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool) -> PyTree:
+    """uint8 batch [B, H, W, 3] -> what `loss` receives as `images`: by default one augmented,
+    normalised view (`train.preprocess`); multi-view methods return a dict of views."""
+    from mim_jax import train
+    return train.preprocess(rng, images, input_cfg, on_device_aug)
+
+  def external_state(self) -> dict:
+    """Frozen arrays read from outside (another run's checkpoint), merged into the method state
+    after initialisation and checkpointed with it: {name: pytree of host arrays}."""
+    return {}
+
   def init_state(self, params: PyTree) -> PyTree:
     state = {}
     if self.ema_decay is not None:
       state["ema_encoder"] = jax.tree.map(jnp.copy, params["encoder"])
     return state
 
-  def update_state(self, params: PyTree, state: PyTree, step: jax.Array) -> PyTree:
+  def update_state(self, params: PyTree, state: PyTree, step: jax.Array,
+                   stats: Optional[PyTree] = None) -> PyTree:
     if self.ema_decay is None:
       return state
-    d = self.ema_decay
-    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema_encoder"], params["encoder"])
-    return {**state, "ema_encoder": ema}
+    return {**state, "ema_encoder": ema_update(state["ema_encoder"], params["encoder"], self.ema_decay)}
 
   def features(self, params: PyTree, state: PyTree, images: jax.Array) -> dict[str, jax.Array]:
     """Pooled, frozen-encoder features of un-masked images, for kNN and the linear probe."""
