@@ -187,6 +187,47 @@ def test_gradient_accumulation_equals_the_full_batch_step(monkeypatch):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p4, p1)
 
 
+def test_views_state_stats_and_external_state_hooks(monkeypatch):
+  """A method's own views (a dict), batch statistics for its state update (mean over
+  micro-batches under accumulation, kept out of the metrics) and frozen external arrays
+  (placed after init, carried unchanged)."""
+  c = tiny_config("mae")
+  cls = type(methods.get(c))
+  frozen = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+
+  def preprocess(self, rng, images, input_cfg, on_device_aug):
+    x = images.astype(jnp.float32) / 255.0
+    return {"a": x, "b": 1.0 - x}
+
+  def det_loss(self, params, state, images, rng, step):
+    tokens = self.encoder.apply({"params": params["encoder"]}, images["a"] - images["b"])
+    z = 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(params["decoder"]))
+    return jnp.mean(tokens ** 2) + z, {"state_stats": {"mean": jnp.mean(images["a"])},
+                                       "seen": jnp.sum(state["frozen"]["w"])}
+
+  def update_state(self, params, state, step, stats=None):
+    return {**state, "last_mean": stats["mean"]}
+
+  monkeypatch.setattr(cls, "preprocess", preprocess)
+  monkeypatch.setattr(cls, "loss", det_loss)
+  monkeypatch.setattr(cls, "update_state", update_state)
+  monkeypatch.setattr(cls, "init_state", lambda self, params: {"last_mean": jnp.zeros(())})
+  monkeypatch.setattr(cls, "external_state", lambda self: {"frozen": frozen})
+  out = {}
+  for accum in (1, 4):
+    c.optim.grad_accum = accum
+    tr = train.Trainer.create(c, devices=jax.devices()[:1])
+    batch = tr.next_batch()
+    tr.state, metrics = tr.step_fn(tr.state, batch)
+    assert "aux/state_stats" not in metrics and float(metrics["aux/seen"]) == 15.0
+    ms = jax.device_get(tr.state["method_state"])
+    np.testing.assert_array_equal(ms["frozen"]["w"], frozen["w"])
+    want = np.mean(np.asarray(jax.device_get(batch["image"]), np.float64) / 255.0)
+    np.testing.assert_allclose(ms["last_mean"], want, rtol=1e-5)
+    out[accum] = float(metrics["loss"])
+  np.testing.assert_allclose(out[4], out[1], rtol=1e-5)
+
+
 def test_corrupt_image_in_folder_is_skipped_and_counted(tmp_path, shared_cifar_dir):
   import shutil
   root = tmp_path / "data"
