@@ -26,7 +26,9 @@ from typing import Any, Optional, Sequence
 
 RESULTS_FILENAME = "eval_results.json"   # = mim_jax.evaluators.common.RESULTS_FILENAME
 ENCODERS = ("online", "ema")             # feature-set names of EvalContext.encode, row order
-METHOD_NAMES = {"mae": "MAE", "simmim": "SimMIM"}
+METHOD_NAMES = {"mae": "MAE", "simmim": "SimMIM", "finetune": "fine-tune", "maskfeat": "MaskFeat",
+                "tokenizer": "tokenizer", "beit": "BEiT", "cae": "CAE", "ibot": "iBOT",
+                "data2vec": "data2vec", "deepmim": "DeepMIM", "feature_mim": "teacher-feature MIM"}
 EVALUATOR_LABELS = {"knn": "kNN", "linear_probe": "linear probe", "heldout_loss": ""}
 METRIC_LABELS = {"top1": "top-1 (%)", "top5": "top-5 (%)", "train_top1": "train top-1 (%)",
                  "train_loss": "train loss", "heldout_loss": "held-out loss",
@@ -293,7 +295,8 @@ def pretraining_label(run: Run) -> str:
 
 
 def data_note(config: dict) -> str:
-  """The pretraining data and optimisation of a run, for the notes under the table."""
+  """The training data and optimisation of a run, for the notes under the table ('fine-tuning:'
+  for a fine-tuning run, 'pretraining:' otherwise)."""
   data = _get(config, "input.data", {}) or {}
   name = data.get("name", "?")
   where = {"embedded": "the embedded CIFAR-10 subset",
@@ -313,7 +316,8 @@ def data_note(config: dict) -> str:
   if optim and batch and optim.get("base_lr") is not None:
     peak = float(optim["base_lr"]) * float(batch) / float(optim.get("lr_batch_divisor") or 256)
     parts.append(f"batch {batch}, {optim.get('name')} peak lr {peak:.3g}")
-  return "pretraining: " + ", ".join(parts)
+  kind = "fine-tuning" if config.get("method") == "finetune" else "pretraining"
+  return f"{kind}: " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

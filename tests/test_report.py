@@ -124,3 +124,9 @@ def test_errors_are_one_line_and_name_the_fix(two_runs, tmp_path, capsys):
   assert report.main([str(empty)]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "--mode=eval" in err
+
+
+def test_fine_tuning_runs_are_labelled_as_such():
+  ft = _config("finetune", 6, 1e-3, 256)
+  assert report.data_note(ft).startswith("fine-tuning: image folder /data/c10")
+  assert report.data_note(_config("mae", 6, 1e-3, 256)).startswith("pretraining: ")
