@@ -1,0 +1,166 @@
+"""MaskFeat: Masked Feature Prediction for Self-Supervised Visual Pre-Training (Wei et al., 2022).
+
+The image model, exact to facebookresearch/SlowFast (`slowfast/models/masked.py` MaskMViT in
+its MaskFeat mode, `slowfast/models/head_helper.py` MSSeparateHead, `slowfast/models/
+operators.py` HOGLayerC, `slowfast/datasets/imagenet.py` + `transform.py` MaskingGenerator,
+`slowfast/models/losses.py` MultipleMSELoss, `configs/masked_ssl/in1k_VIT_B_MaskFeat_PT.yaml`):
+  * BEiT block-wise masks drawn on the patch grid: num = round(G*G * ratio) patches at most
+    (round(196 * 0.4) = 78 for ViT-B/16 at 224 px), rectangles of at least num // 5 patches
+    (15), aspect ratio in [0.3, 1/0.3], no cap per rectangle (masking.block_mask);
+  * a learnable mask token replaces the embeddings of the masked patches before the position
+    embedding is added; the encoder (a plain ViT: qkv bias, learned absolute position
+    embedding, cls token, no layer scale, drop path 0) runs over all tokens;
+  * the head: the LayerNorm (eps 1e-6) that replaces the encoder's final norm (here the ViT's
+    own final norm), the cls token dropped, one Linear to 3 * 9 * (16 / 8)^2 = 108 outputs;
+  * the target: HOG of the normalised input (mim_jax.targets.hog: 9 bins, 8-pixel cells,
+    per-cell per-channel L2 norm), 108 values per patch in the official order;
+  * loss: MSE averaged over every masked patch of the batch and its 108 values (nn.MSELoss on
+    the masked rows only);
+  * initialisation (`official_init`, config.maskfeat.official_init): every Linear weight
+    ~ N(0, 0.02) (torch trunc_normal_(std=.02) cuts at +-2, i.e. +-100 std), Linear and
+    LayerNorm biases 0.02 and LayerNorm weights 1 in the blocks (MViT._init_weights), the
+    patch-embedding Conv2d weight ~ N(0, 0.02) with PyTorch's default U(+-1/sqrt(3 p^2)) bias,
+    cls token, position embedding and mask token ~ N(0, 0.02), the head's norm 1 / 0 and its
+    Linear ~ N(0, 0.02) with zero bias (MSSeparateHead._init_weights);
+  * weight decay on every parameter of 2 or more dims (ZERO_WD_1D_PARAM; ZERO_DECAY_POS_CLS is
+    False, so the cls token, position embedding and mask token are decayed).
+There is no `reconstruct`: the model predicts HOG, not pixels, so the configs turn the
+reconstruction picture off.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax import masking
+from mim_jax.methods.base import Method, path_names
+from mim_jax.models import vit
+from mim_jax.targets import hog
+
+# torch.nn.init.trunc_normal_(std=0.02) keeps its default bounds a=-2, b=2 (absolute), which
+# are +-100 standard deviations: in effect an untruncated N(0, 0.02).
+_NORMAL_02 = vit.trunc_normal(0.02, cutoff=2.0 / 0.02)
+
+
+class MaskFeatHead(nn.Module):
+  """MSSeparateHead without a decoder: drop the cls token, one Linear to the target size.
+  (Its LayerNorm is the encoder's final norm, applied before the tokens reach the head.)"""
+  out_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    """tokens [B, 1+L, D] (cls first, after the final norm) -> predictions [B, L, out_dim]."""
+    x = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=_NORMAL_02, bias_init=nn.initializers.zeros, name="proj")(tokens[:, 1:])
+    return x.astype(jnp.float32)
+
+
+def maskfeat_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean squared error over the masked patches of the whole batch and all target values:
+  sum_masked ||pred - target||^2 / (number of masked patches * target size)."""
+  m = mask.astype(jnp.float32)
+  per_patch = jnp.sum((pred - target) ** 2, axis=-1)
+  return jnp.sum(per_patch * m) / (jnp.maximum(jnp.sum(m), 1.0) * pred.shape[-1])
+
+
+def num_masking_patches(grid: int, mask_ratio: float) -> int:
+  """round(G * G * ratio) as `slowfast/datasets/imagenet.py` (Python's round, half to even)."""
+  return int(round(grid * grid * mask_ratio))
+
+
+def official_init(rng: jax.Array, params: dict, patch: int, in_channels: int = 3) -> dict:
+  """Re-draws the encoder and head parameters as the official MaskFeat ViT initialises them
+  (see the module docstring). Parameters it has no rule for (a relative position bias table,
+  layer-scale gammas) keep their Flax initialisation."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(rng, len(leaves))
+  conv_bias = vit.torch_default_uniform(in_channels * patch * patch)
+
+  def draw(names, key, p):
+    leaf = names[-1]
+    if names[0] == "head":
+      return _NORMAL_02(key, p.shape, p.dtype) if leaf == "kernel" else jnp.zeros_like(p)
+    if names[0] != "encoder":
+      return p
+    if names[1] == "patch_embed":
+      return _NORMAL_02(key, p.shape, p.dtype) if leaf == "kernel" else conv_bias(key, p.shape, p.dtype)
+    if leaf in ("cls_token", "pos_embed", "mask_token"):
+      return _NORMAL_02(key, p.shape, p.dtype)
+    if len(names) == 4 and names[2] == "norm":          # encoder/encoder/norm: the head's norm
+      return jnp.ones_like(p) if leaf == "scale" else jnp.zeros_like(p)
+    if any(n.startswith("block") for n in names):
+      if leaf in ("kernel", "qkv_kernel"):
+        return _NORMAL_02(key, p.shape, p.dtype)
+      if leaf in ("bias", "qkv_bias", "q_bias", "v_bias"):
+        return jnp.full_like(p, 0.02)
+      if leaf == "scale":
+        return jnp.ones_like(p)
+    return p
+
+  new = [draw(path_names(path), k, p) for (path, p), k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+class MaskFeat(Method):
+  name = "maskfeat"
+  # ZERO_WD_1D_PARAM only: 1-D parameters are not decayed (the base class's rule), every
+  # other parameter is, position embedding and cls / mask tokens included.
+  no_decay_names = ()
+
+  def __init__(self, config):
+    super().__init__(config)
+    c = config.maskfeat
+    self.patch = config.model.patch_size
+    self.grid = self.image_size // self.patch
+    self.nbins = int(c.hog_bins)
+    self.cell = int(c.hog_cell)
+    if self.patch % self.cell:
+      raise ValueError(f"config.maskfeat.hog_cell={self.cell} must divide the patch size {self.patch}")
+    self.mask_ratio = float(c.mask_ratio)
+    self.num_masking = num_masking_patches(self.grid, self.mask_ratio)
+    self.min_block = self.num_masking // 5
+    self.use_official_init = bool(c.official_init)
+    m = config.model
+    self.head = MaskFeatHead(hog.target_dim(self.patch, self.cell, self.nbins),
+                             jnp.dtype(m.get("dtype", "float32")),
+                             jnp.dtype(m.get("param_dtype", "float32")))
+
+  def encoder_overrides(self):
+    return {"use_mask_token": True}
+
+  def make_mask(self, rng, batch):
+    """[B, G*G] int32 block-wise masks, 1 = masked, at most `num_masking` per image."""
+    return masking.block_mask(rng, batch, self.grid, self.grid, self.num_masking,
+                              min_num=self.min_block)
+
+  def target(self, images):
+    return hog.hog_target(images.astype(jnp.float32), self.patch, self.nbins, self.cell)
+
+  def init(self, rng, images):
+    r1, r2, r3 = jax.random.split(rng, 3)
+    enc = self.encoder.init(r1, images)["params"]
+    tokens = self.encoder.apply({"params": enc}, images)
+    params = {"encoder": enc, "head": self.head.init(r2, tokens)["params"]}
+    if self.use_official_init:
+      params = official_init(r3, params, self.patch)
+    return params
+
+  def forward(self, params, images, mask, rng=None, train=True):
+    """Predicted HOG features [B, L, target size] of every patch, masked ones replaced by the
+    mask token at the input."""
+    tokens = self.encoder.apply({"params": params["encoder"]}, images, mask=mask,
+                                deterministic=not train,
+                                rngs={"dropout": rng} if train and rng is not None else None)
+    return self.head.apply({"params": params["head"]}, tokens)
+
+  def loss(self, params, state, images, rng, step):
+    images = images.astype(jnp.float32)
+    mrng, drng = jax.random.split(rng)
+    mask = self.make_mask(mrng, images.shape[0])
+    pred = self.forward(params, images, mask, drng, train=True)
+    loss = maskfeat_loss(pred, self.target(images), mask)
+    return loss, {"mask_ratio": jnp.mean(mask.astype(jnp.float32))}
+
