@@ -159,6 +159,20 @@ def test_point_op_equals_pil_on_a_tiny_image(name, pil_op, op, args):
   np.testing.assert_array_equal(_ours(op, img, *args), np.asarray(pil_op(Image.fromarray(img))))
 
 
+def test_blend_under_jit_equals_pil_where_a_fused_multiply_add_would_not():
+  """Contrast 1.35 of level 46 against a grey of 126: PIL gives int(126 + fl(1.35 * -80)) = 18;
+  a fused multiply-add under jit would give 17."""
+  img = np.full((4, 4, 3), 46, np.uint8)
+  img[0, 0] = (255, 255, 255)   # PIL's grey: int(mean luma + 0.5)
+  want = np.asarray(ImageEnhance.Contrast(Image.fromarray(img)).enhance(1.35))
+  x = jnp.asarray(img, jnp.float32)[None]
+  mean = jnp.floor(jnp.mean(fa.luma(x), axis=(1, 2, 3), keepdims=True) + 0.5)
+  got = jax.jit(fa.blend)(mean, x, jnp.asarray([1.35]))
+  np.testing.assert_array_equal(np.asarray(got[0]).astype(np.uint8), want)
+  flat = jax.jit(fa.blend)(jnp.full((1, 1, 1, 3), 126.0), jnp.full((1, 1, 1, 3), 46.0), jnp.asarray([1.35]))
+  assert float(flat[0, 0, 0, 0]) == 18.0
+
+
 def test_posterize_zero_bits_and_solarize_add_follow_their_definitions():
   img = _tiny_image()
   assert not _ours(fa.posterize, img, 0).any()             # keep 0 bits: black (timm at m=10)

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax.data import augment, finetune_aug
+from mim_jax.data.finetune_aug import rounded
 
 # ---------------------------------------------------------------------------------------------
 # Colour: torchvision ColorJitter on PIL images.
@@ -132,38 +133,20 @@ def adjust_hue(x: jax.Array, factor: jax.Array) -> jax.Array:
   return hsv_to_rgb_pil(jnp.stack([h, hsv[..., 1], hsv[..., 2]], axis=-1))
 
 
-def rounded(p: jax.Array, nonneg: jax.Array) -> jax.Array:
-  """p, rounded to float32 before its next use. XLA fuses a product feeding an addition into a
-  fused multiply-add (one rounding), where PIL rounds the product first; passing the product
-  through an integer OR with a runtime zero (the sign bit of `nonneg`, a value >= 0) keeps the
-  two roundings. Needed under jit only; eager op-by-op execution rounds anyway."""
-  zero = jax.lax.bitcast_convert_type(nonneg.astype(jnp.float32), jnp.int32) >> 31
-  bits = jax.lax.bitcast_convert_type(p.astype(jnp.float32), jnp.int32) | zero
-  return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def blend(degenerate: jax.Array, x: jax.Array, factor: jax.Array) -> jax.Array:
-  """PIL Image.blend(degenerate, x, factor) on levels: int(d + fl(f (x - d))) clipped to 0..255
-  (`finetune_aug.blend`, with the product rounded first under jit too)."""
-  f = factor.astype(x.dtype)[:, None, None, None]
-  d = jnp.broadcast_to(degenerate, x.shape)
-  return jnp.clip(jnp.floor(d + rounded(f * (x - d), d)), 0, 255)
-
-
 def brightness(x: jax.Array, factor: jax.Array) -> jax.Array:
   """PIL ImageEnhance.Brightness: blend with black."""
-  return blend(jnp.zeros_like(x), x, factor)
+  return finetune_aug.blend(jnp.zeros_like(x), x, factor)
 
 
 def contrast(x: jax.Array, factor: jax.Array) -> jax.Array:
   """PIL ImageEnhance.Contrast: blend with a flat grey at int(mean luma + 0.5)."""
   mean = jnp.floor(jnp.mean(finetune_aug.luma(x), axis=(1, 2, 3), keepdims=True) + 0.5)
-  return blend(mean, x, factor)
+  return finetune_aug.blend(mean, x, factor)
 
 
 def saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
   """PIL ImageEnhance.Color: blend with the luma (L) image."""
-  return blend(finetune_aug.luma(x), x, factor)
+  return finetune_aug.blend(finetune_aug.luma(x), x, factor)
 
 
 def color_jitter_ops(x: jax.Array, order: jax.Array, factors: jax.Array) -> jax.Array:
