@@ -1,0 +1,98 @@
+r"""MVP: Multimodality-guided Visual Pre-training (Wei et al., ECCV 2022, arXiv 2203.05175).
+
+MVP is BEiT with the dVAE tokenizer replaced by the image encoder of CLIP: the masked image goes
+through a BEiT ViT (mask token in place of the masked patch embeddings, all tokens), and a linear
+head on the outputs of the masked patches regresses the frozen teacher's patch features. The
+method is mim_jax/methods/feature_mim.py with encoder 'mask_token', BEiT block-wise masking
+(`masking.block_mask`: 75 of 196 patches, about 40%, blocks of at least 16 patches) and the
+minus-cosine-similarity loss averaged over the masked patches.
+
+No official code was released. The BEiT parts are exact to microsoft/unilm `beit/`
+(`modeling_pretrain.py`, `masking_generator.py`, `run_beit_pretraining.py` and the README's
+ViT-B pre-training command); MVP's own parts come from the paper: CLIP's patch features as the
+targets of the masked patches and ViT-B/16 for 300 epochs (abstract). The loss, minus the
+cosine similarity of prediction and target (as EVA-01 uses for the same regression), is from
+memory of the paper's Sec. 3, which could not be re-read when this file was written: check it
+there before quoting numbers. Other settings are BEiT-base's (MVP is built on BEiT).
+
+The teacher is any mim_jax run (its workdir): first train one, then this run.
+
+Presets (`--config=configs/mvp.py:<preset>`):
+
+  (none)     The embedded 4,000-image CIFAR-10 subset, a narrow ViT at 32 px, CPU-sized (155
+             steps, about 5 minutes on 2 cores after the teacher's):
+               python -m mim_jax.main --config=configs/mae.py --workdir=/tmp/mae
+               python -m mim_jax.main --config=configs/mvp.py --workdir=/tmp/mvp \
+                 --config.feature_mim.teacher=/tmp/mae
+  cifar10    The CIFAR-10 image folder with 500 images per class held out (about a CPU
+             half-hour after the teacher's):
+               python -m mim_jax.main --config=configs/mae.py:cifar10 --workdir=/tmp/mae_c10 \
+                 --config.input.data.dir=../shared/data/cifar10/train
+               python -m mim_jax.main --config=configs/mvp.py:cifar10 --workdir=/tmp/mvp_c10 \
+                 --config.input.data.dir=../shared/data/cifar10/train \
+                 --config.feature_mim.teacher=/tmp/mae_c10
+  imagenet   ViT-B/16 at 224 px on tfds imagenet2012, 300 epochs; the teacher is a mim_jax run
+             at 224 px, patch 16 (--config.feature_mim.teacher=PATH).
+
+Settings (BEiT-base's beyond the above): ViT-B/16 with q and v biases, layer
+scale 0.1, a shared relative position bias, no absolute position embedding, drop path 0.1,
+trunc-normal init (proj/fc2 rescaled by 1/sqrt(2 * layer)); 75 masked patches; AdamW lr 1.5e-3
+at batch 2048, betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (none on 1-D parameters,
+pos_embed, cls_token), gradient clipping 3.0, 10 warm-up epochs from 1e-6, cosine to 1e-5;
+ImageNet mean/std. Teacher: OpenAI CLIP ViT-B/16. Published: 52.4 mIoU on ADE20K after
+ViT-B/16 pre-training for 300 epochs (paper abstract).
+
+Deviations: BEiT's augmentation adds ColorJitter(0.4) to the crop and flip, which mim_jax's
+augmentation does not have; the crop scale is MAE's (0.2-1) here. The teacher is a mim_jax ViT
+(final-norm tokens, its width as the head width), not CLIP; converted CLIP weights are not
+supported. The CPU presets use small models, 26 of 64 patches masked with blocks of at least 4
+patches, no drop path, a batch-scaled learning rate and short schedules.
+"""
+from mim_jax import config_lib
+from mim_jax.methods import feature_mim
+
+
+def get_config(arg=None):
+  preset = arg or "default"
+  c = config_lib.base_config()
+  c.method = "feature_mim"
+  c.feature_mim = feature_mim.default_config()
+  c.feature_mim.update(encoder="mask_token", masking="block", num_mask_patches=75,
+                       min_mask_patches=16, loss="cosine", loss_on="masked")
+  c.feature_mim.decoder = dict(kind="linear", width=0, depth=0, heads=0)
+  c.model.update(qkv_bias="qv", init_values=0.1, init_style="beit", pos_embed="none",
+                 rel_pos_bias="shared", drop_path=0.1)
+  c.optim.update(name="adamw", base_lr=1.5e-3, lr_batch_divisor=2048, b1=0.9, b2=0.999, eps=1e-8,
+                 weight_decay=0.05, clip_grad=3.0, warmup_lr=1e-6, min_lr=1e-5, schedule="cosine")
+  c.input.aug.crop_scale = (0.2, 1.0)
+
+  if preset in ("default", "cifar10"):
+    c.input.image_size = 32
+    c.model.update(variant="tiny", depth=6, patch_size=4, drop_path=0.0)
+    c.feature_mim.update(num_mask_patches=26, min_mask_patches=4)   # 40% of the 8 x 8 grid
+    c.optim.update(base_lr=1.5e-3, lr_batch_divisor=256)
+    c.pooling = "mean"
+    c.evals = config_lib.default_evals(probe_epochs=30, probe_optimizer="sgd", pooling="mean")
+    c.evals.reconstruction.enabled = False   # no pixel reconstruction
+    if preset == "default":
+      c.input.data.update(name="embedded", holdout_per_class=100)
+      c.input.batch_size = 128
+      c.optim.warmup_epochs = 1
+      c.total_epochs = 5               # 155 steps: all 65 tokens pass the encoder and the teacher
+      c.log_every = 10
+      c.ckpt_every = 200
+    else:
+      c.input.data.update(name="image_folder", dir="", holdout_per_class=500)
+      c.input.batch_size = 256
+      c.optim.warmup_epochs = 0.5
+      c.total_epochs = 2               # CPU budget: 350 steps
+      c.log_every = 20
+      c.ckpt_every = 500
+      c.evals.knn.max_train = c.evals.linear.max_train = 20_000   # CPU budget: a seeded subset
+  elif preset == "imagenet":
+    config_lib.imagenet_preset(c, batch_size=2048, total_epochs=300, variant="base")
+    c.optim.warmup_epochs = 10
+    c.evals.reconstruction.enabled = False
+  else:
+    raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10' or 'imagenet'")
+  return c
