@@ -44,10 +44,11 @@ def main(argv):
   from mim_jax import train  # after distributed init
   from mim_jax.checkpointing import CheckpointMismatchError
   from mim_jax.sharding import ShardingError
+  from mim_jax.teachers import TeacherError
   config = _CONFIG.value
   workdir = _WORKDIR.value
   logging.info("config:\n%s", config)
-  errors = (train.TrainingError, CheckpointMismatchError, ShardingError)
+  errors = (train.TrainingError, CheckpointMismatchError, ShardingError, TeacherError)
   try:
     from mim_jax.data.sources import DataError
     errors = errors + (DataError,)
