@@ -6,14 +6,20 @@ import pytest
 from helpers import load_config
 from mim_jax import methods, optim
 
+# Configs whose method has another name (several configs of one method).
+CONFIG_METHOD = {"milan": "feature_mim", "eva": "feature_mim", "mvp": "feature_mim",
+                 "beitv2": "beit", "vqkd": "tokenizer", "peco": "tokenizer"}
+
 
 @pytest.mark.parametrize("method,preset", [("mae", ""), ("mae", "cifar10"), ("mae", "imagenet"),
                                            ("mae", "imagenet_large"), ("simmim", ""),
-                                           ("simmim", "cifar10"), ("simmim", "imagenet")])
+                                           ("simmim", "cifar10"), ("simmim", "imagenet")] +
+                         [(m, p) for m in ("maskfeat", "data2vec", "deepmim", "ibot", "milan", "eva",
+                                           "mvp") for p in ("", "cifar10", "imagenet")])
 def test_presets_build_their_method(method, preset):
   c = load_config(method, preset)
   m = methods.get(c)
-  assert m.name == method
+  assert m.name == CONFIG_METHOD.get(method, method)
   assert c.input.batch_size % 8 == 0
 
 
