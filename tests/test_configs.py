@@ -15,7 +15,8 @@ CONFIG_METHOD = {"milan": "feature_mim", "eva": "feature_mim", "mvp": "feature_m
                                            ("mae", "imagenet_large"), ("simmim", ""),
                                            ("simmim", "cifar10"), ("simmim", "imagenet")] +
                          [(m, p) for m in ("maskfeat", "data2vec", "deepmim", "ibot", "milan", "eva",
-                                           "mvp") for p in ("", "cifar10", "imagenet")])
+                                           "mvp", "beit", "beitv2", "cae", "tokenizer", "vqkd",
+                                           "peco") for p in ("", "cifar10", "imagenet")])
 def test_presets_build_their_method(method, preset):
   c = load_config(method, preset)
   m = methods.get(c)
