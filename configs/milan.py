@@ -54,28 +54,10 @@ def get_config(arg=None):
   c.input.aug.crop_scale = (0.2, 1.0)
 
   if preset in ("default", "cifar10"):
-    c.input.image_size = 32
+    config_lib.cpu_preset(c, preset, epochs=(8, 4), pixels=False)   # 248 / 700 steps
     c.model.update(variant="tiny", depth=6, patch_size=4)
     c.feature_mim.decoder = dict(kind="prompting", width=128, depth=2, heads=4)
     c.optim.base_lr = 1.5e-3           # 1.5e-3 x batch/256: short runs want more
-    c.pooling = "mean"
-    c.evals = config_lib.default_evals(probe_epochs=30, probe_optimizer="sgd", pooling="mean")
-    c.evals.reconstruction.enabled = False   # no pixel reconstruction
-    if preset == "default":
-      c.input.data.update(name="embedded", holdout_per_class=100)
-      c.input.batch_size = 128
-      c.optim.warmup_epochs = 1
-      c.total_epochs = 8               # 248 steps
-      c.log_every = 10
-      c.ckpt_every = 200
-    else:
-      c.input.data.update(name="image_folder", dir="", holdout_per_class=500)
-      c.input.batch_size = 256
-      c.optim.warmup_epochs = 0.5
-      c.total_epochs = 4               # CPU budget: 700 steps
-      c.log_every = 20
-      c.ckpt_every = 500
-      c.evals.knn.max_train = c.evals.linear.max_train = 20_000   # CPU budget: a seeded subset
   elif preset == "imagenet":
     config_lib.imagenet_preset(c, batch_size=4096, total_epochs=400, variant="base")
     c.optim.warmup_epochs = 40

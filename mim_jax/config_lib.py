@@ -118,6 +118,40 @@ def default_evals(*, knn_k=20, probe_epochs=90, probe_lr=0.1, probe_optimizer="l
   ))
 
 
+def cpu_preset(c: ml_collections.ConfigDict, preset: str, *, epochs: tuple[float, float],
+               batch: tuple[int, int] = (128, 256), warmup_epochs: tuple[float, float] = (1, 0.5),
+               log_every: tuple[int, int] = (10, 20), ckpt_every: tuple[int, int] = (200, 500),
+               pixels: bool = True, probe: bool = True) -> None:
+  """The shared part of the CPU-sized presets at 32 px; each pair is (default, cifar10).
+
+  preset 'default': the embedded CIFAR-10 subset, 100 images per class held out.
+  preset 'cifar10': an image folder (`config.input.data.dir`), 500 per class held out; kNN and
+  linear probe on a seeded 20,000-image subset of the training split (CPU budget).
+  Both: 32 px images, mean-pooled features, kNN + SGD linear probe (30 epochs) + the
+  reconstruction picture (off when the method predicts no pixels: `pixels=False`); `probe=False`
+  turns kNN and the probe off (tokenizers).
+  """
+  i = {"default": 0, "cifar10": 1}[preset]
+  c.input.image_size = 32
+  c.pooling = "mean"
+  c.evals = default_evals(probe_epochs=30, probe_optimizer="sgd", pooling="mean")
+  c.evals.reconstruction.enabled = pixels
+  if not probe:
+    c.evals.knn.enabled = c.evals.linear.enabled = False
+  if i == 0:
+    c.input.data.update(name="embedded", holdout_per_class=100)
+  else:
+    c.input.data.update(name="image_folder", dir="", holdout_per_class=500)
+    if probe:
+      c.evals.knn.max_train = c.evals.linear.max_train = 20_000
+  c.input.batch_size = batch[i]
+  if warmup_epochs is not None:
+    c.optim.warmup_epochs = warmup_epochs[i]
+  c.total_epochs = epochs[i]
+  c.log_every = log_every[i]
+  c.ckpt_every = ckpt_every[i]
+
+
 def imagenet_preset(c: ml_collections.ConfigDict, *, batch_size: int, variant: str,
                     total_epochs: int) -> None:
   """The shared part of the ImageNet-1k presets: tfds imagenet2012 streamed through grain

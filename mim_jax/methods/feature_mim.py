@@ -59,7 +59,7 @@ import numpy as np
 
 from mim_jax import masking
 from mim_jax.methods.base import Method
-from mim_jax.methods.mae import unshuffle
+from mim_jax.methods.mae import decoder_input
 from mim_jax.models import vit
 
 ENCODERS = ("visible", "mask_token")
@@ -232,13 +232,7 @@ class FeatureDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, latent, restore_ids):
-    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=vit.xavier_uniform, name="embed")(latent).astype(jnp.float32)
-    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
-                            self.param_dtype)
-    x = jnp.concatenate([x[:, :1], unshuffle(x[:, 1:], mask_token.astype(x.dtype), restore_ids)], axis=1)
-    grid = int(round(self.num_patches ** 0.5))
-    x = x + jnp.asarray(vit.sincos_2d(self.width, grid, cls_token=True))[None]
+    x = decoder_input(self, latent, restore_ids)
     if self.kind == "mae":
       x = vit.Encoder(self.depth, self.heads, remat=self.remat, attn_impl=self.attn_impl,
                       attn_pad=self.attn_pad, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -38,18 +38,26 @@ class MAEDecoder(nn.Module):
   @nn.compact
   def __call__(self, latent, restore_ids):
     """latent [B, 1+K, D] (cls first), restore_ids [B, L] -> predictions [B, L, p*p*3]."""
-    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=vit.xavier_uniform, name="embed")(latent).astype(jnp.float32)
-    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width),
-                            self.param_dtype)
-    x = jnp.concatenate([x[:, :1], unshuffle(x[:, 1:], mask_token.astype(x.dtype), restore_ids)], axis=1)
-    grid = int(round(self.num_patches ** 0.5))
-    x = x + jnp.asarray(vit.sincos_2d(self.width, grid, cls_token=True))[None]
+    x = decoder_input(self, latent, restore_ids)
     x = vit.Encoder(self.depth, self.heads, remat=self.remat, attn_impl=self.attn_impl,
                     attn_pad=self.attn_pad, dtype=self.dtype, param_dtype=self.param_dtype, name="blocks")(x)
     x = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=vit.xavier_uniform, name="pred")(x)
     return x[:, 1:].astype(jnp.float32)
+
+
+def decoder_input(module: nn.Module, latent: jax.Array, restore_ids: jax.Array) -> jax.Array:
+  """MAE's decoder input, built inside `module`'s compact call (its `width`, `num_patches`,
+  `dtype`, `param_dtype`; parameters 'embed' and 'mask_token'): the latent [B, 1+K, D] linearly
+  embedded, mask tokens appended and un-shuffled into place, plus the fixed sin-cos position
+  embedding -> [B, 1+L, width]. Shared by MAE's decoder and decoders built on it (MILAN)."""
+  x = nn.Dense(module.width, dtype=module.dtype, param_dtype=module.param_dtype,
+               kernel_init=vit.xavier_uniform, name="embed")(latent).astype(jnp.float32)
+  mask_token = module.param("mask_token", nn.initializers.normal(0.02), (1, 1, module.width),
+                            module.param_dtype)
+  x = jnp.concatenate([x[:, :1], unshuffle(x[:, 1:], mask_token.astype(x.dtype), restore_ids)], axis=1)
+  grid = int(round(module.num_patches ** 0.5))
+  return x + jnp.asarray(vit.sincos_2d(module.width, grid, cls_token=True))[None]
 
 
 def unshuffle(visible: jax.Array, mask_token: jax.Array, restore_ids: jax.Array) -> jax.Array:
