@@ -23,22 +23,3 @@ def shared_cifar_dir():
   if not SHARED_CIFAR.is_dir():
     pytest.fail(f"{SHARED_CIFAR} is missing: tests that read real images need ../shared/data/cifar10/train")
   return SHARED_CIFAR
-
-
-@pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for the whole session (one per xdist worker): the many
-  trainers built from the same tiny configs (a resume test's runs, say) compile each program
-  once. Only compile time changes; the executables are the same."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  for k, v in zip(keys, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
-    jax.config.update(k, v)
-  cc.reset_cache()
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()

@@ -14,7 +14,7 @@ import pytest
 from helpers import load_config, tiny_config
 from mim_jax import masking, methods, optim, teachers, train
 from mim_jax.methods import cae
-from test_beit import REAL_LOAD, fake_run, numpy_ce, numpy_ids  # noqa: F401
+from test_beit import REAL_LOAD, compilation_cache, fake_run, numpy_ce, numpy_ids  # noqa: F401
 
 
 @pytest.fixture
