@@ -3,7 +3,7 @@ r"""BEiT: BERT Pre-Training of Image Transformers (Bao et al., ICLR 2022).
 BEiT needs a tokenizer run first (its ids are the targets); config.beit.tokenizer names that
 run's workdir. Presets (`--config=configs/beit.py:<preset>`):
 
-  (none)     The embedded 4,000-image CIFAR-10 subset (3,000 train / 1,000 held out), a narrow
+  (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow
              ViT at 32 px with an 8x8 patch grid, CPU-sized:
                python -m mim_jax.main --config=configs/tokenizer.py --workdir=/tmp/tokenizer
                python -m mim_jax.main --config=configs/beit.py --workdir=/tmp/beit \

@@ -5,7 +5,8 @@ tokenizer, plus v2's cls-token pretraining head. Train the tokenizer first
 (configs/vqkd.py) and name its workdir in config.beit.tokenizer. Presets
 (`--config=configs/beitv2.py:<preset>`):
 
-  (none)     The embedded 4,000-image CIFAR-10 subset, a narrow ViT at 32 px, CPU-sized:
+  (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow ViT at
+             32 px, CPU-sized:
                python -m mim_jax.main --config=configs/vqkd.py --workdir=/tmp/vqkd
                python -m mim_jax.main --config=configs/beitv2.py --workdir=/tmp/beitv2 \
                  --config.beit.tokenizer=/tmp/vqkd

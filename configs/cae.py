@@ -3,7 +3,7 @@ r"""CAE: Context Autoencoder for Self-Supervised Representation Learning (Chen e
 CAE needs a tokenizer run first (its ids are the decoder's targets); config.cae.tokenizer names
 that run's workdir. Presets (`--config=configs/cae.py:<preset>`):
 
-  (none)     The embedded 4,000-image CIFAR-10 subset (3,000 train / 1,000 held out), a narrow
+  (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow
              ViT at 32 px with an 8x8 patch grid, CPU-sized:
                python -m mim_jax.main --config=configs/tokenizer.py --workdir=/tmp/tokenizer
                python -m mim_jax.main --config=configs/cae.py --workdir=/tmp/cae \

@@ -3,7 +3,7 @@ Language (Baevski et al., ICML 2022).
 
 Presets (`--config=configs/data2vec.py:<preset>`):
 
-  (none)     The embedded 4,000-image CIFAR-10 subset (3,000 train / 1,000 held out), a narrow
+  (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow
              ViT at 32 px, CPU-sized (a few minutes on 2 cores).
                python -m mim_jax.main --config=configs/data2vec.py --workdir=/tmp/data2vec
   cifar10    The CIFAR-10 image folder with 500 images per class held out for evaluation, about

@@ -2,7 +2,7 @@ r"""DeepMIM: Deep Supervision for Masked Image Modeling (Ren et al., WACV 2025),
 
 Presets (`--config=configs/deepmim.py:<preset>`):
 
-  (none)     The embedded 4,000-image CIFAR-10 subset (3,000 train / 1,000 held out), a narrow
+  (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow
              ViT at 32 px, CPU-sized (a few minutes on 2 cores).
                python -m mim_jax.main --config=configs/deepmim.py --workdir=/tmp/deepmim
   cifar10    The CIFAR-10 image folder with 500 images per class held out for evaluation, about

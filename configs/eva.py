@@ -15,8 +15,8 @@ The teacher is any mim_jax run (its workdir): first train one, then this run.
 
 Presets (`--config=configs/eva.py:<preset>`):
 
-  (none)     The embedded 4,000-image CIFAR-10 subset, a narrow ViT at 32 px, CPU-sized (155
-             steps, about 5 minutes on 2 cores after the teacher's):
+  (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow ViT at
+             32 px, CPU-sized (155 steps, about 5 minutes on 2 cores after the teacher's):
                python -m mim_jax.main --config=configs/mae.py --workdir=/tmp/mae
                python -m mim_jax.main --config=configs/eva.py --workdir=/tmp/eva \
                  --config.feature_mim.teacher=/tmp/mae

@@ -2,7 +2,7 @@ r"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022)
 
 Presets (`--config=configs/mae.py:<preset>`):
 
-  (none)     The embedded 4,000-image CIFAR-10 subset (3,000 train / 1,000 held out), a narrow
+  (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow
              ViT at 32 px, CPU-sized: the README's first command.
                python -m mim_jax.main --config=configs/mae.py --workdir=/tmp/mae
   cifar10    The CIFAR-10 image folder with 500 images per class held out for evaluation.

@@ -2,7 +2,7 @@ r"""SimMIM: a Simple Framework for Masked Image Modeling (Xie et al., CVPR 2022)
 
 Presets (`--config=configs/simmim.py:<preset>`):
 
-  (none)     The embedded 4,000-image CIFAR-10 subset (3,000 train / 1,000 held out), a narrow
+  (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow
              ViT at 32 px, CPU-sized: the README's first command.
                python -m mim_jax.main --config=configs/simmim.py --workdir=/tmp/simmim
   cifar10    The CIFAR-10 image folder with 500 images per class held out for evaluation.

@@ -38,3 +38,21 @@ def tiny_config(method: str = "mae", **overrides):
       node = node[p]
     node[last] = v
   return c
+
+
+def losses(workdir) -> dict:
+  """{step: training loss} from a run's metrics.jsonl."""
+  import json
+  import os
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def train_with_frozen_run(config, workdir, run, **kwargs):
+  """train.train_and_evaluate with `teachers.load` returning `run` (a fake tokenizer or
+  teacher), for methods whose config names another run's workdir."""
+  import pytest
+  from mim_jax import teachers, train
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(teachers, "load", lambda path, step=None: run)
+    return train.train_and_evaluate(config, workdir, progress=False, **kwargs)

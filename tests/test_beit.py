@@ -1,15 +1,13 @@
 """BEiT (v1 and v2): loss by hand, the v2 cls head, init, colour jitter, tokenizer errors, and
 runs on the embedded data (learning, frozen tokenizer, exact resume, a real tokenizer run)."""
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, tiny_config
+from helpers import load_config, tiny_config, losses, train_with_frozen_run
 from mim_jax import methods, optim, teachers, train
 from mim_jax.models import vit
 
@@ -268,10 +266,6 @@ def test_imagenet_presets_are_the_official_recipes(name):
 # ---------------------------------------------------------------------------------------------
 # Runs on the embedded data.
 
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
-
 
 def run_config(**kw):
   c = tiny_config("beit", **{"total_steps": 8, "ckpt_every": 4, **kw})
@@ -287,10 +281,7 @@ def uninterrupted(tmp_path_factory, compilation_cache):
   """The workdir of one 8-step run with the (deterministic) fake tokenizer, shared by the run
   tests below."""
   workdir = str(tmp_path_factory.mktemp("beit_a"))
-  with pytest.MonkeyPatch.context() as mp:
-    run = fake_run()
-    mp.setattr(teachers, "load", lambda path, step=None: run)
-    train.train_and_evaluate(run_config(), workdir, progress=False)
+  train_with_frozen_run(run_config(), workdir, fake_run())
   return workdir
 
 

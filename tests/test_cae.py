@@ -1,9 +1,7 @@
 """CAE: its exact-count block mask against the official generator, the loss and the regressor
 block by hand, the stop-gradient alignment target, the teacher update, init, and runs on the
 embedded data (learning, exact resume)."""
-import json
 import math
-import os
 import random
 
 import jax
@@ -11,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, tiny_config
+from helpers import load_config, tiny_config, losses, train_with_frozen_run
 from mim_jax import masking, methods, optim, teachers, train
 from mim_jax.methods import cae
 from test_beit import REAL_LOAD, compilation_cache, fake_run, numpy_ce, numpy_ids  # noqa: F401
@@ -254,10 +252,6 @@ def test_imagenet_preset_is_the_official_base_recipe():
 # ---------------------------------------------------------------------------------------------
 # Runs on the embedded data.
 
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
-
 
 def run_config():
   c = small_config(total_steps=8, ckpt_every=4)
@@ -269,10 +263,7 @@ def run_config():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, compilation_cache):  # noqa: F811
   workdir = str(tmp_path_factory.mktemp("cae_a"))
-  with pytest.MonkeyPatch.context() as mp:
-    run = fake_run()
-    mp.setattr(teachers, "load", lambda path, step=None: run)
-    train.train_and_evaluate(run_config(), workdir, progress=False)
+  train_with_frozen_run(run_config(), workdir, fake_run())
   return workdir
 
 

@@ -1,8 +1,6 @@
 """data2vec (vision): the loss against a hand computation, the teacher's targets and EMA, the
 colour jitter against PIL, resume and learning on the embedded data."""
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from helpers import load_config, tiny_config
+from helpers import load_config, tiny_config, losses
 from mim_jax import masking, methods, optim, train
 from mim_jax.methods import data2vec
 from mim_jax.models import vit
@@ -279,10 +277,6 @@ def test_preprocess_jitters_the_full_image_before_the_crop():
 
 
 # -- training -------------------------------------------------------------------------------
-
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def test_training_moves_the_teacher_by_ema_only_resumes_exactly_and_learns(tmp_path):

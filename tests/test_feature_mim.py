@@ -1,15 +1,13 @@
 """Teacher-feature MIM (MILAN, EVA-01, MVP): losses by hand, attentive masking, the prompting
 decoder, the frozen teacher, learning and resuming on the embedded data."""
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, tiny_config
+from helpers import load_config, tiny_config, losses as read_losses
 from mim_jax import masking, methods, optim, teachers, train
 from mim_jax.methods import feature_mim as fm
 from mim_jax.models import vit
@@ -418,10 +416,6 @@ def test_mask_token_encoder_weight_decay(teacher_config_dir):
 
 # ---------------------------------------------------------------------------------------------
 # Training on the embedded data: the loss falls, the teacher stays, a resumed run is the same.
-
-def read_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 @pytest.fixture

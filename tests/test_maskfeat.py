@@ -1,7 +1,7 @@
 """MaskFeat (image, HOG target): the HOG against a plain NumPy implementation of the official
 definition, the loss against a hand computation, the official masking / init / recipe, and
 training on the embedded data (loss falls, a resumed run equals an uninterrupted one)."""
-import json
+
 import os
 
 import jax
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, tiny_config
+from helpers import load_config, tiny_config, losses
 from mim_jax import methods, optim, train
 from mim_jax.methods import maskfeat
 from mim_jax.targets import hog
@@ -222,10 +222,6 @@ def test_cpu_presets_build(preset):
 
 # ---------------------------------------------------------------------------------------------
 # Training on the embedded data.
-
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def test_loss_falls_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
