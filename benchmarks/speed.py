@@ -139,7 +139,7 @@ def worker_jax(args) -> None:
   schedule = optim.make_schedule(config.optim, batch, 1000, 100_000)
   t0 = time.perf_counter()
   state, _, batch_sh, step = train.build_state_and_step(config, method, mesh, schedule,
-                                                        on_device_aug=False)
+                                                        on_device_aug=False, total_steps=100_000)
   rng = np.random.default_rng(0)
   batches = [jax.device_put({"image": rng.integers(0, 256, (batch, size, size, 3), np.uint8)},
                             batch_sh) for _ in range(2)]

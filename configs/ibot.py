@@ -2,7 +2,7 @@ r"""iBOT: Image BERT Pre-Training with Online Tokenizer (Zhou et al., ICLR 2022)
 
 Presets (`--config=configs/ibot.py:<preset>`):
 
-  (none)     The embedded 4,000-image CIFAR-10 subset (3,000 train / 1,000 held out), a narrow
+  (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow
              ViT at 32 px with small heads, 2 global crops of 32 px and 2 local crops of 16 px
              (4 x 4 patches of 4 px), CPU-sized (a few minutes on 2 cores).
                python -m mim_jax.main --config=configs/ibot.py --workdir=/tmp/ibot
@@ -28,8 +28,6 @@ on biases and norms), per-parameter gradient clipping at 3.0, last layer frozen 
 batch 1024, 800 epochs.
 
 Deviations:
-  * Weight decay: config.optim has no weight-decay schedule, so it is the constant initial
-    value 0.04 (the official cosine ramp to 0.4 needs a schedule in mim_jax/optim.py).
   * The frozen last layer gets zero gradients through AdamW instead of being skipped: its Adam
     moments stay zero but optax's bias correction uses the global step count, so its first
     updates after the frozen epoch are scaled differently than PyTorch's (whose per-parameter
@@ -80,7 +78,8 @@ def get_config(arg=None):
   )
   c.model.update(pos_embed="learned", qkv_bias="qkv", init_values=0.0, drop_path=0.1)
   c.optim.update(name="adamw", base_lr=5e-4, lr_batch_divisor=256, b1=0.9, b2=0.999, eps=1e-8,
-                 weight_decay=0.04, schedule="cosine", warmup_epochs=10, clip_grad=0.0)
+                 weight_decay=0.04, weight_decay_schedule="cosine", weight_decay_end=0.4,
+                 schedule="cosine", warmup_epochs=10, clip_grad=0.0)
   c.pooling = "cls"
 
   if preset in ("default", "cifar10"):

@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", base_lr=1.5e-4, lr_batch_divisor=256, b1=0.9, b2=0.95, eps=1e-8,
       momentum=0.9, weight_decay=0.05, schedule="cosine", warmup_epochs=0.0, warmup_lr=0.0,
+      # 'constant', or 'cosine' from weight_decay to weight_decay_end over the run, per step
+      # (DINO / iBOT's cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_ep)).
+      weight_decay_schedule="constant", weight_decay_end=0.0,
       min_lr=0.0, milestones_epochs=(), gamma=0.1, clip_grad=0.0, grad_accum=1,
   ))
 

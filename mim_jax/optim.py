@@ -13,9 +13,10 @@ decay^(L + 1 - layer_id), L the number of encoder blocks; see `layer_ids`.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -116,13 +117,34 @@ def scale_by_tree(factors: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
-                   decay_mask: Any) -> optax.GradientTransformation:
-  """AdamW / LAMB / LARS / SGD with weight decay only where `decay_mask` is True, and
-  layer-wise lr decay when `optim_cfg.layer_decay` < 1 (read from the mask's tree paths, so
-  `decay_mask` must then be a pytree shaped like the parameters)."""
-  name = optim_cfg.get("name", "adamw")
+def weight_decay_schedule(optim_cfg: ml_collections.ConfigDict,
+                          total_steps: Optional[int]) -> Union[float, Callable]:
+  """The weight decay, a float or (for `weight_decay_schedule='cosine'`) a per-step schedule
+  weight_decay_end + (weight_decay - weight_decay_end) * (1 + cos(pi * step / total)) / 2,
+  DINO / iBOT's `cosine_scheduler` without warm-up."""
   wd = float(optim_cfg.get("weight_decay", 0.0))
+  kind = optim_cfg.get("weight_decay_schedule", "constant")
+  if kind == "constant":
+    return wd
+  if kind != "cosine":
+    raise ValueError(f"config.optim.weight_decay_schedule={kind!r}: use 'constant' or 'cosine'")
+  if not total_steps:
+    raise ValueError("a cosine weight-decay schedule needs the run's total steps")
+  end = float(optim_cfg.get("weight_decay_end", 0.0))
+  return lambda step: end + 0.5 * (wd - end) * (1.0 + jnp.cos(jnp.pi * step / total_steps))
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
+                   decay_mask: Any, total_steps: Optional[int] = None) -> optax.GradientTransformation:
+  """AdamW / LAMB / LARS / SGD with weight decay only where `decay_mask` is True (constant or
+  on a cosine schedule, see `weight_decay_schedule`), and layer-wise lr decay when
+  `optim_cfg.layer_decay` < 1 (read from the mask's tree paths, so `decay_mask` must then be
+  a pytree shaped like the parameters)."""
+  name = optim_cfg.get("name", "adamw")
+  wd = weight_decay_schedule(optim_cfg, total_steps)
+  if name == "lars" and callable(wd):
+    raise ValueError("config.optim.weight_decay_schedule='cosine' is not supported with LARS: "
+                     "set it to 'constant'")
   if name == "adamw":
     tx = optax.adamw(schedule, b1=optim_cfg.get("b1", 0.9), b2=optim_cfg.get("b2", 0.999),
                      eps=optim_cfg.get("eps", 1e-8), weight_decay=wd, mask=decay_mask)

@@ -130,7 +130,8 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
   return step_fn
 
 
-def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool):
+def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
+                         total_steps: Optional[int] = None):
   """The initial train state on `mesh`, its shardings, the batch sharding and the jitted step
   (shared by `Trainer.create` and benchmarks/speed.py, so the benchmark times this step)."""
   size = config.input.image_size
@@ -139,7 +140,8 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool):
   # The weight-decay mask depends only on the parameters' structure, so one optimiser built
   # from their shapes serves both the initial state and the step.
   tx = optim.make_optimizer(config.optim, schedule,
-                            method.decay_mask(jax.eval_shape(method.init, prng, dummy)))
+                            method.decay_mask(jax.eval_shape(method.init, prng, dummy)),
+                            total_steps)
 
   # Frozen weights read from other runs (a tokenizer, a teacher) enter the method state after
   # the jitted init, so they are never baked into the program as constants.
@@ -216,7 +218,7 @@ class Trainer:
     total = total_and_epoch_steps(config, spe)
     schedule = optim.make_schedule(config.optim, config.input.batch_size, spe, total)
     state, state_sh, batch_sh, jitted = build_state_and_step(config, method, mesh, schedule,
-                                                             on_device_aug)
+                                                             on_device_aug, total)
     return cls(config, method, mesh, loader, state, state_sh, batch_sh, jitted, total, spe,
                on_device_aug)
 

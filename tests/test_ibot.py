@@ -101,7 +101,7 @@ def test_method_loss_wires_views_masks_centres_and_temperatures(method, params_s
                center2=jnp.asarray(rs.randn(1, 1, 48) * 0.1, jnp.float32))
   m = methods.get(small_config())
   m.masks = lambda rng, n, step: jnp.asarray(masks)
-  spe = m.steps()[0]
+  spe = m.run_steps()[0]
   step = 3 * spe                 # epoch 3 of the 2-epoch warm-up: both temperatures final
   loss, aux = jax.jit(lambda p, s: m.loss(p, s, imgs, jax.random.PRNGKey(0), step))(params, state)
 
@@ -148,7 +148,7 @@ def grad_fn(clip, freeze):
 def shaped_grads(params_state):
   params, state = params_state
   m, f = grad_fn(0.05, 1.0)
-  spe = m.steps()[0]
+  spe = m.run_steps()[0]
   return spe, f(params, state, 0), f(params, state, spe)
 
 
@@ -174,7 +174,7 @@ def test_teacher_temperatures_follow_the_official_epoch_schedule():
   c.ibot.update(warmup_teacher_temp_epochs=4, teacher_temp=0.07, teacher_patch_temp=0.06,
                 pred_start_epoch=2)
   m = methods.get(c)
-  spe = m.steps()[0]
+  spe = m.run_steps()[0]
   t1 = np.concatenate([np.linspace(0.04, 0.07, 4), np.full(6, 0.07)])
   t2 = np.concatenate([np.full(2, 0.04), np.linspace(0.04, 0.06, 4), np.full(4, 0.06)])
   for epoch in range(10):
@@ -188,7 +188,7 @@ def test_ema_update_uses_the_cosine_momentum_and_centres_move_by_point_nine(meth
   c.ibot.momentum_teacher = 0.996
   m = methods.get(c)
   assert (c.ibot.center_momentum, c.ibot.center_momentum2) == (0.9, 0.9)
-  total = m.steps()[1]
+  total = m.run_steps()[1]
   its = np.arange(total)
   official = 1 + 0.5 * (0.996 - 1) * (1 + np.cos(np.pi * its / len(its)))   # utils.cosine_scheduler
   for it in (0, 1, total // 2, total - 1):
@@ -449,6 +449,8 @@ def test_imagenet_preset_is_the_official_vit_s_recipe():
   v = i.views
   assert (v.num_local, v.local_size, tuple(v.global_scale), tuple(v.local_scale)) == (10, 96, (0.25, 1.0), (0.05, 0.25))
   assert (c.input.batch_size, c.total_epochs, c.optim.base_lr, c.optim.warmup_epochs) == (1024, 800, 5e-4, 10)
+  wd = (c.optim.weight_decay, c.optim.weight_decay_schedule, c.optim.weight_decay_end)
+  assert wd == (0.04, "cosine", 0.4)
 
 
 def read_losses(workdir):

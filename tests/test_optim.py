@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from mim_jax import config_lib, methods, optim
 
@@ -84,6 +85,27 @@ def test_adamw_decays_only_masked_parameters():
   upd, _ = tx.update(zero, tx.init(params), params)
   np.testing.assert_allclose(upd["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
   np.testing.assert_allclose(upd["b"], 0.0)
+
+
+def test_cosine_weight_decay_follows_the_dino_schedule_step_by_step():
+  # With zero gradients AdamW's update is -lr * wd(step) * p on decayed leaves only, so the
+  # per-step decay exposes the schedule: wd_end + (wd - wd_end) * (1 + cos(pi t / T)) / 2.
+  total, wd, end = 8, 0.04, 0.4
+  c = cfg(name="adamw", weight_decay=wd, weight_decay_schedule="cosine", weight_decay_end=end)
+  tx = optim.make_optimizer(c, lambda s: 1.0, {"w": True, "b": False}, total_steps=total)
+  params = {"w": jnp.ones((3,)), "b": jnp.ones((3,))}
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for t in range(total + 1):
+    upd, state = tx.update(zero, state, params)
+    want = end + 0.5 * (wd - end) * (1 + np.cos(np.pi * t / total))
+    np.testing.assert_allclose(upd["w"], -want * np.ones(3), rtol=1e-6)
+    np.testing.assert_allclose(upd["b"], 0.0)
+  with pytest.raises(ValueError, match="total steps"):
+    optim.make_optimizer(c, lambda s: 1.0, {"w": True})
+  with pytest.raises(ValueError, match="LARS"):
+    optim.make_optimizer(cfg(name="lars", weight_decay_schedule="cosine"), lambda s: 1.0,
+                         {"w": True}, total_steps=total)
 
 
 def test_clip_grad_bounds_the_global_norm():

@@ -36,6 +36,13 @@ def ema_update(target: PyTree, online: PyTree, decay) -> PyTree:
   return jax.tree.map(lambda t, o: decay * t + (1.0 - decay) * o, target, online)
 
 
+def cosine_momentum(step, total_steps: int, base: float, final: float = 1.0) -> jax.Array:
+  """The BYOL / DINO / iBOT teacher-momentum schedule, per iteration:
+  final + (base - final) * (1 + cos(pi * step / total_steps)) / 2."""
+  s = jnp.asarray(step, jnp.float32)
+  return final + 0.5 * (base - final) * (1.0 + jnp.cos(jnp.pi * s / max(int(total_steps), 1)))
+
+
 def path_names(path) -> tuple[str, ...]:
   return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
 
@@ -58,6 +65,16 @@ class Method:
     self.pooling = config.get("pooling", "cls")
     ema = config.get("ema", None)
     self.ema_decay = float(ema.decay) if ema is not None and ema.get("enabled", False) else None
+
+  def run_steps(self) -> tuple[int, int]:
+    """(steps per epoch, total steps) of the run this config describes, for schedules that
+    are per epoch or per iteration in the official code (teacher momentum, temperatures)."""
+    if getattr(self, "_run_steps", None) is None:
+      from mim_jax import train
+      from mim_jax.data import pipeline
+      spe = max(1, pipeline.steps_per_epoch(self.config.input))
+      self._run_steps = (spe, max(1, train.total_and_epoch_steps(self.config, spe)))
+    return self._run_steps
 
   # -- what subclasses provide --------------------------------------------------------------
   def encoder_overrides(self) -> dict:

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax.methods.base import Method, ema_update, path_names
+from mim_jax.methods.base import Method, cosine_momentum, ema_update, path_names
 from mim_jax.models import vit
 
 PyTree = Any
@@ -398,23 +398,13 @@ class IBOT(Method):
     self.head = IBOTHead(shared=self.shared, **kw)
     self.teacher_head = IBOTHead(shared=self.shared_teacher, **kw)
     self.drop_path = float(m.get("drop_path", 0.0))
-    self._steps = None
 
   def encoder_overrides(self) -> dict:
     return {"use_mask_token": True}
 
   # -- run length (schedules are per epoch / per iteration, as the official ones) -------------
-  def steps(self) -> tuple[int, int]:
-    """(steps per epoch, total steps) of the training run this config describes."""
-    if self._steps is None:
-      from mim_jax import train
-      from mim_jax.data import pipeline
-      spe = max(1, pipeline.steps_per_epoch(self.config.input))
-      self._steps = (spe, max(1, train.total_and_epoch_steps(self.config, spe)))
-    return self._steps
-
   def epoch(self, step) -> jax.Array:
-    return jnp.asarray(step, jnp.int32) // self.steps()[0]
+    return jnp.asarray(step, jnp.int32) // self.run_steps()[0]
 
   def teacher_temps(self, step) -> tuple[jax.Array, jax.Array]:
     """(cls, patch) teacher temperatures at `step` (iBOTLoss.teacher_temp{,2}_schedule[epoch])."""
@@ -434,10 +424,7 @@ class IBOT(Method):
 
   def momentum(self, step) -> jax.Array:
     """utils.cosine_scheduler(momentum_teacher, 1, epochs, iters)[step]."""
-    base, final = float(self.c.momentum_teacher), 1.0
-    total = self.steps()[1]
-    s = jnp.asarray(step, jnp.float32)
-    return final + 0.5 * (base - final) * (1.0 + jnp.cos(jnp.pi * s / total))
+    return cosine_momentum(step, self.run_steps()[1], float(self.c.momentum_teacher))
 
   # -- networks -----------------------------------------------------------------------------
   def pos_table(self, p: PyTree) -> Optional[jax.Array]:
@@ -535,7 +522,7 @@ class IBOT(Method):
     k_mask, k_drop, k_drop_local = jax.random.split(rng, 3)
     masks = self.masks(k_mask, g * b, step)
 
-    spe, _ = self.steps()
+    spe, _ = self.run_steps()
     keep_last = (jnp.asarray(step) >= int(round(float(c.freeze_last_layer) * spe))).astype(jnp.float32)
     params = shape_gradients(params, keep_last, float(c.clip_grad))
 
