@@ -16,6 +16,7 @@ REGISTRY = {
     "data2vec": "mim_jax.methods.data2vec:Data2Vec",
     "deepmim": "mim_jax.methods.deepmim:DeepMIM",
     "feature_mim": "mim_jax.methods.feature_mim:FeatureMIM",
+    "tinymim": "mim_jax.methods.tinymim:TinyMIM",
 }
 
 
