@@ -191,3 +191,28 @@ def fill_to_count(rng: jax.Array, mask: jax.Array, count: int) -> jax.Array:
   ranks = jnp.argsort(order, axis=1)
   missing = count - jnp.sum(mask, axis=1, keepdims=True)
   return jnp.where((mask > 0) | (ranks < missing), 1, 0).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent MIM's grid with gaps.
+
+def gap_grid(rng: jax.Array, batch: int, grid: int, patch_size: int, gap: int) -> jax.Array:
+  """Latent MIM's non-contiguous patch grid (yibingwei-1/LatentMIM `vits.Patchify`).
+
+  The image is (grid * (patch_size + gap)) pixels a side, cut into grid x grid cells of
+  patch_size + gap pixels; each cell yields one patch_size x patch_size patch at a random offset
+  in [0, gap) pixels, drawn independently for the rows and the columns of every cell (gap 0:
+  the plain contiguous grid). Any two neighbouring patches are therefore separated by
+  gap + (offset difference), between 1 and 2 * gap - 1 pixels, never overlapping.
+
+  Returns int32 [B, grid * grid, 2]: each patch's top-left pixel (row, column), patches in
+  row-major order (the ViT's patch order).
+  """
+  cell = patch_size + gap
+  if gap > 0:
+    offsets = jax.random.randint(rng, (batch, grid, grid, 2), 0, gap)
+  else:
+    offsets = jnp.zeros((batch, grid, grid, 2), jnp.int32)
+  rows, cols = jnp.meshgrid(jnp.arange(grid) * cell, jnp.arange(grid) * cell, indexing="ij")
+  starts = jnp.stack([rows, cols], axis=-1)[None] + offsets
+  return starts.reshape(batch, grid * grid, 2).astype(jnp.int32)

@@ -23,3 +23,23 @@ def shared_cifar_dir():
   if not SHARED_CIFAR.is_dir():
     pytest.fail(f"{SHARED_CIFAR} is missing: tests that read real images need ../shared/data/cifar10/train")
   return SHARED_CIFAR
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for the requesting module: its runs of one config (a resume
+  test's three) then compile the train step once. Module-scoped and restored afterwards (a
+  session-wide cache once made an xdist worker abort in device_get)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  new = (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)
+  for k, v in zip(keys, new):
+    jax.config.update(k, v)
+  cc.reset_cache()
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+  cc.reset_cache()

@@ -56,24 +56,6 @@ def numpy_ce(logits, labels, weights):
   return (ce * weights).sum() / weights.sum(), (acc * weights).sum() / weights.sum()
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module: its runs of one config (the resume test's
-  three) then compile the train step once. Restored afterwards."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  new = (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)
-  for k, v in zip(keys, new):
-    jax.config.update(k, v)
-  cc.reset_cache()
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
-
-
 @pytest.fixture
 def fake(monkeypatch):
   run = fake_run()

@@ -12,7 +12,7 @@ import pytest
 from helpers import load_config, tiny_config, losses, train_with_frozen_run
 from mim_jax import masking, methods, optim, teachers, train
 from mim_jax.methods import cae
-from test_beit import REAL_LOAD, compilation_cache, fake_run, numpy_ce, numpy_ids  # noqa: F401
+from test_beit import REAL_LOAD, fake_run, numpy_ce, numpy_ids
 
 
 @pytest.fixture
@@ -261,7 +261,7 @@ def run_config():
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, compilation_cache):  # noqa: F811
+def uninterrupted(tmp_path_factory, compilation_cache):
   workdir = str(tmp_path_factory.mktemp("cae_a"))
   train_with_frozen_run(run_config(), workdir, fake_run())
   return workdir

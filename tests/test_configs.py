@@ -16,7 +16,8 @@ CONFIG_METHOD = {"milan": "feature_mim", "eva": "feature_mim", "mvp": "feature_m
                                            ("simmim", "cifar10"), ("simmim", "imagenet")] +
                          [(m, p) for m in ("maskfeat", "data2vec", "deepmim", "ibot", "milan", "eva",
                                            "mvp", "beit", "beitv2", "cae", "tokenizer", "vqkd",
-                                           "peco") for p in ("", "cifar10", "imagenet")] +
+                                           "peco", "latent_mim", "pcae", "extrema")
+                          for p in ("", "cifar10", "imagenet")] +
                          [("tinymim", p) for p in ("", "cifar10", "imagenet", "imagenet_small",
                                                    "imagenet_base")])
 def test_presets_build_their_method(method, preset):

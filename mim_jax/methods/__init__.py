@@ -16,6 +16,9 @@ REGISTRY = {
     "data2vec": "mim_jax.methods.data2vec:Data2Vec",
     "deepmim": "mim_jax.methods.deepmim:DeepMIM",
     "feature_mim": "mim_jax.methods.feature_mim:FeatureMIM",
+    "latent_mim": "mim_jax.methods.latent_mim:LatentMIM",
+    "pcae": "mim_jax.methods.pcae:PCAE",
+    "extrema": "mim_jax.methods.extrema:ExtreMA",
     "tinymim": "mim_jax.methods.tinymim:TinyMIM",
 }
 
