@@ -275,7 +275,7 @@ def train_config(teacher):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, teacher_dir, teacher_params):
+def trained(tmp_path_factory, teacher_dir, teacher_params, compilation_cache):
   d = str(tmp_path_factory.mktemp("tinymim_a"))
   train_with_frozen_run(train_config(teacher_dir), d, fake_run(teacher_dir, teacher_params),
                         devices=one_device())
