@@ -54,3 +54,52 @@ def load(path: str, step: Optional[int] = None) -> FrozenRun:
   state = jax.tree.map(np.asarray, restored["state"])
   return FrozenRun(config, methods.get(config), state["params"], state.get("method_state", {}),
                    int(step))
+
+
+def read_teacher_config(path: str, key: str, image_size: int, patch_size: int):
+  """(config, encoder module) of the teacher run in `path`, named by config key `key` (e.g.
+  'feature_mim.teacher'), read from its config.json without its checkpoint. Raises
+  train.TrainingError naming `key` when the path is empty or not a workdir, or when the
+  teacher's tokens are not on this run's grid (`image_size`, `patch_size`)."""
+  from mim_jax import methods, train
+  hint = ("train one first, e.g. `python -m mim_jax.main --config=configs/mae.py "
+          f"--workdir=/tmp/mae`, then pass --config.{key}=/tmp/mae")
+  if not path:
+    raise train.TrainingError(f"config.{key} is empty: it names the workdir of the teacher run; {hint}")
+  if not os.path.exists(os.path.join(path, "config.json")):
+    raise train.TrainingError(f"config.{key}={path!r} is not a mim_jax workdir (no config.json): {hint}")
+  config = train.load_run_config(path)
+  ti, tp = config.input.image_size, config.model.patch_size
+  if (ti, tp) != (image_size, patch_size):
+    raise train.TrainingError(
+        f"the teacher {path} was trained on {ti}px images in {tp}px patches, this run uses "
+        f"{image_size}px in {patch_size}px: the targets must lie on the same patch grid; set "
+        f"--config.input.image_size={ti} --config.model.patch_size={tp} or point config.{key} "
+        f"at a run of this size")
+  return config, methods.get(config).encoder
+
+
+def load_teacher_encoder(path: str, key: str, which: str = "online") -> PyTree:
+  """The encoder parameters (host arrays) of the teacher run in `path`: its online encoder or,
+  for `which='ema'`, its EMA encoder; errors are train.TrainingError naming config key `key`."""
+  from mim_jax import train
+  try:
+    run = load(path)
+  except TeacherError as e:
+    raise train.TrainingError(f"config.{key}: {e}") from None
+  if which == "ema":
+    if "ema_encoder" not in run.method_state:
+      raise train.TrainingError(f"the teacher {path} has no EMA encoder: set "
+                                f"--config.{key}_encoder=online")
+    return run.method_state["ema_encoder"]
+  return run.params["encoder"]
+
+
+def renormalize(images, config, teacher_config):
+  """Images normalised with `config.input`'s mean / std, re-normalised with the teacher run's."""
+  import jax.numpy as jnp
+  ms, ss = (np.asarray(config.input[k], np.float32) for k in ("mean", "std"))
+  mt, st = (np.asarray(teacher_config.input[k], np.float32) for k in ("mean", "std"))
+  if np.array_equal(ms, mt) and np.array_equal(ss, st):
+    return images
+  return images * jnp.asarray(ss / st) + jnp.asarray((ms - mt) / st)

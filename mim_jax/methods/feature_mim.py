@@ -47,7 +47,6 @@ Weight decay follows the official optimiser groups: 1-D parameters are never dec
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
@@ -55,7 +54,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mim_jax import masking
 from mim_jax.methods.base import Method
@@ -268,10 +266,6 @@ def _error(msg):
   return train.TrainingError(msg)
 
 
-TEACHER_HINT = ("train one first, e.g. `python -m mim_jax.main --config=configs/mae.py "
-                "--workdir=/tmp/mae`, then pass --config.feature_mim.teacher=/tmp/mae")
-
-
 class FeatureMIM(Method):
   name = "feature_mim"
 
@@ -312,29 +306,13 @@ class FeatureMIM(Method):
   def teacher_path(self) -> str:
     return self.config.feature_mim.teacher
 
-  def _check_teacher_path(self):
-    path = self.teacher_path
-    if not path:
-      raise _error(f"config.feature_mim.teacher is empty: it names the workdir of the teacher run; "
-                   f"{TEACHER_HINT}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-      raise _error(f"config.feature_mim.teacher={path!r} is not a mim_jax workdir (no config.json): "
-                   f"{TEACHER_HINT}")
-
   @property
   def teacher(self):
     """(teacher config, teacher ViT module), read from the teacher run's config.json once."""
     if self._teacher is None:
-      from mim_jax import methods, train
-      self._check_teacher_path()
-      tcfg = train.load_run_config(self.teacher_path)
-      ti, tp = tcfg.input.image_size, tcfg.model.patch_size
-      if (ti, tp) != (self.image_size, self.patch):
-        raise _error(f"the teacher {self.teacher_path} was trained on {ti}px images in {tp}px patches, "
-                     f"this run uses {self.image_size}px in {self.patch}px: the targets must lie on the "
-                     f"same patch grid; set --config.input.image_size={ti} --config.model.patch_size={tp} "
-                     f"or point config.feature_mim.teacher at a run of this size")
-      self._teacher = (tcfg, methods.get(tcfg).encoder)
+      from mim_jax import teachers
+      self._teacher = teachers.read_teacher_config(self.teacher_path, "feature_mim.teacher",
+                                                   self.image_size, self.patch)
     return self._teacher
 
   @property
@@ -343,27 +321,14 @@ class FeatureMIM(Method):
 
   def external_state(self):
     from mim_jax import teachers
-    self._check_teacher_path()
     self.teacher  # noqa: B018 (checks the grid before the checkpoint is read)
-    try:
-      run = teachers.load(self.teacher_path)
-    except teachers.TeacherError as e:
-      raise _error(f"config.feature_mim.teacher: {e}") from None
-    if self.teacher_which == "ema":
-      if "ema_encoder" not in run.method_state:
-        raise _error(f"the teacher {self.teacher_path} has no EMA encoder: set "
-                     f"--config.feature_mim.teacher_encoder=online")
-      return {"teacher": run.method_state["ema_encoder"]}
-    return {"teacher": run.params["encoder"]}
+    return {"teacher": teachers.load_teacher_encoder(self.teacher_path, "feature_mim.teacher",
+                                                    self.teacher_which)}
 
   def _to_teacher_input(self, images):
     """The student's normalised view in the teacher run's normalisation."""
-    tcfg = self.teacher[0]
-    ms, ss = np.asarray(self.config.input.mean, np.float32), np.asarray(self.config.input.std, np.float32)
-    mt, st = np.asarray(tcfg.input.mean, np.float32), np.asarray(tcfg.input.std, np.float32)
-    if np.array_equal(ms, mt) and np.array_equal(ss, st):
-      return images
-    return images * jnp.asarray(ss / st) + jnp.asarray((ms - mt) / st)
+    from mim_jax import teachers
+    return teachers.renormalize(images, self.config, self.teacher[0])
 
   def teacher_forward(self, teacher_params, images, with_attention: bool = False):
     """-> (tokens [B, 1+L, D] float32, importance [B, L] or None), no gradient."""

@@ -59,13 +59,11 @@ Its image and patch size must equal the student's (relations are over the same t
 from __future__ import annotations
 
 import math
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mim_jax import masking
 from mim_jax.methods.base import Method
@@ -174,10 +172,6 @@ def _choice(value, options, key):
   return value
 
 
-TEACHER_HINT = ("train one first, e.g. `python -m mim_jax.main --config=configs/mae.py "
-                "--workdir=/tmp/mae`, then pass --config.tinymim.teacher=/tmp/mae")
-
-
 class TinyMIM(Method):
   name = "tinymim"
 
@@ -205,28 +199,13 @@ class TinyMIM(Method):
   def teacher_path(self) -> str:
     return self.config.tinymim.teacher
 
-  def _check_teacher_path(self):
-    path = self.teacher_path
-    if not path:
-      raise _error(f"config.tinymim.teacher is empty: it names the workdir of the teacher run; "
-                   f"{TEACHER_HINT}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-      raise _error(f"config.tinymim.teacher={path!r} is not a mim_jax workdir (no config.json): "
-                   f"{TEACHER_HINT}")
-
   @property
   def teacher(self):
     """(teacher config, teacher ViT module), from the teacher run's config.json, read once."""
     if self._teacher is None:
-      from mim_jax import methods, train
-      self._check_teacher_path()
-      tcfg = train.load_run_config(self.teacher_path)
-      ti, tp = tcfg.input.image_size, tcfg.model.patch_size
-      if (ti, tp) != (self.image_size, self.patch):
-        raise _error(f"the teacher {self.teacher_path} was trained on {ti}px images in {tp}px patches, "
-                     f"this run uses {self.image_size}px in {self.patch}px: the targets must lie on the "
-                     f"same tokens; set --config.input.image_size={ti} --config.model.patch_size={tp}")
-      enc = methods.get(tcfg).encoder
+      from mim_jax import teachers
+      tcfg, enc = teachers.read_teacher_config(self.teacher_path, "tinymim.teacher",
+                                               self.image_size, self.patch)
       depth = enc.depth or vit.variant(enc.variant)[1]
       block = int(self.config.tinymim.teacher_block) or depth
       if not 1 <= block <= depth:
@@ -259,18 +238,9 @@ class TinyMIM(Method):
 
   def external_state(self):
     from mim_jax import teachers
-    self._check_teacher_path()
     self.teacher  # noqa: B018 (checks the grid and the block before the checkpoint is read)
-    try:
-      run = teachers.load(self.teacher_path)
-    except teachers.TeacherError as e:
-      raise _error(f"config.tinymim.teacher: {e}") from None
-    if self.teacher_which == "ema":
-      if "ema_encoder" not in run.method_state:
-        raise _error(f"the teacher {self.teacher_path} has no EMA encoder: set "
-                     f"--config.tinymim.teacher_encoder=online")
-      return {"teacher": run.method_state["ema_encoder"]}
-    return {"teacher": run.params["encoder"]}
+    return {"teacher": teachers.load_teacher_encoder(self.teacher_path, "tinymim.teacher",
+                                                    self.teacher_which)}
 
   def teacher_norm(self):
     tcfg = self.teacher[0]
@@ -278,11 +248,8 @@ class TinyMIM(Method):
 
   def _to_teacher_input(self, images):
     """The student's normalised view in the teacher run's normalisation."""
-    (mt, st) = (np.asarray(a, np.float32) for a in self.teacher_norm())
-    ms, ss = np.asarray(self.config.input.mean, np.float32), np.asarray(self.config.input.std, np.float32)
-    if np.array_equal(ms, mt) and np.array_equal(ss, st):
-      return images
-    return images * jnp.asarray(ss / st) + jnp.asarray((ms - mt) / st)
+    from mim_jax import teachers
+    return teachers.renormalize(images, self.config, self.teacher[0])
 
   # -- views ----------------------------------------------------------------------------------
   def preprocess(self, rng, images, input_cfg, on_device_aug):
