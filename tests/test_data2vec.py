@@ -279,7 +279,7 @@ def test_preprocess_jitters_the_full_image_before_the_crop():
 # -- training -------------------------------------------------------------------------------
 
 
-def test_training_moves_the_teacher_by_ema_only_resumes_exactly_and_learns(tmp_path):
+def test_training_moves_the_teacher_by_ema_only_resumes_exactly_and_learns(tmp_path, compilation_cache):
   c = small_config()
   c.model.depth = 2
   c.total_steps, c.ckpt_every, c.log_every = 6, 3, 1

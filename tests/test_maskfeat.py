@@ -224,7 +224,7 @@ def test_cpu_presets_build(preset):
 # Training on the embedded data.
 
 
-def test_loss_falls_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+def test_loss_falls_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path, compilation_cache):
   # One uninterrupted run (whose loss must fall) and one preempted at step 6 and resumed: the
   # resumed run must continue it bit for bit, the EMA encoder (method state) included.
   c = tiny_config("maskfeat", total_steps=12, ckpt_every=4)

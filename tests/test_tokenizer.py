@@ -348,7 +348,7 @@ def test_missing_teacher_names_the_config_key():
 # Training on the embedded data.
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, compilation_cache):
   c = resume_config()
   d = str(tmp_path_factory.mktemp("tok_a"))
   train.train_and_evaluate(c, d, progress=False, devices=ONE)

@@ -10,6 +10,10 @@ import pytest
 from helpers import tiny_config
 from mim_jax import checkpointing, methods, train
 
+# Runs of one config (a resume test's three, the tests below sharing tiny_config('mae')) then
+# compile each program once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
