@@ -136,7 +136,9 @@ def main(argv=None) -> None:
   pc, mc = matched_configs(args.preset, args.batch)
   f = train_flops_pair(pc)
   m, p = pc.model, pc.pcae
-  print(f"preset {args.preset or 'default'}: ViT {m.variant} depth {m.depth or 'variant'} patch "
+  from mim_jax.models import vit
+  depth = m.depth or vit.VARIANTS[m.variant.lower()][1]
+  print(f"preset {args.preset or 'default'}: ViT-{m.variant}, {depth} blocks, patch "
         f"{m.patch_size} at {pc.input.image_size} px, mask {p.mask_ratio}, decoder "
         f"{p.decoder.width}x{p.decoder.depth}, batch {pc.input.batch_size}")
   print(f"PCAE teacher keeps {f['kept']} tokens (drop schedule {methods.get(pc).schedule})")
