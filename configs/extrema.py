@@ -38,8 +38,10 @@ Deviations:
     teacher at every forward as the official update with m(t) at the start of iteration t.
   * Only the BYOL loss: the official 'infonce' branch refers to an attribute the model never
     sets (`self.local_crops`), so it cannot run.
-  * Fine-tuning (the official recipe drops the cls token and the class-attention blocks and
-    mean-pools) is not wired: `mim_jax.methods.finetune` expects the standard ViT's parameters.
+  * Fine-tuning (configs/finetune.py with --config.finetune.pretrained=THIS_RUN and
+    --config.finetune.pooling=mean) loads the patch embedding and plain blocks and drops the
+    class-attention head, as the official recipe; unlike it, the fine-tuned ViT keeps its own
+    (freshly initialised) cls token at the input, and mean-pools the patch tokens.
   * CPU presets: a small model (ViT-Ti width, 4 blocks, patch 4 at 32 px: 64 patches, so 12
     tokens per 80% mask), 1024-wide heads, momentum 0.99 and short schedules, stated below.
 """

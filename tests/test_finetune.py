@@ -366,6 +366,27 @@ def test_pretrained_model_mismatch_is_a_one_line_error(pretrain_dir):
     finetune.merge_pretrained(init, {"cls_token": np.zeros((1, 1, 4))}, "W")
 
 
+def test_an_extrema_encoder_gives_its_patch_embedding_and_plain_blocks():
+  # ExtreMA's fine-tuning model keeps its patch embedding and plain blocks and drops the
+  # class-attention head (ca_blocks, their cls token, their norm).
+  zeros = jnp.zeros((1, 32, 32, 3))
+  shapes = jax.eval_shape(methods.get(tiny_config("extrema")).init, KEY, zeros)["encoder"]
+  rng = np.random.default_rng(0)
+  loaded = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  assert {"ca_block00", "norm", "cls_token"} <= set(loaded)
+  m = methods.get(tiny_config("finetune"))
+  init = jax.device_get(m.init(KEY, zeros)["encoder"])
+  merged = jax.device_get(jax.jit(lambda: finetune.merge_pretrained(init, loaded, "W"))())
+  jax.tree.map(np.testing.assert_array_equal, merged["encoder"]["block01"], loaded["encoder"]["block01"])
+  np.testing.assert_array_equal(merged["patch_embed"]["proj"]["kernel"], loaded["patch_embed"]["proj"]["kernel"])
+  for kept in ("cls_token", "pos_embed"):       # the ViT's own, at their initial values
+    np.testing.assert_array_equal(merged[kept], init[kept])
+  jax.tree.map(np.testing.assert_array_equal, merged["encoder"]["norm"], init["encoder"]["norm"])
+  del loaded["ca_block00"], loaded["ca_block01"]   # without the class-attention head: an error
+  with pytest.raises(finetune.PretrainedMismatchError, match="unexpected norm"):
+    finetune.merge_pretrained(init, loaded, "W")
+
+
 def test_finetune_run_from_pretrained_writes_classifier_accuracy(tmp_path, pretrain_dir):
   c = tiny_config("finetune", total_steps=2, ckpt_every=2, **{"finetune.pretrained": pretrain_dir[0]})
   c.evals.classifier.max_eval = 200

@@ -154,12 +154,21 @@ def merge_pretrained(init: dict, loaded: dict, workdir: str) -> dict:
 
   Entries only `init` has: a learnable `pos_embed` (kept at its sin-cos initial value when
   the pretrained position embedding was fixed). Entries only `loaded` has: a `mask_token`
-  (SimMIM-style encoders; unused when fine-tuning). Anything else, or a shape that differs,
-  is a PretrainedMismatchError.
+  (SimMIM-style encoders; unused when fine-tuning). An ExtreMA encoder (its class-attention
+  head: `ca_blockNN`, the `cls_token` they pool with and their final `norm`) gives only its
+  patch embedding and plain blocks, as ExtreMA's fine-tuning model does (which then mean-pools
+  the patch tokens; here the ViT's cls token and final norm stay at their initial values:
+  use `config.finetune.pooling='mean'`). Anything else, or a shape that differs, is a
+  PretrainedMismatchError.
   """
   flat_init = {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(init)[0]}
   flat_loaded = {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
-  missing = sorted(set(flat_init) - set(flat_loaded) - {"pos_embed"})
+  optional = {"pos_embed"}
+  if any(k.startswith("ca_block") for k in flat_loaded):
+    flat_loaded = {k: v for k, v in flat_loaded.items()
+                   if not k.startswith(("ca_block", "norm/")) and k != "cls_token"}
+    optional |= {k for k in flat_init if k == "cls_token" or k.startswith("encoder/norm/")}
+  missing = sorted(set(flat_init) - set(flat_loaded) - optional)
   extra = sorted(set(flat_loaded) - set(flat_init) - {"mask_token"})
   shapes = [f"{k} {tuple(flat_loaded[k].shape)} vs {tuple(flat_init[k].shape)}"
             for k in sorted(set(flat_init) & set(flat_loaded))
