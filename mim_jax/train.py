@@ -41,19 +41,29 @@ class Preempted(Exception):
 # ---------------------------------------------------------------------------------------------
 # Input: uint8 batches from the host, augmentation + normalisation inside the jitted step.
 
-def preprocess(rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool,
-               train: bool = True) -> jax.Array:
-  """uint8 [B,H,W,3] -> normalised float32 [B,S,S,3]."""
+def crop_or_resize(rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool,
+                   train: bool = True) -> jax.Array:
+  """uint8 [B,H,W,3] -> float32 levels [B,S,S,3]: the config's random resized crop + flip on
+  the device (training on in-memory data), else a bilinear resize to `image_size` when needed.
+  Methods that build their own views (colour jitter, two views) start from this."""
   from mim_jax.data import augment
   size = input_cfg.image_size
   x = images.astype(jnp.float32)
   if train and on_device_aug:
     a = input_cfg.aug
-    x = augment.random_resized_crop_flip(rng, x, out_size=size, scale=tuple(a.crop_scale),
-                                         ratio=tuple(a.crop_ratio), hflip=bool(a.hflip))
-  elif x.shape[1] != size or x.shape[2] != size:
+    return augment.random_resized_crop_flip(rng, x, out_size=size, scale=tuple(a.crop_scale),
+                                            ratio=tuple(a.crop_ratio), hflip=bool(a.hflip))
+  if x.shape[1] != size or x.shape[2] != size:
     x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
-  return augment.normalize(x, input_cfg.mean, input_cfg.std)
+  return x
+
+
+def preprocess(rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool,
+               train: bool = True) -> jax.Array:
+  """uint8 [B,H,W,3] -> normalised float32 [B,S,S,3]."""
+  from mim_jax.data import augment
+  return augment.normalize(crop_or_resize(rng, images, input_cfg, on_device_aug, train),
+                           input_cfg.mean, input_cfg.std)
 
 
 def denormalize_uint8(x: jax.Array, input_cfg) -> np.ndarray:

@@ -56,3 +56,28 @@ def train_with_frozen_run(config, workdir, run, **kwargs):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(teachers, "load", lambda path, step=None: run)
     return train.train_and_evaluate(config, workdir, progress=False, **kwargs)
+
+
+def resumed_losses(config, workdir, stop_after: int, train_fn=None, **kwargs) -> dict:
+  """Runs `config` in `workdir` preempted after step `stop_after` (it must save that step's
+  checkpoint), then runs it again to the end: the resumed run's {step: loss}.
+  `train_fn(config, workdir, **kwargs)` defaults to train.train_and_evaluate without a bar."""
+  import os
+  import pytest
+  from mim_jax import train
+  if train_fn is None:
+    train_fn = lambda c, w, **kw: train.train_and_evaluate(c, w, progress=False, **kw)
+  with pytest.raises(train.Preempted):
+    train_fn(config, workdir, stop_after=stop_after, **kwargs)
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert saved and saved[-1] == stop_after, saved
+  train_fn(config, workdir, **kwargs)
+  return losses(workdir)
+
+
+def assert_same_losses(expected: dict, got: dict, steps: int) -> None:
+  """Both runs logged steps 1..steps, with bit-identical losses."""
+  assert sorted(expected) == list(range(1, steps + 1)), sorted(expected)
+  assert sorted(got) == list(range(1, steps + 1)), sorted(got)
+  for s in range(1, steps + 1):
+    assert expected[s] == got[s], (s, expected[s], got[s])

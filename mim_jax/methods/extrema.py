@@ -318,16 +318,10 @@ class ExtreMA(Method):
   def preprocess(self, rng, images, input_cfg, on_device_aug):
     """{'student': view 1, 'teacher': view 2}: one crop + flip per image (on the device for
     in-memory data, the host's crop for streaming data), two colour augmentations of it."""
+    from mim_jax import train
     from mim_jax.data import augment
     k_crop, k1, k2 = jax.random.split(rng, 3)
-    size = input_cfg.image_size
-    x = images.astype(jnp.float32)
-    if on_device_aug:
-      a = input_cfg.aug
-      x = augment.random_resized_crop_flip(k_crop, x, out_size=size, scale=tuple(a.crop_scale),
-                                           ratio=tuple(a.crop_ratio), hflip=bool(a.hflip))
-    elif x.shape[1] != size or x.shape[2] != size:
-      x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
+    x = train.crop_or_resize(k_crop, images, input_cfg, on_device_aug)
     if not self.c.color_aug:
       return augment.normalize(x, input_cfg.mean, input_cfg.std)
     x = jnp.round(jnp.clip(x, 0.0, 255.0))      # PIL holds 8-bit levels between the ops

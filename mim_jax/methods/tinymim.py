@@ -256,17 +256,10 @@ class TinyMIM(Method):
     """One crop + flip for both (8-bit levels, as PIL holds them), then the student's own
     ColorJitter; each view normalised with its run's mean and std (main_pretrain.py
     `TwoCropsTransform`)."""
+    from mim_jax import train
     from mim_jax.data import augment
     crop_rng, jit_rng = jax.random.split(rng)
-    size = input_cfg.image_size
-    x = images.astype(jnp.float32)
-    if on_device_aug:
-      a = input_cfg.aug
-      x = augment.random_resized_crop_flip(crop_rng, x, out_size=size, scale=tuple(a.crop_scale),
-                                           ratio=tuple(a.crop_ratio), hflip=bool(a.hflip))
-      x = jnp.clip(jnp.round(x), 0.0, 255.0)
-    elif x.shape[1] != size or x.shape[2] != size:
-      x = jnp.clip(jnp.round(jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear")), 0, 255)
+    x = jnp.clip(jnp.round(train.crop_or_resize(crop_rng, images, input_cfg, on_device_aug)), 0, 255)
     s = self.student_jitter(jit_rng, x) if self.jitter else x
     mt, st = self.teacher_norm()
     return {"student": augment.normalize(s, input_cfg.mean, input_cfg.std),
