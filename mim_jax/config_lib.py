@@ -77,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt_every = 100
   c.keep_ckpts = 3
   c.eval_every = 0                  # steps between evaluations; 0 = only at the end
+  # TensorBoard event files in <workdir>/tensorboard beside metrics.jsonl (mim_jax.metric_writers):
+  # scalars at log steps, evaluations, the reconstruction grid, parameter histograms at
+  # checkpoints; MFU against peak_tflops per device (0: the device's data-sheet peak if known).
+  c.tensorboard = ml_collections.ConfigDict(dict(enabled=True, histograms=True, peak_tflops=0.0))
+  c.profile_steps = ()              # (first, last): a jax.profiler trace in <workdir>/profile
   c.evals = ml_collections.ConfigDict()
   return c
 

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mim_jax import checkpointing, methods, optim, sharding
+from mim_jax import checkpointing, methods, metric_writers, optim, sharding
 
 PyTree = Any
 
@@ -212,6 +212,7 @@ class Trainer:
   total_steps: int
   steps_per_epoch: int
   on_device_aug: bool
+  _batch_spec: Any = None
 
   @classmethod
   def create(cls, config, *, devices=None) -> "Trainer":
@@ -259,8 +260,25 @@ class Trainer:
     return sharding.host_to_global(batch, self.batch_sharding)
 
   def step(self):
-    self.state, metrics = self.step_fn(self.state, self.next_batch())
+    batch = self.next_batch()
+    if self._batch_spec is None:
+      self._batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch)
+    self.state, metrics = self.step_fn(self.state, batch)
     return metrics
+
+  def flops_per_step(self) -> Optional[float]:
+    """FLOPs of one training step of the whole global batch, from XLA's cost analysis of the
+    step as lowered (forward, backward and update; any method), None before the first step
+    or when the backend gives no count."""
+    if self._batch_spec is None:
+      return None
+    state_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                              self.state)
+    cost = self.step_fn.lower(state_spec, self._batch_spec).cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
 
   # -- evaluation ---------------------------------------------------------------------------
   def eval_context(self, workdir: str, step: int):
@@ -346,17 +364,6 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
-class MetricsWriter:
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.on = jax.process_index() == 0
-
-  def write(self, record: dict) -> None:
-    if self.on:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _any_process(flag: bool) -> bool:
   from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
@@ -382,7 +389,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  writer = MetricsWriter(workdir)
+  tb_cfg = config.get("tensorboard", {}) or {}
+  writer = metric_writers.MetricsWriter(workdir, tensorboard=bool(tb_cfg.get("enabled", True)))
+  peak = metric_writers.device_peak_flops(tr.mesh.devices.flat[0], float(tb_cfg.get("peak_tflops", 0.0)))
+  flops_per_step = None
+  profile = tuple(config.get("profile_steps", ()) or ())
+  if profile and (len(profile) != 2 or not 0 <= int(profile[0]) < int(profile[1])):
+    raise TrainingError(f"config.profile_steps={profile!r}: give (first, last) steps with "
+                        "first < last, e.g. --config.profile_steps='(10, 15)'")
+  tracing = False
   skipped = int(getattr(tr.loader, "num_skipped", 0))
   if skipped:
     logging.warning("%d unreadable images were skipped while loading the training data", skipped)
@@ -411,8 +426,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   step = start
   try:
     while step < tr.total_steps:
+      if profile and step == int(profile[0]) and jax.process_index() == 0:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        tracing = True
       metrics = tr.step()
       step += 1
+      if tracing and step >= int(profile[1]):
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        tracing = False
+        logging.info("profile of steps %d-%d written to %s", int(profile[0]), step,
+                     os.path.join(workdir, "profile"))
       pending.append(metrics)
       if bar is not None:
         bar.update(1)
@@ -443,19 +467,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
           rec.update({k: float(v) for k, v in fetched[-1].items() if k.startswith("aux/")})
           if config.log_every == 1:
             rec["loss"] = losses[-1]
+          if peak is not None:
+            if flops_per_step is None:
+              flops_per_step = tr.flops_per_step()
+            if flops_per_step:
+              rec["mfu"] = metric_writers.mfu(flops_per_step, ips / config.input.batch_size,
+                                              tr.mesh.devices.size, peak)
           writer.write(rec)
+          writer.train_scalars(step, rec)
           if bar is not None:
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{ips:.0f}")
       if want_ckpt or preempt:
         ckpt.save(step, tr.state, tr.loader, {**meta, "step": step}, force=True)
         last_good = step
+        if want_ckpt and tb_cfg.get("histograms", True):
+          writer.histograms(step, tr.state["params"])
       if preempt:
         ckpt.wait()
         raise Preempted(step, ckpt.directory)
       if config.eval_every and step % config.eval_every == 0 and step < tr.total_steps:
         res = tr.evaluate(workdir)
         writer.write({"step": step, "eval": _flat_numbers(res)})
+        writer.eval_results(step, res)
+  except BaseException:
+    writer.close()
+    raise
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     if bar is not None:
       bar.close()
     if old_handler is not None:
@@ -466,6 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   summary = {"step": step, "workdir": os.path.abspath(workdir), "eval": _flat_numbers(results),
              "bad_images": bad_total + skipped}
   writer.write({"step": step, "summary": summary["eval"]})
+  writer.eval_results(step, results)
+  writer.close()
   return summary
 
 
