@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional
 
 import jax
@@ -80,7 +81,8 @@ class Checkpointer:
     self.check_meta(step, meta)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None and hasattr(data_iter, "set_state"):
-      items["data"] = pipeline.checkpoint_args_restore(data_iter)
+      if not self._restore_data_of_other_process_count(step, data_iter):
+        items["data"] = pipeline.checkpoint_args_restore(data_iter)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
@@ -90,6 +92,37 @@ class Checkpointer:
           f"use a new --workdir, or delete that directory to start over") from e
     logging.info("restored checkpoint %s/%d", self.directory, step)
     return out["state"]
+
+  def _restore_data_of_other_process_count(self, step: int, data_iter: Any) -> bool:
+    """Sets the data position of a checkpoint written by another number of processes.
+
+    grain saves one file per process (`data/process_<i>-of-<n>.json`); a run with another
+    process count finds none of its own. The in-memory loader samples the global batch order
+    (one shard, `shard_count=1`), so every process's file holds the same position and any of
+    them resumes it exactly. A streaming loader's positions are per shard: that is an error
+    naming the process count to resume with. Returns False when this process's own file
+    exists (the normal path)."""
+    d = os.path.join(self.directory, str(step), "data")
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.isdir(d) or os.path.exists(os.path.join(d, mine)):
+      return False
+    saved = sorted(f for f in os.listdir(d) if re.fullmatch(r"process_\d+-of-\d+\.json", f))
+    if not saved:
+      return False
+    with open(os.path.join(d, saved[0])) as f:
+      state = f.read()
+    writers = saved[0].split("-of-")[1].split(".")[0]
+    shards = re.search(r"shard_count=(\d+)", json.loads(state).get("sampler", ""))
+    if shards is None or int(shards.group(1)) != 1:
+      raise CheckpointMismatchError(
+          f"{d} holds the data positions of {writers} processes and this run has "
+          f"{jax.process_count()}: resume this streaming-data run with {writers} processes")
+    data_iter.set_state(state.encode())
+    if hasattr(data_iter, "start_prefetch"):
+      data_iter.start_prefetch()
+    logging.info("data position of step %d taken from %s (written by %s processes)", step,
+                 saved[0], writers)
+    return True
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -21,6 +21,10 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DIST = flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: when the "
                           "flags above or the JAX_COORDINATOR_ADDRESS / SLURM / TPU environment ask for it).")
+# Under SLURM jax gives each process only the GPU numbered SLURM_LOCALID (one process per GPU);
+# a one-process-per-node job names all its GPUs here (launch/slurm.sbatch does).
+_LOCAL_DEVICES = flags.DEFINE_list("local_device_ids", None, "This process's local device ids, "
+                                   "e.g. 0,1,2,3 (default: jax's choice).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -40,6 +44,12 @@ def main(argv):
     kw = {}
     if _COORD.value:
       kw = dict(coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
+    if _LOCAL_DEVICES.value:
+      try:
+        kw["local_device_ids"] = [int(i) for i in _LOCAL_DEVICES.value]
+      except ValueError:
+        sys.exit(f"error: --local_device_ids={','.join(_LOCAL_DEVICES.value)}: give integers, "
+                 "e.g. --local_device_ids=0,1,2,3")
     jax.distributed.initialize(**kw)
   from mim_jax import train  # after distributed init
   from mim_jax.checkpointing import CheckpointMismatchError

@@ -1,14 +1,11 @@
-"""`python -m mim_jax.main` as a user runs it: one-line errors, preemption, multi-process."""
+"""`python -m mim_jax.main` as a user runs it: one-line errors, preemption (multi-process runs:
+test_multiprocess_resume.py)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-
-import numpy as np
-import pytest
 
 from helpers import ROOT
 
@@ -80,30 +77,3 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   train_steps = [x["step"] for x in logged if "loss" in x]
   assert train_steps[-2:] == [steps[0] + 1, steps[0] + 2]
   assert "eval results:" in r.stdout
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_equal_one_process(tmp_path):
-  common = ["--config=configs/mae.py", *TINY, "--config.total_steps=3", "--config.log_every=1",
-            "--config.ckpt_every=3", "--config.evals.knn.enabled=False",
-            "--config.evals.linear.enabled=False", "--config.evals.reconstruction.enabled=False"]
-  one = main([*common, f"--workdir={tmp_path}/one"], devices=2)
-  assert one.returncode == 0, one.stderr[-3000:]
-  port = free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "mim_jax.main", *common, f"--workdir={tmp_path}/two",
-                             f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                             f"--process_id={i}"], cwd=ROOT, env=env(1),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-
-  def losses(d):
-    return [json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl")) if '"loss"' in l]
-
-  np.testing.assert_allclose(losses(f"{tmp_path}/two"), losses(f"{tmp_path}/one"), rtol=1e-5)
