@@ -8,7 +8,8 @@ takes it. The config is the repository's `configs/mae.py` (absolute position emb
 `configs/simmim.py` (BEiT's shared relative position bias) with the model set from the
 weights; the method's other parts (MAE decoder unless the checkpoint has one, SimMIM's linear
 decoder, a missing mask token) keep their seeded initialisation and are listed in
-`<workdir>/convert.json`.
+`<workdir>/convert.json`. A BEiT v2 VQ-KD tokenizer (`--arch=vqkd`) becomes a configs/vqkd.py
+tokenizer workdir instead (mim_jax/convert/vqkd.py).
 
 Out: a workdir's encoder as a timm-named state dict (torch layouts, float32) in .safetensors,
 with the `timm.create_model` call that loads it.
@@ -30,13 +31,14 @@ from mim_jax.models import vit
 
 PyTree = Any
 
-ARCHS = ("timm_vit", "mae", "beit", "beitv2", "dino", "ibot")
+ARCHS = ("timm_vit", "mae", "beit", "beitv2", "dino", "ibot", "vqkd")
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # The normalisation each family was trained with (timm's pretrained_cfg for timm ViT and BEiT
-# v1: 0.5; MAE, DINO, iBOT, BEiT v2: ImageNet's).
+# v1: 0.5; MAE, DINO, iBOT, BEiT v2: ImageNet's; the VQ-KD tokenizer: pixels in [-1, 1]).
 DEFAULT_NORM = {"timm_vit": "inception", "mae": "imagenet", "beit": "inception",
-                "beitv2": "imagenet", "dino": "imagenet", "ibot": "imagenet"}
+                "beitv2": "imagenet", "dino": "imagenet", "ibot": "imagenet",
+                "vqkd": "inception"}
 
 
 @dataclasses.dataclass
@@ -175,6 +177,9 @@ def torch_to_mim(sd: dict, arch: str, *, variant: str = "", patch_size: int = 0,
                  image_size: int = 0, decoder_heads: int = 16) -> Converted:
   """Reads the state dict of `arch` into mim_jax parameter trees; any key missing, of the
   wrong shape or left unused is a one-line ConversionError naming it."""
+  if arch == "vqkd":
+    raise ConversionError("--arch=vqkd is a whole tokenizer, not one ViT: read it with "
+                          "mim_jax.convert.vqkd.torch_to_mim")
   spec, style = infer_spec(sd, arch, variant=variant, patch_size=patch_size, image_size=image_size)
   used: set = set()
   entries = names.encoder_entries(spec, style)
@@ -453,6 +458,11 @@ def convert_torch_checkpoint(path: str, out_dir: str, arch: str, *, which: str =
   """The whole `--from=torch` conversion: read, map, write the workdir; returns convert.json."""
   if arch not in ARCHS:
     raise ConversionError(f"unknown --arch={arch!r}: use one of {', '.join(ARCHS)}")
+  if arch == "vqkd":
+    from mim_jax.convert import vqkd
+    return vqkd.convert_checkpoint(path, out_dir, variant=variant, patch_size=patch_size,
+                                   image_size=image_size, preset=preset, norm=norm,
+                                   config_dir=config_dir, reader=reader)
   sd = unwrap(read_checkpoint(path, reader), arch, which)
   conv = torch_to_mim(sd, arch, variant=variant, patch_size=patch_size, image_size=image_size,
                       decoder_heads=decoder_heads)

@@ -6,7 +6,8 @@ r"""PyTorch weights in and out of mim_jax.
 
 --arch: timm_vit | mae | beit | beitv2 | dino | ibot. The workdir then works wherever a
 pretraining run does (Trainer.from_workdir, config.finetune.pretrained, teacher keys,
-python -m mim_jax.analysis). See docs/convert.md.
+python -m mim_jax.analysis). --arch=vqkd (BEiT v2's VQ-KD tokenizer) writes a frozen
+configs/vqkd.py tokenizer for --config.beit.tokenizer. See docs/convert.md.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--norm", default="",
                  help="input mean/std of the config: imagenet | inception (default per arch)")
   p.add_argument("--preset", default="",
-                 help="preset of configs/mae.py or simmim.py (default: the embedded data)")
+                 help="preset of configs/mae.py, simmim.py or (vqkd) vqkd.py (default: the "
+                      "embedded data)")
   p.add_argument("--config_dir", default="",
                  help="the checkout's configs/ directory (found automatically)")
   p.add_argument("--reader", default="pure",
@@ -68,7 +70,12 @@ def main(argv=None) -> int:
       if info.get("initialised_not_converted"):
         kept = convert._fmt(info["initialised_not_converted"])
         print(f"  kept from the seeded initialisation: {kept}")
-      print(f"  use it as a pretrained run, e.g. --config.finetune.pretrained={args.output}")
+      if info.get("method") == "tokenizer":
+        print(f"  codebook {info.get('codebook_size')} x {info.get('code_dim')}, decoder depth "
+              f"{info.get('decoder_spec', {}).get('depth')}; use it as a frozen tokenizer, e.g. "
+              f"--config.beit.tokenizer={args.output}")
+      else:
+        print(f"  use it as a pretrained run, e.g. --config.finetune.pretrained={args.output}")
     else:
       name, kwargs, sd = convert.export_timm(args.input, args.output, args.encoder)
       kw = "".join(f", {k}={v!r}" for k, v in kwargs.items())

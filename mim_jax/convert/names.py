@@ -8,7 +8,9 @@ A map is a list of `Entry(torch_key, mim_path, kind)`; `kind` says how the array
           head_dim) exactly as timm's Attention does, so q, k, v and the heads line up unsplit;
   patch   Conv2d weight [D, C, p, p] <-> vit.PatchEmbed's Dense kernel [p * p * C, D], whose rows
           are (row, column, channel) of a patch;
-  token2  iBOT's `masked_embed` [1, D] <-> a mim_jax mask token [1, 1, D].
+  token2  iBOT's `masked_embed` [1, D] <-> a mim_jax mask token [1, 1, D];
+  conv1x1 a 1x1 Conv2d weight [D, C, 1, 1] <-> a Dense kernel [C, D] (VQ-KD's decoder patch
+          embedding over the C-channel code map, any C).
 `encoder_entries` builds the map of one ViT encoder for a `ViTSpec`; `take` reads a state dict
 through a map, checking every shape; `put` writes one.
 """
@@ -74,6 +76,8 @@ def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
     return x.reshape(p, p, c, d).transpose(3, 2, 0, 1)
   if kind == "token2":
     return x.reshape(1, -1)
+  if kind == "conv1x1":
+    return x.T[:, :, None, None]
   return x
 
 
@@ -86,6 +90,10 @@ def from_torch(kind: str, x: np.ndarray) -> np.ndarray:
     return x.transpose(2, 3, 1, 0).reshape(p * p * c, d)
   if kind == "token2":
     return x.reshape(1, 1, -1)
+  if kind == "conv1x1":
+    if x.ndim != 4 or x.shape[2:] != (1, 1):
+      raise ValueError(f"not a 1x1 convolution weight: {list(x.shape)}")
+    return x[:, :, 0, 0].T
   return x
 
 
