@@ -28,7 +28,8 @@ RandomResizedCrop(0.08-1, 3/4-4/3), ImageNet mean/std (--imagenet_default_mean_a
 Published (paper, ImageNet-1k, 800 epochs, DALL-E tokenizer): ViT-B/16 83.2 top-1 fine-tuned.
 
 Deviations:
-  * the tokenizer is a mim_jax run (configs/tokenizer.py), not OpenAI's DALL-E dVAE; it sees the
+  * the tokenizer is a mim_jax run (configs/tokenizer.py; a DALL-E-style Gumbel dVAE with
+    --config.tokenizer.quantizer=gumbel), not OpenAI's DALL-E dVAE weights; it sees the
     encoder's normalised crop resized bicubically to its own input size (BEiT: the same crop
     resampled from the original image at 112 px with Lanczos, mapped by DALL-E's map_pixels);
   * the crop is resampled bilinearly by the shared pipeline (BEiT: bicubic), and on streaming

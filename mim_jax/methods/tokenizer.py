@@ -1,4 +1,4 @@
-"""Image tokenizers trained here: VQ-VAE, BEiT v2's VQ-KD and PeCo's perceptual codebook.
+"""Image tokenizers trained here: VQ-VAE, DALL-E's dVAE, BEiT v2's VQ-KD and PeCo's codebook.
 
 BEiT-style methods predict the discrete codes of a frozen image tokenizer. The DALL-E dVAE's
 weights cannot be downloaded, so mim_jax trains its own tokenizers, as a method of their own;
@@ -18,6 +18,20 @@ One method, three recipes (configs/tokenizer.py, configs/vqkd.py, configs/peco.p
     sonnet; 4 at patch 16, the first ones with hidden/2 channels), so the token grid is the
     consumer ViT's patch grid. Loss: mean squared error on the normalised pixels + the
     quantiser's loss.
+  * dVAE (DALL-E, Ramesh et al., 2021): `config.tokenizer.quantizer='gumbel'` on the same
+    networks. The code layer outputs logits over the `codebook_size` codes per position (the
+    1x1 convolution at the end of DALL-E's encoder); training decodes the gumbel-softmax relaxed
+    sample times the codebook (the 1x1 convolution at the start of DALL-E's decoder), the
+    temperature and the KL weight annealed by `config.tokenizer.gumbel` (see
+    mim_jax/models/quantizer.py); loss: the pixel loss + beta_t * KL(q(z|x) || uniform) / (p*p*3)
+    (DALL-E's beta / 192 at p = 8; the divisor is 1 for teacher targets, whose loss is per
+    token). `token_ids` is the logits' argmax. Deviations: the encoder
+    and decoder are the sonnet stacks above, not DALL-E's bottleneck ResNets (7x7 input
+    convolution, max-pooling, nearest-neighbour upsampling, post-gain 1/n_layers^2), and the
+    reconstruction term is the tokenizer's mean squared (or L1) error on the normalised pixels,
+    not DALL-E's logit-Laplace likelihood (appendix A.3; a decoder with six output maps, mu and
+    ln b per channel): its scale against the KL term differs, so the paper's beta = 6.6 is a
+    starting point, not a tuned value, here.
   * VQ-KD (BEiT v2; microsoft/unilm beit2/modeling_vqkd.py, norm_ema_quantizer.py): a ViT
     encoder (config.model) on the image, a task layer Linear-Tanh-Linear to a 32-d code, the
     l2-normalised EMA codebook (`norm_ema`, decay 0.99, optional k-means init), a ViT decoder on
@@ -32,8 +46,10 @@ One method, three recipes (configs/tokenizer.py, configs/vqkd.py, configs/peco.p
 
 The codebook rules, dead-code restarts and the batch statistics behind the EMA updates are in
 mim_jax/models/quantizer.py. Logged: codebook_usage (fraction of the codes used in the batch)
-and perplexity (exp of the entropy of the batch's average code assignment), beside the loss
-terms (under gradient accumulation: their mean over the micro-batches).
+and perplexity (exp of the entropy of the batch's average code assignment; 'gumbel': of the
+argmax codes), beside the loss terms ('gumbel' adds kl, the mean KL to uniform per position, and
+the schedules' temperature and kl_weight); under gradient accumulation: their mean over the
+micro-batches.
 
 THE TOKENIZER CONTRACT (shared with mim_jax/methods/beit.py and cae.py). A Tokenizer has
   * `codebook_size: int`;
@@ -42,8 +58,9 @@ THE TOKENIZER CONTRACT (shared with mim_jax/methods/beit.py and cae.py). A Token
   * `token_ids(params, method_state, images) -> int32 [B, token_grid**2]`, images normalised
     NHWC float at `image_size` with the trainer's ImageNet mean/std; pure and jittable.
 `token_ids` reads only params['encoder'], params['to_code'], params['quantizer'] (straight-through
-codebooks) and method_state['quantizer']: a consumer may drop the rest of the state (e.g. a
-VQ-KD teacher's weights, method_state['teacher']) with `Tokenizer.frozen_state`.
+codebooks) and method_state['quantizer'] ('gumbel': the encoder and the code layer only): a
+consumer may drop the rest of the state (e.g. a VQ-KD teacher's weights, method_state['teacher'])
+with `Tokenizer.frozen_state`.
 
 The trainer's evaluators read `features`: the ViT encoder's pooled tokens (arch 'vit') or the
 conv encoder's spatially averaged output (arch 'conv'). The reconstruction picture shows the
@@ -193,7 +210,7 @@ class Tokenizer(Method):
         codebook_weight=float(t.codebook_weight),
         decay=float(t.decay), epsilon=float(t.epsilon), kmeans_init=bool(t.kmeans_init),
         kmeans_iters=int(t.kmeans_iters), restart_after=int(t.restart_after),
-        init_seed=int(config.seed))
+        init_seed=int(config.seed), **self.gumbel_settings(t))
     if self.target not in ("pixels", "teacher"):
       raise ValueError(f"unknown tokenizer target {self.target!r}: set config.tokenizer.target "
                        f"to 'pixels' or 'teacher'")
@@ -215,16 +232,31 @@ class Tokenizer(Method):
                          f"{self.patch} must be 2, 4, 8, 16 ...")
       c = t.conv
       self.conv_encoder = ConvEncoder(int(c.hidden), int(c.res_hidden), int(c.res_layers), num_down, dtype)
-      self.to_code = nn.Conv(self.code_dim, (1, 1), kernel_init=fan_in_trunc_normal, dtype=dtype)
+      self.to_code = nn.Conv(self.quantizer.logit_dim, (1, 1), kernel_init=fan_in_trunc_normal,
+                             dtype=dtype)
       if self.target == "teacher":
         raise ValueError("teacher targets need the ViT decoder: set config.tokenizer.arch='vit'")
       self._decoder = ConvDecoder(int(c.hidden), int(c.res_hidden), int(c.res_layers), num_down, dtype)
     elif self.arch == "vit":
-      self.to_code = TaskLayer(self.encoder.width, self.code_dim)
+      self.to_code = TaskLayer(self.encoder.width, self.quantizer.logit_dim)
       self._decoder = None     # built lazily: its output width may be the teacher's
     else:
       raise ValueError(f"unknown tokenizer arch {self.arch!r}: set config.tokenizer.arch to 'conv' or 'vit'")
     self._teacher_method = None
+
+  def gumbel_settings(self, t) -> dict:
+    """The 'gumbel' quantiser's schedules (config.tokenizer.gumbel) and its KL divisor: the
+    target values per token (p x p x 3 pixel values; 1 for teacher targets, whose loss is a
+    mean over tokens already)."""
+    g = t.get("gumbel", None)
+    if g is None:
+      if t.quantizer == "gumbel":
+        raise ValueError("quantizer='gumbel' needs config.tokenizer.gumbel: build config.tokenizer "
+                         "from mim_jax.methods.tokenizer.default_tokenizer_config()")
+      return {}
+    divisor = self.patch * self.patch * 3 if t.target == "pixels" else 1
+    return dict(tau_start=float(g.tau_start), tau_end=float(g.tau_end), tau_steps=int(g.tau_steps),
+                kl_weight=float(g.kl_weight), kl_steps=int(g.kl_steps), kl_divisor=float(divisor))
 
   # -- the teacher (VQ-KD targets, PeCo's perceptual network) -------------------------------
   @property
@@ -334,10 +366,11 @@ class Tokenizer(Method):
     return self.encoder.apply({"params": encoder_params}, images)[:, 1:]
 
   def encode(self, params, images: jax.Array) -> jax.Array:
-    """Pre-quantisation codes z [B, L, code_dim] (row-major over the token grid)."""
+    """Pre-quantisation codes z [B, L, code_dim] (row-major over the token grid); for
+    'gumbel' the logits over the codes [B, L, codebook_size]."""
     h = self.backbone(params["encoder"], images.astype(jnp.float32))
     z = self.to_code.apply({"params": params["to_code"]}, h).astype(jnp.float32)
-    return z.reshape(z.shape[0], -1, self.code_dim)
+    return z.reshape(z.shape[0], -1, self.quantizer.logit_dim)
 
   def decode(self, params, codes: jax.Array) -> jax.Array:
     """Quantised codes [B, L, code_dim] -> image [B, H, W, 3] (pixel targets) or predicted
@@ -372,14 +405,16 @@ class Tokenizer(Method):
     return {**state, "quantizer": q}
 
   # -- the loss -----------------------------------------------------------------------------
-  def forward(self, params, state, images, rng):
+  def forward(self, params, state, images, rng, step=None):
+    """(quantiser output, decoded output); `step` (updates done) drives the 'gumbel'
+    schedules, and None there decodes the argmax codes (the other rules ignore it)."""
     z = self.encode(params, images)
-    qo = self.quantizer(params.get("quantizer", {}), state["quantizer"], z, rng)
+    qo = self.quantizer(params.get("quantizer", {}), state["quantizer"], z, rng, step=step)
     return qo, self.decode(params, qo.quantized)
 
   def loss(self, params, state, images, rng, step):
     images = images.astype(jnp.float32)
-    qo, out = self.forward(params, state, images, rng)
+    qo, out = self.forward(params, state, images, rng, step)
     metrics = {"vq_loss": qo.loss, **qo.metrics}
     if self.target == "teacher":
       target = jax.lax.stop_gradient(self.teacher_tokens(state, images))
@@ -400,7 +435,8 @@ class Tokenizer(Method):
 
   # -- the contract and the evaluators ------------------------------------------------------
   def token_ids(self, params, method_state, images: jax.Array) -> jax.Array:
-    """int32 [B, token_grid**2]: each token's nearest code (row-major over the grid)."""
+    """int32 [B, token_grid**2]: each token's nearest code, or for 'gumbel' the argmax of its
+    logits (row-major over the grid)."""
     z = self.encode(params, images)
     return self.quantizer.ids(params.get("quantizer", {}), method_state["quantizer"], z)
 
@@ -463,7 +499,7 @@ def default_tokenizer_config() -> dict:
       arch="conv",                  # 'conv' (sonnet VQ-VAE stack) | 'vit' (VQ-KD's ViTs)
       codebook_size=512,
       code_dim=64,
-      quantizer="ema",              # 'ema' | 'norm_ema' | 'straight_through'
+      quantizer="ema",              # 'ema' | 'norm_ema' | 'straight_through' | 'gumbel' (dVAE)
       beta=0.25,                    # commitment cost
       codebook_weight=1.0,          # 'straight_through': weight of the codebook loss
       decay=0.99,                   # EMA codebooks
@@ -471,6 +507,10 @@ def default_tokenizer_config() -> dict:
       kmeans_init=False,            # 'norm_ema': BEiT v2's k-means on the first batch
       kmeans_iters=10,
       restart_after=0,              # restart codes unused for this many steps; 0 = never
+      # 'gumbel' (DALL-E dVAE, appendix A.2; cosine schedules over updates): temperature
+      # 1 -> 1/16 over the first 150,000, KL weight 0 -> 6.6 over the first 5,000.
+      gumbel=dict(tau_start=1.0, tau_end=1.0 / 16, tau_steps=150_000, kl_weight=6.6,
+                  kl_steps=5_000),
       target="pixels",              # 'pixels' | 'teacher' (VQ-KD)
       pixel_loss="mse",             # 'mse' | 'l1'
       perceptual_weight=0.0,        # PeCo's perceptual loss (needs a teacher)

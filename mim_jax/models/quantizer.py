@@ -1,7 +1,8 @@
 """Vector quantisers for the image tokenizers (mim_jax/methods/tokenizer.py).
 
-Three codebook rules, all with the nearest-code assignment argmin_k |z - e_k|^2 (ties to the
-lowest index, as torch.argmin / tf.argmax) and the straight-through output z + sg(e - z):
+Three codebook rules with the nearest-code assignment argmin_k |z - e_k|^2 (ties to the
+lowest index, as torch.argmin / tf.argmax) and the straight-through output z + sg(e - z), and
+DALL-E's relaxed categorical ('gumbel'):
 
   * 'straight_through' -- the VQ-VAE paper (van den Oord et al., 2017; sonnet
     `VectorQuantizer`): the codebook is a trained parameter; loss
@@ -17,6 +18,25 @@ lowest index, as torch.argmin / tf.argmax) and the straight-through output z + s
     moves to l2norm(decay * e_k + (1 - decay) * l2norm(s_k / n_k)), unused codes stay; optional
     k-means initialisation (cosine, 10 iterations, on the first batch); loss
     beta * mean((sg e - z)^2) with beta = 1.
+  * 'gumbel' -- the DALL-E dVAE (Ramesh et al., 2021, section 2.1 and appendix A.2; openai/DALL-E
+    dall_e/encoder.py, decoder.py): z holds the encoder's logits over the K codes at each
+    position, q(z|x) = softmax(logits). Training decodes the gumbel-softmax relaxed sample
+    y = softmax((logits + g) / tau), g ~ Gumbel(0, 1), embedded by the codebook [K, D] (the
+    decoder's first 1x1 convolution of a one-hot map: y @ E; here without its bias, which the
+    decoder's next convolution carries; E ~ N(0, 1/K), DALL-E's init), in the forward and the
+    backward pass (no straight-through). Loss beta_t * mean_positions KL(q(z|x) || U(K)) /
+    `kl_divisor`, KL = sum_k q_k log(K q_k) = log K - H(q). DALL-E divides its whole loss by
+    the number of pixel values (256 x 256 x 3), so that its KL summed over the 32 x 32 grid
+    weighs beta / 192; with a reconstruction loss that is a mean over pixel values, the same
+    balance is a per-position-mean KL over `kl_divisor` = pixel values per token (p x p x 3 at
+    patch p; 192 at DALL-E's 8). Schedules, cosine as in the paper's appendix A.2
+    (`cosine_ramp`): tau from `tau_start` to `tau_end` over the first `tau_steps` updates
+    (DALL-E: 1 -> 1/16 over 150,000; linear annealing diverged there), beta from 0 to
+    `kl_weight` over the first `kl_steps` (DALL-E: 6.6 over 5,000), both constant afterwards;
+    `step` is the number of updates done before the current one. Ids (`ids`, the tokens a
+    consumer reads) are argmax_k logits: hard and deterministic, no noise (DALL-E section 2.2).
+    Dead-code restarts do not apply (`restart_after` is ignored; OpenAI: training with the
+    relaxation obviates tricks like dead-code revival) and there is no method state.
 
 The EMA rules update the method state in `Quantizer.update` from batch statistics the loss
 returns (`QuantizeOut.stats`): counts and sums PER IMAGE of the loss's batch. The trainer
@@ -24,9 +44,9 @@ averages them over gradient-accumulation micro-batches, and `update` multiplies 
 batch size, so counts, sums and their ratios are those of the whole batch under accumulation
 and under any sharding.
 
-Dead-code restarts (`restart_after` > 0, any rule; not in the reference codes): a code unused
-for `restart_after` consecutive steps is replaced by a random encoder output of the current
-batch (one drawn uniformly per code by the loss). For 'ema' its moving averages restart at
+Dead-code restarts (`restart_after` > 0, any rule but 'gumbel'; not in the reference codes): a
+code unused for `restart_after` consecutive steps is replaced by a random encoder output of the
+current batch (one drawn uniformly per code by the loss). For 'ema' its moving averages restart at
 count 1 and sum = that vector (OpenAI Jukebox's rule); for 'norm_ema' the vector is
 l2-normalised; for 'straight_through' the codebook is a parameter, which only the optimiser
 changes, so the state keeps an offset added to it (offset_k = v - e_k at the restart: the
@@ -43,7 +63,7 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
-KINDS = ("straight_through", "ema", "norm_ema")
+KINDS = ("straight_through", "ema", "norm_ema", "gumbel")
 
 
 def l2norm(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -91,6 +111,29 @@ def vq_losses(z: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.mean((q - sg(z)) ** 2), jnp.mean((sg(q) - z) ** 2)
 
 
+def cosine_ramp(step, start: float, end: float, steps: int) -> jax.Array:
+  """The half-cosine from `start` at step 0 to `end` at `steps`, then `end`:
+  end + (start - end) (1 + cos(pi min(step, steps) / steps)) / 2 (`end` throughout if steps <= 0).
+  DALL-E anneals its temperature, KL weight and step size this way (appendix A.2)."""
+  if steps <= 0:
+    return jnp.asarray(end, jnp.float32)
+  t = jnp.clip(jnp.asarray(step, jnp.float32) / float(steps), 0.0, 1.0)
+  return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+
+
+def gumbel_softmax(logits: jax.Array, noise: jax.Array, tau) -> jax.Array:
+  """The relaxed one-hot sample softmax((logits + noise) / tau) over the last axis; with
+  noise ~ Gumbel(0, 1) it tends to one_hot(argmax(logits + noise)) as tau -> 0."""
+  return jax.nn.softmax((logits + noise) / tau, axis=-1)
+
+
+def kl_to_uniform(logits: jax.Array) -> jax.Array:
+  """KL(softmax(logits) || uniform over the K codes) along the last axis:
+  sum_k q_k (log q_k + log K) = log K - entropy(q), in nats."""
+  logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(logq) * (logq + math.log(logits.shape[-1])), axis=-1)
+
+
 def kmeans(rng: jax.Array, samples: jax.Array, num_clusters: int, iters: int = 10,
            cosine: bool = True) -> jax.Array:
   """BEiT v2's `kmeans`: means start at distinct random samples (with replacement when there
@@ -128,7 +171,7 @@ def sonnet_uniform(key, shape, dtype=jnp.float32):
 
 
 class QuantizeOut(NamedTuple):
-  quantized: jax.Array      # straight-through output, the shape of z
+  quantized: jax.Array      # straight-through output, the shape of z ('gumbel': y @ E, [..., D])
   ids: jax.Array            # int32, z's shape without the last axis
   loss: jax.Array           # the quantiser's loss terms (see the module docstring)
   stats: dict               # batch statistics for `Quantizer.update` ({} if none needed)
@@ -147,8 +190,14 @@ class Quantizer:
   epsilon: float = 1e-5           # 'ema': Laplace smoothing of the counts
   kmeans_init: bool = False       # 'norm_ema'
   kmeans_iters: int = 10
-  restart_after: int = 0          # dead-code restarts; 0 = off
+  restart_after: int = 0          # dead-code restarts; 0 = off ('gumbel': ignored)
   init_seed: int = 0              # the state's initial codebook (init_state has no rng)
+  tau_start: float = 1.0          # 'gumbel': relaxation temperature at step 0 ...
+  tau_end: float = 1.0 / 16       # ... annealed (cosine) to this ...
+  tau_steps: int = 150_000        # ... over this many updates (DALL-E's values)
+  kl_weight: float = 6.6          # 'gumbel': final KL weight beta (DALL-E), from 0 ...
+  kl_steps: int = 5_000           # ... over this many updates (cosine)
+  kl_divisor: float = 1.0         # 'gumbel': the KL term is divided by this (module docstring)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -156,15 +205,47 @@ class Quantizer:
     if self.kmeans_init and self.kind != "norm_ema":
       raise ValueError("k-means initialisation is BEiT v2's, for quantizer='norm_ema': set "
                        "config.tokenizer.kmeans_init=False")
+    if self.kind == "gumbel":
+      if not (self.tau_start > 0 and self.tau_end > 0):
+        raise ValueError(f"the gumbel-softmax temperature must stay positive: set "
+                         f"config.tokenizer.gumbel.tau_start and .tau_end > 0 (got "
+                         f"{self.tau_start}, {self.tau_end}; DALL-E: 1 and 1/16)")
+      if self.kl_weight < 0:
+        raise ValueError(f"config.tokenizer.gumbel.kl_weight must be >= 0 (DALL-E: 6.6), got "
+                         f"{self.kl_weight}")
+      if self.kl_divisor <= 0:
+        raise ValueError(f"Quantizer(kl_divisor={self.kl_divisor}): pass the (positive) number "
+                         f"of target values per token")
 
   @property
   def normalized(self) -> bool:
     return self.kind == "norm_ema"
 
+  @property
+  def restarts(self) -> int:
+    """Steps before a dead code restarts (0: never; always 0 for 'gumbel')."""
+    return 0 if self.kind == "gumbel" else self.restart_after
+
+  @property
+  def logit_dim(self) -> int:
+    """Channels of the encoder output this quantiser reads: K logits ('gumbel') or D."""
+    return self.codebook_size if self.kind == "gumbel" else self.dim
+
+  def temperature(self, step) -> jax.Array:
+    """'gumbel': the relaxation temperature for the update after `step` updates."""
+    return cosine_ramp(step, self.tau_start, self.tau_end, self.tau_steps)
+
+  def kl_weight_at(self, step) -> jax.Array:
+    """'gumbel': the KL weight beta for the update after `step` updates (0 at step 0)."""
+    return cosine_ramp(step, 0.0, self.kl_weight, self.kl_steps)
+
   # -- parameters and state -----------------------------------------------------------------
   def init_params(self, rng: jax.Array) -> dict:
     if self.kind == "straight_through":
       return {"codebook": sonnet_uniform(rng, (self.codebook_size, self.dim))}
+    if self.kind == "gumbel":     # DALL-E's Conv2d init of the 1x1 conv from K channels
+      k = self.codebook_size
+      return {"codebook": jax.random.normal(rng, (k, self.dim), jnp.float32) / math.sqrt(k)}
     return {}
 
   def init_state(self, params: dict) -> dict:
@@ -178,14 +259,16 @@ class Quantizer:
       # BEiT v2: l2norm(randn) without k-means; zeros (filled by k-means) with it.
       cb = jnp.zeros((k, d)) if self.kmeans_init else l2norm(jax.random.normal(key, (k, d)))
       state.update(codebook=cb, initted=jnp.asarray(not self.kmeans_init))
-    elif self.restart_after:
+    elif self.restarts:
       state["codebook_offset"] = jnp.zeros((k, d), jnp.float32)
-    if self.restart_after:
+    if self.restarts:
       state["unused_steps"] = jnp.zeros((k,), jnp.int32)
     return state
 
   def codebook(self, params: dict, state: dict) -> jax.Array:
     """The codes in use [K, D]."""
+    if self.kind == "gumbel":
+      return params["codebook"]
     if self.kind == "straight_through":
       cb = params["codebook"]
       return cb + state["codebook_offset"] if "codebook_offset" in state else cb
@@ -198,13 +281,20 @@ class Quantizer:
     return l2norm(z) if self.normalized else z
 
   def ids(self, params: dict, state: dict, z: jax.Array) -> jax.Array:
-    """Code ids of z [..., D] (no statistics, no k-means): int32 [...]."""
+    """Code ids of z [..., D] (no statistics, no k-means): int32 [...]; for 'gumbel', z are
+    logits [..., K] and the ids their argmax (ties to the lowest index)."""
+    if self.kind == "gumbel":
+      return jnp.argmax(self.prepare(z), axis=-1).astype(jnp.int32)
     flat = self.prepare(z).reshape(-1, self.dim)
     return nearest_code(flat, self.codebook(params, state)).reshape(z.shape[:-1])
 
   def __call__(self, params: dict, state: dict, z: jax.Array, rng: jax.Array,
-               num_images: Optional[int] = None) -> QuantizeOut:
-    """Quantises z [B, ..., D]; `num_images` (default B) is what the statistics are per."""
+               num_images: Optional[int] = None, step=None) -> QuantizeOut:
+    """Quantises z [B, ..., D]; `num_images` (default B) is what the statistics are per.
+    'gumbel' reads logits [B, ..., K] and the number of updates done, `step` (its schedules);
+    with step=None it decodes the argmax codes, without noise (pictures, evaluation)."""
+    if self.kind == "gumbel":
+      return self._relaxed(params, z, rng, step)
     z = self.prepare(z)
     flat = z.reshape(-1, self.dim)
     num_images = z.shape[0] if num_images is None else num_images
@@ -229,13 +319,37 @@ class Quantizer:
       stats["sums"] = code_sums(sg_flat, ids, self.codebook_size) / num_images
     if self.kmeans_init:
       stats["init_codebook"] = jax.lax.stop_gradient(cb)
-    if self.restart_after:
+    if self.restarts:
       stats.setdefault("counts", counts / num_images)
       pick = jax.random.randint(r_restart, (self.codebook_size,), 0, flat.shape[0])
       stats["candidates"] = sg_flat[pick]
     out = straight_through(flat, q).reshape(z.shape)
     metrics = {"codebook_usage": usage(counts), "perplexity": perplexity(counts)}
     return QuantizeOut(out, ids.reshape(z.shape[:-1]), loss, stats, metrics)
+
+  def _relaxed(self, params: dict, logits: jax.Array, rng: jax.Array, step) -> QuantizeOut:
+    """'gumbel': the embedded relaxed sample (noise jax.random.gumbel(rng, logits.shape)) and
+    beta_t * mean KL(q || U) / kl_divisor; hard one-hot codes when step is None."""
+    logits = self.prepare(logits)
+    if logits.shape[-1] != self.codebook_size:
+      raise ValueError(f"the gumbel quantiser reads {self.codebook_size} logits per position, "
+                       f"got {logits.shape[-1]}: the encoder's code layer must output "
+                       f"config.tokenizer.codebook_size channels")
+    ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    cb = params["codebook"]
+    if step is None:
+      tau, beta = jnp.float32(0.0), jnp.float32(self.kl_weight)
+      sample = jax.nn.one_hot(ids, self.codebook_size, dtype=jnp.float32)
+    else:
+      tau, beta = self.temperature(step), self.kl_weight_at(step)
+      sample = gumbel_softmax(logits, jax.random.gumbel(rng, logits.shape, jnp.float32), tau)
+    out = jnp.einsum("...k,kd->...d", sample, cb)
+    kl = jnp.mean(kl_to_uniform(logits))
+    loss = beta * kl / self.kl_divisor
+    counts = code_counts(ids, self.codebook_size)
+    metrics = {"codebook_usage": usage(counts), "perplexity": perplexity(counts), "kl": kl,
+               "temperature": tau, "kl_weight": beta}
+    return QuantizeOut(out, ids, loss, {}, metrics)
 
   # -- the state update ---------------------------------------------------------------------
   def update(self, params: dict, state: dict, stats: Optional[dict], batch_size: int) -> dict:
@@ -265,13 +379,13 @@ class Quantizer:
       target = jnp.where(unused[:, None], base, mean)
       state.update(codebook=l2norm(self.decay * base + (1.0 - self.decay) * target),
                    initted=jnp.ones_like(state["initted"]))
-    if self.restart_after:
+    if self.restarts:
       state = self._restart(params, state, counts, stats["candidates"])
     return state
 
   def _restart(self, params: dict, state: dict, counts: jax.Array, candidates: jax.Array) -> dict:
     unused = jnp.where(counts > 0, 0, state["unused_steps"] + 1)
-    dead = unused >= self.restart_after
+    dead = unused >= self.restarts
     col = dead[:, None]
     if self.kind == "ema":
       debias = 1.0 - jnp.power(jnp.float32(self.decay), state["ema_steps"].astype(jnp.float32))
