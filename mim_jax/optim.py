@@ -128,8 +128,10 @@ def weight_decay_schedule(optim_cfg: ml_collections.ConfigDict,
     return wd
   if kind != "cosine":
     raise ValueError(f"config.optim.weight_decay_schedule={kind!r}: use 'constant' or 'cosine'")
-  if not total_steps:
+  if total_steps is None:
     raise ValueError("a cosine weight-decay schedule needs the run's total steps")
+  if total_steps == 0:    # a 0-step run (evaluating the initialisation) takes no step
+    return wd
   end = float(optim_cfg.get("weight_decay_end", 0.0))
   return lambda step: end + 0.5 * (wd - end) * (1.0 + jnp.cos(jnp.pi * step / total_steps))
 

@@ -103,6 +103,9 @@ def test_cosine_weight_decay_follows_the_dino_schedule_step_by_step():
     np.testing.assert_allclose(upd["b"], 0.0)
   with pytest.raises(ValueError, match="total steps"):
     optim.make_optimizer(c, lambda s: 1.0, {"w": True})
+  # A 0-step run (the random-init baseline, total_epochs=0) builds its optimiser with the
+  # starting decay instead of dividing by zero.
+  assert optim.weight_decay_schedule(c, 0) == wd
   with pytest.raises(ValueError, match="LARS"):
     optim.make_optimizer(cfg(name="lars", weight_decay_schedule="cosine"), lambda s: 1.0,
                          {"w": True}, total_steps=total)
