@@ -1,9 +1,9 @@
 """The PyTorch reference for benchmarks/speed.py: MAE with the official architecture.
 
 Written for this benchmark after facebookresearch/mae `models_mae.py` (not copied): timm `Block`s
-(qkv bias, LayerNorm eps 1e-6, exact GELU; timm's attention calls fused SDPA), a Conv2d patch
-embedding applied to all patches, fixed 2-D sin-cos position embeddings, per-sample random
-masking by argsort of uniform noise, the 8-block 512-wide decoder, norm_pix_loss MSE over the
+(qkv bias, LayerNorm eps 1e-6, exact GELU; timm's attention calls fused SDPA), timm's
+`PatchEmbed` applied to all patches (so the state-dict names are the official ones), fixed 2-D
+sin-cos position embeddings, per-sample random masking by argsort of uniform noise, the 8-block 512-wide decoder, norm_pix_loss MSE over the
 masked patches. Trained as the official script does, with bf16 autocast instead of its fp16
 GradScaler, and AdamW(betas 0.9/0.95, wd 0.05 off biases and norms) in its fused form.
 
@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, PatchEmbed
 
 VARIANTS = {"base": (768, 12, 12, 16), "large": (1024, 24, 16, 16), "huge": (1280, 32, 16, 14)}
 
@@ -41,11 +41,13 @@ class TorchMAE(nn.Module):
 
   def __init__(self, variant="base", img=224, dec_dim=512, dec_depth=8, dec_heads=16,
                mask_ratio=0.75, norm_pix=True):
+    """`variant`: a name in VARIANTS or a (width, depth, heads, patch) tuple (the tests' tiny
+    model)."""
     super().__init__()
-    dim, depth, heads, patch = VARIANTS[variant]
+    dim, depth, heads, patch = VARIANTS[variant] if isinstance(variant, str) else variant
     self.patch, self.grid, self.mask_ratio, self.norm_pix = patch, img // patch, mask_ratio, norm_pix
     norm = partial(nn.LayerNorm, eps=1e-6)
-    self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+    self.patch_embed = PatchEmbed(img, patch, 3, dim)      # the official names: patch_embed.proj.*
     self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
     self.register_buffer("pos_embed", torch.from_numpy(sincos_2d(dim, self.grid))[None])
     self.blocks = nn.ModuleList([Block(dim, heads, 4.0, qkv_bias=True, norm_layer=norm)
@@ -60,7 +62,7 @@ class TorchMAE(nn.Module):
     self.decoder_pred = nn.Linear(dec_dim, patch * patch * 3)
     # Official init: xavier-uniform Linears (and the patch conv seen as a Linear), zero biases,
     # N(0, .02) tokens, unit LayerNorms.
-    nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))
+    nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(dim, -1))
     nn.init.normal_(self.cls_token, std=0.02)
     nn.init.normal_(self.mask_token, std=0.02)
     for m in self.modules():
@@ -79,11 +81,17 @@ class TorchMAE(nn.Module):
     return x.reshape(n, g * g, p * p * c)
 
   def forward(self, imgs):
+    return self.forward_all(imgs)[0]
+
+  def forward_all(self, imgs, noise=None):
+    """-> (loss, latent [N, 1+K, D], pred [N, L, p*p*3], mask [N, L]); `noise` [N, L] fixes the
+    masking (the official `random_masking` draws it uniformly)."""
     # Encoder on the visible patches.
-    x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+    x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
     n, length, d = x.shape
     keep = int(length * (1 - self.mask_ratio))
-    noise = torch.rand(n, length, device=x.device)
+    if noise is None:
+      noise = torch.rand(n, length, device=x.device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
@@ -94,7 +102,7 @@ class TorchMAE(nn.Module):
     x = torch.cat([cls, x], dim=1)
     for blk in self.blocks:
       x = blk(x)
-    x = self.norm(x)
+    latent = x = self.norm(x)
     # Decoder on all patches.
     x = self.decoder_embed(x)
     tokens = torch.cat([x[:, 1:], self.mask_token.expand(n, length - keep, -1)], dim=1)
@@ -110,7 +118,7 @@ class TorchMAE(nn.Module):
       var = target.var(dim=-1, keepdim=True)
       target = (target - mean) / (var + 1.0e-6) ** 0.5
     loss = ((pred - target) ** 2).mean(dim=-1)
-    return (loss * mask).sum() / mask.sum()
+    return (loss * mask).sum() / mask.sum(), latent, pred, mask
 
 
 def run(variant: str, batch: int, compile_: bool, steps: int = 20, repeats: int = 3,

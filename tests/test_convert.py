@@ -533,3 +533,53 @@ def test_real_torch_file_and_timm_export_round_trip_when_installed(tmp_path):
     loaded = teachers.load(str(run))
     got = loaded.method.encoder.apply({"params": loaded.params["encoder"]}, images)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, err_msg=kind)
+
+
+def test_official_mae_checkpoint_gives_the_torch_reference_outputs_when_installed(tmp_path):
+  """With torch and timm: an MAE in the official architecture (benchmarks/torch_mae.py, timm
+  Blocks, the official decoder and loss), saved as the official checkpoints are ({'model': sd}),
+  converted with the CLI, gives the same latent, decoder predictions and loss for the same mask."""
+  try:
+    import torch
+    import timm  # noqa: F401  (torch_mae builds on timm's Block)
+  except ImportError as e:
+    pytest.skip(f"torch/timm not installed: the torch-free checks above cover the layouts ({e})")
+  import importlib.util
+  import pathlib
+  from mim_jax.convert.__main__ import main
+  from mim_jax.targets import pixels
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_mae.py"
+  spec = importlib.util.spec_from_file_location("torch_mae", path)
+  torch_mae = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(torch_mae)
+  torch.manual_seed(0)
+  model = torch_mae.TorchMAE((D, DEPTH, HEADS, P), img=GRID * P, dec_dim=32, dec_depth=2,
+                             dec_heads=2).eval()
+  with torch.no_grad():        # xavier init leaves biases and LayerNorms trivial: perturb them all
+    for prm in model.parameters():
+      prm.add_(0.1 * torch.randn_like(prm))
+  pth = tmp_path / "mae_official.pth"
+  torch.save({"model": model.state_dict(), "epoch": 3}, pth)
+  images = np.random.default_rng(5).normal(size=(2, GRID * P, GRID * P, 3)).astype(np.float32)
+  noise = np.random.default_rng(6).uniform(size=(2, GRID * GRID)).astype(np.float32)
+  with torch.no_grad():
+    out = model.forward_all(torch.from_numpy(images.transpose(0, 3, 1, 2)), torch.from_numpy(noise))
+  want_loss, want_latent, want_pred, want_mask = (t.numpy() for t in out)
+
+  run = tmp_path / "mae_run"
+  assert main(["--from=torch", "--arch=mae", str(pth), str(run), f"--image_size={GRID * P}",
+               "--decoder_heads=2"]) == 0
+  loaded = teachers.load(str(run))
+  method, params = loaded.method, loaded.params
+  shuffle = np.argsort(noise, axis=1, kind="stable")
+  keep = int(GRID * GRID * (1 - method.mask_ratio))
+  latent = method.encoder.apply({"params": params["encoder"]}, images, keep_ids=shuffle[:, :keep])
+  pred = method.decoder.apply({"params": params["decoder"]}, latent, np.argsort(shuffle, axis=1))
+  mask = np.ones_like(noise)
+  mask[:, :keep] = 0
+  mask = np.take_along_axis(mask, np.argsort(shuffle, axis=1), axis=1)
+  np.testing.assert_array_equal(mask, want_mask)
+  loss = mae.mae_loss(pred, pixels.pixel_target(images, P, method.norm_pix), mask)
+  np.testing.assert_allclose(np.asarray(latent), want_latent, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(pred), want_pred, atol=1e-4)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
