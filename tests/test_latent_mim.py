@@ -347,11 +347,12 @@ def test_ablation_runner_dry_run_gives_valid_commands(tmp_path, capsys):
   ab = _ablations()
   assert set(ab.TABLES) == {"target", "loss", "masking", "decoder"}
   assert ab.main(["--table", "all", "--workdir_root", str(tmp_path), "--data", "/data/c10",
-                  "--steps", "5", "--dry_run"]) == 0
+                  "--steps", "5", "--batch", "64", "--dry_run"]) == 0
   lines = [l for l in capsys.readouterr().out.splitlines() if "mim_jax.main" in l]
   assert len(lines) == sum(len(rows) for rows in ab.TABLES.values())
   for line in lines:
     assert "--config=configs/latent_mim.py:cifar10" in line and "--config.total_steps=5" in line
+    assert "--config.input.batch_size=64" in line
     c = load_config("latent_mim", "cifar10")
     for arg in line.split(" --config.")[1:]:
       key, value = arg.split("=", 1)

@@ -1,7 +1,8 @@
 r"""Reruns the four ablation tables of Latent MIM (Wei, Gupta, Morgado, ECCV 2024) on CIFAR-10.
 
   python tools/latent_mim_ablations.py --table target|loss|masking|decoder|all \
-    --workdir_root runs/latent_mim --data ../shared/data/cifar10/train [--steps N] [--dry_run]
+    --workdir_root runs/latent_mim --data ../shared/data/cifar10/train [--steps N] [--batch B] \
+    [--dry_run]
 
 Every row is a label and config overrides on top of configs/latent_mim.py:cifar10 (whose
 defaults are the official recipe: EMA target, PatchDisc, mask ratio 0.9, a gap, the similarity
@@ -9,7 +10,8 @@ regulariser, cross-attention decoder with visual cues, MLP projection head, 3 de
 changing one factor at a time from that recipe. Each row runs as
 
   python -m mim_jax.main --config=configs/latent_mim.py:cifar10 --workdir=<root>/<table>_<row> \
-    --config.input.data.dir=<data> [--config.total_steps=N] --config.<key>=<value> ...
+    --config.input.data.dir=<data> [--config.total_steps=N] [--config.input.batch_size=B] \
+    --config.<key>=<value> ...
 
 skipping rows whose workdir already holds a finished run (a 'summary' record in
 metrics.jsonl), then writes <root>/<table>.md: per row the final average cosine similarity of
@@ -92,11 +94,14 @@ def workdir(root: str, table: str, row: Row) -> str:
   return os.path.join(root, f"{table}_{slug(row.label)}")
 
 
-def command(table: str, row: Row, root: str, data: str, steps: int = 0) -> list[str]:
+def command(table: str, row: Row, root: str, data: str, steps: int = 0,
+            batch: int = 0) -> list[str]:
   cmd = [sys.executable, "-m", "mim_jax.main", f"--config={BASE_CONFIG}",
          f"--workdir={workdir(root, table, row)}", f"--config.input.data.dir={data}"]
   if steps:
     cmd.append(f"--config.total_steps={int(steps)}")
+  if batch:      # the learning rate follows: base_lr is per 256 images
+    cmd.append(f"--config.input.batch_size={int(batch)}")
   cmd += [f"--config.{k}={v}" for k, v in row.overrides.items()]
   return cmd
 
@@ -150,6 +155,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--data", default="../shared/data/cifar10/train",
                       help="the CIFAR-10 image folder (config.input.data.dir)")
   parser.add_argument("--steps", type=int, default=0, help="config.total_steps (0: the preset's)")
+  parser.add_argument("--batch", type=int, default=0,
+                      help="config.input.batch_size (0: the preset's; the lr scales with it)")
   parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
   args = parser.parse_args(argv)
   tables = sorted(TABLES) if args.table == "all" else [args.table]
@@ -159,7 +166,7 @@ def main(argv: list[str]) -> int:
   for table in tables:
     for row in TABLES[table]:
       wd = workdir(args.workdir_root, table, row)
-      cmd = command(table, row, args.workdir_root, args.data, args.steps)
+      cmd = command(table, row, args.workdir_root, args.data, args.steps, args.batch)
       if finished(wd):
         print(f"# done, skipped: {wd}")
         continue
