@@ -290,7 +290,8 @@ def pretraining_label(run: Run) -> str:
     return "0 steps (random init)"
   if run.steps_per_epoch:
     epochs = round(step / run.steps_per_epoch, 2)
-    return f"{step} steps ({epochs:g} epochs){_subset_label(run.config)}"
+    unit = "epoch" if epochs == 1 else "epochs"
+    return f"{step} steps ({epochs:g} {unit}){_subset_label(run.config)}"
   return f"{step} steps{_subset_label(run.config)}"
 
 

@@ -130,3 +130,11 @@ def test_fine_tuning_runs_are_labelled_as_such():
   ft = _config("finetune", 6, 1e-3, 256)
   assert report.data_note(ft).startswith("fine-tuning: image folder /data/c10")
   assert report.data_note(_config("mae", 6, 1e-3, 256)).startswith("pretraining: ")
+
+
+def test_pretraining_label_counts_epochs_in_the_singular_for_one():
+  def run(step):
+    return report.Run("r", "/x", {"knn": {"top1": 1.0, "step": step}}, {}, 175)
+  assert report.pretraining_label(run(175)) == "175 steps (1 epoch)"
+  assert report.pretraining_label(run(350)) == "350 steps (2 epochs)"
+  assert report.pretraining_label(run(0)) == "0 steps (random init)"
