@@ -50,6 +50,12 @@ TABLES = {
         Row("shared + stop-gradient", {"latent_mim.target": "stopgrad"}),
         Row("momentum (EMA) target", {"latent_mim.target": "ema"}),
         Row("frozen random target", {"latent_mim.target": "random"}),
+        # PatchDisc and the similarity regulariser both push patch latents apart, so with them
+        # even the naive target cannot collapse; these two rows take both away.
+        Row("naive, MSE, no regulariser", {"latent_mim.target": "naive", "latent_mim.loss": "mse",
+                                           "latent_mim.reg_weight": 0.0}),
+        Row("momentum, MSE, no regulariser", {"latent_mim.target": "ema", "latent_mim.loss": "mse",
+                                              "latent_mim.reg_weight": 0.0}),
     ],
     # 2. Reconstruction objective on each masked patch's latent.
     "loss": [
