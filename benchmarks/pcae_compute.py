@@ -2,6 +2,8 @@ r"""PCAE's compute against MAE at the same encoder, decoder and mask settings.
 
   python benchmarks/pcae_compute.py                              # default preset, CPU minutes
   python benchmarks/pcae_compute.py --preset imagenet --steps 20 # ViT-B/16, on an accelerator
+  python benchmarks/pcae_compute.py --preset imagenet --embedded_data --batch 8 --steps 3
+                                                                 # the same without ImageNet
 
 Prints two tables:
   * analytic model FLOPs per training image (matmuls only, 2 per multiply-add, as
@@ -92,12 +94,14 @@ def load_config(method: str, preset: str):
   return mod.get_config(preset)
 
 
-def matched_configs(preset: str, batch: int = 0):
+def matched_configs(preset: str, batch: int = 0, embedded: bool = False):
   """(pcae config, mae config) at the same model, input, mask ratio and decoder."""
   pc = load_config("pcae", preset)
   mc = load_config("mae", preset if preset != "imagenet" else "imagenet")
   if batch:
     pc.input.batch_size = batch
+  if embedded:     # the step's cost does not depend on the pixels: time without the dataset
+    pc.input.data.update(name="embedded", holdout_per_class=100)
   mc.model = pc.model
   mc.input = pc.input
   mc.ema = pc.ema
@@ -131,9 +135,12 @@ def main(argv=None) -> None:
   ap.add_argument("--steps", type=int, default=5, help="timed steps per method")
   ap.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
   ap.add_argument("--no-time", action="store_true", help="FLOPs only")
+  ap.add_argument("--embedded_data", action="store_true",
+                  help="time on the embedded images (resized to the preset's size) instead of "
+                       "the preset's dataset, e.g. ImageNet settings without ImageNet")
   args = ap.parse_args(argv)
   from mim_jax import methods
-  pc, mc = matched_configs(args.preset, args.batch)
+  pc, mc = matched_configs(args.preset, args.batch, args.embedded_data)
   f = train_flops_pair(pc)
   m, p = pc.model, pc.pcae
   from mim_jax.models import vit

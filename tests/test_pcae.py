@@ -269,6 +269,12 @@ def test_flop_count_equals_hand_value():
   assert mod.mae_forward_flops(16, 4, 8, 2, 0.75, 4, 1) == 47248
   pair = mod.train_flops_pair(load_config("pcae", "imagenet"))
   assert pair["pcae"] < 0.85 * pair["mae"]
+  # The timed pair differs only in the method; --embedded_data swaps ImageNet for the embedded set.
+  pc, mc = mod.matched_configs("imagenet", batch=8, embedded=True)
+  assert pc.input.data.name == mc.input.data.name == "embedded"
+  assert pc.input.batch_size == mc.input.batch_size == 8 and pc.input.image_size == 224
+  assert mc.model.to_dict() == pc.model.to_dict() and mc.mae.mask_ratio == pc.pcae.mask_ratio
+  assert mod.matched_configs("imagenet")[1].input.data.name == "tfds"
 
 
 # -- training ---------------------------------------------------------------------------------
