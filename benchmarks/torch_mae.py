@@ -4,8 +4,9 @@ Written for this benchmark after facebookresearch/mae `models_mae.py` (not copie
 (qkv bias, LayerNorm eps 1e-6, exact GELU; timm's attention calls fused SDPA), timm's
 `PatchEmbed` applied to all patches (so the state-dict names are the official ones), fixed 2-D
 sin-cos position embeddings, per-sample random masking by argsort of uniform noise, the 8-block
-512-wide decoder, norm_pix_loss MSE over the masked patches. Trained as the official script does, with bf16 autocast instead of its fp16
-GradScaler, and AdamW(betas 0.9/0.95, wd 0.05 off biases and norms) in its fused form.
+512-wide decoder, norm_pix_loss MSE over the masked patches. Trained as the official script
+does, with bf16 autocast instead of its fp16 GradScaler, and AdamW(betas 0.9/0.95, wd 0.05 off
+biases and norms) in its fused form.
 
   python benchmarks/torch_mae.py --variant base --batch 256 [--compile]
 

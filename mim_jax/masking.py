@@ -32,8 +32,13 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
 
 def random_shuffle_mask(rng: jax.Array, batch: int, num_patches: int, mask_ratio: float) -> ShuffleMask:
   """MAE `random_masking`: argsort of uniform noise per sample, keep the first K."""
+  return shuffle_mask_from_noise(jax.random.uniform(rng, (batch, num_patches)), mask_ratio)
+
+
+def shuffle_mask_from_noise(noise: jax.Array, mask_ratio: float) -> ShuffleMask:
+  """`random_shuffle_mask` for given noise [B, L] (e.g. the noise a PyTorch reference drew)."""
+  batch, num_patches = noise.shape
   keep = num_kept(num_patches, mask_ratio)
-  noise = jax.random.uniform(rng, (batch, num_patches))
   shuffle = jnp.argsort(noise, axis=1)
   restore = jnp.argsort(shuffle, axis=1)
   mask = jnp.concatenate([jnp.zeros((batch, keep)), jnp.ones((batch, num_patches - keep))], axis=1)

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mim_jax import convert, teachers, train
+from mim_jax import convert, masking, teachers, train
 from mim_jax.convert import names, reader
 from mim_jax.methods import finetune, mae
 from mim_jax.models import vit
@@ -571,15 +571,11 @@ def test_official_mae_checkpoint_gives_the_torch_reference_outputs_when_installe
                "--decoder_heads=2"]) == 0
   loaded = teachers.load(str(run))
   method, params = loaded.method, loaded.params
-  shuffle = np.argsort(noise, axis=1, kind="stable")
-  keep = int(GRID * GRID * (1 - method.mask_ratio))
-  latent = method.encoder.apply({"params": params["encoder"]}, images, keep_ids=shuffle[:, :keep])
-  pred = method.decoder.apply({"params": params["decoder"]}, latent, np.argsort(shuffle, axis=1))
-  mask = np.ones_like(noise)
-  mask[:, :keep] = 0
-  mask = np.take_along_axis(mask, np.argsort(shuffle, axis=1), axis=1)
-  np.testing.assert_array_equal(mask, want_mask)
-  loss = mae.mae_loss(pred, pixels.pixel_target(images, P, method.norm_pix), mask)
+  sm = masking.shuffle_mask_from_noise(noise, method.mask_ratio)      # mim_jax's own masking
+  np.testing.assert_array_equal(np.asarray(sm.mask), want_mask)
+  latent = method.encoder.apply({"params": params["encoder"]}, images, keep_ids=sm.keep_ids)
+  pred = method.decoder.apply({"params": params["decoder"]}, latent, sm.restore_ids)
+  loss = mae.mae_loss(pred, pixels.pixel_target(images, P, method.norm_pix), sm.mask)
   np.testing.assert_allclose(np.asarray(latent), want_latent, atol=1e-4)
   np.testing.assert_allclose(np.asarray(pred), want_pred, atol=1e-4)
   np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
