@@ -97,7 +97,7 @@ def load_config(method: str, preset: str):
 def matched_configs(preset: str, batch: int = 0, embedded: bool = False):
   """(pcae config, mae config) at the same model, input, mask ratio and decoder."""
   pc = load_config("pcae", preset)
-  mc = load_config("mae", preset if preset != "imagenet" else "imagenet")
+  mc = load_config("mae", preset)
   if batch:
     pc.input.batch_size = batch
   if embedded:     # the step's cost does not depend on the pixels: time without the dataset
