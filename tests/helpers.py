@@ -1,8 +1,21 @@
 """Small configs for fast CPU tests."""
 import importlib.util
+import os
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(devices: int = 1) -> dict:
+  """The environment for a `python -m mim_jax.main` subprocess on `devices` fake CPU devices:
+  the test session's other XLA flags (conftest.py) kept, mim_jax importable from the checkout."""
+  e = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", e.get("XLA_FLAGS", ""))
+  e["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={devices}".strip()
+  e["JAX_PLATFORMS"] = "cpu"
+  e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+  return e
 
 
 def load_config(method: str, preset: str = ""):

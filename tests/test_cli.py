@@ -7,24 +7,16 @@ import subprocess
 import sys
 import time
 
-from helpers import ROOT
+from helpers import ROOT, subprocess_env
 
 TINY = ["--config.model.variant=mu", "--config.model.depth=2", "--config.input.batch_size=16",
         "--config.evals.knn.max_train=300", "--config.evals.linear.epochs=1",
         "--config.evals.linear.max_train=300", "--config.evals.reconstruction.num_images=2"]
 
 
-def env(devices=1):
-  e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  e["JAX_PLATFORMS"] = "cpu"
-  e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-  return e
-
-
 def main(args, devices=1, timeout=240, **kw):
-  return subprocess.run([sys.executable, "-m", "mim_jax.main", *args], cwd=ROOT, env=env(devices),
-                        capture_output=True, text=True, timeout=timeout, **kw)
+  return subprocess.run([sys.executable, "-m", "mim_jax.main", *args], cwd=ROOT,
+                        env=subprocess_env(devices), capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def last_line(stderr):
@@ -58,7 +50,7 @@ def test_batch_not_divisible_by_devices_is_one_line_error(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   args = ["--config=configs/mae.py", f"--workdir={tmp_path}", *TINY, "--config.total_steps=100000",
           "--config.ckpt_every=100000", "--config.log_every=1"]
-  p = subprocess.Popen([sys.executable, "-m", "mim_jax.main", *args], cwd=ROOT, env=env(),
+  p = subprocess.Popen([sys.executable, "-m", "mim_jax.main", *args], cwd=ROOT, env=subprocess_env(),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 180

@@ -272,7 +272,9 @@ def test_preprocess_jitters_the_full_image_before_the_crop():
   factors, order = data2vec.color_jitter_params(kj, 4, 0.4)
   jittered = data2vec.apply_color_jitter(images.astype(jnp.float32), factors, order)
   want = train.preprocess(rest, jittered, c.input, True)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Jitted against op by op: the float32 roundings differ (1.1e-5 on one pixel of 12,288 with
+  # XLA's CPU backend at optimisation level 0), far below what the jitter changes (next line).
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
   assert not np.allclose(got, train.preprocess(rest, images, c.input, True), atol=1e-3)
 
 

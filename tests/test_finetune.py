@@ -387,6 +387,27 @@ def test_an_extrema_encoder_gives_its_patch_embedding_and_plain_blocks():
     finetune.merge_pretrained(init, loaded, "W")
 
 
+@pytest.mark.parametrize("method", ["latent_mim", "pcae", "mae", "simmim"])
+def test_each_pretraining_methods_online_encoder_fits_the_finetune_vit(method):
+  # What load_pretrained_encoder reads (state.params.encoder) of a run of `method` with the same
+  # config.model initialises every parameter of the fine-tune ViT, with no leftover (SimMIM's
+  # mask token aside).
+  zeros = jnp.zeros((1, 32, 32, 3))
+  shapes = jax.eval_shape(methods.get(tiny_config(method)).init, KEY, zeros)["encoder"]
+  rng = np.random.default_rng(0)
+  loaded = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  c = tiny_config("finetune")
+  c.model.update({k: v for k, v in tiny_config(method).model.items()
+                  if k in finetune._ARCH_KEYS + ("init_values",)})
+  init = jax.device_get(methods.get(c).init(KEY, zeros)["encoder"])
+  merged = jax.device_get(jax.jit(lambda: finetune.merge_pretrained(init, loaded, "W"))())
+  want = {k: v for k, v in loaded.items() if k != "mask_token"}
+  if "pos_embed" not in want:                   # fixed sin-cos in pretraining: learnable here
+    np.testing.assert_array_equal(merged.pop("pos_embed"), init["pos_embed"])
+  assert jax.tree.structure(merged) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, merged, want)
+
+
 def test_finetune_run_from_pretrained_writes_classifier_accuracy(tmp_path, pretrain_dir):
   c = tiny_config("finetune", total_steps=2, ckpt_every=2, **{"finetune.pretrained": pretrain_dir[0]})
   c.evals.classifier.max_eval = 200

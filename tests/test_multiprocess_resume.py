@@ -36,7 +36,7 @@ import sys
 
 import numpy as np
 
-from helpers import ROOT
+from helpers import ROOT, subprocess_env
 
 STEPS = 6
 COMMON = ["--config=configs/mae.py", "--config.model.variant=mu", "--config.model.depth=2",
@@ -46,14 +46,6 @@ COMMON = ["--config=configs/mae.py", "--config.model.variant=mu", "--config.mode
           "--config.keep_ckpts=5", "--config.tensorboard.enabled=False",
           "--config.evals.knn.enabled=False", "--config.evals.linear.enabled=False",
           "--config.evals.reconstruction.enabled=False"]
-
-
-def _env(devices):
-  e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  e["JAX_PLATFORMS"] = "cpu"
-  e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-  return e
 
 
 def _free_port():
@@ -72,7 +64,7 @@ def _run(workdir, processes, devices_per_process):
     argvs = [[f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
               f"--process_id={i}"] for i in range(processes)]
   procs = [subprocess.Popen([sys.executable, "-m", "mim_jax.main", *COMMON, f"--workdir={workdir}",
-                             *a], cwd=ROOT, env=_env(devices_per_process), text=True,
+                             *a], cwd=ROOT, env=subprocess_env(devices_per_process), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in argvs]
   outs = [p.communicate(timeout=300) for p in procs]
   for i, (p, (_, err)) in enumerate(zip(procs, outs)):
