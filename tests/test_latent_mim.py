@@ -349,7 +349,14 @@ def test_ablation_runner_dry_run_gives_valid_commands(tmp_path, capsys):
   assert ab.main(["--table", "all", "--workdir_root", str(tmp_path), "--data", "/data/c10",
                   "--steps", "5", "--batch", "64", "--dry_run"]) == 0
   lines = [l for l in capsys.readouterr().out.splitlines() if "mim_jax.main" in l]
-  assert len(lines) == sum(len(rows) for rows in ab.TABLES.values())
+  # The six rows that restate the recipe (momentum target, PatchDisc, ratio 0.9 gap 1,
+  # cross-attention with cues, MLP head, depth 3) are one run, in <root>/recipe.
+  recipe_rows = [(t, r.label) for t, rows in ab.TABLES.items() for r in rows if ab.is_recipe(r)]
+  assert recipe_rows == [("target", "momentum (EMA) target"), ("loss", "PatchDisc"),
+                         ("masking", "ratio 0.9, gap 1"), ("decoder", "cross-attention, visual cues"),
+                         ("decoder", "MLP projection head"), ("decoder", "decoder depth 3")]
+  assert len(lines) == sum(len(rows) for rows in ab.TABLES.values()) - 5
+  assert sum(f"--workdir={tmp_path / 'recipe'} " in l for l in lines) == 1
   for line in lines:
     assert "--config=configs/latent_mim.py:cifar10" in line and "--config.total_steps=5" in line
     assert "--config.input.batch_size=64" in line

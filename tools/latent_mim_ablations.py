@@ -13,7 +13,10 @@ changing one factor at a time from that recipe. Each row runs as
     --config.input.data.dir=<data> [--config.total_steps=N] [--config.input.batch_size=B] \
     --config.<key>=<value> ...
 
-skipping rows whose workdir already holds a finished run (a 'summary' record in
+Rows that change nothing (their overrides are the recipe's own values: the momentum target,
+PatchDisc, ratio 0.9 with gap 1, the cross-attention decoder with visual cues, the MLP head,
+3 decoder blocks) are one run, in <root>/recipe, shared by every table. Rows are skipped
+when their workdir already holds a finished run (a 'summary' record in
 metrics.jsonl), then writes <root>/<table>.md: per row the final average cosine similarity of
 the online encoder's patch latents ('Sim', aux/sim of the last logged step: 1.00 means
 collapse), kNN top-1 and linear-probe top-1 on the held-out images. `--dry_run` only prints the
@@ -26,6 +29,7 @@ The gap is in pixels (the official code); at 32 px with 4-pixel patches 1 pixel 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -96,7 +100,30 @@ def slug(label: str) -> str:
   return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
+def recipe():
+  """configs/latent_mim.py:cifar10, the config every row starts from."""
+  spec = importlib.util.spec_from_file_location("latent_mim_config",
+                                                os.path.join(ROOT, "configs", "latent_mim.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(BASE_CONFIG.split(":")[1])
+
+
+def _value(config, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def is_recipe(row: Row) -> bool:
+  """Whether the row's overrides only restate the recipe's values (the same run)."""
+  base = recipe()
+  return all(_value(base, k) == v for k, v in row.overrides.items())
+
+
 def workdir(root: str, table: str, row: Row) -> str:
+  if is_recipe(row):
+    return os.path.join(root, "recipe")
   return os.path.join(root, f"{table}_{slug(row.label)}")
 
 
@@ -144,11 +171,13 @@ def row_results(wd: str) -> dict:
 def markdown(table: str, root: str) -> str:
   fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
   lines = [f"## Latent MIM ablation: {table}", "",
-           f"configs/latent_mim.py:cifar10 + the row's overrides; workdirs {root}/{table}_*.", "",
+           f"configs/latent_mim.py:cifar10 + the row's overrides; workdirs {root}/{table}_* and "
+           f"{root}/recipe.", "",
            "| row | overrides | Sim | kNN top-1 | linear top-1 |", "|---|---|---|---|---|"]
   for row in TABLES[table]:
     r = row_results(workdir(root, table, row))
     ov = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in row.overrides.items())
+    ov += " (the recipe)" if is_recipe(row) else ""
     lines.append(f"| {row.label} | {ov} | {fmt(r['sim'], '.2f')} | {fmt(r['knn'], '.1f')} | "
                  f"{fmt(r['linear'], '.1f')} |")
   return "\n".join(lines) + "\n"
@@ -169,10 +198,14 @@ def main(argv: list[str]) -> int:
   # The runs start in the repository root: make the caller's relative paths absolute.
   args.workdir_root, args.data = os.path.abspath(args.workdir_root), os.path.abspath(args.data)
   os.makedirs(args.workdir_root, exist_ok=True)
+  started = set()
   for table in tables:
     for row in TABLES[table]:
       wd = workdir(args.workdir_root, table, row)
       cmd = command(table, row, args.workdir_root, args.data, args.steps, args.batch)
+      if wd in started:                 # the recipe, already run (or printed) above
+        continue
+      started.add(wd)
       if finished(wd):
         print(f"# done, skipped: {wd}")
         continue
