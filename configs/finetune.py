@@ -1,7 +1,7 @@
 r"""Fine-tuning a pretrained ViT for classification: MAE's end-to-end recipe (FINETUNE.md).
 
-`config.finetune.pretrained` names a pretraining workdir (configs/mae.py or configs/simmim.py
-run with the same `model` settings); its latest checkpoint's online encoder
+`config.finetune.pretrained` names a pretraining workdir (configs/mae.py, simmim.py,
+latent_mim.py, pcae.py, ... run with the same `model` settings); its latest checkpoint's online encoder
 (`pretrained_encoder='ema'` for the EMA one) initialises the ViT. '' = from scratch, the same
 ViT at its pretraining initialisation.
 

@@ -387,7 +387,7 @@ def test_an_extrema_encoder_gives_its_patch_embedding_and_plain_blocks():
     finetune.merge_pretrained(init, loaded, "W")
 
 
-@pytest.mark.parametrize("method", ["latent_mim", "pcae", "mae", "simmim"])
+@pytest.mark.parametrize("method", ["latent_mim", "pcae", "data2vec", "mae", "simmim"])
 def test_each_pretraining_methods_online_encoder_fits_the_finetune_vit(method):
   # What load_pretrained_encoder reads (state.params.encoder) of a run of `method` with the same
   # config.model initialises every parameter of the fine-tune ViT, with no leftover (SimMIM's
