@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from helpers import load_config
+from helpers import load_config, subprocess_env
 
 COLABS = pathlib.Path(__file__).resolve().parents[1] / "colabs"
 NOTEBOOKS = ("quickstart", "masking", "explore_checkpoint")
@@ -35,17 +35,16 @@ STEPS = 30
 @pytest.fixture(scope="module")
 def kernel_dir(tmp_path_factory):
   """A kernel spec running this interpreter (not whatever `python` is on PATH) on one CPU
-  device: the fake 8-device flag of conftest.py is dropped, so the notebooks see what a Colab
-  CPU runtime has. The kernels share a compilation cache, so a step one notebook compiled is
+  device (conftest.py's fake 8 devices become 1, its other XLA flags stay), so the notebooks
+  see what a Colab CPU runtime has. The kernels share a compilation cache, so a step one notebook compiled is
   not compiled again by the next."""
   root = tmp_path_factory.mktemp("jupyter")
   spec_dir = root / "kernels" / KERNEL
   spec_dir.mkdir(parents=True)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
   spec = {
       "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
       "display_name": "mim_jax tests", "language": "python",
-      "env": {"XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu",
+      "env": {"XLA_FLAGS": subprocess_env(devices=1)["XLA_FLAGS"], "JAX_PLATFORMS": "cpu",
               "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "MPLBACKEND": "module://matplotlib_inline.backend_inline"},

@@ -393,12 +393,12 @@ def test_each_pretraining_methods_online_encoder_fits_the_finetune_vit(method):
   # config.model initialises every parameter of the fine-tune ViT, with no leftover (SimMIM's
   # mask token aside).
   zeros = jnp.zeros((1, 32, 32, 3))
-  shapes = jax.eval_shape(methods.get(tiny_config(method)).init, KEY, zeros)["encoder"]
+  pre = tiny_config(method)
+  shapes = jax.eval_shape(methods.get(pre).init, KEY, zeros)["encoder"]
   rng = np.random.default_rng(0)
   loaded = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   c = tiny_config("finetune")
-  c.model.update({k: v for k, v in tiny_config(method).model.items()
-                  if k in finetune._ARCH_KEYS + ("init_values",)})
+  c.model.update({k: v for k, v in pre.model.items() if k in finetune._ARCH_KEYS + ("init_values",)})
   init = jax.device_get(methods.get(c).init(KEY, zeros)["encoder"])
   merged = jax.device_get(jax.jit(lambda: finetune.merge_pretrained(init, loaded, "W"))())
   want = {k: v for k, v in loaded.items() if k != "mask_token"}

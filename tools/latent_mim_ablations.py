@@ -29,6 +29,7 @@ The gap is in pixels (the official code); at 32 px with 4-pixel patches 1 pixel 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -100,8 +101,10 @@ def slug(label: str) -> str:
   return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
+@functools.lru_cache(maxsize=None)
 def recipe():
-  """configs/latent_mim.py:cifar10, the config every row starts from."""
+  """configs/latent_mim.py:cifar10, the config every row starts from (read once: every
+  workdir() and table line asks)."""
   spec = importlib.util.spec_from_file_location("latent_mim_config",
                                                 os.path.join(ROOT, "configs", "latent_mim.py"))
   module = importlib.util.module_from_spec(spec)
