@@ -9,7 +9,6 @@ cell, a Colab install cell and a badge in colabs/README.md.
 """
 import json
 import math
-import os
 import pathlib
 import re
 import sys
