@@ -25,7 +25,6 @@ steps); this measures the per-step part.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
@@ -88,10 +87,8 @@ def train_flops_pair(config) -> dict:
 
 
 def load_config(method: str, preset: str):
-  spec = importlib.util.spec_from_file_location(f"cfg_{method}", ROOT / "configs" / f"{method}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(preset)
+  from mim_jax import config_lib
+  return config_lib.load(method, preset, str(ROOT / "configs"))
 
 
 def matched_configs(preset: str, batch: int = 0, embedded: bool = False):

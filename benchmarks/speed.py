@@ -103,11 +103,8 @@ def worker_peak(_args) -> None:
 
 
 def load_config(method: str, preset: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"cfg_{method}", ROOT / "configs" / f"{method}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(preset)
+  from mim_jax import config_lib
+  return config_lib.load(method, preset, str(ROOT / "configs"))
 
 
 def case_config(case: dict):

@@ -5,10 +5,33 @@ config, so a mistyped `--config.key=value` fails with the list of valid keys.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The checkout's configs/ folder (beside the package in a source or editable install).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load(method: str, preset: str = "", config_dir: str = "") -> ml_collections.ConfigDict:
+  """`configs/<method>.py`'s get_config(preset): what `--config=configs/<method>.py:<preset>`
+  gives mim_jax.main (tools, benchmarks and converters build their runs from it). A missing
+  file is a FileNotFoundError naming the configs there and `config_dir`."""
+  d = config_dir or CONFIGS_DIR
+  path = os.path.join(d, f"{method}.py")
+  if not os.path.isfile(path):
+    known = sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py")) if os.path.isdir(d) else []
+    raise FileNotFoundError(
+        f"{path} not found: name one of the configs in {d} ({', '.join(known) or 'none there'}), "
+        f"or point config_dir (--config_dir) at a checkout's configs/ folder")
+  spec = importlib.util.spec_from_file_location(f"mim_jax_config_{method}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset or None)
 
 
 def base_config() -> ml_collections.ConfigDict:

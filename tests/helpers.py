@@ -1,5 +1,4 @@
 """Small configs for fast CPU tests."""
-import importlib.util
 import os
 import pathlib
 import re
@@ -19,11 +18,8 @@ def subprocess_env(devices: int = 1) -> dict:
 
 
 def load_config(method: str, preset: str = ""):
-  path = ROOT / "configs" / f"{method}.py"
-  spec = importlib.util.spec_from_file_location(f"cfg_{method}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(preset)
+  from mim_jax import config_lib
+  return config_lib.load(method, preset, str(ROOT / "configs"))
 
 
 def tiny_config(method: str = "mae", **overrides):

@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from helpers import load_config
-from mim_jax import methods, optim
+from helpers import ROOT, load_config
+from mim_jax import config_lib, methods, optim
 
 # Configs whose method has another name (several configs of one method).
 CONFIG_METHOD = {"milan": "feature_mim", "eva": "feature_mim", "mvp": "feature_mim",
@@ -30,6 +30,17 @@ def test_presets_build_their_method(method, preset):
 def test_unknown_preset_is_an_error():
   with pytest.raises(ValueError, match="unknown preset"):
     load_config("mae", "imagenet22k")
+
+
+def test_config_lib_load_is_what_main_reads_and_a_missing_config_names_the_others():
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv)
+  fv(["prog", f"--config={ROOT / 'configs' / 'simmim.py'}:cifar10"])
+  assert config_lib.load("simmim", "cifar10").to_json() == fv.config.to_json()
+  with pytest.raises(FileNotFoundError, match=r"simmi\.py not found: name one of .*simmim"):
+    config_lib.load("simmi")
 
 
 def test_mae_imagenet_is_the_paper_recipe():

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
-import importlib.util
 import json
 import math
 import os
@@ -95,13 +94,11 @@ def _config_spec(method: str, preset: str) -> str:
 
 def load_config(method: str, preset: str):
   """``configs/<method>.py``'s ``get_config(preset)``."""
-  path = os.path.join(ROOT, "configs", f"{method}.py")
-  if not os.path.exists(path):
-    raise SweepError(f"{path} not found: --method must name a config in configs/ (mae, simmim)")
-  spec = importlib.util.spec_from_file_location(f"config_{method}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset or None)
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    return config_lib.load(method, preset, os.path.join(ROOT, "configs"))
+  except FileNotFoundError as e:
+    raise SweepError(f"--method={method}: {e}") from None
 
 
 def check_config(config, method: str, preset: str, linear: bool) -> None:

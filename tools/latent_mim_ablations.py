@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -105,11 +104,8 @@ def slug(label: str) -> str:
 def recipe():
   """configs/latent_mim.py:cifar10, the config every row starts from (read once: every
   workdir() and table line asks)."""
-  spec = importlib.util.spec_from_file_location("latent_mim_config",
-                                                os.path.join(ROOT, "configs", "latent_mim.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(BASE_CONFIG.split(":")[1])
+  from mim_jax import config_lib
+  return config_lib.load("latent_mim", BASE_CONFIG.split(":")[1], os.path.join(ROOT, "configs"))
 
 
 def _value(config, key: str):

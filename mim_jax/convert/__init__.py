@@ -17,13 +17,13 @@ with the `timm.create_model` call that loads it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from typing import Any, Optional
 
 import numpy as np
 
+from mim_jax import config_lib
 from mim_jax.convert import names
 from mim_jax.convert.names import ConversionError, ViTSpec
 from mim_jax.convert.reader import CheckpointReadError, read_checkpoint  # noqa: F401 (API)
@@ -351,21 +351,12 @@ def _qkv_to_qv(encoder_params):
 # ---------------------------------------------------------------------------------------------
 # Workdirs.
 
-def _configs_dir(config_dir: str = "") -> str:
-  d = config_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), "configs")
-  if not os.path.isfile(os.path.join(d, "mae.py")):
-    raise ConversionError(f"no configs/mae.py in {d}: pass --config_dir=<checkout>/configs")
-  return d
-
-
 def load_config(method: str, preset: str = "", config_dir: str = ""):
-  """`configs/<method>.py`'s get_config(preset)."""
-  path = os.path.join(_configs_dir(config_dir), f"{method}.py")
-  spec = importlib.util.spec_from_file_location(f"mim_jax_convert_cfg_{method}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(preset)
+  """`configs/<method>.py`'s get_config(preset) (config_lib.load), errors as ConversionError."""
+  try:
+    return config_lib.load(method, preset, config_dir)
+  except FileNotFoundError as e:
+    raise ConversionError(str(e)) from None
 
 
 def make_config(conv: Converted, *, preset: str = "", norm: str = "", config_dir: str = ""):
