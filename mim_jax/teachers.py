@@ -5,17 +5,30 @@ reads that run's `config.json`, rebuilds its method (so the architecture is the 
 trained with) and restores the parameters and method state of a checkpoint, as host arrays.
 The caller returns what it needs from `Method.external_state`, so the frozen weights travel in
 the method state, are checkpointed with the run and receive no gradient.
+
+Once a run has started it no longer needs those other workdirs (`frozen_runs`): its first start
+copies each frozen run's config.json to `<workdir>/frozen/<config key>/config.json`, and every
+restore of the run (resuming, --mode=eval, `Trainer.from_workdir`, `load` of the run itself)
+rebuilds the frozen modules from that copy and gives `external_state` only the weights' shapes
+(`jax.ShapeDtypeStruct`s), whose values then come from the run's own checkpoint. A tokenizer's
+or teacher's workdir may be moved or deleted after the run it feeds has started.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import json
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
 PyTree = Any
+
+FROZEN_DIR = "frozen"
 
 
 class TeacherError(RuntimeError):
@@ -26,22 +39,123 @@ class TeacherError(RuntimeError):
 class FrozenRun:
   config: Any            # the run's ml_collections config
   method: Any            # its Method (for its modules and helper functions)
-  params: PyTree         # host arrays
-  method_state: PyTree   # host arrays (EMA encoders, ...)
-  step: int
+  params: PyTree         # host arrays (ShapeDtypeStructs while a run is restored)
+  method_state: PyTree   # host arrays (EMA encoders, ...), likewise
+  step: int              # its checkpoint's step (-1 when unknown)
 
 
-def load(path: str, step: Optional[int] = None) -> FrozenRun:
-  """The run in `path` (a workdir written by mim_jax.main) at checkpoint `step` (latest)."""
-  import orbax.checkpoint as ocp
-  from mim_jax import methods, train
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  workdir: str      # the run whose frozen runs are recorded / read
+  restoring: bool   # its weights come from its own checkpoint: frozen weights as shapes only
+  record: bool      # write the config copies (only the run being trained writes in its workdir)
+
+
+_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("mim_jax_frozen_runs", default=None)
+
+
+@contextlib.contextmanager
+def frozen_runs(workdir: str, restoring: bool, record: bool = True):
+  """Within: the frozen runs a method reads belong to the run in `workdir`. A fresh start
+  (`restoring=False`) reads them from their workdirs and copies their config.json into
+  `workdir/frozen/<key>/`; a restore reads those copies (the frozen run's own workdir only for
+  a run started before they were written) and gives `load` the weights' shapes only, since the
+  values come from the restored checkpoint. `record=False` writes nothing (reading another run)."""
+  with entered(_Context(os.path.abspath(workdir), bool(restoring), bool(record))):
+    yield
+
+
+def current_context() -> Optional[_Context]:
+  """The active `frozen_runs` context (None outside one). A method keeps the one it was built
+  in and re-enters it with `entered` wherever it reads a frozen run lazily."""
+  return _CONTEXT.get()
+
+
+@contextlib.contextmanager
+def entered(ctx: Optional[_Context]):
+  """Within: `ctx` (from `current_context`) is the active context again."""
+  token = _CONTEXT.set(ctx)
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
+def _snapshot_path(ctx: _Context, key: str) -> str:
+  return os.path.join(ctx.workdir, FROZEN_DIR, key or "unnamed", "config.json")
+
+
+def run_config(path: str, key: str = ""):
+  """The config of the frozen run in workdir `path`, named by this run's config key `key`
+  (e.g. 'beit.tokenizer'): from this run's copy when it is being restored, else from `path`
+  (recording the copy on a fresh start). Raises TeacherError when `path` is not a workdir."""
+  from mim_jax import train
+  ctx = _CONTEXT.get()
+  snap = _snapshot_path(ctx, key) if ctx is not None else ""
+  if ctx is not None and ctx.restoring and os.path.exists(snap):
+    return train.load_run_config(os.path.dirname(snap))
   if not path:
     raise TeacherError("no workdir given for a frozen network: set the config key that names it "
                        "(e.g. --config.beit.tokenizer=/path/to/tokenizer_run)")
-  if not os.path.isdir(path):
-    raise TeacherError(f"{path} does not exist: train that run first (its README command) or "
-                       f"point the config key at its workdir")
+  if not os.path.exists(os.path.join(path, "config.json")):
+    what = "does not exist" if not os.path.exists(path) else "is not a mim_jax workdir (no config.json)"
+    raise TeacherError(f"{path} {what}: train that run first (its README command) or point the "
+                       f"config key at its workdir")
   config = train.load_run_config(path)
+  if ctx is not None and ctx.record and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(snap), exist_ok=True)
+    with open(snap, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(os.path.dirname(snap), "source.json"), "w") as f:
+      json.dump({"workdir": os.path.abspath(path), "key": key}, f, indent=2)
+    # The frozen run's own records (a BEiT v2 tokenizer's teacher), for nested restores.
+    own = os.path.join(path, FROZEN_DIR)
+    if os.path.isdir(own):
+      shutil.copytree(own, os.path.join(os.path.dirname(snap), FROZEN_DIR), dirs_exist_ok=True)
+  return config
+
+
+def _abstract_state(method, config) -> tuple:
+  """(params, method state) of `method` as ShapeDtypeStructs, as its trainer builds them."""
+  size = int(config.input.image_size)
+  dummy = jax.ShapeDtypeStruct((2, size, size, 3), np.float32)
+
+  def init(rng, images):
+    params = method.init(rng, images)
+    return params, method.init_state(params)
+
+  params, mstate = jax.eval_shape(init, jax.random.PRNGKey(0), dummy)
+  external = method.external_state()   # shapes too: the caller's restoring context is active
+  return params, {**mstate, **external}
+
+
+def is_abstract(tree: PyTree) -> bool:
+  """Whether `tree` holds shapes only (a frozen run's weights while a run is restored)."""
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def host(tree: PyTree) -> PyTree:
+  """`tree` as numpy arrays, ShapeDtypeStructs left as they are."""
+  return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x), tree)
+
+
+def load(path: str, step: Optional[int] = None, key: str = "") -> FrozenRun:
+  """The run in `path` (a workdir written by mim_jax.main) at checkpoint `step` (latest), read
+  as this run's config key `key` names it. Within a restoring `frozen_runs` context the
+  weights are ShapeDtypeStructs (the restore fills them) and the config is the recorded copy."""
+  import orbax.checkpoint as ocp
+  from mim_jax import methods
+  config = run_config(path, key)
+  ctx = _CONTEXT.get()
+  if ctx is not None and ctx.restoring:
+    # The frozen run's own frozen runs: from the records copied beside its config, or from
+    # its workdir for a run started before records were kept.
+    snap = _snapshot_path(ctx, key)
+    source = os.path.dirname(snap) if os.path.exists(snap) else path
+    with frozen_runs(source, restoring=True, record=False):
+      method = methods.get(config)
+      params, mstate = _abstract_state(method, config)
+    return FrozenRun(config, method, params, mstate, -1)
   directory = os.path.join(os.path.abspath(path), "checkpoints")
   mngr = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"))
   try:
@@ -52,8 +166,10 @@ def load(path: str, step: Optional[int] = None) -> FrozenRun:
   finally:
     mngr.close()
   state = jax.tree.map(np.asarray, restored["state"])
-  return FrozenRun(config, methods.get(config), state["params"], state.get("method_state", {}),
-                   int(step))
+  # Built as the run itself is restored: its frozen runs from its own records and checkpoint.
+  with frozen_runs(path, restoring=True, record=False):
+    method = methods.get(config)
+  return FrozenRun(config, method, state["params"], state.get("method_state", {}), int(step))
 
 
 def read_teacher_config(path: str, key: str, image_size: int, patch_size: int):
@@ -64,11 +180,14 @@ def read_teacher_config(path: str, key: str, image_size: int, patch_size: int):
   from mim_jax import methods, train
   hint = ("train one first, e.g. `python -m mim_jax.main --config=configs/mae.py "
           f"--workdir=/tmp/mae`, then pass --config.{key}=/tmp/mae")
-  if not path:
-    raise train.TrainingError(f"config.{key} is empty: it names the workdir of the teacher run; {hint}")
-  if not os.path.exists(os.path.join(path, "config.json")):
-    raise train.TrainingError(f"config.{key}={path!r} is not a mim_jax workdir (no config.json): {hint}")
-  config = train.load_run_config(path)
+  try:
+    config = run_config(path, key)
+  except TeacherError:
+    if not path:
+      raise train.TrainingError(f"config.{key} is empty: it names the workdir of the teacher run; "
+                                f"{hint}") from None
+    raise train.TrainingError(f"config.{key}={path!r} is not a mim_jax workdir (no config.json): "
+                              f"{hint}") from None
   ti, tp = config.input.image_size, config.model.patch_size
   if (ti, tp) != (image_size, patch_size):
     raise train.TrainingError(
@@ -84,7 +203,7 @@ def load_teacher_encoder(path: str, key: str, which: str = "online") -> PyTree:
   for `which='ema'`, its EMA encoder; errors are train.TrainingError naming config key `key`."""
   from mim_jax import train
   try:
-    run = load(path)
+    run = load(path, key=key)
   except TeacherError as e:
     raise train.TrainingError(f"config.{key}: {e}") from None
   if which == "ema":

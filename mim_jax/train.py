@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mim_jax import checkpointing, methods, metric_writers, optim, sharding
+from mim_jax import checkpointing, methods, metric_writers, optim, sharding, teachers
 
 PyTree = Any
 
@@ -155,18 +155,20 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
 
   # Frozen weights read from other runs (a tokenizer, a teacher) enter the method state after
   # the jitted init, so they are never baked into the program as constants.
+  # While a run is restored they are shapes only (teachers.frozen_runs): the checkpoint holds them.
   external = method.external_state()
 
   def init_fn(prng, srng):
     params = method.init(prng, dummy)
-    mstate = {**method.init_state(params), **jax.tree.map(jnp.zeros_like, external)}
+    mstate = {**method.init_state(params),
+              **jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), external)}
     return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                 method_state=mstate, rng=srng)
 
   shapes = jax.eval_shape(init_fn, prng, srng)
   state_sh = sharding.tree_shardings(mesh, shapes, config.sharding_rules)
   state = jax.jit(init_fn, out_shardings=state_sh)(prng, srng)
-  if external:
+  if external and not teachers.is_abstract(external):
     placed = jax.device_put(external, {k: state_sh["method_state"][k] for k in external})
     state = dict(state, method_state={**state["method_state"], **placed})
   step_fn = make_train_step(method, tx, schedule, config.input, on_device_aug,
@@ -239,11 +241,12 @@ class Trainer:
     """The run saved in `workdir`: its config.json (with dotted-key `overrides`, e.g.
     {'input.batch_size': 64}), restored from checkpoint `step` (default: the latest)."""
     config = load_run_config(workdir, overrides)
-    tr = cls.create(config, devices=devices)
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_ckpts)
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise TrainingError(f"no checkpoint in {ckpt.directory}: train first (or point at a trained run)")
+    with teachers.frozen_runs(workdir, restoring=True, record=False):
+      tr = cls.create(config, devices=devices)
     tr.restore(ckpt, step, with_data=False)
     ckpt.close()
     return tr
@@ -376,11 +379,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   `stop_after` ends the loop early at that step, as a preemption would (tests use it).
   """
   os.makedirs(workdir, exist_ok=True)
-  tr = Trainer.create(config, devices=devices)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_ckpts)
+  latest = ckpt.latest_step()
+  # A fresh start records the frozen runs it reads; a resume rebuilds them from those records.
+  with teachers.frozen_runs(workdir, restoring=latest is not None):
+    tr = Trainer.create(config, devices=devices)
   meta = {"model": tr.method.describe()}
   start = 0
-  latest = ckpt.latest_step()
   if latest is not None:
     tr.restore(ckpt, latest)
     start = int(jax.device_get(tr.state["step"]))
@@ -512,12 +517,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
   """--mode=eval: restores the workdir's latest checkpoint and runs the config's evaluators."""
-  tr = Trainer.create(config, devices=devices)
   ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_ckpts)
   latest = ckpt.latest_step()
   if latest is None:
     raise TrainingError(f"no checkpoint in {ckpt.directory}: train first with --mode=train "
                         f"(or point --workdir at a trained run)")
+  with teachers.frozen_runs(workdir, restoring=True, record=False):
+    tr = Trainer.create(config, devices=devices)
   tr.restore(ckpt, latest, with_data=False)
   ckpt.close()
   results = tr.evaluate(workdir)

@@ -63,7 +63,7 @@ def train_with_frozen_run(config, workdir, run, **kwargs):
   import pytest
   from mim_jax import teachers, train
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(teachers, "load", lambda path, step=None: run)
+    mp.setattr(teachers, "load", lambda path, *args, **kwargs: run)
     return train.train_and_evaluate(config, workdir, progress=False, **kwargs)
 
 

@@ -1,6 +1,7 @@
 """BEiT (v1 and v2): loss by hand, the v2 cls head, init, colour jitter, tokenizer errors, and
 runs on the embedded data (learning, frozen tokenizer, exact resume, a real tokenizer run)."""
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def numpy_ce(logits, labels, weights):
 @pytest.fixture
 def fake(monkeypatch):
   run = fake_run()
-  monkeypatch.setattr(teachers, "load", lambda path, step=None: run)
+  monkeypatch.setattr(teachers, "load", lambda path, *args, **kwargs: run)
   return run
 
 
@@ -189,7 +190,7 @@ def test_colour_jitter_is_pils_enhance_in_the_drawn_order():
 
 def test_tokenizer_sees_the_view_at_its_own_size(monkeypatch):
   run = fake_run(image_size=16, token_grid=8)
-  monkeypatch.setattr(teachers, "load", lambda path, step=None: run)
+  monkeypatch.setattr(teachers, "load", lambda path, *args, **kwargs: run)
   c = tiny_config("beit")
   c.beit.tokenizer = "/fake"
   m = methods.get(c)
@@ -215,7 +216,7 @@ def test_missing_tokenizer_is_a_one_line_error_naming_key_and_command(path, why)
 
 def test_token_grid_mismatch_is_a_one_line_error(monkeypatch):
   run = fake_run(image_size=32, token_grid=4)
-  monkeypatch.setattr(teachers, "load", lambda path, step=None: run)
+  monkeypatch.setattr(teachers, "load", lambda path, *args, **kwargs: run)
   c = tiny_config("beit")
   c.beit.tokenizer = "/fake"
   with pytest.raises(train.TrainingError, match="token grid is 4x4 but this model's patch grid is 8x8"):
@@ -299,3 +300,16 @@ def test_end_to_end_on_a_tokenizer_run(tmp_path):
   frozen, run = teachers.load(str(tmp_path / "tok")), teachers.load(str(tmp_path / "beit"))
   assert run.params["lm_head"]["kernel"].shape == (64, tok.tokenizer.codebook_size)
   jax.tree.map(np.testing.assert_array_equal, run.method_state["tokenizer"]["params"], frozen.params)
+  # Once started, the run no longer needs the tokenizer's workdir: loading it, evaluating it or
+  # resuming it rebuilds the tokenizer from the config recorded in beit/frozen/ and takes its
+  # weights from the run's own checkpoint.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  ids = run.method.token_ids(run.method_state, x)
+  shutil.rmtree(tmp_path / "tok")
+  again = teachers.load(str(tmp_path / "beit"))
+  jax.tree.map(np.testing.assert_array_equal, again.method_state, run.method_state)
+  np.testing.assert_array_equal(again.method.token_ids(again.method_state, x), ids)
+  tr = train.Trainer.from_workdir(str(tmp_path / "beit"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(tr.state["method_state"]), run.method_state)
+  c.total_steps = 3
+  assert train.train_and_evaluate(c, str(tmp_path / "beit"), progress=False)["step"] == 3

@@ -1,13 +1,15 @@
 """Teacher-feature MIM (MILAN, EVA-01, MVP): losses by hand, attentive masking, the prompting
 decoder, the frozen teacher, learning and resuming on the embedded data."""
 import math
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, tiny_config, losses as read_losses, resumed_losses, assert_same_losses
+from helpers import load_config, tiny_config, losses as read_losses, assert_same_losses
 from mim_jax import masking, methods, optim, teachers, train
 from mim_jax.methods import feature_mim as fm
 from mim_jax.models import vit
@@ -434,7 +436,10 @@ def one_compiled_step(monkeypatch):
 
 def test_training_lowers_the_loss_keeps_the_teacher_and_resumes(tmp_path, trained_teacher,
                                                                  one_compiled_step):
-  c = student("milan", trained_teacher)
+  # The student reads a copy of the teacher run, deleted before the resume below.
+  teacher_copy = str(tmp_path / "teacher")
+  shutil.copytree(trained_teacher, teacher_copy)
+  c = student("milan", teacher_copy)
   c.total_steps, c.ckpt_every, c.evals = 6, 3, {}
   c.optim.update(warmup_epochs=0.0, base_lr=0.05)
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -449,4 +454,19 @@ def test_training_lowers_the_loss_keeps_the_teacher_and_resumes(tmp_path, traine
   # teacher_encoder='ema' takes the teacher run's EMA encoder instead.
   ema = methods.get(student("milan", trained_teacher, teacher_encoder="ema")).external_state()
   jax.tree.map(np.testing.assert_array_equal, ema["teacher"], run.method_state["ema_encoder"])
-  assert_same_losses(la, resumed_losses(c, b, stop_after=3, devices=one_device()), 6)
+  # Resuming needs neither the teacher's workdir nor its checkpoint: the first start recorded the
+  # teacher's config in b/frozen/, the restore takes its weights from b's own checkpoint.
+  with pytest.raises(train.Preempted):
+    train.train_and_evaluate(c, b, progress=False, stop_after=3, devices=one_device())
+  recorded = os.path.join(b, "frozen", "feature_mim.teacher", "config.json")
+  assert train.load_run_config(os.path.dirname(recorded)).to_dict() == \
+      train.load_run_config(trained_teacher).to_dict()
+  shutil.rmtree(teacher_copy)
+  train.train_and_evaluate(c, b, progress=False, devices=one_device())
+  assert_same_losses(la, read_losses(b), 6)
+  resumed = teachers.load(b)
+  jax.tree.map(np.testing.assert_array_equal, resumed.method_state["teacher"], run.params["encoder"])
+  assert resumed.method.teacher_dim == run.method.encoder.width
+  # A fresh start still needs the teacher: the one-line error names the key.
+  with pytest.raises(train.TrainingError, match="config.feature_mim.teacher="):
+    train.train_and_evaluate(c, str(tmp_path / "c"), progress=False, devices=one_device())

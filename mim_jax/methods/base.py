@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mim_jax import teachers
 from mim_jax.models import vit
 
 PyTree = Any
@@ -65,6 +66,9 @@ class Method:
     self.pooling = config.get("pooling", "cls")
     ema = config.get("ema", None)
     self.ema_decay = float(ema.decay) if ema is not None and ema.get("enabled", False) else None
+    # Frozen runs (tokenizers, teachers) are read in the context the method was built in
+    # (teachers.frozen_runs), also when a property reads them later.
+    self.frozen_context = teachers.current_context()
 
   def run_steps(self) -> tuple[int, int]:
     """(steps per epoch, total steps) of the run this config describes, for schedules that

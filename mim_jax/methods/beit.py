@@ -86,7 +86,8 @@ class TokenizerTargets:
     if self._frozen is None:
       from mim_jax import train
       try:
-        run = teachers.load(self.tokenizer_path)
+        with teachers.entered(self.frozen_context):
+          run = teachers.load(self.tokenizer_path, key=self.tokenizer_key)
       except (teachers.TeacherError, train.TrainingError, OSError, ValueError) as e:
         raise self._tokenizer_error(str(e).rstrip(".")) from None
       tok = run.method
@@ -114,8 +115,7 @@ class TokenizerTargets:
     if hasattr(run.method, "frozen_state"):
       # Only what token_ids reads (drops e.g. a VQ-KD teacher's weights).
       state = run.method.frozen_state(state)
-    as_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
-    return {"tokenizer": {"params": as_np(run.params), "state": as_np(state)}}
+    return {"tokenizer": {"params": teachers.host(run.params), "state": teachers.host(state)}}
 
   def token_ids(self, state, images: jax.Array) -> jax.Array:
     """The frozen tokenizer's ids [B, grid**2] (int32, row-major) of normalised `images`,

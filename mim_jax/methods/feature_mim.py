@@ -311,8 +311,9 @@ class FeatureMIM(Method):
     """(teacher config, teacher ViT module), read from the teacher run's config.json once."""
     if self._teacher is None:
       from mim_jax import teachers
-      self._teacher = teachers.read_teacher_config(self.teacher_path, "feature_mim.teacher",
-                                                   self.image_size, self.patch)
+      with teachers.entered(self.frozen_context):
+        self._teacher = teachers.read_teacher_config(self.teacher_path, "feature_mim.teacher",
+                                                     self.image_size, self.patch)
     return self._teacher
 
   @property
@@ -322,8 +323,9 @@ class FeatureMIM(Method):
   def external_state(self):
     from mim_jax import teachers
     self.teacher  # noqa: B018 (checks the grid before the checkpoint is read)
-    return {"teacher": teachers.load_teacher_encoder(self.teacher_path, "feature_mim.teacher",
-                                                    self.teacher_which)}
+    with teachers.entered(self.frozen_context):
+      return {"teacher": teachers.load_teacher_encoder(self.teacher_path, "feature_mim.teacher",
+                                                      self.teacher_which)}
 
   def _to_teacher_input(self, images):
     """The student's normalised view in the teacher run's normalisation."""

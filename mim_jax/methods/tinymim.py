@@ -204,8 +204,9 @@ class TinyMIM(Method):
     """(teacher config, teacher ViT module), from the teacher run's config.json, read once."""
     if self._teacher is None:
       from mim_jax import teachers
-      tcfg, enc = teachers.read_teacher_config(self.teacher_path, "tinymim.teacher",
-                                               self.image_size, self.patch)
+      with teachers.entered(self.frozen_context):
+        tcfg, enc = teachers.read_teacher_config(self.teacher_path, "tinymim.teacher",
+                                                 self.image_size, self.patch)
       depth = enc.depth or vit.variant(enc.variant)[1]
       block = int(self.config.tinymim.teacher_block) or depth
       if not 1 <= block <= depth:
@@ -239,8 +240,9 @@ class TinyMIM(Method):
   def external_state(self):
     from mim_jax import teachers
     self.teacher  # noqa: B018 (checks the grid and the block before the checkpoint is read)
-    return {"teacher": teachers.load_teacher_encoder(self.teacher_path, "tinymim.teacher",
-                                                    self.teacher_which)}
+    with teachers.entered(self.frozen_context):
+      return {"teacher": teachers.load_teacher_encoder(self.teacher_path, "tinymim.teacher",
+                                                      self.teacher_which)}
 
   def teacher_norm(self):
     tcfg = self.teacher[0]

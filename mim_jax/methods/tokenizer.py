@@ -70,7 +70,6 @@ VQ-KD, each token's code painted with the average patch of that code in the pict
 from __future__ import annotations
 
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -266,13 +265,15 @@ class Tokenizer(Method):
   def teacher_method(self):
     """The teacher run's Method (its modules), read from its config.json once."""
     if self._teacher_method is None:
-      from mim_jax import methods, teachers, train
-      path = self.t.teacher
-      if not path or not os.path.isdir(path):
-        raise teachers.TeacherError(
-            f"the tokenizer's teacher run {path!r} does not exist: train one (e.g. configs/mae.py) "
-            f"and set --config.tokenizer.teacher=/path/to/its/workdir")
-      self._teacher_method = methods.get(train.load_run_config(path))
+      from mim_jax import methods, teachers
+      with teachers.entered(self.frozen_context):
+        try:
+          config = teachers.run_config(self.t.teacher, "tokenizer.teacher")
+        except teachers.TeacherError:
+          raise teachers.TeacherError(
+              f"the tokenizer's teacher run {self.t.teacher!r} does not exist: train one (e.g. "
+              f"configs/mae.py) and set --config.tokenizer.teacher=/path/to/its/workdir") from None
+        self._teacher_method = methods.get(config)
     return self._teacher_method
 
   def external_state(self) -> dict:
@@ -280,7 +281,8 @@ class Tokenizer(Method):
       return {}
     from mim_jax import teachers
     self.teacher_method()   # the clear error for a missing path
-    run = teachers.load(self.t.teacher)
+    with teachers.entered(self.frozen_context):
+      run = teachers.load(self.t.teacher, key="tokenizer.teacher")
     self._teacher_method = run.method
     which = self.t.teacher_encoder
     if which == "online":
