@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from absl import logging
 
 PyTree = Any
 
@@ -93,6 +94,14 @@ def run_config(path: str, key: str = ""):
   ctx = _CONTEXT.get()
   snap = _snapshot_path(ctx, key) if ctx is not None else ""
   if ctx is not None and ctx.restoring and os.path.exists(snap):
+    source = os.path.join(os.path.dirname(snap), "source.json")
+    if path and os.path.exists(source):
+      with open(source) as f:
+        started = json.load(f).get("workdir", "")
+      if started and os.path.abspath(path) != started:
+        logging.warning("config.%s=%s, but this run started on %s: it keeps that one (its "
+                        "config recorded in %s, its weights in this run's checkpoint); start a "
+                        "new workdir to use another", key, path, started, os.path.dirname(snap))
     return train.load_run_config(os.path.dirname(snap))
   if not path:
     raise TeacherError("no workdir given for a frozen network: set the config key that names it "

@@ -76,3 +76,18 @@ def test_without_a_record_a_fresh_start_still_needs_the_frozen_run(chain, tmp_pa
     with teachers.frozen_runs(str(tmp_path / "new"), restoring=restoring):
       with pytest.raises(teachers.TeacherError, match="does not exist: train that run first"):
         teachers.run_config(w, "beit.tokenizer")
+
+
+def test_a_restore_pointed_at_another_frozen_run_keeps_the_recorded_one_and_says_so(chain, tmp_path,
+                                                                                 caplog):
+  t, w, r, mae, vqkd = chain
+  other = str(tmp_path / "other_vqkd")
+  with teachers.frozen_runs(r, restoring=True, record=False):
+    config = teachers.run_config(other, "beit.tokenizer")
+  assert json.loads(config.to_json()) == json.loads(vqkd.to_json())
+  assert any("config.beit.tokenizer=" + other in m and os.path.abspath(w) in m
+             for m in caplog.messages), caplog.messages
+  caplog.clear()
+  with teachers.frozen_runs(r, restoring=True, record=False):
+    teachers.run_config(w, "beit.tokenizer")
+  assert not caplog.messages
