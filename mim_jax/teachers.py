@@ -82,27 +82,29 @@ def entered(ctx: Optional[_Context]):
     _CONTEXT.reset(token)
 
 
-def _snapshot_path(ctx: _Context, key: str) -> str:
-  return os.path.join(ctx.workdir, FROZEN_DIR, key or "unnamed", "config.json")
+def _record_dir(ctx: _Context, key: str) -> str:
+  """Where the run of `ctx` records the frozen run its config key `key` names."""
+  return os.path.join(ctx.workdir, FROZEN_DIR, key or "unnamed")
 
 
-def run_config(path: str, key: str = ""):
-  """The config of the frozen run in workdir `path`, named by this run's config key `key`
-  (e.g. 'beit.tokenizer'): from this run's copy when it is being restored, else from `path`
-  (recording the copy on a fresh start). Raises TeacherError when `path` is not a workdir."""
+def _resolve(path: str, key: str) -> tuple:
+  """(config, origin) of the frozen run in workdir `path`, named by this run's config key `key`:
+  read from this run's record when it is being restored (origin = the record's folder, which
+  also holds the frozen run's own records), else from `path` (origin = `path`), recording it on
+  a fresh start. Raises TeacherError when `path` is not a workdir."""
   from mim_jax import train
   ctx = _CONTEXT.get()
-  snap = _snapshot_path(ctx, key) if ctx is not None else ""
-  if ctx is not None and ctx.restoring and os.path.exists(snap):
-    source = os.path.join(os.path.dirname(snap), "source.json")
+  rec = _record_dir(ctx, key) if ctx is not None else ""
+  if ctx is not None and ctx.restoring and os.path.exists(os.path.join(rec, "config.json")):
+    source = os.path.join(rec, "source.json")
     if path and os.path.exists(source):
       with open(source) as f:
         started = json.load(f).get("workdir", "")
       if started and os.path.abspath(path) != started:
         logging.warning("config.%s=%s, but this run started on %s: it keeps that one (its "
                         "config recorded in %s, its weights in this run's checkpoint); start a "
-                        "new workdir to use another", key, path, started, os.path.dirname(snap))
-    return train.load_run_config(os.path.dirname(snap))
+                        "new workdir to use another", key, path, started, rec)
+    return train.load_run_config(rec), rec
   if not path:
     raise TeacherError("no workdir given for a frozen network: set the config key that names it "
                        "(e.g. --config.beit.tokenizer=/path/to/tokenizer_run)")
@@ -112,16 +114,23 @@ def run_config(path: str, key: str = ""):
                        f"config key at its workdir")
   config = train.load_run_config(path)
   if ctx is not None and ctx.record and jax.process_index() == 0:
-    os.makedirs(os.path.dirname(snap), exist_ok=True)
-    with open(snap, "w") as f:
+    os.makedirs(rec, exist_ok=True)
+    with open(os.path.join(rec, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(os.path.dirname(snap), "source.json"), "w") as f:
+    with open(os.path.join(rec, "source.json"), "w") as f:
       json.dump({"workdir": os.path.abspath(path), "key": key}, f, indent=2)
     # The frozen run's own records (a BEiT v2 tokenizer's teacher), for nested restores.
     own = os.path.join(path, FROZEN_DIR)
     if os.path.isdir(own):
-      shutil.copytree(own, os.path.join(os.path.dirname(snap), FROZEN_DIR), dirs_exist_ok=True)
-  return config
+      shutil.copytree(own, os.path.join(rec, FROZEN_DIR), dirs_exist_ok=True)
+  return config, path
+
+
+def run_config(path: str, key: str = ""):
+  """The config of the frozen run in workdir `path`, named by this run's config key `key`
+  (e.g. 'beit.tokenizer'): from this run's copy when it is being restored, else from `path`
+  (recording the copy on a fresh start). Raises TeacherError when `path` is not a workdir."""
+  return _resolve(path, key)[0]
 
 
 def _abstract_state(method, config) -> tuple:
@@ -154,14 +163,12 @@ def load(path: str, step: Optional[int] = None, key: str = "") -> FrozenRun:
   weights are ShapeDtypeStructs (the restore fills them) and the config is the recorded copy."""
   import orbax.checkpoint as ocp
   from mim_jax import methods
-  config = run_config(path, key)
+  config, origin = _resolve(path, key)
   ctx = _CONTEXT.get()
   if ctx is not None and ctx.restoring:
     # The frozen run's own frozen runs: from the records copied beside its config, or from
     # its workdir for a run started before records were kept.
-    snap = _snapshot_path(ctx, key)
-    source = os.path.dirname(snap) if os.path.exists(snap) else path
-    with frozen_runs(source, restoring=True, record=False):
+    with frozen_runs(origin, restoring=True, record=False):
       method = methods.get(config)
       params, mstate = _abstract_state(method, config)
     return FrozenRun(config, method, params, mstate, -1)
