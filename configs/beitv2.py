@@ -51,6 +51,7 @@ def _beit():
 def get_config(arg=None):
   preset = arg or "default"
   c = _beit().beit_config(preset)
+  c.name = "BEiT v2"
   c.beit.update(cls_pretraining=True, early_layers=9, head_layers=2, shared_lm_head=True)
   c.input.aug.crop_scale = (0.2, 1.0)
   if preset == "default":

@@ -58,6 +58,7 @@ def get_config(arg=None):
   preset = arg or "default"
   c = config_lib.base_config()
   c.method = "feature_mim"
+  c.name = "EVA"
   c.feature_mim = feature_mim.default_config()
   c.feature_mim.update(encoder="mask_token", masking="block", num_mask_patches=105,
                        min_mask_patches=16, loss="cosine", loss_on="masked")

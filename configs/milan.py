@@ -48,6 +48,7 @@ def get_config(arg=None):
   preset = arg or "default"
   c = config_lib.base_config()
   c.method = "feature_mim"
+  c.name = "MILAN"
   c.feature_mim = feature_mim.default_config()
   c.optim.update(name="adamw", base_lr=1.5e-4, lr_batch_divisor=256, b1=0.9, b2=0.95,
                  weight_decay=0.05, schedule="cosine", min_lr=0.0, clip_grad=0.0)

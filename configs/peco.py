@@ -56,6 +56,7 @@ def get_config(arg=None):
   preset = arg or "default"
   c = config_lib.base_config()
   c.method = "tokenizer"
+  c.name = "PeCo tokenizer"
   c.tokenizer = default_tokenizer_config()
   c.tokenizer.update(arch="conv", codebook_size=8192, code_dim=256, quantizer="straight_through",
                      beta=1.0, codebook_weight=0.25, pixel_loss="l1", perceptual_weight=1.0,

@@ -56,6 +56,7 @@ def get_config(arg=None):
   preset = arg or "default"
   c = config_lib.base_config()
   c.method = "tokenizer"
+  c.name = "VQ-KD"
   c.tokenizer = default_tokenizer_config()
   c.tokenizer.update(arch="vit", codebook_size=8192, code_dim=32, quantizer="norm_ema", beta=1.0,
                      decay=0.99, kmeans_init=True, target="teacher",

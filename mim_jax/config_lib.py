@@ -37,6 +37,9 @@ def load(method: str, preset: str = "", config_dir: str = "") -> ml_collections.
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = ""
+  # The published name a report shows for the run ('' = the method's, e.g. 'feature_mim' ->
+  # 'teacher-feature MIM'); set by configs that share a method file (MILAN, MVP, EVA, ...).
+  c.name = ""
   c.seed = 0
   # Length: total_steps wins when > 0, else total_epochs over the training split.
   c.total_epochs = 1.0

@@ -404,9 +404,7 @@ def make_table(runs: Sequence[Run], metrics: Optional[Sequence[str]] = None) -> 
     pretraining = pretraining_label(run)
     if not data_in_header and data_numbers[i]:
       pretraining = _mark(pretraining, [data_numbers[i]])
-    cells = [run.name, METHOD_NAMES.get(run.config.get("method"), run.config.get("method") or
-                                        NO_VALUE),
-             model_label(run.config), pretraining, enc or NO_VALUE]
+    cells = [run.name, method_label(run.config), model_label(run.config), pretraining, enc or NO_VALUE]
     for col in metrics:
       value = values[i].get((enc, col))
       if value is None and first:
@@ -419,6 +417,13 @@ def make_table(runs: Sequence[Run], metrics: Optional[Sequence[str]] = None) -> 
   lines.append("")
   lines += [f"[{n}] {text}" for n, text in enumerate(notes.texts, 1)]
   return "\n".join(lines) + "\n"
+
+
+def method_label(config: dict) -> str:
+  """The method column: the config's published name (`config.name`, e.g. MILAN, which shares
+  the feature_mim method with MVP and EVA), else the method's name."""
+  method = config.get("method")
+  return config.get("name") or METHOD_NAMES.get(method, method or NO_VALUE)
 
 
 def load_runs(workdirs: Sequence[str], names: Optional[Sequence[str]] = None) -> list[Run]:

@@ -138,3 +138,13 @@ def test_pretraining_label_counts_epochs_in_the_singular_for_one():
   assert report.pretraining_label(run(175)) == "175 steps (1 epoch)"
   assert report.pretraining_label(run(350)) == "350 steps (2 epochs)"
   assert report.pretraining_label(run(0)) == "0 steps (random init)"
+
+
+def test_method_column_names_the_paper_where_configs_share_a_method_file():
+  from mim_jax import config_lib
+  labels = {m: report.method_label(config_lib.load(m, "cifar10").to_dict())
+            for m in ("milan", "mvp", "eva", "vqkd", "peco", "beitv2", "beit", "mae")}
+  assert labels == {"milan": "MILAN", "mvp": "MVP", "eva": "EVA", "vqkd": "VQ-KD",
+                    "peco": "PeCo tokenizer", "beitv2": "BEiT v2", "beit": "BEiT", "mae": "MAE"}
+  # A run written before configs had a name (no 'name' key) keeps the method's label.
+  assert report.method_label(_config("feature_mim", 6, 1e-3, 256)) == "teacher-feature MIM"
