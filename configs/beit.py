@@ -29,7 +29,8 @@ Published (paper, ImageNet-1k, 800 epochs, DALL-E tokenizer): ViT-B/16 83.2 top-
 
 Deviations:
   * the tokenizer is a mim_jax run (configs/tokenizer.py; a DALL-E-style Gumbel dVAE with
-    --config.tokenizer.quantizer=gumbel), not OpenAI's DALL-E dVAE weights; it sees the
+    --config.tokenizer.quantizer=gumbel) unless OpenAI's DALL-E encoder is converted with
+    `python -m mim_jax.convert --from=torch --arch=dalle` (docs/convert.md); it sees the
     encoder's normalised crop resized bicubically to its own input size (BEiT: the same crop
     resampled from the original image at 112 px with Lanczos, mapped by DALL-E's map_pixels);
   * the crop is resampled bilinearly by the shared pipeline (BEiT: bicubic), and on streaming

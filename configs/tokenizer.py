@@ -1,8 +1,11 @@
 r"""VQ-VAE image tokenizer on pixels, for BEiT / CAE (van den Oord et al., NeurIPS 2017), or
 DALL-E's Gumbel-softmax dVAE (Ramesh et al., ICML 2021) with --config.tokenizer.quantizer=gumbel.
 
-The DALL-E dVAE that BEiT reads cannot be downloaded; this trains a discrete tokenizer whose
-token grid is the consumer ViT's patch grid (config.model.patch_size is the downsampling).
+The DALL-E dVAE that BEiT reads cannot be downloaded here (a user who has its encoder.pkl
+converts it with `python -m mim_jax.convert --from=torch --arch=dalle`, docs/convert.md, into
+this config with --config.tokenizer.arch=dalle, DALL-E's encoder network); this trains a
+discrete tokenizer whose token grid is the consumer ViT's patch grid (config.model.patch_size
+is the downsampling).
 A BEiT / CAE run then names this workdir in its config (see mim_jax/methods/tokenizer.py for
 the contract).
 

@@ -9,7 +9,8 @@ takes it. The config is the repository's `configs/mae.py` (absolute position emb
 weights; the method's other parts (MAE decoder unless the checkpoint has one, SimMIM's linear
 decoder, a missing mask token) keep their seeded initialisation and are listed in
 `<workdir>/convert.json`. A BEiT v2 VQ-KD tokenizer (`--arch=vqkd`) becomes a configs/vqkd.py
-tokenizer workdir instead (mim_jax/convert/vqkd.py).
+tokenizer workdir instead (mim_jax/convert/vqkd.py), and DALL-E's dVAE encoder (`--arch=dalle`,
+BEiT v1's tokenizer) a configs/tokenizer.py one (mim_jax/convert/dalle.py).
 
 Out: a workdir's encoder as a timm-named state dict (torch layouts, float32) in .safetensors,
 with the `timm.create_model` call that loads it.
@@ -31,14 +32,14 @@ from mim_jax.models import vit
 
 PyTree = Any
 
-ARCHS = ("timm_vit", "mae", "beit", "beitv2", "dino", "ibot", "vqkd")
+ARCHS = ("timm_vit", "mae", "beit", "beitv2", "dino", "ibot", "vqkd", "dalle")
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # The normalisation each family was trained with (timm's pretrained_cfg for timm ViT and BEiT
 # v1: 0.5; MAE, DINO, iBOT, BEiT v2: ImageNet's; the VQ-KD tokenizer: pixels in [-1, 1]).
 DEFAULT_NORM = {"timm_vit": "inception", "mae": "imagenet", "beit": "inception",
                 "beitv2": "imagenet", "dino": "imagenet", "ibot": "imagenet",
-                "vqkd": "inception"}
+                "vqkd": "inception", "dalle": "map_pixels"}
 
 
 @dataclasses.dataclass
@@ -177,9 +178,9 @@ def torch_to_mim(sd: dict, arch: str, *, variant: str = "", patch_size: int = 0,
                  image_size: int = 0, decoder_heads: int = 16) -> Converted:
   """Reads the state dict of `arch` into mim_jax parameter trees; any key missing, of the
   wrong shape or left unused is a one-line ConversionError naming it."""
-  if arch == "vqkd":
-    raise ConversionError("--arch=vqkd is a whole tokenizer, not one ViT: read it with "
-                          "mim_jax.convert.vqkd.torch_to_mim")
+  if arch in ("vqkd", "dalle"):
+    raise ConversionError(f"--arch={arch} is a whole tokenizer, not one ViT: read it with "
+                          f"mim_jax.convert.{arch}.torch_to_mim")
   spec, style = infer_spec(sd, arch, variant=variant, patch_size=patch_size, image_size=image_size)
   used: set = set()
   entries = names.encoder_entries(spec, style)
@@ -424,7 +425,7 @@ def write_workdir(out_dir: str, config, params: dict, provenance: Optional[dict]
   # Every optimiser here (AdamW, LARS, LAMB, SGD) starts from zero moments whatever the
   # parameter values, so the initial optimiser state stays valid for the new parameters.
   state = dict(tr.state, params=jax.device_put(merged, tr.state_shardings["params"]))
-  if tr.method.ema_decay is not None or state["method_state"]:
+  if tr.method.ema_decay is not None or jax.tree_util.tree_leaves(state["method_state"]):
     raise ConversionError("the written config's method keeps state derived from the parameters "
                           "(EMA, teachers): convert into configs/mae.py or configs/simmim.py")
   ckpt = checkpointing.Checkpointer(out_dir, keep=config.keep_ckpts, async_save=False)
@@ -449,6 +450,10 @@ def convert_torch_checkpoint(path: str, out_dir: str, arch: str, *, which: str =
   """The whole `--from=torch` conversion: read, map, write the workdir; returns convert.json."""
   if arch not in ARCHS:
     raise ConversionError(f"unknown --arch={arch!r}: use one of {', '.join(ARCHS)}")
+  if arch == "dalle":
+    from mim_jax.convert import dalle
+    return dalle.convert_checkpoint(path, out_dir, image_size=image_size, config_dir=config_dir,
+                                    reader=reader)
   if arch == "vqkd":
     from mim_jax.convert import vqkd
     return vqkd.convert_checkpoint(path, out_dir, variant=variant, patch_size=patch_size,

@@ -6,8 +6,8 @@ r"""PyTorch weights in and out of mim_jax.
 
 --arch: timm_vit | mae | beit | beitv2 | dino | ibot. The workdir then works wherever a
 pretraining run does (Trainer.from_workdir, config.finetune.pretrained, teacher keys,
-python -m mim_jax.analysis). --arch=vqkd (BEiT v2's VQ-KD tokenizer) writes a frozen
-configs/vqkd.py tokenizer for --config.beit.tokenizer. See docs/convert.md.
+python -m mim_jax.analysis). --arch=vqkd (BEiT v2's VQ-KD tokenizer) and --arch=dalle (DALL-E's
+dVAE encoder, BEiT's) write a frozen tokenizer for --config.beit.tokenizer. See docs/convert.md.
 """
 from __future__ import annotations
 
@@ -63,17 +63,21 @@ def main(argv=None) -> int:
           preset=args.preset, norm=args.norm, config_dir=args.config_dir, reader=args.reader)
       spec = info.get("spec", {})
       size = spec.get("grid", 0) * spec.get("patch", 0)
-      print(f"wrote {args.output}: method {info.get('method')}, ViT width {spec.get('width')} "
-            f"depth {spec.get('depth')} patch {spec.get('patch')} at {size}px")
+      net = (f"ViT width {spec.get('width')} depth {spec.get('depth')}" if "width" in spec else
+             f"DALL-E encoder {info.get('dalle_spec')}")
+      print(f"wrote {args.output}: method {info.get('method')}, {net} patch {spec.get('patch')} "
+            f"at {size}px")
       if info.get("ignored_keys"):
         print(f"  left out of the checkpoint: {convert._fmt(info['ignored_keys'])}")
       if info.get("initialised_not_converted"):
         kept = convert._fmt(info["initialised_not_converted"])
         print(f"  kept from the seeded initialisation: {kept}")
       if info.get("method") == "tokenizer":
-        print(f"  codebook {info.get('codebook_size')} x {info.get('code_dim')}, decoder depth "
-              f"{info.get('decoder_spec', {}).get('depth')}; use it as a frozen tokenizer, e.g. "
-              f"--config.beit.tokenizer={args.output}")
+        codes = f"codebook {info.get('codebook_size')}"
+        if "decoder_spec" in info:
+          codes += (f" x {info.get('code_dim')}, decoder depth "
+                    f"{info['decoder_spec'].get('depth')}")
+        print(f"  {codes}; use it as a frozen tokenizer, e.g. --config.beit.tokenizer={args.output}")
       else:
         print(f"  use it as a pretrained run, e.g. --config.finetune.pretrained={args.output}")
     else:

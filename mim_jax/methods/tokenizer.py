@@ -25,8 +25,10 @@ One method, three recipes (configs/tokenizer.py, configs/vqkd.py, configs/peco.p
     temperature and the KL weight annealed by `config.tokenizer.gumbel` (see
     mim_jax/models/quantizer.py); loss: the pixel loss + beta_t * KL(q(z|x) || uniform) / (p*p*3)
     (DALL-E's beta / 192 at p = 8; the divisor is 1 for teacher targets, whose loss is per
-    token). `token_ids` is the logits' argmax. Deviations: the encoder
-    and decoder are the sonnet stacks above, not DALL-E's bottleneck ResNets (7x7 input
+    token). `token_ids` is the logits' argmax. `config.tokenizer.arch='dalle'` swaps in
+    DALL-E's encoder (DalleEncoder below; what `python -m mim_jax.convert --arch=dalle` fills
+    with OpenAI's released weights). Deviations: the decoder (and, with arch 'conv', the
+    encoder) is the sonnet stack above, not DALL-E's bottleneck ResNet (7x7 input
     convolution, max-pooling, nearest-neighbour upsampling, post-gain 1/n_layers^2), and the
     reconstruction term is the tokenizer's mean squared (or L1) error on the normalised pixels,
     not DALL-E's logit-Laplace likelihood (appendix A.3; a decoder with six output maps, mu and
@@ -129,6 +131,47 @@ class ConvEncoder(nn.Module):
     return ResidualStack(self.hidden, self.res_hidden, self.res_layers, self.dtype, name="residual")(h)
 
 
+class DalleEncoderBlock(nn.Module):
+  """DALL-E's encoder block (openai/DALL-E dall_e/encoder.py EncoderBlock): id_path (a 1x1
+  convolution when the width changes) + post_gain x res_path, res_path = (ReLU, 3x3 conv to
+  out/4, ReLU, 3x3, ReLU, 3x3, ReLU, 1x1 conv to out), post_gain = 1 / n_layers**2."""
+  out: int
+  n_layers: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    hid = self.out // 4
+    ident = x if x.shape[-1] == self.out else _conv(self.out, 1, dtype=self.dtype, name="id_path")(x)
+    h = x
+    for i, (width, kernel) in enumerate([(hid, 3), (hid, 3), (hid, 3), (self.out, 1)], 1):
+      h = _conv(width, kernel, dtype=self.dtype, name=f"conv_{i}")(nn.relu(h))
+    return ident + h * (1.0 / self.n_layers ** 2)
+
+
+class DalleEncoder(nn.Module):
+  """DALL-E's dVAE encoder up to its output convolution (dall_e/encoder.py Encoder): a 7x7
+  convolution to `hidden`, then `num_down + 1` groups of `blocks` blocks of widths hidden x
+  1, 2, 4, 8 ..., a 2x2 max-pool after every group but the last, and the output's ReLU:
+  [B,H,W,3] -> [B,H/2^n,W/2^n,hidden*2^n]. DALL-E: hidden 256, 2 blocks per group, n = 3."""
+  hidden: int
+  blocks: int
+  num_down: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n_layers = (self.num_down + 1) * self.blocks
+    h = _conv(self.hidden, 7, dtype=self.dtype, name="input")(x.astype(self.dtype))
+    for g in range(self.num_down + 1):
+      for b in range(self.blocks):
+        h = DalleEncoderBlock(self.hidden * 2 ** g, n_layers, self.dtype,
+                              name=f"group_{g + 1}_block_{b + 1}")(h)
+      if g < self.num_down:
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    return nn.relu(h)
+
+
 class ConvDecoder(nn.Module):
   """sonnet's VQ-VAE decoder: codes [B, L, D] on a g x g grid -> image [B, g*2^n, g*2^n, 3]."""
   hidden: int
@@ -224,13 +267,20 @@ class Tokenizer(Method):
                        "config.tokenizer.perceptual_layers (1-based), e.g. (3, 6, 9, 12)")
     m = config.model
     dtype = jnp.dtype(m.get("dtype", "float32"))
-    if self.arch == "conv":
+    if self.arch in ("conv", "dalle"):
       num_down = int(round(math.log2(self.patch)))
       if 2 ** num_down != self.patch or num_down < 1:
-        raise ValueError(f"the conv tokenizer downsamples by powers of 2: config.model.patch_size="
-                         f"{self.patch} must be 2, 4, 8, 16 ...")
+        raise ValueError(f"the {self.arch} tokenizer downsamples by powers of 2: "
+                         f"config.model.patch_size={self.patch} must be 2, 4, 8, 16 ...")
       c = t.conv
-      self.conv_encoder = ConvEncoder(int(c.hidden), int(c.res_hidden), int(c.res_layers), num_down, dtype)
+      if self.arch == "conv":
+        self.conv_encoder = ConvEncoder(int(c.hidden), int(c.res_hidden), int(c.res_layers), num_down, dtype)
+      else:
+        d = t.get("dalle", None)
+        if d is None:
+          raise ValueError("arch='dalle' needs config.tokenizer.dalle: build config.tokenizer from "
+                           "mim_jax.methods.tokenizer.default_tokenizer_config()")
+        self.conv_encoder = DalleEncoder(int(d.hidden), int(d.blocks_per_group), num_down, dtype)
       self.to_code = nn.Conv(self.quantizer.logit_dim, (1, 1), kernel_init=fan_in_trunc_normal,
                              dtype=dtype)
       if self.target == "teacher":
@@ -240,7 +290,8 @@ class Tokenizer(Method):
       self.to_code = TaskLayer(self.encoder.width, self.quantizer.logit_dim)
       self._decoder = None     # built lazily: its output width may be the teacher's
     else:
-      raise ValueError(f"unknown tokenizer arch {self.arch!r}: set config.tokenizer.arch to 'conv' or 'vit'")
+      raise ValueError(f"unknown tokenizer arch {self.arch!r}: set config.tokenizer.arch to 'conv', "
+                       f"'dalle' or 'vit'")
     self._teacher_method = None
 
   def gumbel_settings(self, t) -> dict:
@@ -363,7 +414,7 @@ class Tokenizer(Method):
   def backbone(self, encoder_params, images: jax.Array) -> jax.Array:
     """The encoder's output before the code layer: [B, L, width] (ViT patch tokens) or
     [B, g, g, hidden] (conv)."""
-    if self.arch == "conv":
+    if self.arch != "vit":
       return self.conv_encoder.apply({"params": encoder_params}, images)
     return self.encoder.apply({"params": encoder_params}, images)[:, 1:]
 
@@ -385,7 +436,7 @@ class Tokenizer(Method):
   def init(self, rng, images):
     r_enc, r_code, r_q, r_dec = jax.random.split(rng, 4)
     images = images.astype(jnp.float32)
-    if self.arch == "conv":
+    if self.arch != "vit":
       enc = self.conv_encoder.init(r_enc, images)["params"]
     else:
       enc = self.encoder.init(r_enc, images)["params"]
@@ -454,14 +505,14 @@ class Tokenizer(Method):
     return {"online": jnp.mean(h, axis=(1, 2)).astype(jnp.float32)}
 
   def layer_features(self, params, state, images, pooling):
-    if self.arch == "conv":
-      raise ValueError("the conv tokenizer has no ViT blocks: disable config.evals.layer_probe "
+    if self.arch != "vit":
+      raise ValueError(f"the {self.arch} tokenizer has no ViT blocks: disable config.evals.layer_probe "
                        "(or use config.tokenizer.arch='vit')")
     return super().layer_features(params, state, images, pooling)
 
   def token_features(self, params, state, images):
-    if self.arch == "conv":
-      raise ValueError("the conv tokenizer has no ViT tokens: disable config.evals.attentive_probe "
+    if self.arch != "vit":
+      raise ValueError(f"the {self.arch} tokenizer has no ViT tokens: disable config.evals.attentive_probe "
                        "(or use config.tokenizer.arch='vit')")
     return super().token_features(params, state, images)
 
@@ -488,8 +539,10 @@ class Tokenizer(Method):
   def describe(self) -> dict:
     t = self.t
     arch = {k: t[k] for k in ("arch", "codebook_size", "code_dim", "quantizer", "target")}
-    if self.arch == "conv":
+    if self.arch != "vit":
       arch["conv"] = t.conv.to_dict()
+    if self.arch == "dalle":
+      arch["dalle"] = t.dalle.to_dict()
     else:
       arch["decoder"] = t.decoder.to_dict()
     return {**super().describe(), "tokenizer": arch}
@@ -498,7 +551,8 @@ class Tokenizer(Method):
 def default_tokenizer_config() -> dict:
   """Every key of `config.tokenizer` (configs/tokenizer.py, vqkd.py and peco.py start here)."""
   return dict(
-      arch="conv",                  # 'conv' (sonnet VQ-VAE stack) | 'vit' (VQ-KD's ViTs)
+      arch="conv",                  # 'conv' (sonnet VQ-VAE stack) | 'dalle' (DALL-E's encoder,
+                                    # the conv decoder) | 'vit' (VQ-KD's ViTs)
       codebook_size=512,
       code_dim=64,
       quantizer="ema",              # 'ema' | 'norm_ema' | 'straight_through' | 'gumbel' (dVAE)
@@ -520,5 +574,6 @@ def default_tokenizer_config() -> dict:
       teacher="",                   # workdir of a mim_jax run (VQ-KD target, PeCo features)
       teacher_encoder="online",     # 'online' | 'ema' encoder of that run
       conv=dict(hidden=128, res_hidden=32, res_layers=2),
+      dalle=dict(hidden=256, blocks_per_group=2),   # arch 'dalle': DALL-E's n_hid, n_blk_per_group
       decoder=dict(variant="base", depth=1),   # arch 'vit': the decoder ViT
   )
