@@ -39,7 +39,7 @@ _INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # v1: 0.5; MAE, DINO, iBOT, BEiT v2: ImageNet's; the VQ-KD tokenizer: pixels in [-1, 1]).
 DEFAULT_NORM = {"timm_vit": "inception", "mae": "imagenet", "beit": "inception",
                 "beitv2": "imagenet", "dino": "imagenet", "ibot": "imagenet",
-                "vqkd": "inception", "dalle": "map_pixels"}
+                "vqkd": "inception"}
 
 
 @dataclasses.dataclass
