@@ -152,6 +152,17 @@ def test_a_pickled_module_or_a_foreign_state_dict_is_a_one_line_error(tmp_path, 
   assert err.count("\n") == 1 and "cls_token" in err and "Encoder" in err
 
 
+def test_vit_flags_that_do_not_apply_to_dalle_are_refused_in_one_line(tmp_path, capsys):
+  src = str(tmp_path / "never_read.safetensors")                # refused before any reading
+  out = str(tmp_path / "o")
+  code = convert_cli.main(["--from=torch", "--arch=dalle", src, out, "--patch_size=16",
+                           "--norm=imagenet"])
+  err = capsys.readouterr().err
+  assert code == 1 and err.count("\n") == 1
+  assert "--patch_size, --norm" in err and "drop them" in err
+  assert not os.path.exists(out)
+
+
 def test_the_dalle_arch_trains_from_scratch_as_a_dvae(tmp_path):
   """arch 'dalle' is a tokenizer of its own (DALL-E's encoder, the conv decoder): a few steps
   of the Gumbel dVAE on the embedded data lower its loss."""

@@ -451,6 +451,14 @@ def convert_torch_checkpoint(path: str, out_dir: str, arch: str, *, which: str =
   if arch not in ARCHS:
     raise ConversionError(f"unknown --arch={arch!r}: use one of {', '.join(ARCHS)}")
   if arch == "dalle":
+    # DALL-E's encoder fixes its own width, patch (8 px: three 2x2 pools) and input mapping
+    # (map_pixels); a ViT flag given here would otherwise be dropped without a word.
+    given = [f"--{k}" for k, v in (("variant", variant), ("patch_size", patch_size),
+                                   ("preset", preset), ("norm", norm)) if v]
+    if given:
+      raise ConversionError(f"--arch=dalle takes no {', '.join(given)} (the encoder fixes its "
+                            f"width, 8 px patch and map_pixels input): drop them; --image_size "
+                            f"sets the input size")
     from mim_jax.convert import dalle
     return dalle.convert_checkpoint(path, out_dir, image_size=image_size, config_dir=config_dir,
                                     reader=reader)
