@@ -71,8 +71,9 @@ Deviations:
     shrinks their matrices (torch skips parameters without a gradient).
   * the crops are bilinear on a continuous box (augment.random_resized_crop_flip), rounded to
     8-bit levels before the PIL-exact ColorJitter; the official ones are bicubic.
-  * the teacher is a mim_jax run (converted PyTorch MAE weights are not read), with its own
-    mean / std for its view.
+  * the teacher is a workdir: a mim_jax run, or the official PyTorch MAE weights converted
+    once (`python -m mim_jax.convert --from=torch --arch=mae mae_pretrain_vit_base.pth W`,
+    docs/convert.md); it sees the shared view in its own run's mean / std.
   * masked-input variants (`input='visible' | 'mask_token'`) are not in the released code; they
     follow the paper's description (see mim_jax/methods/tinymim.py). The 'feature' and 'cls'
     targets follow FD (SwinTransformer/Feature-Distillation), whose recipe the paper's feature

@@ -18,7 +18,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mim_jax import convert, masking, teachers, train
+from helpers import tiny_config
+from mim_jax import convert, masking, methods, teachers, train
 from mim_jax.convert import names, reader
 from mim_jax.methods import finetune, mae
 from mim_jax.models import vit
@@ -372,6 +373,25 @@ def test_workdir_loads_through_teachers_trainer_and_finetune(converted_run):
   assert_trees_equal(jax.device_get(tr.state["params"]["encoder"]), want)
   ft = finetune.load_pretrained_encoder(workdir, "online", run.config.model, 16)
   assert_trees_equal(ft, want)
+
+
+def test_converted_weights_are_a_tinymim_teacher(converted_run):
+  """TinyMIM reads converted PyTorch weights as its teacher: the frozen state is the converted
+  encoder, and a student holding the same weights has zero relation loss."""
+  sd, workdir, _ = converted_run
+  want = convert.torch_to_mim(sd, "timm_vit").params["encoder"]
+  c = tiny_config("tinymim", **{"tinymim.teacher": workdir, "input.image_size": 16})
+  tcfg = teachers.load(workdir).config
+  c.model.update(tcfg.model.to_dict())
+  c.input.mean, c.input.std = tcfg.input.mean, tcfg.input.std   # the same view for both
+  m = methods.get(c)
+  state = m.external_state()
+  assert_trees_equal(jax.device_get(state["teacher"]), want)
+  images = np.random.default_rng(3).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  loss, aux = m.loss({"encoder": want}, state, images, jax.random.PRNGKey(0), 0)
+  assert abs(float(loss)) < 1e-5 and abs(float(aux["vv_loss"])) < 1e-5
+  moved = jax.tree.map(lambda a: a * 1.1, want)
+  assert float(m.loss({"encoder": moved}, state, images, jax.random.PRNGKey(0), 0)[0]) > 1e-3
 
 
 def test_export_to_timm_gives_back_the_imported_state_dict(converted_run, capsys):
