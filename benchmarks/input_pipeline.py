@@ -36,14 +36,15 @@ RATIO = (3 / 4, 4 / 3)
 
 
 def input_config(data_dir: str, *, workers: int, fast_decode: bool, batch_size: int,
-                 image_size: int, holdout: int):
+                 image_size: int, holdout: int, read_threads: int = 2, read_buffer: int = 16):
   import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dict(
       data=dict(name="image_folder", dir=data_dir, holdout_per_class=holdout, holdout_seed=0,
                 in_memory=False, cache_dir=""),
       batch_size=batch_size, image_size=image_size, workers=workers,
       aug=dict(crop_scale=SCALE, crop_ratio=RATIO, hflip=True),
-      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), fast_decode=fast_decode))
+      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), fast_decode=fast_decode,
+      read_threads=read_threads, read_buffer=read_buffer))
 
 
 def time_loader(cfg, warmup: int, batches: int) -> dict:
@@ -100,6 +101,27 @@ def crop_all(blobs: list[bytes], mode: str, image_size: int, seed: int) -> list[
   return factors
 
 
+def time_resize_only(blobs: list[bytes], image_size: int) -> float:
+  """ms per image of the fast path's bicubic resize of the crop box alone (Pillow, from
+  images decoded and loaded beforehand, no reduction): the part of 'fast' that is not the
+  decode."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = []
+  for data in blobs:
+    with Image.open(io.BytesIO(data)) as im:
+      images.append(im.convert("RGB"))
+  for rep in range(2):   # the second pass is timed
+    start = time.perf_counter()
+    for k, im in enumerate(images):
+      width, height = im.size
+      top, left, h, w = pipeline.sample_crop_box_np(np.random.default_rng([rep, k]), height,
+                                                    width, SCALE, RATIO)
+      im.resize((image_size, image_size), Image.Resampling.BICUBIC,
+                box=(left, top, left + w, top + h))
+    seconds = time.perf_counter() - start
+  return 1e3 * seconds / len(images)
+
+
 def time_single_process(blobs: list[bytes], image_size: int) -> dict:
   """Per-image decode + crop + flip in this process, bytes already in memory."""
   out, used = {}, {}
@@ -109,6 +131,7 @@ def time_single_process(blobs: list[bytes], image_size: int) -> dict:
       used[mode] = crop_all(blobs, mode, image_size, rep)
       out[f"{mode}_ms_per_image"] = 1e3 * (time.perf_counter() - start) / len(blobs)
   out["decode_only_ms_per_image"] = out.pop("decode_ms_per_image")
+  out["resize_only_ms_per_image"] = time_resize_only(blobs, image_size)
   factors = np.asarray(used["fast"])
   out["reduced_fraction"] = float(np.mean(factors > 1))
   out["reductions"] = {str(f): float(np.mean(factors == f)) for f in (1, 2, 4, 8)}
@@ -150,6 +173,10 @@ def main(argv=None) -> None:
   parser.add_argument("--workers", default=str(os.cpu_count() or 1),
                       help="comma-separated grain worker counts (default: all cores)")
   parser.add_argument("--modes", default="fast,full", help="fast (fast_decode=True), full")
+  parser.add_argument("--read", default="2:16",
+                      help="comma-separated read_threads:read_buffer pairs (grain's reader "
+                           "threads and prefetch buffer in each worker; grain's own default "
+                           "is 16:500)")
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
@@ -178,8 +205,9 @@ def main(argv=None) -> None:
     single = time_single_process(blobs, args.image_size)
     print(f"single process, {single['files']} files ({single['mean_file_kib']:.1f} KiB mean), "
           f"decode+crop+flip per image: full {single['full_ms_per_image']:.2f} ms, fast "
-          f"{single['fast_ms_per_image']:.2f} ms (of which a full-size decode alone: "
-          f"{single['decode_only_ms_per_image']:.2f} ms); reduced decode possible for "
+          f"{single['fast_ms_per_image']:.2f} ms (a full-size decode alone: "
+          f"{single['decode_only_ms_per_image']:.2f} ms, the bicubic resize of "
+          f"the box alone: {single['resize_only_ms_per_image']:.2f} ms); reduced decode possible for "
           f"{single['reduced_fraction']:.1%} of crops "
           f"({', '.join(f'1/{k}: {v:.1%}' for k, v in single['reductions'].items())})",
           flush=True)
@@ -197,18 +225,28 @@ def main(argv=None) -> None:
         ceiling.append(dict(mode=mode, processes=workers, images_per_s=rate))
         print(f"no grain, {workers} plain processes, {mode}: {rate:.0f} images/s", flush=True)
 
+  reads = []
+  for pair in args.read.split(","):
+    threads, _, buffer = pair.strip().partition(":")
+    if not (threads.isdigit() and buffer.isdigit()):
+      sys.exit(f"bad --read pair {pair!r}: use THREADS:BUFFER, e.g. 2:16")
+    reads.append((int(threads), int(buffer)))
   rows = []
-  print(f"{'mode':>5} {'workers':>7} {'images/s':>9} {'ms/batch':>9} {'bad':>4}", flush=True)
+  print(f"{'mode':>5} {'workers':>7} {'read':>7} {'images/s':>9} {'ms/batch':>9} {'bad':>4}",
+        flush=True)
   for workers in worker_counts:
-    for mode in modes:
-      cfg = input_config(args.data, workers=workers, fast_decode=mode == "fast",
-                         batch_size=args.batch_size, image_size=args.image_size,
-                         holdout=args.holdout)
-      row = dict(mode=mode, workers=workers,
-                 **time_loader(cfg, args.warmup, args.batches))
-      rows.append(row)
-      print(f"{mode:>5} {workers:>7} {row['images_per_s']:>9.0f} {row['ms_per_batch']:>9.1f} "
-            f"{row['bad']:>4}", flush=True)
+    for read_threads, read_buffer in reads:
+      for mode in modes:
+        cfg = input_config(args.data, workers=workers, fast_decode=mode == "fast",
+                           batch_size=args.batch_size, image_size=args.image_size,
+                           holdout=args.holdout, read_threads=read_threads,
+                           read_buffer=read_buffer)
+        row = dict(mode=mode, workers=workers, read_threads=read_threads,
+                   read_buffer=read_buffer, **time_loader(cfg, args.warmup, args.batches))
+        rows.append(row)
+        read = f"{read_threads}:{read_buffer}"
+        print(f"{mode:>5} {workers:>7} {read:>7} {row['images_per_s']:>9.0f} "
+              f"{row['ms_per_batch']:>9.1f} {row['bad']:>4}", flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(dict(
         info=info, single_process=single, no_grain=ceiling, rows=rows), indent=1) + "\n")

@@ -63,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
       image_size=32,
       workers=0,                    # grain worker processes (streaming sources)
       fast_decode=True,             # streaming JPEGs: decode at reduced size when the crop allows
+      # Streaming: grain's reader threads and prefetch buffer in each worker. grain's defaults
+      # (16, 500) scan the whole buffer on every element, 15% of a 2-worker run's time on
+      # local JPEGs (benchmarks/input_pipeline.py --read); raise both for a slow network disk.
+      read_threads=2,
+      read_buffer=16,
       aug=dict(crop_scale=(0.2, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0), hflip=True),
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,

@@ -98,12 +98,13 @@ def _folder(root, shared_cifar_dir, per_class: int = 6, size=(160, 120)):
   return root
 
 
-def _cfg(root, *, batch_size, image_size, fast_decode=True, workers=0):
+def _cfg(root, *, batch_size, image_size, fast_decode=True, workers=0, **extra):
   return ml_collections.ConfigDict(dict(
       data=dict(name="image_folder", dir=str(root), holdout_per_class=0, holdout_seed=0,
                 in_memory=False, cache_dir=""),
       batch_size=batch_size, image_size=image_size, workers=workers,
-      aug=dict(crop_scale=SCALE, crop_ratio=RATIO, hflip=True), fast_decode=fast_decode))
+      aug=dict(crop_scale=SCALE, crop_ratio=RATIO, hflip=True), fast_decode=fast_decode,
+      **extra))
 
 
 def test_truncated_and_non_image_files(tmp_path, shared_cifar_dir):
@@ -203,6 +204,32 @@ def test_fast_loader_equals_full_loader_on_small_images(shared_cifar_dir, tmp_pa
   assert int(batches[True][0]["bad"].sum()) == 1
 
 
+def test_read_options_reach_grain_and_keep_the_batches(tmp_path, shared_cifar_dir, monkeypatch):
+  """input.read_threads / read_buffer set grain's per-worker reader threads and prefetch
+  buffer (default 2 and 16, not grain's 16 and 500); any setting gives the same batches."""
+  import grain  # pylint: disable=g-import-not-at-top
+  seen = []
+  real = grain.DataLoader
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs["read_options"])
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(grain, "DataLoader", spy)
+  root = _folder(tmp_path / "images", shared_cifar_dir, per_class=5)
+  runs = {}
+  for read in ((None, None), (0, 0), (1, 2), (16, 500)):
+    extra = {} if read[0] is None else dict(read_threads=read[0], read_buffer=read[1])
+    loader = pipeline.make_train_loader(_cfg(root, batch_size=7, image_size=24, **extra),
+                                        seed=3, process_index=0, process_count=1)
+    runs[read] = _take(loader, 3)
+    options = seen[-1]
+    assert (options.num_threads, options.prefetch_buffer_size) == (
+        (2, 16) if read[0] is None else read)
+  for read, batches in runs.items():
+    assert _same(batches, runs[(None, None)]), read
+
+
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
 def test_non_rgb_jpegs(shared_cifar_dir, mode):
   image = Image.fromarray(_photo(shared_cifar_dir, 900, 700)).convert(mode)
@@ -224,3 +251,26 @@ def test_decoded_records_cropped_like_before():
     b = old.random_map(pipeline.DecodedSource(src)[i], np.random.default_rng(i))
     assert set(a) == {"image", "label", "bad"} and a["bad"] == 0 and a["label"] == i
     np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_input_pipeline_benchmark_rows(tmp_path, shared_cifar_dir):
+  """benchmarks/input_pipeline.py times one row per (read setting, mode) and writes them."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "input_pipeline.py"
+  spec = importlib.util.spec_from_file_location("input_pipeline", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  root = _folder(tmp_path / "images", shared_cifar_dir, per_class=5)
+  out = tmp_path / "ip.json"
+  mod.main(["--data", str(root), "--workers", "0", "--read", "0:0,2:4", "--batch_size", "4",
+            "--image_size", "24", "--warmup", "1", "--batches", "2", "--single_files", "6",
+            "--ceiling", "0", "--json", str(out)])
+  result = json.loads(out.read_text())
+  assert [(r["read_threads"], r["read_buffer"], r["mode"]) for r in result["rows"]] == [
+      (0, 0, "fast"), (0, 0, "full"), (2, 4, "fast"), (2, 4, "full")]
+  assert all(r["images_per_s"] > 0 and r["bad"] == 0 for r in result["rows"])
+  assert result["single_process"]["files"] == 6
+  with pytest.raises(SystemExit, match="bad --read pair"):
+    mod.main(["--data", str(root), "--read", "2-16", "--single_files", "0"])

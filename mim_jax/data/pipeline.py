@@ -26,7 +26,9 @@ any split: evaluators read 'train' and 'eval', the held-out-loss evaluator also 
 
 Config keys (``input_cfg``): ``data`` (see `sources`, plus ``in_memory``), ``batch_size``
 (global), ``image_size``, ``workers``, ``aug`` = {``crop_scale``, ``crop_ratio``, ``hflip``},
-``fast_decode`` (default True; False: full decode, then crop).
+``fast_decode`` (default True; False: full decode, then crop), ``read_threads`` and
+``read_buffer`` (streaming: grain's reader threads and prefetch buffer in each worker; default
+2 and 16).
 
 grain is imported inside functions so importing this module stays cheap.
 """
@@ -569,7 +571,8 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
       source = _Permuted(DecodedSource(raw), seed)
       crop = HostRandomResizedCropFlip(size, scale, ratio, hflip)
     operations = [crop, grain.transforms.Batch(local_batch, drop_remainder=True)]
-    read_options = None
+    read_options = grain.ReadOptions(num_threads=int(_get(input_cfg, "read_threads", 2)),
+                                     prefetch_buffer_size=int(_get(input_cfg, "read_buffer", 16)))
 
   num_records = len(source)
   if num_records // process_count < local_batch:
