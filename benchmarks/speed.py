@@ -18,6 +18,11 @@ images/s / the bf16 matmul rate measured in the same run (an 8192^3 product).
 `--max-batch` also runs each mim_jax case at the largest batch predicted to fit (from the
 compiled step's memory analysis at the base batch), `--profile DIR` writes a jax.profiler
 trace of the first mim_jax case and prints its kernel-time summary.
+
+`--data DIR [--workers N]` also runs each MAE case end to end (`worker_e2e`): the same step
+fed by the real streaming loader on the JPEG folder DIR (e.g. from benchmarks/make_jpegs.py),
+and prints a second table: the step alone, the loader alone, the two together, input-bound or
+not.
 """
 from __future__ import annotations
 
@@ -38,8 +43,9 @@ MODELS = {
     "mae_l": ("mae", "imagenet_large", "large", 16),
     "mae_h": ("mae", "imagenet_large", "huge", 14),
     "simmim_b": ("simmim", "imagenet", "base", 16),
+    "mae_t": ("mae", "imagenet", "tiny", 16),   # not in a group: small enough for a CPU run
 }
-WIDTH_DEPTH = {"base": (768, 12), "large": (1024, 24), "huge": (1280, 32)}
+WIDTH_DEPTH = {"tiny": (192, 12), "base": (768, 12), "large": (1024, 24), "huge": (1280, 32)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,44 +128,57 @@ def case_config(case: dict):
   return c
 
 
+def _state_and_step(config):
+  """The trainer's initial state, batch sharding and jitted step for `config`, one device."""
+  import jax
+  from mim_jax import methods, optim, sharding, train
+  jax.config.update("jax_threefry_partitionable", True)
+  method = methods.get(config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  schedule = optim.make_schedule(config.optim, config.input.batch_size, 1000, 100_000)
+  state, _, batch_sh, step = train.build_state_and_step(config, method, mesh, schedule,
+                                                        on_device_aug=False, total_steps=100_000)
+  return state, batch_sh, step
+
+
+def _time_steps(step, state, batches, steps: int, repeats: int):
+  """Median seconds per step over `repeats` runs of `steps` steps, cycling through `batches`
+  (device arrays, or a callable giving the next one); returns (state, metrics, times)."""
+  import jax
+  times = []
+  metrics = None
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for i in range(steps):
+      batch = batches() if callable(batches) else batches[i % len(batches)]
+      state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - t) / steps)
+  return state, metrics, times
+
+
 def worker_jax(args) -> None:
   import jax
   import numpy as np
-  from mim_jax import methods, optim, sharding, train
   case = json.loads(args.case)
   config = case_config(case)
   batch = config.input.batch_size
   size = config.input.image_size
-  jax.config.update("jax_threefry_partitionable", True)
-  method = methods.get(config)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  schedule = optim.make_schedule(config.optim, batch, 1000, 100_000)
   t0 = time.perf_counter()
-  state, _, batch_sh, step = train.build_state_and_step(config, method, mesh, schedule,
-                                                        on_device_aug=False, total_steps=100_000)
+  state, batch_sh, step = _state_and_step(config)
   rng = np.random.default_rng(0)
   batches = [jax.device_put({"image": rng.integers(0, 256, (batch, size, size, 3), np.uint8)},
                             batch_sh) for _ in range(2)]
   compiled = step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  for i in range(3):
-    state, metrics = compiled(state, batches[i % 2])
-  jax.block_until_ready((state, metrics))
+  state, metrics, _ = _time_steps(compiled, state, batches, 3, 1)
   if args.profile:
     if args.dump:
       pathlib.Path(args.dump).write_text(compiled.as_text())
     with jax.profiler.trace(args.profile, create_perfetto_trace=True):
-      for i in range(5):
-        state, metrics = compiled(state, batches[i % 2])
-      jax.block_until_ready((state, metrics))
-  times = []
-  for _ in range(args.repeats):
-    t = time.perf_counter()
-    for i in range(args.steps):
-      state, metrics = compiled(state, batches[i % 2])
-    jax.block_until_ready((state, metrics))
-    times.append((time.perf_counter() - t) / args.steps)
+      state, metrics, _ = _time_steps(compiled, state, batches, 5, 1)
+  state, metrics, times = _time_steps(compiled, state, batches, args.steps, args.repeats)
   step_s = float(np.median(times))
   stats = jax.devices()[0].memory_stats() or {}
   row = {"kind": "jax", "impl": "mim_jax", **case, "case": case, "step_s": step_s, "img_s": batch / step_s,
@@ -169,6 +188,47 @@ def worker_jax(args) -> None:
   if mem is not None:
     row.update(temp_gib=mem.temp_size_in_bytes / 2**30, arg_gib=mem.argument_size_in_bytes / 2**30)
   _result(row)
+
+
+def worker_e2e(args) -> None:
+  """The same step fed by the real streaming loader: JPEGs from the image folder
+  ``case['data']``, decoded, cropped (RandomResizedCrop 0.2-1, bicubic) and flipped by
+  ``case['workers']`` grain processes, moved to the device as the trainer does
+  (`sharding.host_to_global`). In one process: the step alone on one loader batch kept on the
+  device, the loader alone, and the two together; the run is input-bound when together is
+  more than 5% below the step alone."""
+  import jax
+  import numpy as np
+  from mim_jax import sharding
+  from mim_jax.data import pipeline
+  case = json.loads(args.case)
+  config = case_config(case)
+  batch = config.input.batch_size
+  with config.unlocked():
+    config.input.data = dict(name="image_folder", dir=case["data"], holdout_per_class=0,
+                             holdout_seed=0, in_memory=False, cache_dir="")
+    config.input.workers = int(case["workers"])
+    config.input.fast_decode = True
+  state, batch_sh, step = _state_and_step(config)
+  loader = pipeline.make_train_loader(config.input, seed=0, process_index=0, process_count=1)
+  put = lambda: sharding.host_to_global(next(loader), batch_sh)  # noqa: E731
+  fixed = [put()]
+  state, metrics, _ = _time_steps(step, state, fixed, 3, 1)        # compile and warm up
+  state, metrics, step_times = _time_steps(step, state, fixed, args.steps, args.repeats)
+  for _ in range(config.input.workers + 2):   # drain what the workers buffered meanwhile
+    next(loader)
+  loader_times = []
+  for _ in range(args.repeats):
+    t = time.perf_counter()
+    for _ in range(args.steps):
+      next(loader)
+    loader_times.append((time.perf_counter() - t) / args.steps)
+  state, metrics, e2e_times = _time_steps(step, state, put, args.steps, args.repeats)
+  rates = {name: batch / float(np.median(times)) for name, times in
+           (("step_img_s", step_times), ("loader_img_s", loader_times), ("e2e_img_s", e2e_times))}
+  _result({"kind": "e2e", "impl": "mim_jax", **case, "case": case, **rates,
+           "input_bound": rates["e2e_img_s"] < 0.95 * rates["step_img_s"],
+           "loss": float(metrics["loss"])})
 
 
 def worker_torch(args) -> None:
@@ -317,6 +377,24 @@ def table(rows: list[dict], peak: float) -> str:
   return "\n".join(lines)
 
 
+def e2e_table(rows: list[dict]) -> str:
+  """The end-to-end rows: the step alone, the loader alone and the two together."""
+  lines = ["| model | batch | workers | step alone img/s | loader alone img/s | together img/s "
+           "| input-bound |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r.get("kind") != "e2e":
+      continue
+    _, _, variant, patch = MODELS[r["model"]]
+    if "e2e_img_s" not in r:
+      lines.append(f"| ViT-{variant[0].upper()}/{patch} | {r.get('batch')} | {r.get('workers')} "
+                   f"| {r.get('error', 'failed')} | | | |")
+      continue
+    lines.append(f"| ViT-{variant[0].upper()}/{patch} | {r['batch']} | {r['workers']} | "
+                 f"{r['step_img_s']:,.0f} | {r['loader_img_s']:,.0f} | {r['e2e_img_s']:,.0f} | "
+                 f"{'yes' if r['input_bound'] else 'no'} |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--group", default="all", choices=["all", *GROUPS])
@@ -328,6 +406,10 @@ def main() -> None:
   ap.add_argument("--profile", default="", help="trace the first mim_jax case into this folder")
   ap.add_argument("--dump", default="", help="with --profile: write the compiled HLO here "
                   "and the kernel summary beside it (.json)")
+  ap.add_argument("--data", default="", help="image folder of JPEGs (benchmarks/make_jpegs.py): "
+                  "also time each MAE case fed by the real streaming loader (end to end)")
+  ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                  help="with --data: grain worker processes (default: all cores)")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--json", default="")
@@ -335,7 +417,7 @@ def main() -> None:
   ap.add_argument("--case", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
-    {"peak": worker_peak, "jax": worker_jax, "torch": worker_torch,
+    {"peak": worker_peak, "jax": worker_jax, "e2e": worker_e2e, "torch": worker_torch,
      "attention": worker_attention}[args.worker](args)
     return
 
@@ -369,12 +451,18 @@ def main() -> None:
           r["max_batch_pred"] = int((r["limit_gib"] - r["arg_gib"] - 1.0) / per_image) // 64 * 64
           if args.max_batch and r["max_batch_pred"] > r["batch"]:
             rows += spawn("jax", {**r["case"], "batch": r["max_batch_pred"]}, args)
+        if args.data and MODELS[model][0] == "mae" and "error" not in r:
+          rows += spawn("e2e", {**r["case"], "data": os.path.abspath(args.data),
+                                "workers": args.workers}, args)
     if not args.no_torch:
       for variant, batch in GROUPS[g]["torch"]:
         for compiled in ([False] if args.no_compile else [False, True]):
           rows += spawn("torch", {"variant": variant, "batch": batch, "compile": compiled}, args)
   print()
   print(table(rows, peak))
+  if any(r.get("kind") == "e2e" for r in rows):
+    print()
+    print(e2e_table(rows))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({"peak_tflops": peak, "rows": rows}, indent=1))
 
