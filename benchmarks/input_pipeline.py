@@ -36,7 +36,8 @@ RATIO = (3 / 4, 4 / 3)
 
 
 def input_config(data_dir: str, *, workers: int, fast_decode: bool, batch_size: int,
-                 image_size: int, holdout: int, read_threads: int = 2, read_buffer: int = 16):
+                 image_size: int, holdout: int, read_threads: int = 2, read_buffer: int = 16,
+                 device_resize: int = 0):
   import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dict(
       data=dict(name="image_folder", dir=data_dir, holdout_per_class=holdout, holdout_seed=0,
@@ -44,7 +45,7 @@ def input_config(data_dir: str, *, workers: int, fast_decode: bool, batch_size: 
       batch_size=batch_size, image_size=image_size, workers=workers,
       aug=dict(crop_scale=SCALE, crop_ratio=RATIO, hflip=True),
       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), fast_decode=fast_decode,
-      read_threads=read_threads, read_buffer=read_buffer))
+      read_threads=read_threads, read_buffer=read_buffer, device_resize=device_resize))
 
 
 def time_loader(cfg, warmup: int, batches: int) -> dict:
@@ -53,13 +54,17 @@ def time_loader(cfg, warmup: int, batches: int) -> dict:
   for _ in range(warmup):
     batch = next(loader)
   first = time.perf_counter() - start
-  bad = 0
+  bad = host_resized = 0
   start = time.perf_counter()
   for _ in range(batches):
     batch = next(loader)
     bad += int(batch["bad"].sum())
+    host_resized += int(batch.get("host_resized", np.zeros(1)).sum())
   seconds = time.perf_counter() - start
-  assert batch["image"].shape == (cfg.batch_size, cfg.image_size, cfg.image_size, 3)
+  if "offset" in batch:   # device_resize: packed regions, one row per device
+    assert batch["box"].shape == (cfg.batch_size, 4) and batch["image"].ndim == 2
+  else:
+    assert batch["image"].shape == (cfg.batch_size, *loader.image_shape)
   # Stop the worker processes now (grain's iterator has close(); the wrapper does not).
   inner = getattr(loader.grain_iterator, "_iterator", None)
   if hasattr(inner, "close"):
@@ -68,7 +73,7 @@ def time_loader(cfg, warmup: int, batches: int) -> dict:
   gc.collect()
   n = batches * cfg.batch_size
   return dict(images_per_s=n / seconds, ms_per_batch=1e3 * seconds / batches,
-              warmup_s=first, bad=bad)
+              warmup_s=first, bad=bad, host_resized_fraction=host_resized / n)
 
 
 def read_files(data_dir: str, num_files: int) -> list[bytes]:
@@ -172,7 +177,11 @@ def main(argv=None) -> None:
   parser.add_argument("--data", required=True, help="image folder <DIR>/<class>/<image>")
   parser.add_argument("--workers", default=str(os.cpu_count() or 1),
                       help="comma-separated grain worker counts (default: all cores)")
-  parser.add_argument("--modes", default="fast,full", help="fast (fast_decode=True), full")
+  parser.add_argument("--modes", default="fast,full",
+                      help="fast (fast_decode=True), full (decode, then crop), region "
+                           "(device_resize=--canvas: the workers decode, cut and pack the "
+                           "regions; the resize is left to the device and not timed here)")
+  parser.add_argument("--canvas", type=int, default=448, help="device_resize for mode region")
   parser.add_argument("--read", default="2:16",
                       help="comma-separated read_threads:read_buffer pairs (grain's reader "
                            "threads and prefetch buffer in each worker; grain's own default "
@@ -215,12 +224,12 @@ def main(argv=None) -> None:
   worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
   modes = [m.strip() for m in args.modes.split(",") if m.strip()]
   for mode in modes:
-    if mode not in ("fast", "full"):
-      sys.exit(f"unknown mode {mode!r}: use fast and/or full")
+    if mode not in ("fast", "full", "region"):
+      sys.exit(f"unknown mode {mode!r}: use fast, full and/or region")
   ceiling = []
   if blobs and args.ceiling:
     for workers in worker_counts:
-      for mode in modes:
+      for mode in (m for m in modes if m != "region"):
         rate = time_process_pool(blobs, mode, workers, args.image_size)
         ceiling.append(dict(mode=mode, processes=workers, images_per_s=rate))
         print(f"no grain, {workers} plain processes, {mode}: {rate:.0f} images/s", flush=True)
@@ -232,21 +241,25 @@ def main(argv=None) -> None:
       sys.exit(f"bad --read pair {pair!r}: use THREADS:BUFFER, e.g. 2:16")
     reads.append((int(threads), int(buffer)))
   rows = []
-  print(f"{'mode':>5} {'workers':>7} {'read':>7} {'images/s':>9} {'ms/batch':>9} {'bad':>4}",
+  print(f"{'mode':>6} {'workers':>7} {'read':>7} {'images/s':>9} {'ms/batch':>9} {'bad':>4}",
         flush=True)
   for workers in worker_counts:
     for read_threads, read_buffer in reads:
       for mode in modes:
-        cfg = input_config(args.data, workers=workers, fast_decode=mode == "fast",
+        cfg = input_config(args.data, workers=workers, fast_decode=mode != "full",
                            batch_size=args.batch_size, image_size=args.image_size,
                            holdout=args.holdout, read_threads=read_threads,
-                           read_buffer=read_buffer)
+                           read_buffer=read_buffer,
+                           device_resize=args.canvas if mode == "region" else 0)
         row = dict(mode=mode, workers=workers, read_threads=read_threads,
                    read_buffer=read_buffer, **time_loader(cfg, args.warmup, args.batches))
         rows.append(row)
         read = f"{read_threads}:{read_buffer}"
-        print(f"{mode:>5} {workers:>7} {read:>7} {row['images_per_s']:>9.0f} "
-              f"{row['ms_per_batch']:>9.1f} {row['bad']:>4}", flush=True)
+        print(f"{mode:>6} {workers:>7} {read:>7} {row['images_per_s']:>9.0f} "
+              f"{row['ms_per_batch']:>9.1f} {row['bad']:>4}"
+              + (f"  ({row['host_resized_fraction']:.1%} resized on the host: region over "
+                 f"{args.canvas} px or over the budget)" if mode == "region" else ""),
+              flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(dict(
         info=info, single_process=single, no_grain=ceiling, rows=rows), indent=1) + "\n")

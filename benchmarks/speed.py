@@ -19,10 +19,11 @@ images/s / the bf16 matmul rate measured in the same run (an 8192^3 product).
 compiled step's memory analysis at the base batch), `--profile DIR` writes a jax.profiler
 trace of the first mim_jax case and prints its kernel-time summary.
 
-`--data DIR [--workers N]` also runs each MAE case end to end (`worker_e2e`): the same step
-fed by the real streaming loader on the JPEG folder DIR (e.g. from benchmarks/make_jpegs.py),
-and prints a second table: the step alone, the loader alone, the two together, input-bound or
-not.
+`--data DIR [--workers N] [--device_resize 0,448]` also runs each MAE case end to end
+(`worker_e2e`): the same step fed by the real streaming loader on the JPEG folder DIR (e.g.
+from benchmarks/make_jpegs.py), once per `input.device_resize` value, and prints a second
+table: the step alone, the loader alone, the two together, input-bound or not. The step alone
+runs on one loader batch, so with device_resize it includes the device's resize.
 """
 from __future__ import annotations
 
@@ -209,6 +210,7 @@ def worker_e2e(args) -> None:
                              holdout_seed=0, in_memory=False, cache_dir="")
     config.input.workers = int(case["workers"])
     config.input.fast_decode = True
+    config.input.device_resize = int(case.get("device_resize", 0))
   state, batch_sh, step = _state_and_step(config)
   loader = pipeline.make_train_loader(config.input, seed=0, process_index=0, process_count=1)
   put = lambda: sharding.host_to_global(next(loader), batch_sh)  # noqa: E731
@@ -379,18 +381,18 @@ def table(rows: list[dict], peak: float) -> str:
 
 def e2e_table(rows: list[dict]) -> str:
   """The end-to-end rows: the step alone, the loader alone and the two together."""
-  lines = ["| model | batch | workers | step alone img/s | loader alone img/s | together img/s "
-           "| input-bound |", "|---|---|---|---|---|---|---|"]
+  lines = ["| model | batch | workers | device_resize | step alone img/s | loader alone img/s "
+           "| together img/s | input-bound |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if r.get("kind") != "e2e":
       continue
     _, _, variant, patch = MODELS[r["model"]]
     if "e2e_img_s" not in r:
       lines.append(f"| ViT-{variant[0].upper()}/{patch} | {r.get('batch')} | {r.get('workers')} "
-                   f"| {r.get('error', 'failed')} | | | |")
+                   f"| {r.get('device_resize', 0)} | {r.get('error', 'failed')} | | | |")
       continue
     lines.append(f"| ViT-{variant[0].upper()}/{patch} | {r['batch']} | {r['workers']} | "
-                 f"{r['step_img_s']:,.0f} | {r['loader_img_s']:,.0f} | {r['e2e_img_s']:,.0f} | "
+                 f"{r.get('device_resize', 0)} | {r['step_img_s']:,.0f} | {r['loader_img_s']:,.0f} | {r['e2e_img_s']:,.0f} | "
                  f"{'yes' if r['input_bound'] else 'no'} |")
   return "\n".join(lines)
 
@@ -410,6 +412,9 @@ def main() -> None:
                   "also time each MAE case fed by the real streaming loader (end to end)")
   ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                   help="with --data: grain worker processes (default: all cores)")
+  ap.add_argument("--device_resize", default="0",
+                  help="with --data: comma list of input.device_resize values to run end to "
+                       "end (0: the crop resized by the workers; e.g. 0,448)")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--json", default="")
@@ -452,8 +457,9 @@ def main() -> None:
           if args.max_batch and r["max_batch_pred"] > r["batch"]:
             rows += spawn("jax", {**r["case"], "batch": r["max_batch_pred"]}, args)
         if args.data and MODELS[model][0] == "mae" and "error" not in r:
-          rows += spawn("e2e", {**r["case"], "data": os.path.abspath(args.data),
-                                "workers": args.workers}, args)
+          for canvas in args.device_resize.split(","):
+            rows += spawn("e2e", {**r["case"], "data": os.path.abspath(args.data),
+                                  "workers": args.workers, "device_resize": int(canvas)}, args)
     if not args.no_torch:
       for variant, batch in GROUPS[g]["torch"]:
         for compiled in ([False] if args.no_compile else [False, True]):

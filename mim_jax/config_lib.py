@@ -68,6 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
       # local JPEGs (benchmarks/input_pipeline.py --read); raise both for a slow network disk.
       read_threads=2,
       read_buffer=16,
+      # Streaming: > 0 moves the bicubic resize of the crop to the device. Workers send the
+      # decoded pixels the resize reads (regions up to this many pixels a side; larger ones
+      # are resized on the host), packed with a budget of device_resize_budget pixels per
+      # image (0: half the square), and the step resamples them (augment.resize_regions).
+      device_resize=0,
+      device_resize_budget=0,
       aug=dict(crop_scale=(0.2, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0), hflip=True),
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,

@@ -97,7 +97,14 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
     aug_rng, loss_rng = jax.random.split(rng)
-    images = method.preprocess(aug_rng, batch["image"], input_cfg, on_device_aug)
+    images = batch["image"]
+    if "offset" in batch:   # input.device_resize: host-decoded regions, resampled here
+      from mim_jax.data import augment  # pylint: disable=g-import-not-at-top
+      regions = augment.unpack_regions(images, batch["offset"], batch["valid"],
+                                       int(input_cfg.device_resize))
+      images = augment.resize_regions(regions, batch["box"], batch["valid"], batch["flip"],
+                                      input_cfg.image_size)
+    images = method.preprocess(aug_rng, images, input_cfg, on_device_aug)
     params, mstate = state["params"], state["method_state"]
     labels = batch.get("label")
     if labels is None:
@@ -223,9 +230,11 @@ class Trainer:
     method = methods.get(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(config.input.batch_size, mesh)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     loader = pipeline.make_train_loader(config.input, seed=config.seed,
                                         process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+                                        process_count=jax.process_count(),
+                                        device_groups=len(local))
     on_device_aug = bool(getattr(loader, "on_device_aug", False))
     spe = pipeline.steps_per_epoch(config.input)
     total = total_and_epoch_steps(config, spe)

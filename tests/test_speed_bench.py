@@ -34,16 +34,19 @@ def test_end_to_end_worker_feeds_the_step_real_jpegs(speed, tmp_path, shared_cif
     (root / name).mkdir(parents=True)
     for i in range(6):
       (root / name / f"{i:04d}.jpg").write_bytes((shared_cifar_dir / name / f"{i:04d}.jpg").read_bytes())
-  case = {**CASE, "data": str(root), "workers": 0}
-  speed.worker_e2e(argparse.Namespace(case=json.dumps(case), steps=3, repeats=1))
-  (row,) = _results(capsys.readouterr().out)
+  for canvas in (0, 48):
+    case = {**CASE, "data": str(root), "workers": 0, "device_resize": canvas}
+    speed.worker_e2e(argparse.Namespace(case=json.dumps(case), steps=3, repeats=1))
+  row, packed = _results(capsys.readouterr().out)
+  assert packed["device_resize"] == 48 and packed["e2e_img_s"] > 0
+  assert packed["loss"] == pytest.approx(row["loss"], rel=1e-2)   # the same crops, resized on the device
   assert row["kind"] == "e2e" and row["batch"] == 4 and row["workers"] == 0
   for key in ("step_img_s", "loader_img_s", "e2e_img_s"):
     assert row[key] > 0, key
   assert row["input_bound"] == (row["e2e_img_s"] < 0.95 * row["step_img_s"])
   assert math.isfinite(row["loss"]) and row["loss"] > 0
-  text = speed.e2e_table([row, {"kind": "jax"}])
-  assert text.count("\n") == 2 and "| ViT-T/16 | 4 | 0 |" in text
+  text = speed.e2e_table([row, {"kind": "jax"}, packed])
+  assert text.count("\n") == 3 and "| ViT-T/16 | 4 | 0 | 0 |" in text and "| ViT-T/16 | 4 | 0 | 48 |" in text
   assert text.rstrip().endswith(("| yes |", "| no |"))
 
 

@@ -18,6 +18,10 @@ Two modes, chosen by the data config (`sources.is_in_memory`):
   covers ``image_size`` pixels at that scale. There only records whose header cannot be
   read are replaced by the next one; a body that fails to decode is decoded again with
   truncated images allowed (else a grey image is used) and counted in ``'bad'`` too.
+  With ``device_resize`` > 0 the workers stop short of the bicubic resize (most of their
+  time): they decode the same way and keep the pixels the resize reads (`decode_region`),
+  packed one row per device (`PackRegions`); the train step resamples them on the device
+  (`augment.unpack_regions`, `augment.resize_regions`), within a level of the host crop.
 
 Training reads the 'pretrain' split: the training split, or its nested ``data.train_subset``
 (see `sources.subset_positions`); `steps_per_epoch` counts that split. `eval_batches` serves
@@ -28,7 +32,8 @@ Config keys (``input_cfg``): ``data`` (see `sources`, plus ``in_memory``), ``bat
 (global), ``image_size``, ``workers``, ``aug`` = {``crop_scale``, ``crop_ratio``, ``hflip``},
 ``fast_decode`` (default True; False: full decode, then crop), ``read_threads`` and
 ``read_buffer`` (streaming: grain's reader threads and prefetch buffer in each worker; default
-2 and 16).
+2 and 16), ``device_resize`` and ``device_resize_budget`` (streaming, default 0: off; the
+largest region side, and the packed pixels per image, default half the square).
 
 grain is imported inside functions so importing this module stays cheap.
 """
@@ -384,6 +389,155 @@ class HostDecodeRandomResizedCropFlip:
     return {"image": out, "label": element["label"], "bad": np.int32(element["bad"] + bad)}
 
 
+_BICUBIC_SUPPORT = 2.0
+
+
+def _region_record(region: np.ndarray, edges, flip: bool, bad: int, host_resized: bool
+                   ) -> dict[str, Any]:
+  # The box as edges (top, left, bottom, right), float64 (see decode_region).
+  return {"region": region, "edges": np.asarray(edges, np.float64),
+          "valid": np.array(region.shape[:2], np.int32), "flip": np.bool_(flip),
+          "bad": np.int32(bad), "host_resized": np.bool_(host_resized)}
+
+
+def decode_region(data: bytes, rng: np.random.Generator, size: int, scale: Sequence[float],
+                  ratio: Sequence[float], hflip: bool, canvas: int) -> dict[str, Any]:
+  """The host half of ``input.device_resize``: decode, draw the crop box and the flip as
+  `decode_crop_flip` does (same draws, same reduced-size JPEG decoding), but instead of
+  resampling here, keep the pixels the bicubic resize reads: the box plus the kernel's reach,
+  clipped to the image. `augment.resize_regions` resamples it on the device, `region_to_crop`
+  on the host; both give `decode_crop_flip`'s output up to rounding.
+
+  When that region is larger than ``canvas`` on a side, or the image does not open and load
+  cleanly, the element is `decode_crop_flip`'s own output (resized and flipped here, with its
+  bad-record handling) as a ``size`` x ``size`` region whose box is all of it, which the
+  resize passes through unchanged.
+
+  Returns a dict: ``region`` uint8 [h, w, 3], ``edges`` float64 (top, left, bottom, right) of
+  the box inside the region, ``valid`` int32 (h, w), ``flip`` bool, ``bad`` int32,
+  ``host_resized``.
+  """
+  state = rng.bit_generator.state
+  try:
+    with _pil().open(io.BytesIO(data)) as im:
+      width, height = im.size
+      top, left, h, w = sample_crop_box_np(rng, height, width, scale, ratio)
+      flip = bool(hflip and rng.uniform() < 0.5)
+      sx = sy = 1.0
+      factor = reduction_for_box((top, left, h, w), size) if im.format == "JPEG" else 1
+      if factor > 1:   # as in _crop_opened
+        drafted = im.draft("RGB", (max(width // factor, 1), max(height // factor, 1)))
+        if drafted is not None:
+          sx, sy = drafted[1][2] / width, drafted[1][3] / height
+      # The box's edges in decoded pixels, computed as _crop_opened does.
+      top, left, bottom, right = top * sy, left * sx, (top + h) * sy, (left + w) * sx
+      reach_y = _BICUBIC_SUPPORT * max((bottom - top) / size, 1.0)
+      reach_x = _BICUBIC_SUPPORT * max((right - left) / size, 1.0)
+      full_w, full_h = im.size
+      y0, x0 = max(math.floor(top - reach_y), 0), max(math.floor(left - reach_x), 0)
+      y1 = min(math.ceil(bottom + reach_y) + 1, full_h)
+      x1 = min(math.ceil(right + reach_x) + 1, full_w)
+      if y1 - y0 <= canvas and x1 - x0 <= canvas:
+        im.load()
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        region = np.asarray(rgb.crop((x0, y0, x1, y1)), dtype=np.uint8)
+        # Pillow reads a resize box as float32: shifting the float32 edges by whole pixels
+        # keeps them exact, so region_to_crop resizes the box _crop_opened does.
+        edges = np.asarray([top, left, bottom, right], np.float32).astype(np.float64)
+        return _region_record(region, edges - np.array([y0, x0, y0, x0], np.float64), flip, 0,
+                              False)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  rng.bit_generator.state = state
+  out, bad, _ = decode_crop_flip(data, rng, size, scale, ratio, hflip)
+  return _region_record(out, (0, 0, size, size), False, bad, True)
+
+
+def region_to_crop(record: dict[str, Any], size: int) -> np.ndarray:
+  """The host resize of a `decode_region` record: Pillow's bicubic resize of its box, then
+  its flip, uint8 [size, size, 3]. That is `decode_crop_flip`'s output for the same draws up
+  to one level at some pixels: Pillow's result for a box changes slightly when the image
+  under it is shifted by whole pixels (seen with Pillow 13)."""
+  image_mod = _pil()
+  top, left, bottom, right = (float(v) for v in record["edges"])
+  out = image_mod.fromarray(record["region"]).resize(
+      (size, size), image_mod.Resampling.BICUBIC, box=(left, top, right, bottom))
+  if record["flip"]:
+    out = out.transpose(image_mod.Transpose.FLIP_LEFT_RIGHT)
+  return np.asarray(out, dtype=np.uint8)
+
+
+class HostDecodeRegion(HostDecodeRandomResizedCropFlip):
+  """grain RandomMap for ``input.device_resize``: `decode_region` of `HeaderCheckedSource`
+  elements (the record plus ``'label'``), batched by `PackRegions`."""
+
+  def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], hflip: bool,
+               canvas: int):
+    super().__init__(size, scale, ratio, hflip)
+    self.canvas = int(canvas)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if "image_bytes" not in element:   # already decoded: resized here, passed through there
+      done = HostRandomResizedCropFlip.random_map(self, element, rng)  # type: ignore[arg-type]
+      out = _region_record(done["image"], (0, 0, self.size, self.size), False, 0, True)
+    else:
+      out = decode_region(element["image_bytes"], rng, self.size, self.scale, self.ratio,
+                          self.hflip, self.canvas)
+    return {**out, "label": element["label"], "bad": np.int32(element["bad"] + out["bad"])}
+
+
+class PackRegions:
+  """grain batch_fn for ``input.device_resize``: packs the batch's regions, whose sizes
+  differ, into ``groups`` fixed-size uint8 rows (one per local device, each holding its
+  consecutive share of the batch), so a batch costs about the regions' own bytes.
+
+  Each row holds ``budget`` pixels per image plus ``canvas`` pixels of slack (the device reads
+  whole ``canvas``-wide rows, `augment.unpack_regions`). When a group's regions exceed the
+  row, its largest are resized here (`region_to_crop`) to ``size`` x ``size`` until they
+  fit; they are then marked ``host_resized``.
+
+  Output: ``image`` uint8 [groups, row], ``offset`` int32 [B] (each region's start in its
+  row, in pixels), ``box`` float32 [B, 4] (top, left, height, width) in its region,
+  ``valid``, ``flip``, ``host_resized``, ``bad``, ``label``.
+  """
+
+  def __init__(self, groups: int, size: int, canvas: int, budget: int):
+    self.groups, self.size, self.canvas, self.budget = int(groups), int(size), int(canvas), int(budget)
+
+  def __call__(self, elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    n = len(elements)
+    if n % self.groups:
+      raise DataConfigError(f"a batch of {n} does not split over {self.groups} devices")
+    per = n // self.groups
+    records = [dict(e) for e in elements]
+    row = per * self.budget + self.canvas * self.canvas
+    image = np.zeros((self.groups, row * 3), np.uint8)
+    offset = np.zeros(n, np.int32)
+    for g in range(self.groups):
+      members = range(g * per, (g + 1) * per)
+      pixels = {i: records[i]["region"].shape[0] * records[i]["region"].shape[1] for i in members}
+      total = sum(pixels.values())
+      for i in sorted(members, key=lambda i: -pixels[i]):
+        if total <= per * self.budget:
+          break
+        crop = region_to_crop(records[i], self.size)
+        records[i].update(_region_record(crop, (0, 0, self.size, self.size), False,
+                                         int(records[i]["bad"]), True))
+        total += self.size * self.size - pixels[i]
+      pos = 0
+      for i in members:
+        flat = records[i]["region"].reshape(-1)
+        image[g, pos * 3:pos * 3 + flat.size] = flat
+        offset[i] = pos
+        pos += flat.size // 3
+    out = {"image": image, "offset": offset}
+    for key in ("valid", "flip", "host_resized", "bad", "label"):
+      out[key] = np.stack([r[key] for r in records])
+    edges = np.stack([r["edges"] for r in records])
+    out["box"] = np.concatenate([edges[:, :2], edges[:, 2:] - edges[:, :2]], 1).astype(np.float32)
+    return out
+
+
 def center_crop_box(height: int, width: int, size: int, crop_fraction: float = 0.875
                     ) -> tuple[float, float, float, float]:
   """Box (top, left, h, w) equal to resizing the shorter side to ``size / crop_fraction`` and
@@ -480,8 +634,11 @@ class TrainLoader:
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._iterator)
     if self._images is None:
-      return {"image": batch["image"], "label": batch["label"].astype(np.int32),
-              "bad": batch["bad"].astype(np.int32)}
+      out = {"image": batch["image"], "label": batch["label"].astype(np.int32),
+             "bad": batch["bad"].astype(np.int32)}
+      if "offset" in batch:   # input.device_resize: what the step needs to resample the regions
+        out.update({k: batch[k] for k in ("offset", "box", "valid", "flip", "host_resized")})
+      return out
     index = np.asarray(batch)[self._index_slice]
     return {"image": self._images[index], "label": self._labels[index],
             "bad": np.zeros(index.shape[0], np.int32)}
@@ -522,13 +679,15 @@ def _aug(input_cfg: Any) -> tuple[tuple[float, float], tuple[float, float], bool
 
 
 def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int] = None,
-                      process_count: Optional[int] = None) -> TrainLoader:
+                      process_count: Optional[int] = None, device_groups: int = 1) -> TrainLoader:
   """Builds this process's endless, shuffled training loader.
 
   Args:
     input_cfg: the ``input`` config (see the module docstring).
     seed: shuffling seed (and, when streaming, the per-record augmentation seed).
     process_index, process_count: this process's data shard; default: JAX's.
+    device_groups: with ``input.device_resize``, the devices this process feeds (the packed
+      regions come in one row per device).
 
   Raises:
     DataError: bad batch size, data smaller than one batch, or bad data (one-line message).
@@ -564,13 +723,24 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     size = int(input_cfg.image_size)
     image_shape = (size, size, 3)
     scale, ratio, hflip = _aug(input_cfg)
-    if bool(_get(input_cfg, "fast_decode", True)):
+    batch_fn = None
+    canvas = int(_get(input_cfg, "device_resize", 0))
+    if canvas:
+      if canvas < size:
+        raise DataConfigError(f"input.device_resize={canvas} is smaller than input.image_size="
+                              f"{size}: use 0 (off) or a canvas of at least {size} pixels")
+      source = _Permuted(HeaderCheckedSource(raw), seed)
+      crop = HostDecodeRegion(size, scale, ratio, hflip, canvas)
+      budget = int(_get(input_cfg, "device_resize_budget", 0)) or canvas * canvas // 2
+      batch_fn = PackRegions(int(device_groups), size, canvas, max(budget, size * size))
+    elif bool(_get(input_cfg, "fast_decode", True)):
       source = _Permuted(HeaderCheckedSource(raw), seed)
       crop = HostDecodeRandomResizedCropFlip(size, scale, ratio, hflip)
     else:
       source = _Permuted(DecodedSource(raw), seed)
       crop = HostRandomResizedCropFlip(size, scale, ratio, hflip)
-    operations = [crop, grain.transforms.Batch(local_batch, drop_remainder=True)]
+    operations = [crop, grain.transforms.Batch(local_batch, drop_remainder=True,
+                                               batch_fn=batch_fn)]
     read_options = grain.ReadOptions(num_threads=int(_get(input_cfg, "read_threads", 2)),
                                      prefetch_buffer_size=int(_get(input_cfg, "read_buffer", 16)))
 
