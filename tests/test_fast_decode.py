@@ -374,6 +374,38 @@ def test_decode_region_gives_the_fast_path_crop(shared_cifar_dir, size_wh, out, 
       assert np.abs(d - host.astype(np.float64)).mean() < 0.6
 
 
+@pytest.mark.parametrize("kind", ["rgb", "rgb_small", "grey", "cmyk", "png", "truncated"])
+def test_decode_region_simplejpeg_equals_pillow(shared_cifar_dir, monkeypatch, kind):
+  """simplejpeg (used where installed) and Pillow give the same region records: same
+  pixels at every DCT scale, same draws; CMYK and non-JPEG data go to Pillow."""
+  assert pipeline._simplejpeg() is not None   # pylint: disable=protected-access
+  image = Image.fromarray(_photo(shared_cifar_dir, *((120, 90) if kind == "rgb_small" else (900, 700))))
+  if kind in ("grey", "cmyk"):
+    image = image.convert({"grey": "L", "cmyk": "CMYK"}[kind])
+  buf = io.BytesIO()
+  image.save(buf, format="PNG" if kind == "png" else "JPEG", quality=90)
+  data = buf.getvalue()[:len(buf.getvalue()) // 2] if kind == "truncated" else buf.getvalue()
+  direct = pipeline._region_simplejpeg(  # pylint: disable=protected-access
+      pipeline._simplejpeg(), data, np.random.default_rng(0), 64, SCALE, RATIO, True, 256)  # pylint: disable=protected-access
+  runs = {}
+  for use in (True, False):
+    if not use:
+      monkeypatch.setattr(pipeline, "_SIMPLEJPEG", False)
+    runs[use] = [pipeline.decode_region(data, np.random.default_rng(seed), 64, SCALE, RATIO,
+                                        True, 256) for seed in range(8)]
+  for a, b in zip(runs[True], runs[False]):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  if kind != "truncated":   # simplejpeg really did the whole JPEGs, and only those
+    assert (direct is None) == (kind in ("cmyk", "png"))
+  resized = [bool(r["host_resized"]) for r in runs[True]]
+  if kind == "truncated":
+    assert all(resized) and all(r["bad"] == 1 for r in runs[True])
+  elif kind != "png":   # a PNG is not reduced on decoding: its regions outgrow the canvas
+    assert not all(resized)
+
+
 def test_decode_region_falls_back_on_bad_data(shared_cifar_dir):
   full = _encode(_photo(shared_cifar_dir, 300, 240), quality=90)
   for data in (full[:len(full) // 2], b"not an image"):

@@ -400,13 +400,93 @@ def _region_record(region: np.ndarray, edges, flip: bool, bad: int, host_resized
           "bad": np.int32(bad), "host_resized": np.bool_(host_resized)}
 
 
+_SIMPLEJPEG: Any = None
+
+
+def _simplejpeg() -> Any:
+  """The ``simplejpeg`` module, or None where it is not installed (then Pillow decodes)."""
+  global _SIMPLEJPEG
+  if _SIMPLEJPEG is None:
+    try:
+      import simplejpeg  # pylint: disable=g-import-not-at-top
+      _SIMPLEJPEG = simplejpeg
+    except ImportError:
+      _SIMPLEJPEG = False
+  return _SIMPLEJPEG or None
+
+
+def _region_bounds(box, sx: float, sy: float, full_h: int, full_w: int, size: int):
+  """The box in decoded pixels (edges, computed as `_crop_opened` does) and the rows and
+  columns [y0, y1) x [x0, x1) the bicubic resize reads for it, clipped to the image."""
+  top, left, h, w = box
+  top, left, bottom, right = top * sy, left * sx, (top + h) * sy, (left + w) * sx
+  reach_y = _BICUBIC_SUPPORT * max((bottom - top) / size, 1.0)
+  reach_x = _BICUBIC_SUPPORT * max((right - left) / size, 1.0)
+  y0, x0 = max(math.floor(top - reach_y), 0), max(math.floor(left - reach_x), 0)
+  y1 = min(math.ceil(bottom + reach_y) + 1, full_h)
+  x1 = min(math.ceil(right + reach_x) + 1, full_w)
+  # Pillow reads a resize box as float32: shifting the float32 edges by whole pixels keeps
+  # them exact, so region_to_crop resizes the box _crop_opened does.
+  edges = np.asarray([top, left, bottom, right], np.float32).astype(np.float64)
+  return edges - np.array([y0, x0, y0, x0], np.float64), (y0, y1, x0, x1)
+
+
+_TOO_BIG = "too big"
+
+
+def _region_simplejpeg(sj: Any, data: bytes, rng: np.random.Generator, size: int, scale, ratio,
+                       hflip: bool, canvas: int) -> Any:
+  """`decode_region`'s work with simplejpeg (libjpeg-turbo's own API: the same pixels as
+  Pillow, 1/4 less time for decode + cut here), for YCbCr and grey JPEGs; None otherwise."""
+  if not sj.is_jpeg(data):
+    return None
+  height, width, colorspace, _ = sj.decode_jpeg_header(data)
+  if colorspace not in ("YCbCr", "Gray"):
+    return None    # CMYK and YCCK: Pillow converts them differently
+  box = sample_crop_box_np(rng, height, width, scale, ratio)
+  flip = bool(hflip and rng.uniform() < 0.5)
+  factor = reduction_for_box(box, size)
+  # DCT scaling by 1/factor, as Pillow's draft: libjpeg rounds the reduced size up.
+  full_h, full_w = -(-height // factor), -(-width // factor)
+  edges, (y0, y1, x0, x1) = _region_bounds(box, 1 / factor, 1 / factor, full_h, full_w, size)
+  if y1 - y0 > canvas or x1 - x0 > canvas:
+    return _TOO_BIG
+  image = sj.decode_jpeg(data, "RGB", min_height=full_h, min_width=full_w)
+  if image.shape[:2] != (full_h, full_w):
+    raise ValueError(f"simplejpeg decoded {image.shape[:2]}, not {(full_h, full_w)}")
+  return _region_record(np.ascontiguousarray(image[y0:y1, x0:x1]), edges, flip, 0, False)
+
+
+def _region_pil(data: bytes, rng: np.random.Generator, size: int, scale, ratio, hflip: bool,
+                canvas: int) -> Any:
+  """`decode_region`'s work with Pillow (any format)."""
+  with _pil().open(io.BytesIO(data)) as im:
+    width, height = im.size
+    box = sample_crop_box_np(rng, height, width, scale, ratio)
+    flip = bool(hflip and rng.uniform() < 0.5)
+    sx = sy = 1.0
+    factor = reduction_for_box(box, size) if im.format == "JPEG" else 1
+    if factor > 1:   # as in _crop_opened
+      drafted = im.draft("RGB", (max(width // factor, 1), max(height // factor, 1)))
+      if drafted is not None:
+        sx, sy = drafted[1][2] / width, drafted[1][3] / height
+    edges, (y0, y1, x0, x1) = _region_bounds(box, sx, sy, im.size[1], im.size[0], size)
+    if y1 - y0 > canvas or x1 - x0 > canvas:
+      return _TOO_BIG
+    im.load()
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    region = np.asarray(rgb.crop((x0, y0, x1, y1)), dtype=np.uint8)
+    return _region_record(region, edges, flip, 0, False)
+
+
 def decode_region(data: bytes, rng: np.random.Generator, size: int, scale: Sequence[float],
                   ratio: Sequence[float], hflip: bool, canvas: int) -> dict[str, Any]:
   """The host half of ``input.device_resize``: decode, draw the crop box and the flip as
   `decode_crop_flip` does (same draws, same reduced-size JPEG decoding), but instead of
   resampling here, keep the pixels the bicubic resize reads: the box plus the kernel's reach,
   clipped to the image. `augment.resize_regions` resamples it on the device, `region_to_crop`
-  on the host; both give `decode_crop_flip`'s output up to rounding.
+  on the host; both give `decode_crop_flip`'s output up to rounding. JPEGs are decoded with
+  simplejpeg where it is installed (the same pixels as Pillow), else with Pillow.
 
   When that region is larger than ``canvas`` on a side, or the image does not open and load
   cleanly, the element is `decode_crop_flip`'s own output (resized and flipped here, with its
@@ -418,36 +498,21 @@ def decode_region(data: bytes, rng: np.random.Generator, size: int, scale: Seque
   ``host_resized``.
   """
   state = rng.bit_generator.state
-  try:
-    with _pil().open(io.BytesIO(data)) as im:
-      width, height = im.size
-      top, left, h, w = sample_crop_box_np(rng, height, width, scale, ratio)
-      flip = bool(hflip and rng.uniform() < 0.5)
-      sx = sy = 1.0
-      factor = reduction_for_box((top, left, h, w), size) if im.format == "JPEG" else 1
-      if factor > 1:   # as in _crop_opened
-        drafted = im.draft("RGB", (max(width // factor, 1), max(height // factor, 1)))
-        if drafted is not None:
-          sx, sy = drafted[1][2] / width, drafted[1][3] / height
-      # The box's edges in decoded pixels, computed as _crop_opened does.
-      top, left, bottom, right = top * sy, left * sx, (top + h) * sy, (left + w) * sx
-      reach_y = _BICUBIC_SUPPORT * max((bottom - top) / size, 1.0)
-      reach_x = _BICUBIC_SUPPORT * max((right - left) / size, 1.0)
-      full_w, full_h = im.size
-      y0, x0 = max(math.floor(top - reach_y), 0), max(math.floor(left - reach_x), 0)
-      y1 = min(math.ceil(bottom + reach_y) + 1, full_h)
-      x1 = min(math.ceil(right + reach_x) + 1, full_w)
-      if y1 - y0 <= canvas and x1 - x0 <= canvas:
-        im.load()
-        rgb = im if im.mode == "RGB" else im.convert("RGB")
-        region = np.asarray(rgb.crop((x0, y0, x1, y1)), dtype=np.uint8)
-        # Pillow reads a resize box as float32: shifting the float32 edges by whole pixels
-        # keeps them exact, so region_to_crop resizes the box _crop_opened does.
-        edges = np.asarray([top, left, bottom, right], np.float32).astype(np.float64)
-        return _region_record(region, edges - np.array([y0, x0, y0, x0], np.float64), flip, 0,
-                              False)
-  except Exception:  # pylint: disable=broad-except
-    pass
+  record = None
+  sj = _simplejpeg()
+  if sj is not None:
+    try:
+      record = _region_simplejpeg(sj, data, rng, size, scale, ratio, hflip, canvas)
+    except Exception:  # pylint: disable=broad-except
+      record = None
+  if record is None:
+    rng.bit_generator.state = state
+    try:
+      record = _region_pil(data, rng, size, scale, ratio, hflip, canvas)
+    except Exception:  # pylint: disable=broad-except
+      record = None
+  if isinstance(record, dict):
+    return record
   rng.bit_generator.state = state
   out, bad, _ = decode_crop_flip(data, rng, size, scale, ratio, hflip)
   return _region_record(out, (0, 0, size, size), False, bad, True)
