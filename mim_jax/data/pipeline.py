@@ -21,7 +21,8 @@ Two modes, chosen by the data config (`sources.is_in_memory`):
   With ``device_resize`` > 0 the workers stop short of the bicubic resize (most of their
   time): they decode the same way and keep the pixels the resize reads (`decode_region`),
   packed one row per device (`PackRegions`); the train step resamples them on the device
-  (`augment.unpack_regions`, `augment.resize_regions`), within a level of the host crop.
+  (`augment.unpack_regions`, `augment.resize_regions`), close to the host crop (under half a
+  level on average).
 
 Training reads the 'pretrain' split: the training split, or its nested ``data.train_subset``
 (see `sources.subset_positions`); `steps_per_epoch` counts that split. `eval_batches` serves
