@@ -4,9 +4,12 @@ Usage: python benchmarks/input_pipeline.py --data DIR [--workers 8,16] [--batche
 
 Builds the real loader (`mim_jax.data.pipeline.make_train_loader`) on the image folder DIR
 (``<DIR>/<class>/<image>``, e.g. written by benchmarks/make_jpegs.py), streaming
-(``in_memory=False``), 224 px, MAE's crop scale (0.2, 1.0), batch 256, for each worker count
-and with ``input.fast_decode`` True (reduced-size JPEG decoding) and False (full decode, then
-crop). Each row: warm-up batches, then ``--batches`` timed batches -> images/s and ms/batch.
+(``in_memory=False``), 224 px, MAE's crop scale (0.2, 1.0), batch 256, for each worker count,
+each ``--read`` setting (grain's reader threads and buffer) and each ``--modes`` entry: fast
+(``input.fast_decode``: reduced-size JPEG decoding), full (full decode, then crop) and region
+(``input.device_resize=--canvas``: the workers stop before the resize, which the train step
+does; not timed here). Each row: warm-up batches, then ``--batches`` timed batches ->
+images/s and ms/batch.
 Also times one process decoding + cropping ~300 files held in memory (no grain, no file
 reads) in both modes, and reports how often a reduced decode was possible, and the same
 work in N plain processes (no grain: the machine's ceiling for the per-image work).
