@@ -126,6 +126,10 @@ def case_config(case: dict):
   c.model.attn_pad = int(case.get("attn_pad", -1))
   c.model.remat = bool(case.get("remat", False))
   c.optim.grad_accum = int(case.get("grad_accum", 1))
+  if "depth" in case:        # shallower models for CPU runs of the benchmark's code
+    c.model.depth = int(case["depth"])
+  if "dec_depth" in case:
+    c.mae.decoder.depth = int(case["dec_depth"])
   return c
 
 

@@ -25,7 +25,8 @@ def _results(out: str) -> list[dict]:
           if line.startswith("RESULT ")]
 
 
-CASE = {"model": "mae_t", "batch": 4, "image_size": 32, "attn": "xla", "dtype": "float32"}
+CASE = {"model": "mae_t", "batch": 4, "image_size": 32, "attn": "xla", "dtype": "float32",
+        "depth": 2, "dec_depth": 1}
 
 
 def test_end_to_end_worker_feeds_the_step_real_jpegs(speed, tmp_path, shared_cifar_dir, capsys):
