@@ -345,6 +345,12 @@ GROUPS = {
 }
 
 
+def model_label(model: str) -> str:
+  """'ViT-B/16' for 'mae_b'."""
+  _, _, variant, patch = MODELS[model]
+  return f"ViT-{variant[0].upper()}/{patch}"
+
+
 def table(rows: list[dict], peak: float) -> str:
   head = ("| impl | method | model | batch | image | dtype | attention | remat | images/s | step ms "
           "| MFU | peak GiB | max batch (pred.) | vs torch eager | vs torch.compile |")
@@ -357,17 +363,17 @@ def table(rows: list[dict], peak: float) -> str:
     if r.get("kind") not in ("jax", "torch"):
       continue
     if r["kind"] == "jax":
-      method, _, variant, patch = MODELS[r["model"]]
+      method, _, variant, _ = MODELS[r["model"]]
       impl, dtype, remat = "mim_jax", r.get("dtype", "bfloat16"), r.get("remat", False)
       attn = r.get("attn", "cudnn")
       if r.get("attn_pad", -1) >= 0:
         attn += f" (pad {r['attn_pad']})"
       model_name = r["model"]
     else:
-      method, variant, patch = "mae", r["variant"], 16 if r["variant"] != "huge" else 14
+      method, variant = "mae", r["variant"]
       impl, dtype, attn, remat = r["impl"], "bf16 autocast", "SDPA", False
       model_name = {"base": "mae_b", "large": "mae_l", "huge": "mae_h"}[variant]
-    model = f"ViT-{variant[0].upper()}/{patch}"
+    model = model_label(model_name)
     if "img_s" not in r:
       lines.append(f"| {impl} | {method} | {model} | {r.get('batch')} | 224 | {dtype} | {attn} | "
                    f"{remat} | {r.get('error', 'failed')} | | | | | | |")
@@ -390,14 +396,13 @@ def e2e_table(rows: list[dict]) -> str:
   for r in rows:
     if r.get("kind") != "e2e":
       continue
-    _, _, variant, patch = MODELS[r["model"]]
+    head = f"| {model_label(r['model'])} | {r.get('batch')} | {r.get('workers')} | " \
+           f"{r.get('device_resize', 0)} |"
     if "e2e_img_s" not in r:
-      lines.append(f"| ViT-{variant[0].upper()}/{patch} | {r.get('batch')} | {r.get('workers')} "
-                   f"| {r.get('device_resize', 0)} | {r.get('error', 'failed')} | | | |")
+      lines.append(f"{head} {r.get('error', 'failed')} | | | |")
       continue
-    lines.append(f"| ViT-{variant[0].upper()}/{patch} | {r['batch']} | {r['workers']} | "
-                 f"{r.get('device_resize', 0)} | {r['step_img_s']:,.0f} | {r['loader_img_s']:,.0f} | {r['e2e_img_s']:,.0f} | "
-                 f"{'yes' if r['input_bound'] else 'no'} |")
+    lines.append(f"{head} {r['step_img_s']:,.0f} | {r['loader_img_s']:,.0f} | "
+                 f"{r['e2e_img_s']:,.0f} | {'yes' if r['input_bound'] else 'no'} |")
   return "\n".join(lines)
 
 

@@ -64,8 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
       workers=0,                    # grain worker processes (streaming sources)
       fast_decode=True,             # streaming JPEGs: decode at reduced size when the crop allows
       # Streaming: grain's reader threads and prefetch buffer in each worker. grain's defaults
-      # (16, 500) scan the whole buffer on every element, 15% of a 2-worker run's time on
-      # local JPEGs (benchmarks/input_pipeline.py --read); raise both for a slow network disk.
+      # (16, 500) scan the whole buffer on every element; these gave a 2-worker run on local
+      # JPEGs 13% more images/s (benchmarks/input_pipeline.py --read; README). Raise both for
+      # a slow network disk.
       read_threads=2,
       read_buffer=16,
       # Streaming: > 0 moves the bicubic resize of the crop to the device. Workers send the

@@ -278,14 +278,14 @@ def test_input_pipeline_benchmark_rows(tmp_path, shared_cifar_dir):
 
 # -- input.device_resize: regions decoded on the host, resampled on the device -------------------
 
-def _on_device(records, size, canvas, groups=1, budget=None):
+def _on_device(records, size, canvas):
   """PackRegions -> unpack_regions -> resize_regions, as the loader and the step do."""
   from mim_jax.data import augment  # pylint: disable=g-import-not-at-top
-  pack = pipeline.PackRegions(groups, size, canvas, budget or canvas * canvas)
+  pack = pipeline.PackRegions(1, size, canvas, canvas * canvas)
   batch = pack([{**r, "label": np.int32(0)} for r in records])
   regions = augment.unpack_regions(batch["image"], batch["offset"], batch["valid"], canvas)
-  return batch, np.asarray(augment.resize_regions(regions, batch["box"], batch["valid"],
-                                                  batch["flip"], size))
+  return np.asarray(augment.resize_regions(regions, batch["box"], batch["valid"], batch["flip"],
+                                           size))
 
 
 def test_resize_regions_matches_pillow(shared_cifar_dir):
@@ -339,10 +339,9 @@ def test_pack_and_unpack_regions_round_trip():
   # 256 + 1320 + 225 > 768, and once the 33 x 40 is resized, 256 + 256 + 225 fits.
   tight = pipeline.PackRegions(2, 16, 40, 16 * 16)([{**r, "label": np.int32(0)} for r in records])
   np.testing.assert_array_equal(tight["host_resized"], [True, False, True, False, True, False])
+  canv = np.asarray(augment.unpack_regions(tight["image"], tight["offset"], tight["valid"], 40))
   for i in (0, 2):
-    crop = pipeline.region_to_crop(records[i], 16)
-    canv = np.asarray(augment.unpack_regions(tight["image"], tight["offset"], tight["valid"], 40))
-    np.testing.assert_array_equal(canv[i, :16, :16], crop)
+    np.testing.assert_array_equal(canv[i, :16, :16], pipeline.region_to_crop(records[i], 16))
     assert tight["flip"][i] == False and tuple(tight["box"][i]) == (0, 0, 16, 16)  # noqa: E712
 
 
@@ -366,7 +365,7 @@ def test_decode_region_gives_the_fast_path_crop(shared_cifar_dir, size_wh, out, 
     records.append(got)
     hosts.append(host)
   assert sum(not r["host_resized"] for r in records) >= 4
-  _, dev = _on_device(records, out, canvas)
+  dev = _on_device(records, out, canvas)
   for r, d, host in zip(records, dev, hosts):
     if r["host_resized"]:
       np.testing.assert_array_equal(d, host)

@@ -275,6 +275,28 @@ def _pil():
   return _PIL_IMAGE
 
 
+def _draft_for_box(im: Any, box: Sequence[float], size: int) -> tuple[float, float, int]:
+  """Sets the opened, not yet loaded PIL image ``im`` to decode at the largest JPEG scale
+  reduction that `reduction_for_box` allows for ``box``.
+
+  Returns (sx, sy, reduction): decoded pixels per full-size pixel on each axis.
+  """
+  width, height = im.size
+  factor = reduction_for_box(box, size) if im.format == "JPEG" else 1
+  if factor == 1:
+    return 1.0, 1.0, 1
+  # draft() picks the largest scale whose output is at least the requested size; asking for
+  # floor(full / factor) makes that scale exactly `factor`. It returns the full image's
+  # extent in reduced pixels, (0, 0, W / scale, H / scale): libjpeg rounds the reduced size
+  # up and pads the last partial block, so the box maps by 1 / scale, not by reduced / full
+  # size (which would stretch it by up to scale / W).
+  drafted = im.draft("RGB", (max(width // factor, 1), max(height // factor, 1)))
+  if drafted is None:
+    return 1.0, 1.0, 1
+  sx, sy = drafted[1][2] / width, drafted[1][3] / height
+  return sx, sy, int(round(1 / sx))
+
+
 def _crop_opened(im: Any, box: Sequence[float], size: int) -> tuple[Any, int]:
   """Decodes the opened, not yet loaded PIL image ``im`` (at a reduced JPEG scale when
   ``box`` allows) and resamples ``box`` to size x size like `_resize_box`.
@@ -282,21 +304,7 @@ def _crop_opened(im: Any, box: Sequence[float], size: int) -> tuple[Any, int]:
   Returns (the size x size RGB PIL image, the reduction used).
   """
   top, left, h, w = box
-  width, height = im.size
-  sx = sy = 1.0
-  factor = reduction_for_box(box, size) if im.format == "JPEG" else 1
-  if factor > 1:
-    # draft() picks the largest scale whose output is at least the requested size; asking for
-    # floor(full / factor) makes that scale exactly `factor`. It returns the full image's
-    # extent in reduced pixels, (0, 0, W / scale, H / scale): libjpeg rounds the reduced size
-    # up and pads the last partial block, so the box maps by 1 / scale, not by reduced / full
-    # size (which would stretch it by up to scale / W).
-    drafted = im.draft("RGB", (max(width // factor, 1), max(height // factor, 1)))
-    if drafted is None:
-      factor = 1
-    else:
-      sx, sy = drafted[1][2] / width, drafted[1][3] / height
-      factor = int(round(1 / sx))
+  sx, sy, factor = _draft_for_box(im, box, size)
   im.load()
   rgb = im if im.mode == "RGB" else im.convert("RGB")
   out = rgb.resize((size, size), _pil().Resampling.BICUBIC,
@@ -438,7 +446,7 @@ _TOO_BIG = "too big"
 def _region_simplejpeg(sj: Any, data: bytes, rng: np.random.Generator, size: int, scale, ratio,
                        hflip: bool, canvas: int) -> Any:
   """`decode_region`'s work with simplejpeg (libjpeg-turbo's own API: the same pixels as
-  Pillow, 1/4 less time for decode + cut here), for YCbCr and grey JPEGs; None otherwise."""
+  Pillow, decoded and cut faster), for YCbCr and grey JPEGs; None otherwise."""
   if not sj.is_jpeg(data):
     return None
   height, width, colorspace, _ = sj.decode_jpeg_header(data)
@@ -447,7 +455,7 @@ def _region_simplejpeg(sj: Any, data: bytes, rng: np.random.Generator, size: int
   box = sample_crop_box_np(rng, height, width, scale, ratio)
   flip = bool(hflip and rng.uniform() < 0.5)
   factor = reduction_for_box(box, size)
-  # DCT scaling by 1/factor, as Pillow's draft: libjpeg rounds the reduced size up.
+  # DCT scaling by 1/factor, as `_draft_for_box`: libjpeg rounds the reduced size up.
   full_h, full_w = -(-height // factor), -(-width // factor)
   edges, (y0, y1, x0, x1) = _region_bounds(box, 1 / factor, 1 / factor, full_h, full_w, size)
   if y1 - y0 > canvas or x1 - x0 > canvas:
@@ -465,12 +473,7 @@ def _region_pil(data: bytes, rng: np.random.Generator, size: int, scale, ratio, 
     width, height = im.size
     box = sample_crop_box_np(rng, height, width, scale, ratio)
     flip = bool(hflip and rng.uniform() < 0.5)
-    sx = sy = 1.0
-    factor = reduction_for_box(box, size) if im.format == "JPEG" else 1
-    if factor > 1:   # as in _crop_opened
-      drafted = im.draft("RGB", (max(width // factor, 1), max(height // factor, 1)))
-      if drafted is not None:
-        sx, sy = drafted[1][2] / width, drafted[1][3] / height
+    sx, sy, _ = _draft_for_box(im, box, size)
     edges, (y0, y1, x0, x1) = _region_bounds(box, sx, sy, im.size[1], im.size[0], size)
     if y1 - y0 > canvas or x1 - x0 > canvas:
       return _TOO_BIG
