@@ -101,3 +101,57 @@ def test_fast_step_equals_plain_step(method, monkeypatch):
   np.testing.assert_allclose(fast_loss, plain_loss, rtol=1e-6)
   assert _max_diff(fast_grads, plain_grads) < 1e-5
   assert jax.tree.structure(fast_grads) == jax.tree.structure(plain_grads)
+
+
+def _count_primitive(jaxpr, name):
+  """How many equations of primitive `name` run in `jaxpr`, sub-jaxprs (jit, remat) included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _count_primitive(inner, name)
+  return count
+
+
+@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_encoder_pads_once_and_equals_unpadded(remat, with_bias):
+  """vit.Encoder pads the token sequence once (not q, k, v in every block): same outputs,
+  gradients and intermediates as no padding, and one pad in the traced forward pass."""
+  n, heads = 7, 2
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, n, 16))
+  bias = jax.random.normal(jax.random.PRNGKey(2), (1, heads, n, n)) if with_bias else None
+  w = jax.random.normal(jax.random.PRNGKey(3), (2, n, 16))
+  enc0 = vit.Encoder(3, heads, qkv_bias="qv", init_values=0.1, remat=remat, attn_impl="xla", attn_pad=0)
+  params = enc0.init(jax.random.PRNGKey(0), x, bias)["params"]
+  outs, grads, inters = {}, {}, {}
+  for pad in (0, 4):
+    enc = enc0.clone(attn_pad=pad)
+    f = lambda p, x, b: jnp.sum(enc.apply({"params": p}, x, b) * w)  # noqa: E731
+    outs[pad], grads[pad] = jax.value_and_grad(f, argnums=(0, 1, 2) if with_bias else (0, 1))(params, x, bias)
+    _, inters[pad] = enc.apply({"params": params}, x, bias, mutable=["intermediates"])
+    if pad:
+      jaxpr = jax.make_jaxpr(lambda p, x, b: enc.apply({"params": p}, x, b))(params, x, bias)
+      assert _count_primitive(jaxpr.jaxpr, "pad") == (2 if with_bias else 1)  # x (and the bias), once
+      assert "[2,8,16]" in str(jaxpr)                          # the blocks run 8 tokens
+  np.testing.assert_allclose(outs[4], outs[0], rtol=1e-5)
+  assert _max_diff(grads[4], grads[0]) < 1e-5
+  for a, b in zip(jax.tree.leaves(inters[4]), jax.tree.leaves(inters[0])):
+    assert a.shape == b.shape                                  # block outputs [2, 7, 16], maps [2, 2, 7, 7]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert len(jax.tree.leaves(inters[4])) == 6                  # 3 blocks x (output, attention map)
+
+
+def test_tinymim_block_qkv_on_a_padded_encoder():
+  from mim_jax.methods import tinymim
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  plain = vit.ViT("mu", patch_size=8, image_size=32, attn_impl="xla", attn_pad=0)
+  params = plain.init(jax.random.PRNGKey(1), images)["params"]
+  ref = tinymim.block_qkv(plain, params, images, 1)
+  got = tinymim.block_qkv(plain.clone(attn_pad=2), params, images, 1)   # 17 tokens -> 18
+  assert got[0][0].shape == ref[0][0].shape == (2, 17, 64)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

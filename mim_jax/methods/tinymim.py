@@ -156,7 +156,8 @@ def block_qkv(encoder: vit.ViT, params, images, block: int, **kw):
 
   tokens, inter = encoder.apply({"params": params}, images, capture_intermediates=wanted,
                                 mutable=["intermediates"], **kw)
-  y = inter["intermediates"]["encoder"][name]["norm1"]["__call__"][0]
+  # The encoder may run a padded sequence (vit.Encoder pads once for cuDNN's attention).
+  y = inter["intermediates"]["encoder"][name]["norm1"]["__call__"][0][:, :tokens.shape[1]]
   q, k, v = qkv_from_params(y, params["encoder"][name]["attn"], encoder.qkv_bias)
   return (q, k, v), tokens, inter["intermediates"]["encoder"].get("block_outputs")
 

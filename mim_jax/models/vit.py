@@ -124,15 +124,23 @@ def torch_default_uniform(fan_in: int) -> Callable:
 # ---------------------------------------------------------------------------------------------
 # Layers.
 
-def attention(q, k, v, bias=None, implementation=None, pad_multiple=0):
+def attention(q, k, v, bias=None, implementation=None, pad_multiple=0, valid_len=None):
   """softmax(q k^T / sqrt(d) + bias) v over [B, N, H, D] inputs.
 
   With `pad_multiple` > 0, N is padded up to a multiple of it and the padded keys are masked
   (`key_value_seq_lengths`); padded query rows attend to the real keys and are sliced off, so
   the result and its gradients equal the unpadded attention. This lets cuDNN's fused kernel
   run (forward and backward) on sequence lengths it rejects, such as 197.
+
+  `valid_len` (a Python int) says the inputs are padded already (by `Encoder`, once for all
+  blocks): only the first `valid_len` keys are attended to, and the padded query rows are
+  returned as computed (the caller slices them off once).
   """
   n = q.shape[1]
+  if valid_len is not None and valid_len < n:
+    lengths = jnp.full((q.shape[0],), valid_len, jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
+                                        implementation=implementation)
   padded = -(-n // pad_multiple) * pad_multiple if pad_multiple else n
   if padded == n:
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
@@ -225,7 +233,7 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, bias=None):
+  def __call__(self, x, bias=None, valid_len=None):
     b, n, d = x.shape
     h = self.num_heads
     w = self.param("qkv_kernel", self.kernel_init, (d, 3 * d), self.param_dtype)
@@ -245,11 +253,13 @@ class Attention(nn.Module):
     if self.is_mutable_collection("intermediates"):
       # For the analyses (mim_jax.analysis): the attention maps [B, heads, N, N], computed
       # only when a caller asks for intermediates, never in training.
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(d // h)
+      m = n if valid_len is None else valid_len     # the real tokens of a padded sequence
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q[:, :m], k[:, :m]).astype(jnp.float32) / math.sqrt(d // h)
       if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
+        logits = logits + bias[..., :m, :m].astype(jnp.float32)
       self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
-    out = attention(q, k, v, bias, self.attn_impl, attn_pad_multiple(self.attn_impl, self.attn_pad))
+    out = attention(q, k, v, bias, self.attn_impl, attn_pad_multiple(self.attn_impl, self.attn_pad),
+                    valid_len)
     out = out.reshape(b, n, d)
     return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.proj_init,
                     name="proj")(out)
@@ -299,7 +309,8 @@ class Block(nn.Module):
     return x * mask.astype(x.dtype) / keep
 
   @nn.compact
-  def __call__(self, x, bias=None, deterministic=True):
+  def __call__(self, x, bias=None, deterministic=True, valid_len=None):
+    """`valid_len`: x holds that many real tokens followed by padding (see `Encoder`)."""
     d = x.shape[-1]
     if self.init_style == "beit":
       kinit = trunc_normal(0.02, cutoff=1.0)  # see SIMMIM_TRUNC below
@@ -309,7 +320,7 @@ class Block(nn.Module):
       kinit = rinit = xavier_uniform
     y = layer_norm("norm1", self.param_dtype)(x)
     y = Attention(self.num_heads, self.qkv_bias, kinit, rinit, self.attn_impl, self.attn_pad,
-                  self.dtype, self.param_dtype, name="attn")(y, bias)
+                  self.dtype, self.param_dtype, name="attn")(y, bias, valid_len)
     if self.init_values is not None:
       y = y * self.param("gamma_1", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
     x = x + self._drop_path(y, deterministic).astype(x.dtype)
@@ -338,14 +349,30 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, bias=None, deterministic=True):
-    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+    block_cls = nn.remat(Block, static_argnums=(3, 4)) if self.remat else Block
     rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
+    # Where the attention needs a padded sequence (cuDNN: 197 -> 198), pad the tokens once
+    # here rather than q, k and v in every block: the padded rows go through the blocks
+    # (LayerNorm, MLP and attention act on each row alone; padded keys are masked, so no real
+    # token sees them) and are sliced off after the last block. Same result and gradients as
+    # padding inside each attention, without the per-block pad and slice copies.
+    n = x.shape[1]
+    multiple = attn_pad_multiple(self.attn_impl, self.attn_pad)
+    padded = -(-n // multiple) * multiple if multiple and self.depth else n
+    valid_len = None
+    if padded != n:
+      valid_len = n
+      x = jnp.pad(x, [(0, 0), (0, padded - n), (0, 0)])
+      if bias is not None:
+        bias = jnp.pad(bias, [(0, 0), (0, 0), (0, padded - n), (0, padded - n)])
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_ratio, self.qkv_bias, self.init_values, float(rates[i]),
                     self.init_style, i + 1, self.attn_impl, self.attn_pad, self.dtype,
-                    self.param_dtype, name=f"block{i:02d}")(x, bias, deterministic)
+                    self.param_dtype, name=f"block{i:02d}")(x, bias, deterministic, valid_len)
       # Every block's output, for per-layer probes and CKA (only when intermediates are asked).
-      self.sow("intermediates", "block_outputs", x)
+      if self.is_mutable_collection("intermediates"):
+        self.sow("intermediates", "block_outputs", x[:, :n])
+    x = x[:, :n]
     if self.final_norm:
       x = layer_norm("norm", self.param_dtype)(x)
     return x
