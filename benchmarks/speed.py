@@ -24,6 +24,11 @@ trace of the first mim_jax case and prints its kernel-time summary.
 from benchmarks/make_jpegs.py), once per `input.device_resize` value, and prints a second
 table: the step alone, the loader alone, the two together, input-bound or not. The step alone
 runs on one loader batch, so with device_resize it includes the device's resize.
+
+`--models mae_b` keeps only those mim_jax models of the groups. `--variant 'NAME: KEY=VALUE;
+...'` (repeatable) times each mim_jax case again with config keys or environment variables
+set, one row per variant, to try execution options side by side in one run, e.g.
+`--variant 'pad64: model.attn_pad=64' --variant 'cudnn_ln: XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true'`.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -130,7 +136,53 @@ def case_config(case: dict):
     c.model.depth = int(case["depth"])
   if "dec_depth" in case:
     c.mae.decoder.depth = int(case["dec_depth"])
+  for key, value in case.get("overrides", {}).items():
+    set_config_value(c, key, value)
   return c
+
+
+def set_config_value(config, key: str, text: str) -> None:
+  """config[key] = text parsed as a Python literal ('True', '64', '1e-3'; true/false too),
+  else as a string; the key must exist (a typo would otherwise time the unchanged step)."""
+  import ast
+  *parents, leaf = key.split(".")
+  node = config
+  for name in parents:
+    node = node.get(name) if hasattr(node, "get") else None
+  if node is None or leaf not in node:
+    raise SystemExit(f"speed.py: unknown config key {key!r} in --variant")
+  low = text.strip().lower()
+  if low in ("true", "false"):
+    value = low == "true"
+  else:
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+  node[leaf] = value
+
+
+def parse_variant(spec: str) -> dict:
+  """'NAME: KEY=VALUE; KEY=VALUE' -> a case fragment. A dotted KEY is a config key
+  ('model.attn_pad=64'); an upper-case KEY is an environment variable of the case's process
+  ('XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true'). Each setting splits at its first '='."""
+  name, sep, rest = spec.partition(":")
+  if not sep or not name.strip():
+    raise SystemExit(f"speed.py: --variant {spec!r}: write 'NAME: KEY=VALUE; ...'")
+  overrides, env = {}, {}
+  for setting in filter(None, (t.strip() for t in rest.split(";"))):
+    key, eq, value = setting.partition("=")
+    key = key.strip()
+    if not eq or not key:
+      raise SystemExit(f"speed.py: --variant {spec!r}: {setting!r} is not KEY=VALUE")
+    if "." in key:
+      overrides[key] = value.strip()
+    elif key.isupper():
+      env[key] = value.strip()
+    else:
+      raise SystemExit(f"speed.py: --variant {spec!r}: {key!r} is neither a dotted config key "
+                       "nor an upper-case environment variable")
+  return {"variant": name.strip(), "overrides": overrides, "env": env}
 
 
 def _state_and_step(config):
@@ -178,9 +230,9 @@ def worker_jax(args) -> None:
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   state, metrics, _ = _time_steps(compiled, state, batches, 3, 1)
+  if args.dump:      # the compiled HLO: summarize_trace names each kernel's ops from it
+    pathlib.Path(args.dump).write_text(compiled.as_text())
   if args.profile:
-    if args.dump:
-      pathlib.Path(args.dump).write_text(compiled.as_text())
     with jax.profiler.trace(args.profile, create_perfetto_trace=True):
       state, metrics, _ = _time_steps(compiled, state, batches, 5, 1)
   state, metrics, times = _time_steps(compiled, state, batches, args.steps, args.repeats)
@@ -266,8 +318,43 @@ def worker_attention(_args) -> None:
 # ---------------------------------------------------------------------------------------------
 # Profile summary.
 
-def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "") -> None:
-  """Prints device time per kernel name (and per kind) from the perfetto trace."""
+_WRAPPERS = ("jit", "pjit", "jvp", "transpose", "vmap", "remat", "checkpoint", "rematted_computation")
+
+
+def _op_path(op_name: str) -> str:
+  """'fwd MAE/decoder/blocks/block00/norm2/reduce_sum' from an HLO op_name such as
+  'jit(step)/jvp(MAE)/decoder/blocks/block00/norm2/reduce_sum' ('bwd' under transpose(...))."""
+  op_name = op_name.split(";")[0]
+  phase = "bwd" if "transpose(" in op_name else "fwd"
+  parts = []
+  for i, seg in enumerate(op_name.split("/")):
+    while (m := re.fullmatch(r"(\w+)\((.*)\)", seg)) and m.group(1) in _WRAPPERS:
+      seg = m.group(2)                # transpose(jvp(MAE)) -> MAE, vmap() -> ''
+    if i and seg:                     # the first segment is the jitted function: dropped
+      parts.append(seg)
+  return f"{phase} {'/'.join(parts)}"
+
+
+def hlo_kernel_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Kernel name -> (op path, result shape) from a compiled HLO module's text: XLA:GPU names
+  a fusion's kernel after the instruction ('%loop_convert_fusion.7' -> 'loop_convert_fusion_7').
+  Identical fusions share one kernel, so a kernel launched once per block carries the first
+  block's path."""
+  out = {}
+  pattern = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+[\w\-]+\(.*"
+                       r'op_name="([^"]*)"')
+  for line in hlo_text.splitlines():
+    m = pattern.match(line)
+    if m:
+      name, shape, op_name = m.groups()
+      out[re.sub(r"[.\-]", "_", name)] = (_op_path(op_name), re.sub(r"\{[^}]*\}", "", shape))
+  return out
+
+
+def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "", hlo_path: str = "") -> None:
+  """Prints device time per kernel name (and per kind) from the perfetto trace, with the
+  launches per step and, given the compiled HLO (`hlo_path`), the ops each kernel computes and
+  the time per op path (block numbers merged)."""
   import gzip
   from collections import defaultdict
   paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz")) + sorted(
@@ -283,13 +370,14 @@ def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "") -> None
     if e.get("ph") == "M" and e.get("name") == "process_name":
       pids[e["pid"]] = e["args"]["name"]
   gpu_pids = {p for p, name in pids.items() if "/device:GPU" in name or "GPU" in name}
-  by_name, by_kind = defaultdict(float), defaultdict(float)
+  by_name, by_kind, launches = defaultdict(float), defaultdict(float), defaultdict(int)
   total = 0.0
   for e in events:
     if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
       continue
     name, dur = e.get("name", "?"), float(e.get("dur", 0))
     by_name[name] += dur
+    launches[name] += 1
     low = name.lower()
     kind = ("attention" if any(w in low for w in ("fmha", "flash", "cudnn", "attn", "sdpa"))
             else "matmul" if any(w in low for w in ("gemm", "xmma", "cutlass", "nvjet", "dot",
@@ -300,11 +388,24 @@ def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "") -> None
   print(f"profile {paths[-1]}: {total / 1e3:.1f} ms of device time over 5 steps")
   for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
     print(f"  {k:22s} {v / 1e3:9.1f} ms  {100 * v / max(total, 1):5.1f}%")
+  ops = hlo_kernel_ops(pathlib.Path(hlo_path).read_text()) if hlo_path and os.path.exists(hlo_path) else {}
   for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
-    print(f"  {100 * v / max(total, 1):5.1f}%  {v / 5e3:8.2f} ms/step  {k[:110]}")
+    path, shape = ops.get(k, ("", ""))
+    where = f"  <- {path} {shape}" if path else ""
+    print(f"  {100 * v / max(total, 1):5.1f}%  {v / 5e3:8.2f} ms/step  {launches[k] / 5:5.0f}x  "
+          f"{k[:80]}{where}")
+  by_path = defaultdict(float)
+  for k, v in by_name.items():
+    if k in ops:
+      by_path[re.sub(r"block\d+", "block*", ops[k][0])] += v
+  if by_path:
+    print("  time per op path (kernels named in the HLO; the rest are library kernels):")
+    for k, v in sorted(by_path.items(), key=lambda kv: -kv[1])[:top]:
+      print(f"  {100 * v / max(total, 1):5.1f}%  {v / 5e3:8.2f} ms/step  {k[:150]}")
   if out_json:
     pathlib.Path(out_json).write_text(json.dumps(
-        {"total_us": total, "by_kind": by_kind, "by_name": by_name}, indent=0))
+        {"total_us": total, "by_kind": by_kind, "by_name": by_name, "launches": launches,
+         "ops": {k: ops[k] for k in by_name if k in ops}, "by_path": by_path}, indent=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +418,7 @@ def spawn(worker: str, case: dict | None, args, extra: list[str] | None = None) 
     cmd += ["--case", json.dumps(case)]
   cmd += extra or []
   env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
-      "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94"))
+      "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94"), **(case or {}).get("env", {}))
   t = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
   rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -365,6 +466,8 @@ def table(rows: list[dict], peak: float) -> str:
     if r["kind"] == "jax":
       method, _, variant, _ = MODELS[r["model"]]
       impl, dtype, remat = "mim_jax", r.get("dtype", "bfloat16"), r.get("remat", False)
+      if r.get("variant"):
+        impl += f" ({r['variant']})"
       attn = r.get("attn", "cudnn")
       if r.get("attn_pad", -1) >= 0:
         attn += f" (pad {r['attn_pad']})"
@@ -416,7 +519,7 @@ def main() -> None:
   ap.add_argument("--probe-attention", action="store_true")
   ap.add_argument("--profile", default="", help="trace the first mim_jax case into this folder")
   ap.add_argument("--dump", default="", help="with --profile: write the compiled HLO here "
-                  "and the kernel summary beside it (.json)")
+                  "(default DIR/step.hlo.txt) and the kernel summary beside it (.json)")
   ap.add_argument("--data", default="", help="image folder of JPEGs (benchmarks/make_jpegs.py): "
                   "also time each MAE case fed by the real streaming loader (end to end)")
   ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -424,6 +527,12 @@ def main() -> None:
   ap.add_argument("--device_resize", default="0",
                   help="with --data: comma list of input.device_resize values to run end to "
                        "end (0: the crop resized by the workers; e.g. 0,448)")
+  ap.add_argument("--models", default="", help="comma list: only these mim_jax models of the "
+                  f"groups ({', '.join(MODELS)})")
+  ap.add_argument("--variant", action="append", default=[],
+                  help="'NAME: KEY=VALUE; ...' (repeatable): also time each mim_jax case with "
+                       "these config keys (dotted) or environment variables (upper case) set, "
+                       "e.g. 'cudnn_ln: XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true'")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--json", default="")
@@ -435,6 +544,9 @@ def main() -> None:
      "attention": worker_attention}[args.worker](args)
     return
 
+  variants = [parse_variant(spec) for spec in args.variant]
+  for variant in variants:      # unknown config keys fail here, before any device time
+    case_config({"model": "mae_b", "batch": 8, **variant})
   print(f"# benchmarks/speed.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M')})", flush=True)
   rows = spawn("peak", None, args)
   peak = rows[0].get("tflops", 0.0)
@@ -445,18 +557,24 @@ def main() -> None:
   profiled = False
   for g in groups:
     for model, batch in GROUPS[g]["jax"]:
+      if args.models and model not in args.models.split(","):
+        continue
       for attn in args.attn.split(","):
         case = {"model": model, "batch": batch, "attn": attn, "remat": model == "mae_h"}
         extra = []
         if args.profile and not profiled:
-          extra, profiled = ["--profile", args.profile, "--dump", args.dump], True
+          dump = args.dump or os.path.join(args.profile, "step.hlo.txt")
+          os.makedirs(os.path.dirname(os.path.abspath(dump)), exist_ok=True)
+          extra, profiled = ["--profile", args.profile, "--dump", dump], True
         got = spawn("jax", case, args, extra)
         if "error" in got[0] and attn == "cudnn" and "memory" not in got[0]["error"]:
           # Fall back to padding the attention to a multiple of 64 (known to train on cuDNN).
           got = spawn("jax", {**case, "attn_pad": 64}, args)
         rows += got
         if extra:
-          summarize_trace(args.profile, 40, args.dump + ".json" if args.dump else "")
+          summarize_trace(args.profile, 40, dump + ".json", dump)
+        for variant in variants:
+          rows += spawn("jax", {**got[0].get("case", case), **variant}, args)
         r = got[0]
         if "temp_gib" in r:
           # Activations grow with the batch, the state does not: the largest batch predicted

@@ -98,13 +98,15 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
     rng = jax.random.fold_in(state["rng"], step)
     aug_rng, loss_rng = jax.random.split(rng)
     images = batch["image"]
-    if "offset" in batch:   # input.device_resize: host-decoded regions, resampled here
-      from mim_jax.data import augment  # pylint: disable=g-import-not-at-top
-      regions = augment.unpack_regions(images, batch["offset"], batch["valid"],
-                                       int(input_cfg.device_resize))
-      images = augment.resize_regions(regions, batch["box"], batch["valid"], batch["flip"],
-                                      input_cfg.image_size)
-    images = method.preprocess(aug_rng, images, input_cfg, on_device_aug)
+    # The named scopes only label the compiled ops (profiles: benchmarks/speed.py --profile).
+    with jax.named_scope("input"):
+      if "offset" in batch:   # input.device_resize: host-decoded regions, resampled here
+        from mim_jax.data import augment  # pylint: disable=g-import-not-at-top
+        regions = augment.unpack_regions(images, batch["offset"], batch["valid"],
+                                         int(input_cfg.device_resize))
+        images = augment.resize_regions(regions, batch["box"], batch["valid"], batch["flip"],
+                                        input_cfg.image_size)
+      images = method.preprocess(aug_rng, images, input_cfg, on_device_aug)
     params, mstate = state["params"], state["method_state"]
     labels = batch.get("label")
     if labels is None:
@@ -134,11 +136,14 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
     # mean over the micro-batches, like the loss.
     aux = dict(aux)
     stats = aux.pop("state_stats", None)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    params = optax.apply_updates(params, updates)
-    mstate = method.update_state(params, mstate, step, stats)
-    metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.tree.norm(grads),
-               **{f"aux/{k}": v for k, v in aux.items()}}
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state["opt_state"], params)
+      params = optax.apply_updates(params, updates)
+    with jax.named_scope("method_state"):
+      mstate = method.update_state(params, mstate, step, stats)
+    with jax.named_scope("metrics"):
+      metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.tree.norm(grads),
+                 **{f"aux/{k}": v for k, v in aux.items()}}
     if "bad" in batch:
       metrics["data/bad_images"] = jnp.sum(batch["bad"])
     new = dict(state, step=step + 1, params=params, opt_state=opt_state, method_state=mstate)

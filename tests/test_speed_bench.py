@@ -61,3 +61,70 @@ def test_step_worker_row(speed, capsys):
   # MAE ViT-T/16 at 32 px: 4 patches, 1 kept; the table's MFU needs a peak, absent here.
   assert speed.train_flops("mae_t", image_size=32) > 0
   assert "| mim_jax | mae | ViT-T/16 | 4 |" in speed.table([row], peak=0.0)
+
+
+def test_profile_summary_names_each_kernels_ops(speed, tmp_path, capsys):
+  """summarize_trace attributes trace kernels to the compiled step's HLO ops (fusion
+  '%name.7' -> kernel 'name_7'), counts launches per step and merges block numbers."""
+  import gzip
+  dump = tmp_path / "step.hlo.txt"
+  speed.worker_jax(argparse.Namespace(case=json.dumps(CASE), steps=1, repeats=1, profile="",
+                                      dump=str(dump)))
+  capsys.readouterr()
+  ops = speed.hlo_kernel_ops(dump.read_text())
+  fusions = {k: v for k, v in ops.items() if "fusion" in k}
+  def first(pattern):
+    return next(k for k, (path, _) in sorted(fusions.items()) if pattern in path)
+  k0 = first("fwd ViT/encoder/block00/norm1/")
+  k1 = next(k for k, (path, _) in sorted(fusions.items())
+            if path == fusions[k0][0].replace("block00", "block01"))
+  kopt = first("fwd optimizer/")
+  assert "[" in fusions[kopt][1] and "{" not in fusions[kopt][1]   # the result shape, layout dropped
+  # A trace of 5 steps: k0 launched twice a step, k1 and kopt once, one library kernel.
+  events = [{"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}}]
+  for name, dur, per_step in ((k0, 30.0, 2), (k1, 20.0, 1), (kopt, 50.0, 1), ("nvjet_gemm", 150.0, 1)):
+    events += [{"ph": "X", "pid": 7, "name": name, "dur": dur}] * (5 * per_step)
+  events.append({"ph": "X", "pid": 1, "name": k0, "dur": 1e6})      # host events are not counted
+  (tmp_path / "prof").mkdir()
+  with gzip.open(tmp_path / "prof" / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  speed.summarize_trace(str(tmp_path / "prof"), 10, str(tmp_path / "summary.json"), str(dump))
+  out = capsys.readouterr().out
+  assert "1.4 ms of device time" in out                             # 5 x (60 + 20 + 50 + 150) us
+  line0 = next(line for line in out.splitlines() if f" {k0}  <- " in line)
+  assert "0.06 ms/step      2x" in line0 and "fwd ViT/encoder/block00/norm1/" in line0
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  merged = fusions[k0][0].replace("block00", "block*")
+  assert summary["by_path"][merged] == pytest.approx(5 * 60.0 + 5 * 20.0)
+  assert summary["launches"]["nvjet_gemm"] == 5 and "nvjet_gemm" not in summary["ops"]
+
+
+def test_variants_set_config_keys_and_environment(speed, capsys, monkeypatch):
+  v = speed.parse_variant("pad4: model.attn_pad=4; XLA_FLAGS=--xla_a=true --xla_b=1")
+  assert v == {"variant": "pad4", "overrides": {"model.attn_pad": "4"},
+               "env": {"XLA_FLAGS": "--xla_a=true --xla_b=1"}}
+  c = speed.case_config({**CASE, **v})
+  assert c.model.attn_pad == 4 and c.model.depth == 2
+  speed.set_config_value(c, "model.remat", "true")
+  assert c.model.remat is True
+  for bad in ("no colon", "x: model.attn_pad", "x: lower=1"):
+    with pytest.raises(SystemExit, match="--variant"):
+      speed.parse_variant(bad)
+  with pytest.raises(SystemExit, match="unknown config key 'model.atn_pad'"):
+    speed.case_config({**CASE, **speed.parse_variant("x: model.atn_pad=4")})
+  # The variant's environment reaches the case's process.
+  seen = {}
+  def fake_run(cmd, env, **_):
+    seen.update(env)
+    return argparse.Namespace(returncode=0, stdout='RESULT {"kind": "jax"}\n', stderr="")
+  monkeypatch.setattr(speed.subprocess, "run", fake_run)
+  speed.spawn("jax", {**CASE, **v}, argparse.Namespace(steps=1, repeats=1))
+  assert seen["XLA_FLAGS"] == "--xla_a=true --xla_b=1"
+  # A variant row times the same function: 5 tokens padded once to 8 give the same loss.
+  capsys.readouterr()
+  for case in (CASE, {**CASE, **v}):
+    speed.worker_jax(argparse.Namespace(case=json.dumps(case), steps=1, repeats=1, profile="", dump=""))
+  plain, padded = _results(capsys.readouterr().out)
+  assert padded["variant"] == "pad4" and padded["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+  assert "| mim_jax (pad4) | mae | ViT-T/16 | 4 |" in speed.table([plain, padded], peak=0.0)
