@@ -7,6 +7,8 @@ a gather (`vit.take_rows`) and an exact GELU whose backward recomputes from x
 the GPU runs. Each piece and the whole MAE / SimMIM loss and gradients are checked against the
 plain formulation (`jnp.take_along_axis`, `nn.gelu`, no padding).
 """
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -155,3 +157,28 @@ def test_tinymim_block_qkv_on_a_padded_encoder():
   assert got[0][0].shape == ref[0][0].shape == (2, 17, 64)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])      # qkv biases 'qkv' and 'qv'
+def test_split_qkv_projection_equals_fused(method):
+  """model.qkv_proj='split' (three products with the kernel's column blocks) computes the
+  loss and gradients of the fused [d, 3d] product, with the same parameters."""
+  images = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
+  fused = tiny_config(method, **{"model.attn_impl": "xla"})
+  split = tiny_config(method, **{"model.attn_impl": "xla", "model.qkv_proj": "split"})
+  assert split.model.qkv_bias == ("qkv" if method == "mae" else "qv")
+  loss_f, grads_f = _loss_and_grads(fused, images)
+  loss_s, grads_s = _loss_and_grads(split, images)
+  np.testing.assert_allclose(loss_s, loss_f, rtol=1e-6)
+  assert jax.tree.structure(grads_s) == jax.tree.structure(grads_f)
+  assert _max_diff(grads_s, grads_f) < 1e-5
+  # The split step really runs three products per attention: no [4, N, 3 x 64] activation.
+  def qkv_activations(config):
+    m = methods.get(config)
+    params = m.init(jax.random.PRNGKey(0), images)
+    jaxpr = str(jax.make_jaxpr(lambda p: m.loss(p, m.init_state(p), images,
+                                                jax.random.PRNGKey(1), 0)[0])(params))
+    return len(re.findall(r"f32\[4,\d+,192\]", jaxpr))
+  assert qkv_activations(fused) > 0 and qkv_activations(split) == 0
+  with pytest.raises(ValueError, match="qkv_proj must be 'fused' or 'split'"):
+    vit.Attention(2, qkv_proj="other").init(jax.random.PRNGKey(0), jnp.ones((1, 3, 8)))

@@ -99,16 +99,17 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_checkpoint_resumes_across_execution_settings(tmp_path):
-  # Attention implementation, its padding, remat and compute dtype change how the model is
-  # computed, not its parameters: a run resumes (and evaluates) across them, including from a
-  # checkpoint written before such a key existed.
+  # Attention implementation, its padding, the qkv products, remat and compute dtype change
+  # how the model is computed, not its parameters: a run resumes (and evaluates) across them,
+  # including from a checkpoint written before such a key existed.
   c = tiny_config("mae", total_steps=2, ckpt_every=2)
   c.evals = {}
   del c.model["attn_pad"]
+  del c.model["qkv_proj"]
   train.train_and_evaluate(c, str(tmp_path), progress=False)
   other = tiny_config("mae", total_steps=4, ckpt_every=2)
   other.evals = {}
-  other.model.update(attn_impl="xla", attn_pad=2, remat=True)
+  other.model.update(attn_impl="xla", attn_pad=2, remat=True, qkv_proj="split")
   summary = train.train_and_evaluate(other, str(tmp_path), progress=False)
   assert summary["step"] == 4
 

@@ -34,13 +34,15 @@ class MAEDecoder(nn.Module):
   attn_pad: int = -1
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  qkv_proj: str = "fused"
 
   @nn.compact
   def __call__(self, latent, restore_ids):
     """latent [B, 1+K, D] (cls first), restore_ids [B, L] -> predictions [B, L, p*p*3]."""
     x = decoder_input(self, latent, restore_ids)
     x = vit.Encoder(self.depth, self.heads, remat=self.remat, attn_impl=self.attn_impl,
-                    attn_pad=self.attn_pad, dtype=self.dtype, param_dtype=self.param_dtype, name="blocks")(x)
+                    attn_pad=self.attn_pad, dtype=self.dtype, param_dtype=self.param_dtype,
+                    qkv_proj=self.qkv_proj, name="blocks")(x)
     x = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=vit.xavier_uniform, name="pred")(x)
     return x[:, 1:].astype(jnp.float32)
@@ -89,7 +91,8 @@ class MAE(Method):
     self.decoder = MAEDecoder(self.num_patches, self.patch, c.decoder.width, c.decoder.depth,
                               c.decoder.heads, m.get("remat", False), m.get("attn_impl", "") or None,
                               m.get("attn_pad", -1), jnp.dtype(m.get("dtype", "float32")),
-                              jnp.dtype(m.get("param_dtype", "float32")))
+                              jnp.dtype(m.get("param_dtype", "float32")),
+                              m.get("qkv_proj", "fused"))
 
   def init(self, rng, images):
     r1, r2, r3 = jax.random.split(rng, 3)

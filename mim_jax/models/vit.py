@@ -222,7 +222,13 @@ def _gelu_bwd(x, g):
 gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
 
 class Attention(nn.Module):
-  """Multi-head self-attention. `qkv_bias`: 'qkv' (timm), 'qv' (BEiT/SimMIM) or 'none'."""
+  """Multi-head self-attention. `qkv_bias`: 'qkv' (timm), 'qv' (BEiT/SimMIM) or 'none'.
+
+  `qkv_proj` says how q, k and v are computed from the one [d, 3d] kernel: 'fused' (one
+  product, then q, k, v cut from it) or 'split' (three products with the kernel's column
+  blocks, so q, k and v come out as separate arrays and their gradients need no concatenation).
+  Same parameters and the same function; which is faster depends on the device.
+  """
   num_heads: int
   qkv_bias: str = "qkv"
   kernel_init: Callable = xavier_uniform
@@ -231,23 +237,40 @@ class Attention(nn.Module):
   attn_pad: int = -1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  qkv_proj: str = "fused"
 
   @nn.compact
   def __call__(self, x, bias=None, valid_len=None):
     b, n, d = x.shape
     h = self.num_heads
     w = self.param("qkv_kernel", self.kernel_init, (d, 3 * d), self.param_dtype)
-    qkv = jnp.einsum("bnd,de->bne", x.astype(self.dtype), w.astype(self.dtype))
     if self.qkv_bias == "qkv":
-      qkv = qkv + self.param("qkv_bias", nn.initializers.zeros, (3 * d,), self.param_dtype).astype(self.dtype)
+      qkv_b = self.param("qkv_bias", nn.initializers.zeros, (3 * d,), self.param_dtype).astype(self.dtype)
     elif self.qkv_bias == "qv":
       qb = self.param("q_bias", nn.initializers.zeros, (d,), self.param_dtype)
       vb = self.param("v_bias", nn.initializers.zeros, (d,), self.param_dtype)
-      qkv = qkv + jnp.concatenate([qb, jnp.zeros_like(vb), vb]).astype(self.dtype)
-    elif self.qkv_bias != "none":
+      qkv_b = jnp.concatenate([qb, jnp.zeros_like(vb), vb]).astype(self.dtype)
+    elif self.qkv_bias == "none":
+      qkv_b = None
+    else:
       raise ValueError(f"qkv_bias must be 'qkv', 'qv' or 'none', got {self.qkv_bias!r}")
-    q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [b, n, h, hd]
+    xd, wd = x.astype(self.dtype), w.astype(self.dtype)
+    if self.qkv_proj == "fused":
+      qkv = jnp.einsum("bnd,de->bne", xd, wd)
+      if qkv_b is not None:
+        qkv = qkv + qkv_b
+      q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)
+      q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [b, n, h, hd]
+    elif self.qkv_proj == "split":
+      parts = []
+      for i in range(3):
+        t = jnp.einsum("bnd,de->bne", xd, wd[:, i * d:(i + 1) * d])
+        if qkv_b is not None and not (self.qkv_bias == "qv" and i == 1):
+          t = t + qkv_b[i * d:(i + 1) * d]
+        parts.append(t.reshape(b, n, h, d // h))
+      q, k, v = parts
+    else:
+      raise ValueError(f"qkv_proj must be 'fused' or 'split', got {self.qkv_proj!r}")
     if bias is not None:
       bias = bias.astype(self.dtype)
     if self.is_mutable_collection("intermediates"):
@@ -300,6 +323,7 @@ class Block(nn.Module):
   attn_pad: int = -1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  qkv_proj: str = "fused"
 
   def _drop_path(self, x, deterministic):
     if deterministic or self.drop_path == 0.0:
@@ -320,7 +344,7 @@ class Block(nn.Module):
       kinit = rinit = xavier_uniform
     y = layer_norm("norm1", self.param_dtype)(x)
     y = Attention(self.num_heads, self.qkv_bias, kinit, rinit, self.attn_impl, self.attn_pad,
-                  self.dtype, self.param_dtype, name="attn")(y, bias, valid_len)
+                  self.dtype, self.param_dtype, self.qkv_proj, name="attn")(y, bias, valid_len)
     if self.init_values is not None:
       y = y * self.param("gamma_1", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
     x = x + self._drop_path(y, deterministic).astype(x.dtype)
@@ -346,6 +370,7 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attn_pad: int = -1
+  qkv_proj: str = "fused"
 
   @nn.compact
   def __call__(self, x, bias=None, deterministic=True):
@@ -368,7 +393,7 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_ratio, self.qkv_bias, self.init_values, float(rates[i]),
                     self.init_style, i + 1, self.attn_impl, self.attn_pad, self.dtype,
-                    self.param_dtype, name=f"block{i:02d}")(x, bias, deterministic, valid_len)
+                    self.param_dtype, self.qkv_proj, name=f"block{i:02d}")(x, bias, deterministic, valid_len)
       # Every block's output, for per-layer probes and CKA (only when intermediates are asked).
       if self.is_mutable_collection("intermediates"):
         self.sow("intermediates", "block_outputs", x[:, :n])
@@ -441,6 +466,7 @@ class ViT(nn.Module):
   attn_pad: int = -1                     # -1: 2 with cuDNN, none otherwise (see `attention`)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  qkv_proj: str = "fused"                # 'fused' or 'split' (see `Attention`)
 
   @property
   def grid(self) -> int:
@@ -496,7 +522,7 @@ class ViT(nn.Module):
       raise ValueError(f"rel_pos_bias must be 'none' or 'shared', got {self.rel_pos_bias!r}")
     return Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, self.init_style,
                    self.remat, self.attn_impl, True, self.dtype, self.param_dtype,
-                   self.attn_pad, name="encoder")(x, bias, deterministic)
+                   self.attn_pad, self.qkv_proj, name="encoder")(x, bias, deterministic)
 
 
 def pool(tokens: jax.Array, pooling: str) -> jax.Array:
@@ -526,6 +552,7 @@ def vit_from_config(model_cfg, image_size: int, **overrides) -> ViT:
       attn_pad=model_cfg.get("attn_pad", -1),
       dtype=jnp.dtype(model_cfg.get("dtype", "float32")),
       param_dtype=jnp.dtype(model_cfg.get("param_dtype", "float32")),
+      qkv_proj=model_cfg.get("qkv_proj", "fused"),
   )
   kw.update(overrides)
   return ViT(**kw)
