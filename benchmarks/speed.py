@@ -354,9 +354,11 @@ def hlo_kernel_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
 def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "", hlo_path: str = "") -> None:
   """Prints device time per kernel name (and per kind) from the perfetto trace, with the
   launches per step and, given the compiled HLO (`hlo_path`), the ops each kernel computes and
-  the time per op path (block numbers merged)."""
+  the time per op path (block numbers merged). An event is matched to its HLO instruction by
+  its `hlo_op` argument where the trace has one (library kernels such as GEMMs too), else by
+  the kernel's name (XLA's own fusions)."""
   import gzip
-  from collections import defaultdict
+  from collections import Counter, defaultdict
   paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz")) + sorted(
       pathlib.Path(profile_dir).rglob("perfetto_trace.json.gz"))
   if not paths:
@@ -364,6 +366,7 @@ def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "", hlo_pat
     return
   with gzip.open(paths[-1]) as f:
     trace = json.load(f)
+  ops = hlo_kernel_ops(pathlib.Path(hlo_path).read_text()) if hlo_path and os.path.exists(hlo_path) else {}
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   pids = {}
   for e in events:
@@ -371,6 +374,7 @@ def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "", hlo_pat
       pids[e["pid"]] = e["args"]["name"]
   gpu_pids = {p for p, name in pids.items() if "/device:GPU" in name or "GPU" in name}
   by_name, by_kind, launches = defaultdict(float), defaultdict(float), defaultdict(int)
+  by_path, name_paths = defaultdict(float), defaultdict(Counter)
   total = 0.0
   for e in events:
     if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
@@ -378,6 +382,11 @@ def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "", hlo_pat
     name, dur = e.get("name", "?"), float(e.get("dur", 0))
     by_name[name] += dur
     launches[name] += 1
+    hlo_op = (e.get("args") or {}).get("hlo_op")
+    op = ops.get(re.sub(r"[.\-]", "_", hlo_op) if hlo_op else name)
+    if op:
+      by_path[re.sub(r"block\d+", "block*", op[0])] += dur
+      name_paths[name][f"{op[0]} {op[1]}"] += dur
     low = name.lower()
     kind = ("attention" if any(w in low for w in ("fmha", "flash", "cudnn", "attn", "sdpa"))
             else "matmul" if any(w in low for w in ("gemm", "xmma", "cutlass", "nvjet", "dot",
@@ -388,24 +397,21 @@ def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "", hlo_pat
   print(f"profile {paths[-1]}: {total / 1e3:.1f} ms of device time over 5 steps")
   for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
     print(f"  {k:22s} {v / 1e3:9.1f} ms  {100 * v / max(total, 1):5.1f}%")
-  ops = hlo_kernel_ops(pathlib.Path(hlo_path).read_text()) if hlo_path and os.path.exists(hlo_path) else {}
   for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
-    path, shape = ops.get(k, ("", ""))
-    where = f"  <- {path} {shape}" if path else ""
+    where = ""
+    if name_paths[k]:
+      (first, _), *rest = name_paths[k].most_common()
+      where = f"  <- {first}" + (f" (+{len(rest)} other ops)" if rest else "")
     print(f"  {100 * v / max(total, 1):5.1f}%  {v / 5e3:8.2f} ms/step  {launches[k] / 5:5.0f}x  "
           f"{k[:80]}{where}")
-  by_path = defaultdict(float)
-  for k, v in by_name.items():
-    if k in ops:
-      by_path[re.sub(r"block\d+", "block*", ops[k][0])] += v
   if by_path:
-    print("  time per op path (kernels named in the HLO; the rest are library kernels):")
+    print("  time per op path (block numbers merged; kernels not found in the HLO left out):")
     for k, v in sorted(by_path.items(), key=lambda kv: -kv[1])[:top]:
       print(f"  {100 * v / max(total, 1):5.1f}%  {v / 5e3:8.2f} ms/step  {k[:150]}")
   if out_json:
     pathlib.Path(out_json).write_text(json.dumps(
         {"total_us": total, "by_kind": by_kind, "by_name": by_name, "launches": launches,
-         "ops": {k: ops[k] for k in by_name if k in ops}, "by_path": by_path}, indent=0))
+         "name_paths": name_paths, "by_path": by_path}, indent=0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 
 import pytest
 
@@ -85,19 +86,26 @@ def test_profile_summary_names_each_kernels_ops(speed, tmp_path, capsys):
             {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}}]
   for name, dur, per_step in ((k0, 30.0, 2), (k1, 20.0, 1), (kopt, 50.0, 1), ("nvjet_gemm", 150.0, 1)):
     events += [{"ph": "X", "pid": 7, "name": name, "dur": dur}] * (5 * per_step)
+  # A library kernel carrying its HLO instruction (as GPU traces do for GEMMs): a dot's path.
+  kdot = first("bwd MAEDecoder/blocks/block00/mlp/fc1/")
+  raw = {re.sub(r"[.\-]", "_", n): n for n in re.findall(r"%([\w.\-]+)\s*=", dump.read_text())}
+  events += [{"ph": "X", "pid": 7, "name": "nvjet_gemm2", "dur": 40.0, "args": {"hlo_op": raw[kdot]}}] * 5
   events.append({"ph": "X", "pid": 1, "name": k0, "dur": 1e6})      # host events are not counted
   (tmp_path / "prof").mkdir()
   with gzip.open(tmp_path / "prof" / "perfetto_trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)
   speed.summarize_trace(str(tmp_path / "prof"), 10, str(tmp_path / "summary.json"), str(dump))
   out = capsys.readouterr().out
-  assert "1.4 ms of device time" in out                             # 5 x (60 + 20 + 50 + 150) us
+  assert "1.6 ms of device time" in out                             # 5 x (60 + 20 + 50 + 150 + 40) us
   line0 = next(line for line in out.splitlines() if f" {k0}  <- " in line)
   assert "0.06 ms/step      2x" in line0 and "fwd ViT/encoder/block00/norm1/" in line0
   summary = json.loads((tmp_path / "summary.json").read_text())
   merged = fusions[k0][0].replace("block00", "block*")
   assert summary["by_path"][merged] == pytest.approx(5 * 60.0 + 5 * 20.0)
-  assert summary["launches"]["nvjet_gemm"] == 5 and "nvjet_gemm" not in summary["ops"]
+  assert summary["launches"]["nvjet_gemm"] == 5 and not summary["name_paths"].get("nvjet_gemm")
+  (path2,) = summary["name_paths"]["nvjet_gemm2"]
+  assert path2.startswith("bwd MAEDecoder/blocks/block00/mlp/fc1/")
+  assert summary["by_path"][fusions[kdot][0].replace("block00", "block*")] >= 5 * 40.0
 
 
 def test_variants_set_config_keys_and_environment(speed, capsys, monkeypatch):
