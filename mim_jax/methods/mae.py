@@ -35,11 +35,12 @@ class MAEDecoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   qkv_proj: str = "fused"
+  residual_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, latent, restore_ids):
     """latent [B, 1+K, D] (cls first), restore_ids [B, L] -> predictions [B, L, p*p*3]."""
-    x = decoder_input(self, latent, restore_ids)
+    x = decoder_input(self, latent, restore_ids).astype(self.residual_dtype)
     x = vit.Encoder(self.depth, self.heads, remat=self.remat, attn_impl=self.attn_impl,
                     attn_pad=self.attn_pad, dtype=self.dtype, param_dtype=self.param_dtype,
                     qkv_proj=self.qkv_proj, name="blocks")(x)
@@ -92,7 +93,8 @@ class MAE(Method):
                               c.decoder.heads, m.get("remat", False), m.get("attn_impl", "") or None,
                               m.get("attn_pad", -1), jnp.dtype(m.get("dtype", "float32")),
                               jnp.dtype(m.get("param_dtype", "float32")),
-                              m.get("qkv_proj", "fused"))
+                              m.get("qkv_proj", "fused"),
+                              jnp.dtype(m.get("residual_dtype", "float32")))
 
   def init(self, rng, images):
     r1, r2, r3 = jax.random.split(rng, 3)

@@ -467,6 +467,9 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   qkv_proj: str = "fused"                # 'fused' or 'split' (see `Attention`)
+  # The residual stream's dtype inside the blocks. float32 (the default) matches PyTorch
+  # autocast; bfloat16 halves the stream's memory traffic and rounds every residual add.
+  residual_dtype: Dtype = jnp.float32
 
   @property
   def grid(self) -> int:
@@ -522,7 +525,8 @@ class ViT(nn.Module):
       raise ValueError(f"rel_pos_bias must be 'none' or 'shared', got {self.rel_pos_bias!r}")
     return Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, self.init_style,
                    self.remat, self.attn_impl, True, self.dtype, self.param_dtype,
-                   self.attn_pad, self.qkv_proj, name="encoder")(x, bias, deterministic)
+                   self.attn_pad, self.qkv_proj, name="encoder")(
+                       x.astype(self.residual_dtype), bias, deterministic)
 
 
 def pool(tokens: jax.Array, pooling: str) -> jax.Array:
@@ -553,6 +557,7 @@ def vit_from_config(model_cfg, image_size: int, **overrides) -> ViT:
       dtype=jnp.dtype(model_cfg.get("dtype", "float32")),
       param_dtype=jnp.dtype(model_cfg.get("param_dtype", "float32")),
       qkv_proj=model_cfg.get("qkv_proj", "fused"),
+      residual_dtype=jnp.dtype(model_cfg.get("residual_dtype", "float32")),
   )
   kw.update(overrides)
   return ViT(**kw)
