@@ -487,7 +487,8 @@ class ViT(nn.Module):
     x = PatchEmbed(self.patch_size, width,
                    kernel_init=trunc_normal(0.02, cutoff=1.0) if beit else xavier_uniform,
                    dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
-    # The residual stream stays float32 (as under torch autocast); blocks compute in `dtype`.
+    # Embeddings are summed in float32; the blocks carry the residual stream in `residual_dtype`
+    # (float32 by default, as under torch autocast) and compute in `dtype`.
     x = x.astype(jnp.float32)
     b, n, _ = x.shape
     if n != self.grid ** 2:
