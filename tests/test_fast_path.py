@@ -133,8 +133,10 @@ def test_encoder_pads_once_and_equals_unpadded(remat, with_bias):
   for pad in (0, 4):
     enc = enc0.clone(attn_pad=pad)
     f = lambda p, x, b: jnp.sum(enc.apply({"params": p}, x, b) * w)  # noqa: E731
-    outs[pad], grads[pad] = jax.value_and_grad(f, argnums=(0, 1, 2) if with_bias else (0, 1))(params, x, bias)
-    _, inters[pad] = enc.apply({"params": params}, x, bias, mutable=["intermediates"])
+    outs[pad], grads[pad] = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2) if with_bias else (0, 1)))(
+        params, x, bias)
+    _, inters[pad] = jax.jit(lambda p, x, b: enc.apply({"params": p}, x, b, mutable=["intermediates"]))(
+        params, x, bias)
     if pad:
       jaxpr = jax.make_jaxpr(lambda p, x, b: enc.apply({"params": p}, x, b))(params, x, bias)
       assert _count_primitive(jaxpr.jaxpr, "pad") == (2 if with_bias else 1)  # x (and the bias), once
