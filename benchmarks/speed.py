@@ -238,7 +238,9 @@ def worker_jax(args) -> None:
   state, metrics, times = _time_steps(compiled, state, batches, args.steps, args.repeats)
   step_s = float(np.median(times))
   stats = jax.devices()[0].memory_stats() or {}
-  row = {"kind": "jax", "impl": "mim_jax", **case, "case": case, "step_s": step_s, "img_s": batch / step_s,
+  # The table's remat and padding columns say what ran, a --variant's overrides included.
+  row = {"kind": "jax", "impl": "mim_jax", **case, "case": case, "remat": bool(config.model.remat),
+         "attn_pad": int(config.model.attn_pad), "step_s": step_s, "img_s": batch / step_s,
          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
          "limit_gib": stats.get("bytes_limit", 0) / 2**30, "compile_s": compile_s,
          "loss": float(metrics["loss"]), "spread": (max(times) - min(times)) / step_s}
@@ -483,16 +485,17 @@ def table(rows: list[dict], peak: float) -> str:
       impl, dtype, attn, remat = r["impl"], "bf16 autocast", "SDPA", False
       model_name = {"base": "mae_b", "large": "mae_l", "huge": "mae_h"}[variant]
     model = model_label(model_name)
+    size = r.get("image_size", 224)
     if "img_s" not in r:
-      lines.append(f"| {impl} | {method} | {model} | {r.get('batch')} | 224 | {dtype} | {attn} | "
+      lines.append(f"| {impl} | {method} | {model} | {r.get('batch')} | {size} | {dtype} | {attn} | "
                    f"{remat} | {r.get('error', 'failed')} | | | | | | |")
       continue
-    mfu = train_flops(model_name) * r["img_s"] / (peak * 1e12) if peak else float("nan")
+    mfu = train_flops(model_name, size) * r["img_s"] / (peak * 1e12) if peak else float("nan")
     ratios = []
     for compiled in (False, True):
       base = ref.get((variant, r["batch"], compiled))
       ratios.append(f"{r['img_s'] / base:.2f}x" if base and r["kind"] == "jax" and method == "mae" else "")
-    lines.append(f"| {impl} | {method} | {model} | {r['batch']} | 224 | {dtype} | {attn} | {remat} | "
+    lines.append(f"| {impl} | {method} | {model} | {r['batch']} | {size} | {dtype} | {attn} | {remat} | "
                  f"{r['img_s']:,.0f} | {1e3 * r['step_s']:.1f} | {100 * mfu:.1f}% | "
                  f"{r['peak_gib']:.1f} | {r.get('max_batch_pred', '')} | {ratios[0]} | {ratios[1]} |")
   return "\n".join(lines)

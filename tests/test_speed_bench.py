@@ -109,13 +109,13 @@ def test_profile_summary_names_each_kernels_ops(speed, tmp_path, capsys):
 
 
 def test_variants_set_config_keys_and_environment(speed, capsys, monkeypatch):
-  v = speed.parse_variant("pad4: model.attn_pad=4; XLA_FLAGS=--xla_a=true --xla_b=1")
-  assert v == {"variant": "pad4", "overrides": {"model.attn_pad": "4"},
+  v = speed.parse_variant("pad4: model.attn_pad=4; XLA_FLAGS=--xla_a=true --xla_b=1; model.remat=true")
+  assert v == {"variant": "pad4", "overrides": {"model.attn_pad": "4", "model.remat": "true"},
                "env": {"XLA_FLAGS": "--xla_a=true --xla_b=1"}}
   c = speed.case_config({**CASE, **v})
-  assert c.model.attn_pad == 4 and c.model.depth == 2
-  speed.set_config_value(c, "model.remat", "true")
-  assert c.model.remat is True
+  assert c.model.attn_pad == 4 and c.model.depth == 2 and c.model.remat is True
+  speed.set_config_value(c, "model.remat", "False")
+  assert c.model.remat is False
   for bad in ("no colon", "x: model.attn_pad", "x: lower=1"):
     with pytest.raises(SystemExit, match="--variant"):
       speed.parse_variant(bad)
@@ -135,4 +135,6 @@ def test_variants_set_config_keys_and_environment(speed, capsys, monkeypatch):
     speed.worker_jax(argparse.Namespace(case=json.dumps(case), steps=1, repeats=1, profile="", dump=""))
   plain, padded = _results(capsys.readouterr().out)
   assert padded["variant"] == "pad4" and padded["loss"] == pytest.approx(plain["loss"], rel=1e-5)
-  assert "| mim_jax (pad4) | mae | ViT-T/16 | 4 |" in speed.table([plain, padded], peak=0.0)
+  assert (plain["remat"], plain["attn_pad"]) == (False, -1) and (padded["remat"], padded["attn_pad"]) == (True, 4)
+  assert "| mim_jax (pad4) | mae | ViT-T/16 | 4 | 32 | float32 | xla (pad 4) | True |" in speed.table(
+      [plain, padded], peak=0.0)
