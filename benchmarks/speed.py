@@ -553,6 +553,9 @@ def main() -> None:
      "attention": worker_attention}[args.worker](args)
     return
 
+  unknown = set(filter(None, args.models.split(","))) - set(MODELS)
+  if unknown:
+    raise SystemExit(f"speed.py: unknown --models {sorted(unknown)}: use some of {list(MODELS)}")
   variants = [parse_variant(spec) for spec in args.variant]
   for variant in variants:      # unknown config keys fail here, before any device time
     case_config({"model": "mae_b", "batch": 8, **variant})
