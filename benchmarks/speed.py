@@ -4,7 +4,9 @@ r"""Training speed on one GPU: mim_jax beside the PyTorch reference MAE, in one 
   python benchmarks/speed.py --group base         # MAE ViT-B + SimMIM ViT-B + the torch MAE-B
   python benchmarks/speed.py --group large        # MAE ViT-L, ViT-H/14, the torch MAE-L
 
-Each case runs in its own process (a clean device and its own peak-memory count) and prints
+Each case runs in its own process (a clean device and its own peak-memory count; the
+processes share one JAX compilation cache, `JAX_COMPILATION_CACHE_DIR` or a temporary folder,
+so a step compiled twice is compiled once) and prints
 a `RESULT {json}` line; the parent prints the table: method, model, batch, image size, dtype,
 images/s, step time, MFU, peak memory, and mim_jax / reference ratios. The mim_jax rows time
 the trainer's own jitted step (`mim_jax.train.build_state_and_step`: augmentation-free
@@ -419,6 +421,19 @@ def summarize_trace(profile_dir: str, top: int = 30, out_json: str = "", hlo_pat
 # ---------------------------------------------------------------------------------------------
 # The parent: runs the cases, prints the table.
 
+_CACHE_DIR: list[str] = []
+
+
+def _compile_cache_dir() -> str:
+  """One persistent compilation cache shared by this run's case processes (unless the caller
+  set JAX_COMPILATION_CACHE_DIR): a step compiled again, e.g. the end-to-end case's step
+  after the step-alone case, is read back instead of compiled (over a minute for MAE-B)."""
+  if not _CACHE_DIR:
+    import tempfile
+    _CACHE_DIR.append(os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="speed_jax_cache_"))
+  return _CACHE_DIR[0]
+
+
 def spawn(worker: str, case: dict | None, args, extra: list[str] | None = None) -> list[dict]:
   cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", worker,
          "--steps", str(args.steps), "--repeats", str(args.repeats)]
@@ -426,7 +441,8 @@ def spawn(worker: str, case: dict | None, args, extra: list[str] | None = None) 
     cmd += ["--case", json.dumps(case)]
   cmd += extra or []
   env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
-      "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94"), **(case or {}).get("env", {}))
+      "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94"), JAX_COMPILATION_CACHE_DIR=_compile_cache_dir(),
+      **(case or {}).get("env", {}))
   t = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
   rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -5,6 +5,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import re
 
@@ -127,8 +128,16 @@ def test_variants_set_config_keys_and_environment(speed, capsys, monkeypatch):
     seen.update(env)
     return argparse.Namespace(returncode=0, stdout='RESULT {"kind": "jax"}\n', stderr="")
   monkeypatch.setattr(speed.subprocess, "run", fake_run)
+  monkeypatch.setattr(speed, "_CACHE_DIR", [])
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   speed.spawn("jax", {**CASE, **v}, argparse.Namespace(steps=1, repeats=1))
   assert seen["XLA_FLAGS"] == "--xla_a=true --xla_b=1"
+  cache = seen["JAX_COMPILATION_CACHE_DIR"]                # one compile cache for the run's cases
+  seen.clear()
+  speed.spawn("jax", CASE, argparse.Namespace(steps=1, repeats=1))
+  assert seen["JAX_COMPILATION_CACHE_DIR"] == cache and os.path.isdir(cache)
+  os.rmdir(cache)
+  assert seen.get("XLA_FLAGS") == os.environ.get("XLA_FLAGS")   # the variant's flags stay with it
   # A variant row times the same function: 5 tokens padded once to 8 give the same loss.
   capsys.readouterr()
   for case in (CASE, {**CASE, **v}):
