@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
       attn_pad=-1,                  # pad tokens in attention to a multiple; -1: 2 for cudnn
       qkv_proj="fused",             # q, k, v from one product ('fused') or three ('split')
       residual_dtype="float32",     # the blocks' residual stream; 'bfloat16' rounds each add
+      layer_norm="flax",            # the blocks' LayerNorms: 'flax' or 'recompute' (less saved)
       dtype="float32",              # compute dtype: 'bfloat16' on accelerators
       param_dtype="float32",
   ))

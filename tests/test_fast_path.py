@@ -212,3 +212,61 @@ def test_bfloat16_residual_stream(method):
                                mutable=["intermediates"])
     (out,) = inter["intermediates"]["blocks"]["block_outputs"]
     assert out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_recompute_layer_norm_equals_flax(dtype):
+  """vit.layer_norm(impl='recompute') is nn.LayerNorm's function (forward bit for bit, with
+  constant and zero rows) and gradients, and keeps one array of x's size for the backward
+  pass where autodiff of nn.LayerNorm keeps three."""
+  from jax._src.ad_checkpoint import saved_residuals
+  x = (jax.random.normal(jax.random.PRNGKey(0), (3, 7, 16)) * 3 + 1).astype(dtype)
+  x = x.at[0, 0].set(2.5).at[0, 1].set(0.0)                 # a constant row, a zero row
+  w = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  outs, grads, kept = {}, {}, {}
+  for impl in ("flax", "recompute", "reference"):
+    ln = vit.layer_norm("norm", jnp.float32, impl="flax" if impl == "reference" else impl)
+    params = ln.init(jax.random.PRNGKey(1), x)
+    params = jax.tree.map(lambda t: t + 0.1 * jax.random.normal(jax.random.PRNGKey(2), t.shape), params)
+    f = lambda p, x: jnp.sum(ln.apply(p, x) * w)  # noqa: E731
+    xi = x.astype(jnp.float32) if impl == "reference" else x    # the float32 gradient
+    outs[impl] = ln.apply(params, xi)
+    grads[impl] = jax.grad(f, argnums=(0, 1))(params, xi)
+    kept[impl] = sum(r[0].shape == x.shape for r in saved_residuals(f, params, xi))
+  assert outs["recompute"].dtype == outs["flax"].dtype == jnp.float32
+  np.testing.assert_array_equal(outs["recompute"], outs["flax"])
+  assert jax.tree.structure(grads["recompute"]) == jax.tree.structure(grads["flax"])
+  errors = {}
+  for impl in ("flax", "recompute"):
+    for a, b in zip(jax.tree.leaves(grads[impl]), jax.tree.leaves(grads["reference"])):
+      assert a.dtype == (b.dtype if a.shape != x.shape else dtype)
+    dx, ref = np.asarray(grads[impl][1], np.float32), np.asarray(grads["reference"][1])
+    errors[impl] = float(np.max(np.abs(dx - ref))) / float(np.max(np.abs(ref)))  # the constant
+    # row's rstd is 1000 (var 0, eps 1e-6), so its gradient is large: errors relative to the max
+    np.testing.assert_allclose(jax.tree.leaves(grads[impl][0]), jax.tree.leaves(grads["reference"][0]),
+                               rtol=1e-5, atol=1e-5)
+  if dtype == jnp.float32:
+    assert errors["recompute"] < 1e-6 and errors["flax"] < 1e-6
+  else:
+    # One rounding of the float32 gradient to bfloat16. Autodiff of nn.LayerNorm rounds the
+    # direct and the statistics' paths to bfloat16 apart and sums them (largest error 0.40% of
+    # the largest gradient here); the custom VJP sums in float32 and rounds once (0.28%).
+    ref = np.asarray(grads["reference"][1])
+    np.testing.assert_allclose(np.asarray(grads["recompute"][1], np.float32), ref,
+                               rtol=2 ** -8, atol=1e-6 * np.max(np.abs(ref)))
+    assert errors["recompute"] < errors["flax"]
+  assert kept["flax"] - kept["recompute"] == 2                 # 3 arrays -> 1 (x itself)
+  with pytest.raises(ValueError, match="'flax' or 'recompute'"):
+    vit.layer_norm("norm", jnp.float32, impl="other")
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_recompute_layer_norm_step_equals_flax(method):
+  images = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
+  flax_ln = tiny_config(method, **{"model.attn_impl": "xla"})
+  recompute = tiny_config(method, **{"model.attn_impl": "xla", "model.layer_norm": "recompute"})
+  loss_f, grads_f = _loss_and_grads(flax_ln, images)
+  loss_r, grads_r = _loss_and_grads(recompute, images)
+  np.testing.assert_allclose(loss_r, loss_f, rtol=1e-6)
+  assert jax.tree.structure(grads_r) == jax.tree.structure(grads_f)
+  assert _max_diff(grads_r, grads_f) < 1e-5

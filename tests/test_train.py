@@ -99,19 +99,20 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_checkpoint_resumes_across_execution_settings(tmp_path):
-  # Attention implementation, its padding, the qkv products, remat, compute and residual
-  # dtypes change how the model is computed, not its parameters: a run resumes (and evaluates) across them,
+  # Attention implementation, its padding, the qkv products, the LayerNorm's backward, remat,
+  # compute and residual dtypes change how the model is computed, not its parameters: a run resumes (and evaluates) across them,
   # including from a checkpoint written before such a key existed.
   c = tiny_config("mae", total_steps=2, ckpt_every=2)
   c.evals = {}
   del c.model["attn_pad"]
   del c.model["qkv_proj"]
   del c.model["residual_dtype"]
+  del c.model["layer_norm"]
   train.train_and_evaluate(c, str(tmp_path), progress=False)
   other = tiny_config("mae", total_steps=4, ckpt_every=2)
   other.evals = {}
   other.model.update(attn_impl="xla", attn_pad=2, remat=True, qkv_proj="split",
-                     residual_dtype="bfloat16")
+                     residual_dtype="bfloat16", layer_norm="recompute")
   summary = train.train_and_evaluate(other, str(tmp_path), progress=False)
   assert summary["step"] == 4
 

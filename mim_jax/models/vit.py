@@ -305,9 +305,72 @@ class Mlp(nn.Module):
                     kernel_init=self.fc2_init, name="fc2")(x)
 
 
-def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-  # eps 1e-6 as in MAE (partial(nn.LayerNorm, eps=1e-6)) and SimMIM's ViT.
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_recompute(x, scale, bias, eps):
+  """Flax's LayerNorm arithmetic (float32 statistics, Var = E[x^2] - E[x]^2 clipped at 0,
+  (x - mean) * (rsqrt(var + eps) * scale) + bias), with a custom VJP that keeps only x and two
+  numbers per row for the backward pass and recomputes the normalised x there. Autodiff of
+  the formula keeps three float32 arrays of x's size per LayerNorm (x - mean, the broadcast
+  rsqrt * scale, and a product for the variance); the backward is the standard
+  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * scale.
+  """
+  return _ln_fwd(x, scale, bias, eps)[0]
+
+
+def _ln_stats(xf, eps):
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  mean2 = jnp.mean(jax.lax.square(xf), axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, mean2 - jax.lax.square(mean))
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+def _ln_fwd(x, scale, bias, eps):
+  xf = x.astype(jnp.float32)
+  mean, rstd = _ln_stats(xf, eps)
+  y = (xf - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+  return y, (x, mean, rstd, scale, bias)
+
+
+def _ln_bwd(eps, res, dy):
+  x, mean, rstd, scale, bias = res
+  dy = dy.astype(jnp.float32)
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  rows = tuple(range(x.ndim - 1))
+  g = dy * scale.astype(jnp.float32)
+  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+               - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  return (dx.astype(x.dtype), jnp.sum(dy * xhat, axis=rows).astype(scale.dtype),
+          jnp.sum(dy, axis=rows).astype(bias.dtype))
+
+
+layer_norm_recompute.defvjp(_ln_fwd, _ln_bwd)
+
+
+class RecomputeLayerNorm(nn.Module):
+  """nn.LayerNorm's parameters ('scale' ones, 'bias' zeros) and output (float32), computed by
+  `layer_norm_recompute`: the same function, with a backward pass that saves less."""
+  epsilon: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+    return layer_norm_recompute(x, scale, bias, self.epsilon)
+
+
+def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32, impl: str = "flax") -> nn.Module:
+  """The ViTs' LayerNorm: eps 1e-6 as in MAE (partial(nn.LayerNorm, eps=1e-6)) and SimMIM's
+  ViT, statistics and output in float32. `impl` 'flax' is nn.LayerNorm; 'recompute' is
+  `RecomputeLayerNorm` (the same function; see `layer_norm_recompute`)."""
+  if impl == "flax":
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
+  if impl == "recompute":
+    if jnp.dtype(dtype) != jnp.float32:
+      raise ValueError("layer_norm impl 'recompute' computes in float32 only")
+    return RecomputeLayerNorm(1e-6, param_dtype, name=name)
+  raise ValueError(f"layer_norm must be 'flax' or 'recompute', got {impl!r}")
 
 
 class Block(nn.Module):
@@ -324,6 +387,7 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   qkv_proj: str = "fused"
+  ln_impl: str = "flax"              # see `layer_norm`
 
   def _drop_path(self, x, deterministic):
     if deterministic or self.drop_path == 0.0:
@@ -342,13 +406,13 @@ class Block(nn.Module):
       rinit = lambda k, s, t=jnp.float32: kinit(k, s, t) * scale  # noqa: E731
     else:
       kinit = rinit = xavier_uniform
-    y = layer_norm("norm1", self.param_dtype)(x)
+    y = layer_norm("norm1", self.param_dtype, impl=self.ln_impl)(x)
     y = Attention(self.num_heads, self.qkv_bias, kinit, rinit, self.attn_impl, self.attn_pad,
                   self.dtype, self.param_dtype, self.qkv_proj, name="attn")(y, bias, valid_len)
     if self.init_values is not None:
       y = y * self.param("gamma_1", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
     x = x + self._drop_path(y, deterministic).astype(x.dtype)
-    y = layer_norm("norm2", self.param_dtype)(x)
+    y = layer_norm("norm2", self.param_dtype, impl=self.ln_impl)(x)
     y = Mlp(int(d * self.mlp_ratio), kinit, rinit, self.dtype, self.param_dtype, name="mlp")(y)
     if self.init_values is not None:
       y = y * self.param("gamma_2", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
@@ -371,6 +435,7 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   attn_pad: int = -1
   qkv_proj: str = "fused"
+  ln_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x, bias=None, deterministic=True):
@@ -393,13 +458,14 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.num_heads, self.mlp_ratio, self.qkv_bias, self.init_values, float(rates[i]),
                     self.init_style, i + 1, self.attn_impl, self.attn_pad, self.dtype,
-                    self.param_dtype, self.qkv_proj, name=f"block{i:02d}")(x, bias, deterministic, valid_len)
+                    self.param_dtype, self.qkv_proj, self.ln_impl,
+                    name=f"block{i:02d}")(x, bias, deterministic, valid_len)
       # Every block's output, for per-layer probes and CKA (only when intermediates are asked).
       if self.is_mutable_collection("intermediates"):
         self.sow("intermediates", "block_outputs", x[:, :n])
     x = x[:, :n]
     if self.final_norm:
-      x = layer_norm("norm", self.param_dtype)(x)
+      x = layer_norm("norm", self.param_dtype, impl=self.ln_impl)(x)
     return x
 
 
@@ -470,6 +536,7 @@ class ViT(nn.Module):
   # The residual stream's dtype inside the blocks. float32 (the default) matches PyTorch
   # autocast; bfloat16 halves the stream's memory traffic and rounds every residual add.
   residual_dtype: Dtype = jnp.float32
+  ln_impl: str = "flax"                  # the blocks' LayerNorms: 'flax' or 'recompute'
 
   @property
   def grid(self) -> int:
@@ -526,7 +593,7 @@ class ViT(nn.Module):
       raise ValueError(f"rel_pos_bias must be 'none' or 'shared', got {self.rel_pos_bias!r}")
     return Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, self.init_style,
                    self.remat, self.attn_impl, True, self.dtype, self.param_dtype,
-                   self.attn_pad, self.qkv_proj, name="encoder")(
+                   self.attn_pad, self.qkv_proj, self.ln_impl, name="encoder")(
                        x.astype(self.residual_dtype), bias, deterministic)
 
 
@@ -559,6 +626,7 @@ def vit_from_config(model_cfg, image_size: int, **overrides) -> ViT:
       param_dtype=jnp.dtype(model_cfg.get("param_dtype", "float32")),
       qkv_proj=model_cfg.get("qkv_proj", "fused"),
       residual_dtype=jnp.dtype(model_cfg.get("residual_dtype", "float32")),
+      ln_impl=model_cfg.get("layer_norm", "flax"),
   )
   kw.update(overrides)
   return ViT(**kw)
