@@ -38,7 +38,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # How the model is computed, not what it is: a checkpoint resumes and evaluates across these
 # (a run started with XLA attention continues with cuDNN on a GPU; keys added later default).
 EXECUTION_KEYS = ("model.attn_impl", "model.attn_pad", "model.remat", "model.dtype",
-                  "model.qkv_proj", "model.residual_dtype", "model.layer_norm")
+                  "model.qkv_proj", "model.residual_dtype", "model.layer_norm", "model.remat_policy")
 
 
 def _jsonable(x):

@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
       init_style="xavier",
       drop_path=0.0,
       remat=False,
+      remat_policy="full",          # what remat keeps: 'full' (block inputs), 'dots_no_batch', 'dots'
       attn_impl="",                 # '' = JAX's choice, 'xla', 'cudnn'
       attn_pad=-1,                  # pad tokens in attention to a multiple; -1: 2 for cudnn
       qkv_proj="fused",             # q, k, v from one product ('fused') or three ('split')

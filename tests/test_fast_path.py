@@ -270,3 +270,26 @@ def test_recompute_layer_norm_step_equals_flax(method):
   np.testing.assert_allclose(loss_r, loss_f, rtol=1e-6)
   assert jax.tree.structure(grads_r) == jax.tree.structure(grads_f)
   assert _max_diff(grads_r, grads_f) < 1e-5
+
+
+def test_remat_policies_keep_more_and_compute_the_same():
+  """model.remat_policy: every policy gives the un-rematerialised outputs and gradients;
+  'full' keeps the least for the backward pass, 'dots_no_batch' adds the projection and MLP
+  matmul outputs, 'dots' every matmul's."""
+  from jax._src.ad_checkpoint import saved_residuals
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 16))
+  w = jax.random.normal(jax.random.PRNGKey(3), (2, 6, 16))
+  plain = vit.Encoder(2, 2, attn_impl="xla", dtype=jnp.bfloat16)
+  params = plain.init(jax.random.PRNGKey(0), x)["params"]
+  results, kept = {}, {}
+  for policy in (None, "full", "dots_no_batch", "dots"):
+    enc = plain if policy is None else plain.clone(remat=True, remat_policy=policy)
+    f = lambda p, x: jnp.sum(enc.apply({"params": p}, x) * w)  # noqa: E731
+    results[policy] = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
+    kept[policy] = sum(r[0].size for r in saved_residuals(f, params, x) if r[0].ndim >= 3)
+  for policy in ("full", "dots_no_batch", "dots"):
+    np.testing.assert_allclose(results[policy][0], results[None][0], rtol=1e-6)
+    assert _max_diff(results[policy][1], results[None][1]) < 1e-6
+  assert kept["full"] < kept["dots_no_batch"] < kept["dots"] <= kept[None]
+  with pytest.raises(ValueError, match="remat_policy must be one of"):
+    plain.clone(remat=True, remat_policy="some").init(jax.random.PRNGKey(0), x)

@@ -108,11 +108,12 @@ def test_checkpoint_resumes_across_execution_settings(tmp_path):
   del c.model["qkv_proj"]
   del c.model["residual_dtype"]
   del c.model["layer_norm"]
+  del c.model["remat_policy"]
   train.train_and_evaluate(c, str(tmp_path), progress=False)
   other = tiny_config("mae", total_steps=4, ckpt_every=2)
   other.evals = {}
   other.model.update(attn_impl="xla", attn_pad=2, remat=True, qkv_proj="split",
-                     residual_dtype="bfloat16", layer_norm="recompute")
+                     residual_dtype="bfloat16", layer_norm="recompute", remat_policy="dots_no_batch")
   summary = train.train_and_evaluate(other, str(tmp_path), progress=False)
   assert summary["step"] == 4
 

@@ -37,6 +37,7 @@ class MAEDecoder(nn.Module):
   qkv_proj: str = "fused"
   residual_dtype: jnp.dtype = jnp.float32
   ln_impl: str = "flax"
+  remat_policy: str = "full"
 
   @nn.compact
   def __call__(self, latent, restore_ids):
@@ -44,7 +45,8 @@ class MAEDecoder(nn.Module):
     x = decoder_input(self, latent, restore_ids).astype(self.residual_dtype)
     x = vit.Encoder(self.depth, self.heads, remat=self.remat, attn_impl=self.attn_impl,
                     attn_pad=self.attn_pad, dtype=self.dtype, param_dtype=self.param_dtype,
-                    qkv_proj=self.qkv_proj, ln_impl=self.ln_impl, name="blocks")(x)
+                    qkv_proj=self.qkv_proj, ln_impl=self.ln_impl, remat_policy=self.remat_policy,
+                    name="blocks")(x)
     x = nn.Dense(self.patch_size ** 2 * 3, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=vit.xavier_uniform, name="pred")(x)
     return x[:, 1:].astype(jnp.float32)
@@ -96,7 +98,7 @@ class MAE(Method):
                               jnp.dtype(m.get("param_dtype", "float32")),
                               m.get("qkv_proj", "fused"),
                               jnp.dtype(m.get("residual_dtype", "float32")),
-                              m.get("layer_norm", "flax"))
+                              m.get("layer_norm", "flax"), m.get("remat_policy", "full"))
 
   def init(self, rng, images):
     r1, r2, r3 = jax.random.split(rng, 3)

@@ -419,6 +419,17 @@ class Block(nn.Module):
     return x + self._drop_path(y, deterministic).astype(x.dtype)
 
 
+# Which values a rematerialised block keeps for the backward pass (model.remat_policy):
+# 'full' keeps only the block's input and recomputes the rest; 'dots_no_batch' also keeps the
+# outputs of the projection and MLP matmuls (recomputing LayerNorm, GELU and attention), 'dots'
+# every matmul's output. Less recomputation for more memory.
+REMAT_POLICIES = {
+    "full": None,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
+
+
 class Encoder(nn.Module):
   """A stack of `depth` blocks followed by a final LayerNorm (unless `final_norm=False`)."""
   depth: int
@@ -436,10 +447,14 @@ class Encoder(nn.Module):
   attn_pad: int = -1
   qkv_proj: str = "fused"
   ln_impl: str = "flax"
+  remat_policy: str = "full"         # with remat: see REMAT_POLICIES
 
   @nn.compact
   def __call__(self, x, bias=None, deterministic=True):
-    block_cls = nn.remat(Block, static_argnums=(3, 4)) if self.remat else Block
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {list(REMAT_POLICIES)}, got {self.remat_policy!r}")
+    block_cls = (nn.remat(Block, static_argnums=(3, 4), policy=REMAT_POLICIES[self.remat_policy])
+                 if self.remat else Block)
     rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
     # Where the attention needs a padded sequence (cuDNN: 197 -> 198), pad the tokens once
     # here rather than q, k and v in every block: the padded rows go through the blocks
@@ -537,6 +552,7 @@ class ViT(nn.Module):
   # autocast; bfloat16 halves the stream's memory traffic and rounds every residual add.
   residual_dtype: Dtype = jnp.float32
   ln_impl: str = "flax"                  # the blocks' LayerNorms: 'flax' or 'recompute'
+  remat_policy: str = "full"             # with remat: see REMAT_POLICIES
 
   @property
   def grid(self) -> int:
@@ -593,7 +609,7 @@ class ViT(nn.Module):
       raise ValueError(f"rel_pos_bias must be 'none' or 'shared', got {self.rel_pos_bias!r}")
     return Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, self.init_style,
                    self.remat, self.attn_impl, True, self.dtype, self.param_dtype,
-                   self.attn_pad, self.qkv_proj, self.ln_impl, name="encoder")(
+                   self.attn_pad, self.qkv_proj, self.ln_impl, self.remat_policy, name="encoder")(
                        x.astype(self.residual_dtype), bias, deterministic)
 
 
@@ -627,6 +643,7 @@ def vit_from_config(model_cfg, image_size: int, **overrides) -> ViT:
       qkv_proj=model_cfg.get("qkv_proj", "fused"),
       residual_dtype=jnp.dtype(model_cfg.get("residual_dtype", "float32")),
       ln_impl=model_cfg.get("layer_norm", "flax"),
+      remat_policy=model_cfg.get("remat_policy", "full"),
   )
   kw.update(overrides)
   return ViT(**kw)
