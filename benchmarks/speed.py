@@ -573,8 +573,12 @@ def main() -> None:
   if unknown:
     raise SystemExit(f"speed.py: unknown --models {sorted(unknown)}: use some of {list(MODELS)}")
   variants = [parse_variant(spec) for spec in args.variant]
-  for variant in variants:      # unknown config keys fail here, before any device time
-    case_config({"model": "mae_b", "batch": 8, **variant})
+  for variant in variants:      # unknown config keys and values fail here, before any device time
+    from mim_jax.models import vit
+    try:
+      vit.check_execution_options(case_config({"model": "mae_b", "batch": 8, **variant}).model)
+    except ValueError as e:
+      raise SystemExit(f"speed.py: --variant {variant['variant']!r}: {e}") from None
   print(f"# benchmarks/speed.py {' '.join(sys.argv[1:])}  ({time.strftime('%Y-%m-%d %H:%M')})", flush=True)
   rows = spawn("peak", None, args)
   peak = rows[0].get("tflops", 0.0)

@@ -22,6 +22,7 @@ import optax
 from absl import logging
 
 from mim_jax import checkpointing, methods, metric_writers, optim, sharding, teachers
+from mim_jax.models import vit
 
 PyTree = Any
 
@@ -232,6 +233,10 @@ class Trainer:
   def create(cls, config, *, devices=None) -> "Trainer":
     from mim_jax.data import pipeline
     jax.config.update("jax_threefry_partitionable", True)
+    try:
+      vit.check_execution_options(config.model)
+    except ValueError as e:
+      raise TrainingError(str(e)) from None
     method = methods.get(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(config.input.batch_size, mesh)

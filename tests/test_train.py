@@ -264,3 +264,15 @@ def test_device_resize_step_equals_host_resize_step(tmp_path, shared_cifar_dir):
     if canvas:
       assert tr._batch_spec["image"].shape[0] == 2  # pylint: disable=protected-access
   np.testing.assert_allclose(got[48], got[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("key, value", [("qkv_proj", "splitt"), ("layer_norm", "fast"),
+                                        ("remat_policy", "dots_saveable"), ("attn_impl", "flash"),
+                                        ("residual_dtype", "float16")])
+def test_unknown_execution_option_is_a_one_line_error(tmp_path, key, value):
+  c = tiny_config("mae")
+  c.model[key] = value
+  with pytest.raises(train.TrainingError, match=rf"^config\.model\.{key}='{value}': use one of '") as e:
+    train.train_and_evaluate(c, str(tmp_path), progress=False)
+  assert "\n" not in str(e.value)
+  assert not [f for _, _, files in os.walk(tmp_path) for f in files]   # nothing built, no file written

@@ -430,6 +430,25 @@ REMAT_POLICIES = {
 }
 
 
+# The config's execution options (model.<key>: how the model is computed, not what it is) and
+# their values, checked before a run builds anything (`check_execution_options`).
+EXECUTION_CHOICES = {
+    "attn_impl": ("", "xla", "cudnn"),
+    "qkv_proj": ("fused", "split"),
+    "layer_norm": ("flax", "recompute"),
+    "remat_policy": tuple(REMAT_POLICIES),
+    "residual_dtype": ("float32", "bfloat16"),
+}
+
+
+def check_execution_options(model_cfg) -> None:
+  """ValueError, one line naming the allowed values, for an unknown execution option value."""
+  for key, allowed in EXECUTION_CHOICES.items():
+    value = model_cfg.get(key, allowed[0])
+    if value not in allowed:
+      raise ValueError(f"config.model.{key}={value!r}: use one of {', '.join(map(repr, allowed))}")
+
+
 class Encoder(nn.Module):
   """A stack of `depth` blocks followed by a final LayerNorm (unless `final_norm=False`)."""
   depth: int
