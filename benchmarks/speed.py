@@ -147,12 +147,7 @@ def set_config_value(config, key: str, text: str) -> None:
   """config[key] = text parsed as a Python literal ('True', '64', '1e-3'; true/false too),
   else as a string; the key must exist (a typo would otherwise time the unchanged step)."""
   import ast
-  *parents, leaf = key.split(".")
-  node = config
-  for name in parents:
-    node = node.get(name) if hasattr(node, "get") else None
-  if node is None or leaf not in node:
-    raise SystemExit(f"speed.py: unknown config key {key!r} in --variant")
+  from mim_jax import config_lib
   low = text.strip().lower()
   if low in ("true", "false"):
     value = low == "true"
@@ -161,7 +156,10 @@ def set_config_value(config, key: str, text: str) -> None:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
-  node[leaf] = value
+  try:
+    config_lib.set_path(config, key, value)
+  except KeyError:
+    raise SystemExit(f"speed.py: unknown config key {key!r} in --variant") from None
 
 
 def parse_variant(spec: str) -> dict:

@@ -17,6 +17,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def set_path(config, key: str, value) -> None:
+  """config.<key> = value for a dotted key ('model.remat'). KeyError(key) when the config has
+  no such key, a missing parent included: an override never adds a key. A value of the wrong
+  type raises ConfigDict's TypeError."""
+  *parents, last = key.split(".")
+  node = config
+  try:
+    for name in parents:
+      node = node[name]
+    node[last]  # pylint: disable=pointless-statement
+  except (KeyError, AttributeError, TypeError):
+    raise KeyError(key) from None
+  node[last] = value
+
+
 def load(method: str, preset: str = "", config_dir: str = "") -> ml_collections.ConfigDict:
   """`configs/<method>.py`'s get_config(preset): what `--config=configs/<method>.py:<preset>`
   gives mim_jax.main (tools, benchmarks and converters build their runs from it). A missing

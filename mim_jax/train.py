@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mim_jax import checkpointing, methods, metric_writers, optim, sharding, teachers
+from mim_jax import checkpointing, config_lib, methods, metric_writers, optim, sharding, teachers
 from mim_jax.models import vit
 
 PyTree = Any
@@ -201,13 +201,10 @@ def load_run_config(workdir: str, overrides: Optional[dict] = None) -> ml_collec
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   for key, value in (overrides or {}).items():
-    node = config
-    *parents, last = key.split(".")
-    for name in parents:
-      node = node[name]
-    if last not in node:
-      raise TrainingError(f"unknown config key {key!r} in the overrides")
-    node[last] = value
+    try:
+      config_lib.set_path(config, key, value)
+    except KeyError:
+      raise TrainingError(f"unknown config key {key!r} in the overrides") from None
   return config
 
 

@@ -43,6 +43,19 @@ def test_config_lib_load_is_what_main_reads_and_a_missing_config_names_the_other
     config_lib.load("simmi")
 
 
+def test_set_path_sets_existing_dotted_keys_only():
+  c = load_config("mae")
+  config_lib.set_path(c, "model.remat", True)
+  config_lib.set_path(c, "seed", 3)
+  assert c.model.remat is True and c.seed == 3
+  for key in ("model.remmat", "modell.remat", "seed.x", "model.remat.x"):
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+      config_lib.set_path(c, key, 1)
+  with pytest.raises(TypeError):
+    config_lib.set_path(c, "model.remat_policy", 3)      # ConfigDict keeps a key's type
+  assert c.model.remat_policy == "full"
+
+
 def test_mae_imagenet_is_the_paper_recipe():
   c = load_config("mae", "imagenet")
   assert (c.input.image_size, c.model.patch_size, c.mae.mask_ratio, c.mae.norm_pix_loss) == (224, 16, 0.75, True)

@@ -118,6 +118,7 @@ def check_config(config, method: str, preset: str, linear: bool) -> None:
 def apply_overrides(config, extra: Sequence[str]) -> None:
   """Sets the ``--config.key=value`` flags of ``extra`` on ``config`` (values read as Python
   literals, else strings), as mim_jax.main will; a key the config lacks is an error."""
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
   for flag in extra:
     if not flag.startswith("--config.") or "=" not in flag:
       raise SweepError(f"--extra {flag!r}: only --config.key=value flags may follow --extra")
@@ -126,16 +127,10 @@ def apply_overrides(config, extra: Sequence[str]) -> None:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
-    node = config
-    *parents, last = key.split(".")
     try:
-      for name in parents:
-        node = node[name]
-      node[last]   # pylint: disable=pointless-statement
-    except (KeyError, AttributeError):
+      config_lib.set_path(config, key, value)
+    except KeyError:
       raise SweepError(f"--extra {flag!r}: the config has no key {key!r}") from None
-    try:
-      node[last] = value
     except TypeError as e:
       raise SweepError(f"--extra {flag!r}: {e}".splitlines()[0]) from None
 
