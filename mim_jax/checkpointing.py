@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mim_jax.models import vit
+
 PyTree = Any
 
 
@@ -37,8 +39,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # How the model is computed, not what it is: a checkpoint resumes and evaluates across these
 # (a run started with XLA attention continues with cuDNN on a GPU; keys added later default).
-EXECUTION_KEYS = ("model.attn_impl", "model.attn_pad", "model.remat", "model.dtype",
-                  "model.qkv_proj", "model.residual_dtype", "model.layer_norm", "model.remat_policy")
+EXECUTION_KEYS = tuple(f"model.{key}" for key in vit.EXECUTION_OPTIONS)
 
 
 def _jsonable(x):

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import tiny_config, resumed_losses, assert_same_losses, losses
 from mim_jax import checkpointing, methods, train
+from mim_jax.models import vit
 
 # Runs of one config (a resume test's three, the tests below sharing tiny_config('mae')) then
 # compile each program once.
@@ -276,3 +277,13 @@ def test_unknown_execution_option_is_a_one_line_error(tmp_path, key, value):
     train.train_and_evaluate(c, str(tmp_path), progress=False)
   assert "\n" not in str(e.value)
   assert not [f for _, _, files in os.walk(tmp_path) for f in files]   # nothing built, no file written
+
+
+def test_execution_options_accept_their_defaults_and_jax_choice():
+  c = tiny_config("mae")
+  for impl in ("", None, "xla", "cudnn"):        # '' and None both leave the choice to JAX
+    c.model.attn_impl = impl
+    vit.check_execution_options(c.model)
+  # Every execution option is one a checkpoint resumes across.
+  assert {f"model.{k}" for k in vit.EXECUTION_OPTIONS} == set(checkpointing.EXECUTION_KEYS)
+  assert set(vit.EXECUTION_OPTIONS) <= set(c.model)

@@ -430,15 +430,17 @@ REMAT_POLICIES = {
 }
 
 
-# The config's execution options (model.<key>: how the model is computed, not what it is) and
-# their values, checked before a run builds anything (`check_execution_options`).
+# The config's execution options (model.<key>: how the model is computed, not what it is; a
+# checkpoint resumes across them, checkpointing.EXECUTION_KEYS) and, for those with a fixed
+# set, their values, checked before a run builds anything (`check_execution_options`).
 EXECUTION_CHOICES = {
-    "attn_impl": ("", "xla", "cudnn"),
+    "attn_impl": ("", None, "xla", "cudnn"),     # '' or None: JAX's choice
     "qkv_proj": ("fused", "split"),
     "layer_norm": ("flax", "recompute"),
     "remat_policy": tuple(REMAT_POLICIES),
     "residual_dtype": ("float32", "bfloat16"),
 }
+EXECUTION_OPTIONS = ("attn_pad", "remat", "dtype", *EXECUTION_CHOICES)
 
 
 def check_execution_options(model_cfg) -> None:
