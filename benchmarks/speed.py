@@ -146,20 +146,15 @@ def case_config(case: dict):
 def set_config_value(config, key: str, text: str) -> None:
   """config[key] = text parsed as a Python literal ('True', '64', '1e-3'; true/false too),
   else as a string; the key must exist (a typo would otherwise time the unchanged step)."""
-  import ast
   from mim_jax import config_lib
   low = text.strip().lower()
-  if low in ("true", "false"):
-    value = low == "true"
-  else:
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
+  value = low == "true" if low in ("true", "false") else config_lib.parse_value(text)
   try:
     config_lib.set_path(config, key, value)
   except KeyError:
     raise SystemExit(f"speed.py: unknown config key {key!r} in --variant") from None
+  except TypeError as e:
+    raise SystemExit(f"speed.py: --variant {key}={text}: {e}".splitlines()[0]) from None
 
 
 def parse_variant(spec: str) -> dict:
@@ -256,7 +251,6 @@ def worker_e2e(args) -> None:
   (`sharding.host_to_global`). In one process: the step alone on one loader batch kept on the
   device, the loader alone, and the two together; the run is input-bound when together is
   more than 5% below the step alone."""
-  import jax
   import numpy as np
   from mim_jax import sharding
   from mim_jax.data import pipeline

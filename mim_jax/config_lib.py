@@ -32,6 +32,16 @@ def set_path(config, key: str, value) -> None:
   node[last] = value
 
 
+def parse_value(text: str):
+  """A command-line override's value: a Python literal ('64', '1e-3', 'True', '(0.2, 1.0)'),
+  else the text itself (a string value)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def load(method: str, preset: str = "", config_dir: str = "") -> ml_collections.ConfigDict:
   """`configs/<method>.py`'s get_config(preset): what `--config=configs/<method>.py:<preset>`
   gives mim_jax.main (tools, benchmarks and converters build their runs from it). A missing

@@ -54,6 +54,8 @@ def test_set_path_sets_existing_dotted_keys_only():
   with pytest.raises(TypeError):
     config_lib.set_path(c, "model.remat_policy", 3)      # ConfigDict keeps a key's type
   assert c.model.remat_policy == "full"
+  assert [config_lib.parse_value(t) for t in ("64", "1e-3", "True", "(0.2, 1.0)", "cudnn")] == \
+      [64, 1e-3, True, (0.2, 1.0), "cudnn"]
 
 
 def test_mae_imagenet_is_the_paper_recipe():

@@ -120,6 +120,8 @@ def test_variants_set_config_keys_and_environment(speed, capsys, monkeypatch):
   for bad in ("no colon", "x: model.attn_pad", "x: lower=1"):
     with pytest.raises(SystemExit, match="--variant"):
       speed.parse_variant(bad)
+  with pytest.raises(SystemExit, match="--variant model.remat=3: "):   # a key's type is kept
+    speed.set_config_value(c, "model.remat", "3")
   with pytest.raises(SystemExit, match="unknown config key 'model.atn_pad'"):
     speed.case_config({**CASE, **speed.parse_variant("x: model.atn_pad=4")})
   # The variant's environment reaches the case's process.

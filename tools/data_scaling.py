@@ -35,7 +35,6 @@ checkpoint. Then it writes into ``--workdir_root``:
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures
 import json
 import math
@@ -124,11 +123,7 @@ def apply_overrides(config, extra: Sequence[str]) -> None:
       raise SweepError(f"--extra {flag!r}: only --config.key=value flags may follow --extra")
     key, text = flag[len("--config."):].split("=", 1)
     try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    try:
-      config_lib.set_path(config, key, value)
+      config_lib.set_path(config, key, config_lib.parse_value(text))
     except KeyError:
       raise SweepError(f"--extra {flag!r}: the config has no key {key!r}") from None
     except TypeError as e:
