@@ -6,9 +6,13 @@ config, so a mistyped `--config.key=value` fails with the list of valid keys.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from typing import Optional
 
 import ml_collections
+
+from mim_jax.errors import TrainingError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +44,22 @@ def parse_value(text: str):
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
+
+
+def load_run_config(workdir: str, overrides: Optional[dict] = None) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its config.json), with dotted-key
+  `overrides` ({'input.batch_size': 64}); TrainingError for a missing file or unknown key."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise TrainingError(f"{path} not found: point at a workdir written by mim_jax.main")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for key, value in (overrides or {}).items():
+    try:
+      set_path(config, key, value)
+    except KeyError:
+      raise TrainingError(f"unknown config key {key!r} in the overrides") from None
+  return config
 
 
 def load(method: str, preset: str = "", config_dir: str = "") -> ml_collections.ConfigDict:

@@ -21,6 +21,15 @@ import ml_collections
 import optax
 
 
+def total_steps(config, steps_per_epoch: int) -> int:
+  """A run's length in optimiser steps: config.total_steps when > 0, else config.total_epochs
+  over the training split (0 epochs = evaluate the initialisation: the random-init baseline
+  of the results tables)."""
+  if config.get("total_steps", 0) and config.total_steps > 0:
+    return int(config.total_steps)
+  return max(0, int(round(float(config.total_epochs) * steps_per_epoch)))
+
+
 def peak_lr(optim_cfg, batch_size: int) -> float:
   return float(optim_cfg.base_lr) * batch_size / float(optim_cfg.get("lr_batch_divisor", 256))
 

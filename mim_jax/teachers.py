@@ -27,6 +27,9 @@ import jax
 import numpy as np
 from absl import logging
 
+from mim_jax import config_lib
+from mim_jax.errors import TrainingError
+
 PyTree = Any
 
 FROZEN_DIR = "frozen"
@@ -92,7 +95,6 @@ def _resolve(path: str, key: str) -> tuple:
   read from this run's record when it is being restored (origin = the record's folder, which
   also holds the frozen run's own records), else from `path` (origin = `path`), recording it on
   a fresh start. Raises TeacherError when `path` is not a workdir."""
-  from mim_jax import train
   ctx = _CONTEXT.get()
   rec = _record_dir(ctx, key) if ctx is not None else ""
   if ctx is not None and ctx.restoring and os.path.exists(os.path.join(rec, "config.json")):
@@ -104,7 +106,7 @@ def _resolve(path: str, key: str) -> tuple:
         logging.warning("config.%s=%s, but this run started on %s: it keeps that one (its "
                         "config recorded in %s, its weights in this run's checkpoint); start a "
                         "new workdir to use another", key, path, started, rec)
-    return train.load_run_config(rec), rec
+    return config_lib.load_run_config(rec), rec
   if not path:
     raise TeacherError("no workdir given for a frozen network: set the config key that names it "
                        "(e.g. --config.beit.tokenizer=/path/to/tokenizer_run)")
@@ -112,7 +114,7 @@ def _resolve(path: str, key: str) -> tuple:
     what = "does not exist" if not os.path.exists(path) else "is not a mim_jax workdir (no config.json)"
     raise TeacherError(f"{path} {what}: train that run first (its README command) or point the "
                        f"config key at its workdir")
-  config = train.load_run_config(path)
+  config = config_lib.load_run_config(path)
   if ctx is not None and ctx.record and jax.process_index() == 0:
     os.makedirs(rec, exist_ok=True)
     with open(os.path.join(rec, "config.json"), "w") as f:
@@ -191,22 +193,22 @@ def load(path: str, step: Optional[int] = None, key: str = "") -> FrozenRun:
 def read_teacher_config(path: str, key: str, image_size: int, patch_size: int):
   """(config, encoder module) of the teacher run in `path`, named by config key `key` (e.g.
   'feature_mim.teacher'), read from its config.json without its checkpoint. Raises
-  train.TrainingError naming `key` when the path is empty or not a workdir, or when the
+  TrainingError naming `key` when the path is empty or not a workdir, or when the
   teacher's tokens are not on this run's grid (`image_size`, `patch_size`)."""
-  from mim_jax import methods, train
+  from mim_jax import methods
   hint = ("train one first, e.g. `python -m mim_jax.main --config=configs/mae.py "
           f"--workdir=/tmp/mae`, then pass --config.{key}=/tmp/mae")
   try:
     config = run_config(path, key)
   except TeacherError:
     if not path:
-      raise train.TrainingError(f"config.{key} is empty: it names the workdir of the teacher run; "
+      raise TrainingError(f"config.{key} is empty: it names the workdir of the teacher run; "
                                 f"{hint}") from None
-    raise train.TrainingError(f"config.{key}={path!r} is not a mim_jax workdir (no config.json): "
+    raise TrainingError(f"config.{key}={path!r} is not a mim_jax workdir (no config.json): "
                               f"{hint}") from None
   ti, tp = config.input.image_size, config.model.patch_size
   if (ti, tp) != (image_size, patch_size):
-    raise train.TrainingError(
+    raise TrainingError(
         f"the teacher {path} was trained on {ti}px images in {tp}px patches, this run uses "
         f"{image_size}px in {patch_size}px: the targets must lie on the same patch grid; set "
         f"--config.input.image_size={ti} --config.model.patch_size={tp} or point config.{key} "
@@ -216,15 +218,14 @@ def read_teacher_config(path: str, key: str, image_size: int, patch_size: int):
 
 def load_teacher_encoder(path: str, key: str, which: str = "online") -> PyTree:
   """The encoder parameters (host arrays) of the teacher run in `path`: its online encoder or,
-  for `which='ema'`, its EMA encoder; errors are train.TrainingError naming config key `key`."""
-  from mim_jax import train
+  for `which='ema'`, its EMA encoder; errors are TrainingError naming config key `key`."""
   try:
     run = load(path, key=key)
   except TeacherError as e:
-    raise train.TrainingError(f"config.{key}: {e}") from None
+    raise TrainingError(f"config.{key}: {e}") from None
   if which == "ema":
     if "ema_encoder" not in run.method_state:
-      raise train.TrainingError(f"the teacher {path} has no EMA encoder: set "
+      raise TrainingError(f"the teacher {path} has no EMA encoder: set "
                                 f"--config.{key}_encoder=online")
     return run.method_state["ema_encoder"]
   return run.params["encoder"]

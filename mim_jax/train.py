@@ -7,7 +7,6 @@ state, loss and state update (see `mim_jax.methods.base.Method`). Notebooks can 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -21,14 +20,19 @@ import numpy as np
 import optax
 from absl import logging
 
-from mim_jax import checkpointing, config_lib, methods, metric_writers, optim, sharding, teachers
+from mim_jax import (checkpointing, config_lib, errors, methods, metric_writers, optim, sharding,
+                     teachers)
+from mim_jax.data import preprocess as data_preprocess
 from mim_jax.models import vit
 
 PyTree = Any
 
 
-class TrainingError(RuntimeError):
-  """A run that cannot go on; the message says what to change."""
+# Kept importable from here for notebooks and tools; they live below the trainer.
+TrainingError = errors.TrainingError
+crop_or_resize = data_preprocess.crop_or_resize
+preprocess = data_preprocess.preprocess
+denormalize_uint8 = data_preprocess.denormalize_uint8
 
 
 class Preempted(Exception):
@@ -40,48 +44,9 @@ class Preempted(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Input: uint8 batches from the host, augmentation + normalisation inside the jitted step.
-
-def crop_or_resize(rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool,
-                   train: bool = True) -> jax.Array:
-  """uint8 [B,H,W,3] -> float32 levels [B,S,S,3]: the config's random resized crop + flip on
-  the device (training on in-memory data), else a bilinear resize to `image_size` when needed.
-  Methods that build their own views (colour jitter, two views) start from this."""
-  from mim_jax.data import augment
-  size = input_cfg.image_size
-  x = images.astype(jnp.float32)
-  if train and on_device_aug:
-    a = input_cfg.aug
-    return augment.random_resized_crop_flip(rng, x, out_size=size, scale=tuple(a.crop_scale),
-                                            ratio=tuple(a.crop_ratio), hflip=bool(a.hflip))
-  if x.shape[1] != size or x.shape[2] != size:
-    x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
-  return x
-
-
-def preprocess(rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool,
-               train: bool = True) -> jax.Array:
-  """uint8 [B,H,W,3] -> normalised float32 [B,S,S,3]."""
-  from mim_jax.data import augment
-  return augment.normalize(crop_or_resize(rng, images, input_cfg, on_device_aug, train),
-                           input_cfg.mean, input_cfg.std)
-
-
-def denormalize_uint8(x: jax.Array, input_cfg) -> np.ndarray:
-  mean = np.asarray(input_cfg.mean, np.float32)
-  std = np.asarray(input_cfg.std, np.float32)
-  return np.clip(np.rint((np.asarray(x, np.float32) * std + mean) * 255.0), 0, 255).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
 # The train state and the step.
 
-def total_and_epoch_steps(config, steps_per_epoch: int) -> int:
-  """total_steps when > 0, else total_epochs over the training split (0 epochs = evaluate the
-  initialisation: the random-init baseline of the README tables)."""
-  if config.get("total_steps", 0) and config.total_steps > 0:
-    return int(config.total_steps)
-  return max(0, int(round(float(config.total_epochs) * steps_per_epoch)))
+total_and_epoch_steps = optim.total_steps
 
 
 def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_accum: int):
@@ -193,19 +158,7 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
   return state, state_sh, batch_sh, jitted
 
 
-def load_run_config(workdir: str, overrides: Optional[dict] = None) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with (its config.json), with `overrides`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise TrainingError(f"{path} not found: point at a workdir written by mim_jax.main")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  for key, value in (overrides or {}).items():
-    try:
-      config_lib.set_path(config, key, value)
-    except KeyError:
-      raise TrainingError(f"unknown config key {key!r} in the overrides") from None
-  return config
+load_run_config = config_lib.load_run_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +197,7 @@ class Trainer:
                                         device_groups=len(local))
     on_device_aug = bool(getattr(loader, "on_device_aug", False))
     spe = pipeline.steps_per_epoch(config.input)
-    total = total_and_epoch_steps(config, spe)
+    total = optim.total_steps(config, spe)
     schedule = optim.make_schedule(config.optim, config.input.batch_size, spe, total)
     state, state_sh, batch_sh, jitted = build_state_and_step(config, method, mesh, schedule,
                                                              on_device_aug, total)

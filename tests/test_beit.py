@@ -171,21 +171,40 @@ def test_beit_init_is_trunc_normal_with_the_depth_rescale(fake):
     assert 0.95 * 0.02 / math.sqrt(2 * l) < a.max() <= 0.02 / math.sqrt(2 * l)
 
 
-def test_colour_jitter_is_pils_enhance_in_the_drawn_order():
+def test_colour_jitter_without_hue_is_pils_enhance_in_the_drawn_order():
+  """ColorJitter(s, s, s) (BEiT, data2vec, TinyMIM): the hue slot of the drawn order is skipped."""
   from PIL import Image, ImageEnhance
-  from mim_jax.methods.beit import color_jitter, jitter_with
+  from mim_jax.data import views
   img = np.random.RandomState(0).randint(0, 256, (2, 6, 7, 3)).astype(np.uint8)
-  factors = np.array([[1.3, 0.7, 1.2], [0.6, 1.4, 0.8]], np.float32)
-  order = np.array([[2, 0, 1], [1, 2, 0]])
-  got = np.asarray(jitter_with(jnp.asarray(img), jnp.asarray(factors), jnp.asarray(order)))
+  factors = np.array([[1.3, 0.7, 1.2, 0.3], [0.6, 1.4, 0.8, -0.4]], np.float32)
+  order = np.array([[2, 3, 0, 1], [1, 2, 0, 3]])
+  got = np.asarray(views.color_jitter_ops(jnp.asarray(img, jnp.float32), jnp.asarray(order),
+                                          jnp.asarray(factors), hue=False))
   enhance = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
   for i in range(2):
     pil = Image.fromarray(img[i])
     for op in order[i]:
-      pil = enhance[op](pil).enhance(float(factors[i, op]))
+      if op < 3:
+        pil = enhance[op](pil).enhance(float(factors[i, op]))
     np.testing.assert_array_equal(got[i], np.asarray(pil))
   # Strength 0 is the identity.
-  np.testing.assert_array_equal(np.asarray(color_jitter(jax.random.PRNGKey(0), jnp.asarray(img), 0.0)), img)
+  np.testing.assert_array_equal(
+      np.asarray(views.color_jitter(jax.random.PRNGKey(0), jnp.asarray(img), 0.0, 0.0, 0.0, 0.0)), img)
+  # And a strength moves the pixels.
+  assert np.abs(np.asarray(views.color_jitter(jax.random.PRNGKey(0), jnp.asarray(img), 0.4, 0.4, 0.4, 0.0))
+                - img).max() > 0
+
+
+def test_one_colour_jitter():
+  """BEiT, data2vec and TinyMIM call the views' colour jitter; no method keeps its own copy."""
+  import inspect
+  from mim_jax.methods import beit, data2vec, tinymim
+  for mod in (beit, data2vec, tinymim):
+    src = inspect.getsource(mod)
+    assert "views.color_jitter(" in src
+    for name in ("def color_jitter", "def jitter_with", "def apply_color_jitter", ".blend(",
+                 "views.brightness", "views.contrast", "views.saturation"):
+      assert name not in src, (mod.__name__, name)
 
 
 def test_tokenizer_sees_the_view_at_its_own_size(monkeypatch):

@@ -149,10 +149,13 @@ def saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
   return finetune_aug.blend(finetune_aug.luma(x), x, factor)
 
 
-def color_jitter_ops(x: jax.Array, order: jax.Array, factors: jax.Array) -> jax.Array:
+def color_jitter_ops(x: jax.Array, order: jax.Array, factors: jax.Array,
+                     hue: bool = True) -> jax.Array:
   """ColorJitter with explicit choices: levels x [B, H, W, 3], order [B, 4] (a permutation of
-  0 brightness, 1 contrast, 2 saturation, 3 hue per image), factors [B, 4] in that op order."""
-  ops = (brightness, contrast, saturation, adjust_hue)
+  0 brightness, 1 contrast, 2 saturation, 3 hue per image), factors [B, 4] in that op order.
+  `hue=False` skips the hue op where it comes in the order (torchvision's hue=None, as in
+  ColorJitter(b, c, s)): PIL's RGB -> HSV -> RGB round trip is not the identity on 8 bits."""
+  ops = (brightness, contrast, saturation, adjust_hue if hue else (lambda x, f: x))
 
   def stage(i, x):
     op = jax.lax.dynamic_index_in_dim(order, i, axis=1, keepdims=False)
@@ -167,14 +170,17 @@ def color_jitter_ops(x: jax.Array, order: jax.Array, factors: jax.Array) -> jax.
 def color_jitter(rng: jax.Array, x: jax.Array, brightness: float = 0.4, contrast: float = 0.4,
                  saturation: float = 0.2, hue: float = 0.1) -> jax.Array:
   """torchvision ColorJitter(brightness, contrast, saturation, hue) on levels [B, H, W, 3]:
-  per image, factors ~ U(max(0, 1 - j), 1 + j) (hue ~ U(-hue, hue)) and a random order."""
+  per image, factors ~ U(max(0, 1 - j), 1 + j) (hue ~ U(-hue, hue)) and the four ops in a
+  random order (torchvision's randperm(4)). A strength of 0 switches its op off as torchvision
+  does (factor 1: PIL's enhance(1.0) returns the image; hue 0: skipped). The one colour jitter
+  of mim_jax: DINO/iBOT views, BEiT, data2vec, TinyMIM and ExtreMA all call it."""
   k_order, k_f = jax.random.split(rng)
   b = x.shape[0]
   order = jnp.argsort(jax.random.uniform(k_order, (b, 4)), axis=1)
   lo = jnp.asarray([max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation), -hue])
   hi = jnp.asarray([1 + brightness, 1 + contrast, 1 + saturation, hue])
   factors = lo + (hi - lo) * jax.random.uniform(k_f, (b, 4))
-  return color_jitter_ops(x, order, factors)
+  return color_jitter_ops(x.astype(jnp.float32), order, factors, hue=float(hue) != 0.0)
 
 
 def grayscale(x: jax.Array) -> jax.Array:

@@ -74,10 +74,10 @@ class Method:
     """(steps per epoch, total steps) of the run this config describes, for schedules that
     are per epoch or per iteration in the official code (teacher momentum, temperatures)."""
     if getattr(self, "_run_steps", None) is None:
-      from mim_jax import train
+      from mim_jax import optim
       from mim_jax.data import pipeline
       spe = max(1, pipeline.steps_per_epoch(self.config.input))
-      self._run_steps = (spe, max(1, train.total_and_epoch_steps(self.config, spe)))
+      self._run_steps = (spe, max(1, optim.total_steps(self.config, spe)))
     return self._run_steps
 
   # -- what subclasses provide --------------------------------------------------------------
@@ -100,9 +100,9 @@ class Method:
   # -- defaults -----------------------------------------------------------------------------
   def preprocess(self, rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool) -> PyTree:
     """uint8 batch [B, H, W, 3] -> what `loss` receives as `images`: by default one augmented,
-    normalised view (`train.preprocess`); multi-view methods return a dict of views."""
-    from mim_jax import train
-    return train.preprocess(rng, images, input_cfg, on_device_aug)
+    normalised view (`data.preprocess.preprocess`); multi-view methods return a dict of views."""
+    from mim_jax.data import preprocess
+    return preprocess.preprocess(rng, images, input_cfg, on_device_aug)
 
   def external_state(self) -> dict:
     """Frozen arrays read from outside (another run's checkpoint), merged into the method state

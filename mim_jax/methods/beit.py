@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import masking, teachers
+from mim_jax.errors import TrainingError
 from mim_jax.methods.base import Method
 from mim_jax.models import vit
 
@@ -75,8 +76,7 @@ class TokenizerTargets:
       self.tokenizer  # noqa: B018  (read and check it now)
 
   def _tokenizer_error(self, why: str):
-    from mim_jax import train
-    return train.TrainingError(
+    return TrainingError(
         f"config.{self.tokenizer_key}={self.tokenizer_path!r}: {why}; train a tokenizer with "
         f"`python -m mim_jax.main --config={self.tokenizer_recipe} --workdir=DIR` and pass "
         f"--config.{self.tokenizer_key}=DIR")
@@ -84,11 +84,10 @@ class TokenizerTargets:
   @property
   def tokenizer(self) -> teachers.FrozenRun:
     if self._frozen is None:
-      from mim_jax import train
       try:
         with teachers.entered(self.frozen_context):
           run = teachers.load(self.tokenizer_path, key=self.tokenizer_key)
-      except (teachers.TeacherError, train.TrainingError, OSError, ValueError) as e:
+      except (teachers.TeacherError, TrainingError, OSError, ValueError) as e:
         raise self._tokenizer_error(str(e).rstrip(".")) from None
       tok = run.method
       missing = [a for a in ("codebook_size", "image_size", "token_grid", "token_ids")
@@ -145,36 +144,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array):
   total = jnp.maximum(jnp.sum(weights), 1.0)
   acc = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
   return jnp.sum(ce * weights) / total, jnp.sum(acc * weights) / total
-
-
-# ---------------------------------------------------------------------------------------------
-# Colour jitter (torchvision ColorJitter on PIL images), on the device.
-
-def color_jitter(rng: jax.Array, images: jax.Array, strength: float) -> jax.Array:
-  """torchvision `ColorJitter(s, s, s)` on 8-bit images [B, H, W, 3] (values 0..255).
-
-  Per image: brightness, contrast and saturation factors ~ U(max(0, 1 - s), 1 + s), applied in
-  a random order (torchvision draws a permutation of its four ops; hue is 0 here).
-  """
-  b = images.shape[0]
-  k_order, k_factor = jax.random.split(rng)
-  factors = jax.random.uniform(k_factor, (b, 3), minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
-  order = jnp.argsort(jax.random.uniform(k_order, (b, 3)), axis=1)
-  return jitter_with(images, factors, order)
-
-
-def jitter_with(images: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
-  """Op order[:, i] (0 brightness, 1 contrast, 2 saturation) at step i with factor
-  factors[:, op], each PIL's ImageEnhance blend (mim_jax.data.finetune_aug) on 8-bit values:
-  returns integer-valued float32 [B, H, W, 3]."""
-  from mim_jax.data import finetune_aug as fa
-  ops = (fa.brightness, fa.contrast, fa.color)
-  x = images.astype(jnp.float32)
-  for i in range(3):
-    op = order[:, i][:, None, None, None]
-    x = jnp.where(op == 0, ops[0](x, factors[:, 0]),
-                  jnp.where(op == 1, ops[1](x, factors[:, 1]), ops[2](x, factors[:, 2])))
-  return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,12 +281,13 @@ class BEiT(TokenizerTargets, Method):
 
   # -- the loss -----------------------------------------------------------------------------
   def preprocess(self, rng, images, input_cfg, on_device_aug):
-    from mim_jax import train
+    from mim_jax.data import preprocess, views
     if self.jitter > 0:
-      # DataAugmentationForBEiT jitters the whole image, then flips and crops it.
+      # DataAugmentationForBEiT jitters the whole image (ColorJitter(s, s, s): hue off), then
+      # flips and crops it.
       k_jit, rng = jax.random.split(rng)
-      images = color_jitter(k_jit, images, self.jitter)
-    return train.preprocess(rng, images, input_cfg, on_device_aug)
+      images = views.color_jitter(k_jit, images, self.jitter, self.jitter, self.jitter, 0.0)
+    return preprocess.preprocess(rng, images, input_cfg, on_device_aug)
 
   def logits(self, params, images, mask, rng, train):
     """Logits of the masked patches: ([B, M, V] main, [B, M, V] cls head or None), the patch

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import masking
-from mim_jax.data import finetune_aug
 from mim_jax.methods.base import Method, ema_update
 from mim_jax.models import vit
 
@@ -100,32 +99,6 @@ def masked_std(y: jax.Array, mask: jax.Array) -> jax.Array:
   mean = jnp.sum(y * m, axis=(0, 1)) / n
   var = jnp.sum(jnp.square(y - mean) * m, axis=(0, 1)) / (n - 1)
   return jnp.mean(jnp.sqrt(var + 1e-6))
-
-
-def color_jitter_params(rng: jax.Array, batch: int, strength: float):
-  """torchvision ColorJitter(s, s, s).get_params per image: factors [3, B] ~ U(1 - s, 1 + s)
-  for (brightness, contrast, saturation) and the order [B, 3] in which they apply (a uniform
-  permutation; the hue slot of torchvision's randperm(4) is skipped, hue being off)."""
-  kf, ko = jax.random.split(rng)
-  factors = jax.random.uniform(kf, (3, batch), minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
-  order = jnp.argsort(jax.random.uniform(ko, (batch, 3)), axis=1)
-  return factors, order
-
-
-def apply_color_jitter(x: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
-  """x [B, H, W, 3] integer-valued 0..255; op order[:, k] runs at stage k (0 brightness,
-  1 contrast, 2 saturation), each PIL's ImageEnhance on 8-bit levels: a blend of the image
-  with a degenerate one (black / a flat image at the rounded mean luma / the luma image)."""
-  b = x.shape[0]
-  rows = jnp.arange(b)
-  for k in range(3):
-    op = order[:, k]
-    gray = finetune_aug.luma(x)                                              # [B, H, W, 1]
-    flat = jnp.floor(jnp.mean(gray, axis=(1, 2, 3), keepdims=True) + 0.5)
-    sel = op[:, None, None, None]
-    degenerate = jnp.where(sel == 0, 0.0, jnp.where(sel == 1, flat, gray))
-    x = finetune_aug.blend(jnp.broadcast_to(degenerate, x.shape), x, factors[op, rows])
-  return x
 
 
 class Data2Vec(Method):
@@ -229,12 +202,12 @@ class Data2Vec(Method):
     return {**state, "teacher": ema_update(state["teacher"], params["encoder"], self.decay(step))}
 
   def preprocess(self, rng, images, input_cfg, on_device_aug):
-    from mim_jax import train
+    from mim_jax.data import preprocess, views
     if self.color_jitter > 0:
       kj, rng = jax.random.split(rng)
-      factors, order = color_jitter_params(kj, images.shape[0], self.color_jitter)
-      images = apply_color_jitter(images.astype(jnp.float32), factors, order)
-    return train.preprocess(rng, images, input_cfg, on_device_aug)
+      s = self.color_jitter     # ColorJitter(s, s, s): hue off
+      images = views.color_jitter(kj, images, s, s, s, 0.0)
+    return preprocess.preprocess(rng, images, input_cfg, on_device_aug)
 
   def loss_with_mask(self, params, state, images, mask, rng):
     images = images.astype(jnp.float32)

@@ -318,10 +318,9 @@ class ExtreMA(Method):
   def preprocess(self, rng, images, input_cfg, on_device_aug):
     """{'student': view 1, 'teacher': view 2}: one crop + flip per image (on the device for
     in-memory data, the host's crop for streaming data), two colour augmentations of it."""
-    from mim_jax import train
-    from mim_jax.data import augment
+    from mim_jax.data import augment, preprocess
     k_crop, k1, k2 = jax.random.split(rng, 3)
-    x = train.crop_or_resize(k_crop, images, input_cfg, on_device_aug)
+    x = preprocess.crop_or_resize(k_crop, images, input_cfg, on_device_aug)
     if not self.c.color_aug:
       return augment.normalize(x, input_cfg.mean, input_cfg.std)
     x = jnp.round(jnp.clip(x, 0.0, 255.0))      # PIL holds 8-bit levels between the ops

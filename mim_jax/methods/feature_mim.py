@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mim_jax import masking
+from mim_jax.errors import TrainingError
 from mim_jax.methods.base import Method
 from mim_jax.methods.mae import decoder_input
 from mim_jax.models import vit
@@ -262,8 +263,7 @@ def _choice(value, options, key):
 
 
 def _error(msg):
-  from mim_jax import train
-  return train.TrainingError(msg)
+  return TrainingError(msg)
 
 
 class FeatureMIM(Method):

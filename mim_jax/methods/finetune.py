@@ -44,7 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import config_lib
 from mim_jax.checkpointing import CheckpointMismatchError
+from mim_jax.errors import TrainingError
 from mim_jax.data import finetune_aug
 from mim_jax.methods.base import Method
 from mim_jax.models import vit
@@ -107,10 +109,10 @@ def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int
   import orbax.checkpoint as ocp
   from etils import epath
 
-  from mim_jax import checkpointing, train
+  from mim_jax import checkpointing
   try:
-    pre = train.load_run_config(workdir)
-  except train.TrainingError as e:
+    pre = config_lib.load_run_config(workdir)
+  except TrainingError as e:
     raise PretrainedMismatchError(f"config.finetune.pretrained={workdir!r}: {e}, or set it to '' "
                                   f"to train from scratch") from None
   diffs = [f"model.{k}: {pre.model.get(k)!r} vs {model_cfg.get(k)!r}" for k in _ARCH_KEYS

@@ -400,13 +400,13 @@ class LatentMIM(Method):
   def preprocess(self, rng, images, input_cfg, on_device_aug):
     """One augmented view; with a gap, cropped at grid * (patch + gap) pixels and re-tiled from
     the jittered patches of `masking.gap_grid` into the grid * patch image."""
-    from mim_jax import train
+    from mim_jax.data import preprocess
     if self.gap == 0:
-      return train.preprocess(rng, images, input_cfg, on_device_aug)
+      return preprocess.preprocess(rng, images, input_cfg, on_device_aug)
     k_crop, k_grid = jax.random.split(rng)
     size = self.grid * (self.patch + self.gap)
     big = types.SimpleNamespace(image_size=size, aug=input_cfg.aug, mean=input_cfg.mean, std=input_cfg.std)
-    x = train.preprocess(k_crop, images, big, on_device_aug)
+    x = preprocess.preprocess(k_crop, images, big, on_device_aug)
     starts = masking.gap_grid(k_grid, x.shape[0], self.grid, self.patch, self.gap)
     return gap_grid_image(x, starts, self.patch)
 

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mim_jax import masking
+from mim_jax.errors import TrainingError
 from mim_jax.methods.base import Method
 from mim_jax.models import vit
 
@@ -163,8 +164,7 @@ def block_qkv(encoder: vit.ViT, params, images, block: int, **kw):
 
 
 def _error(msg):
-  from mim_jax import train
-  return train.TrainingError(msg)
+  return TrainingError(msg)
 
 
 def _choice(value, options, key):
@@ -259,10 +259,9 @@ class TinyMIM(Method):
     """One crop + flip for both (8-bit levels, as PIL holds them), then the student's own
     ColorJitter; each view normalised with its run's mean and std (main_pretrain.py
     `TwoCropsTransform`)."""
-    from mim_jax import train
-    from mim_jax.data import augment
+    from mim_jax.data import augment, preprocess
     crop_rng, jit_rng = jax.random.split(rng)
-    x = jnp.clip(jnp.round(train.crop_or_resize(crop_rng, images, input_cfg, on_device_aug)), 0, 255)
+    x = jnp.clip(jnp.round(preprocess.crop_or_resize(crop_rng, images, input_cfg, on_device_aug)), 0, 255)
     s = self.student_jitter(jit_rng, x) if self.jitter else x
     mt, st = self.teacher_norm()
     return {"student": augment.normalize(s, input_cfg.mean, input_cfg.std),
@@ -272,20 +271,7 @@ class TinyMIM(Method):
     """torchvision ColorJitter(b, c, s) (hue None, skipped) on levels: per image, factors
     ~ U(max(0, 1 - j), 1 + j) applied in a random order (PIL's ImageEnhance blends)."""
     from mim_jax.data import views
-    k_order, k_f = jax.random.split(rng)
-    bsz = x.shape[0]
-    order = jnp.argsort(jax.random.uniform(k_order, (bsz, 3)), axis=1)
-    lo = jnp.asarray([max(0.0, 1 - j) for j in self.jitter])
-    hi = jnp.asarray([1 + j for j in self.jitter])
-    factors = lo + (hi - lo) * jax.random.uniform(k_f, (bsz, 3))
-    ops = (views.brightness, views.contrast, views.saturation)
-    for i in range(3):
-      op = order[:, i]
-      out = x
-      for k, fn in enumerate(ops):
-        out = jnp.where((op == k)[:, None, None, None], fn(x, factors[:, k]), out)
-      x = out
-    return x
+    return views.color_jitter(rng, x, *self.jitter, 0.0)
 
   # -- the student ----------------------------------------------------------------------------
   @property
