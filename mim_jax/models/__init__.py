@@ -1,0 +1,82 @@
+"""Backbones by name: `config.model.name` picks `mim_jax/models/<name>.py`.
+
+As in big_vision, a model module is built from `config.model`'s keys. Every registered module
+provides
+
+  from_config(model_cfg, image_size, **overrides) -> flax.linen.Module
+      the backbone; `overrides` are a method's switches (a mask token, say);
+  EXECUTION_OPTIONS: tuple of `config.model` keys that say how the model is computed, not what
+      it is (a checkpoint resumes across them: dtype, remat, attention kernel ...);
+  check_config(model_cfg) -> None
+      ValueError, one line naming the allowed values, for a bad key value (before anything is
+      built);
+  outputs(model, variables, images, *, pooling, layers=False) -> dict
+      the evaluation-mode named outputs (see `outputs` below).
+
+The backbone's `__call__` is its one forward pass (the tokens of a ViT, the last feature map
+of a ResNet); methods call it for their losses. `outputs` is what evaluators and
+`Method.features` read:
+
+  'pooled'   [B, D] float32: the image representation under `pooling` (ViT: 'cls' | 'mean';
+             ResNet: 'mean', the global average pool);
+  'tokens'   [B, N, D]: the final output as a sequence (ViT: final-norm tokens, cls first;
+             ResNet: the last feature map, row-major);
+  'layers'   with layers=True, a list of [B, D_i] float32, one pooled output per block or
+             stage, input side first, widths may differ (CNN stages); the last entry is
+             'pooled' itself;
+  'stride'   int: input pixels per output position (patch size, total stride);
+  'grid'     (h, w) of the output positions.
+
+Adding a backbone: one file here with the four names above and one line in REGISTRY.
+"""
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Any
+
+REGISTRY = {
+    "vit": "mim_jax.models.vit",
+    "resnet": "mim_jax.models.resnet",
+}
+
+DEFAULT = "vit"
+
+
+def name_of(model_cfg) -> str:
+  """`config.model.name`, 'vit' when absent (configs and checkpoints from before the key)."""
+  return str(model_cfg.get("name", DEFAULT) or DEFAULT)
+
+
+def module(name: str) -> types.ModuleType:
+  if name not in REGISTRY:
+    raise ValueError(f"config.model.name={name!r}: use one of {', '.join(sorted(REGISTRY))}")
+  return importlib.import_module(REGISTRY[name])
+
+
+def module_for(model_cfg) -> types.ModuleType:
+  return module(name_of(model_cfg))
+
+
+def build(model_cfg, image_size: int, **overrides) -> Any:
+  """The backbone `config.model` names, for `image_size` inputs."""
+  return module_for(model_cfg).from_config(model_cfg, image_size, **overrides)
+
+
+def check_config(model_cfg) -> None:
+  """ValueError (one line) for an unknown model name or a bad value of one of its keys."""
+  module_for(model_cfg).check_config(model_cfg)
+
+
+def execution_keys(model_cfg) -> tuple[str, ...]:
+  """'model.<key>' for the keys of the named model that do not change what is computed."""
+  return tuple(f"model.{k}" for k in module_for(model_cfg).EXECUTION_OPTIONS)
+
+
+def outputs(model: Any, variables: Any, images: Any, *, pooling: str, layers: bool = False) -> dict:
+  """The evaluation-mode named outputs of a registered backbone (see the module docstring)."""
+  mod = importlib.import_module(type(model).__module__)
+  if not hasattr(mod, "outputs"):
+    raise TypeError(f"{type(model).__name__} is not a registered backbone (no outputs() in "
+                    f"{mod.__name__})")
+  return mod.outputs(model, variables, images, pooling=pooling, layers=layers)

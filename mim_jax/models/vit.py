@@ -643,8 +643,32 @@ def pool(tokens: jax.Array, pooling: str) -> jax.Array:
   raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
 
-def vit_from_config(model_cfg, image_size: int, **overrides) -> ViT:
-  """Builds the ViT named by `config.model`."""
+def check_config(model_cfg) -> None:
+  """ValueError (one line) for an unknown variant or execution option value."""
+  variant(model_cfg.get("variant", "tiny"))
+  check_execution_options(model_cfg)
+
+
+def outputs(model: ViT, variables, images, *, pooling: str, layers: bool = False) -> dict:
+  """The evaluation-mode named outputs of `model` (the contract of `mim_jax.models`):
+  'tokens' (final-norm, cls first), 'pooled' (`pool` of them), 'stride' (the patch), 'grid',
+  and with `layers` every block's pooled output before the final norm, then 'pooled'."""
+  if layers:
+    tokens, inter = model.apply(variables, images, mutable=["intermediates"])
+    blocks = list(inter["intermediates"]["encoder"]["block_outputs"])
+  else:
+    tokens = model.apply(variables, images)
+  pooled = pool(tokens, pooling).astype(jnp.float32)
+  p = model.patch_size
+  out = {"tokens": tokens.astype(jnp.float32), "pooled": pooled, "stride": p,
+         "grid": (images.shape[1] // p, images.shape[2] // p)}
+  if layers:
+    out["layers"] = [pool(t, pooling).astype(jnp.float32) for t in blocks] + [pooled]
+  return out
+
+
+def from_config(model_cfg, image_size: int, **overrides) -> ViT:
+  """Builds the ViT `config.model` describes (`models.build` with model.name='vit')."""
   kw = dict(
       variant=model_cfg.variant,
       depth=model_cfg.get("depth", 0),
@@ -669,3 +693,5 @@ def vit_from_config(model_cfg, image_size: int, **overrides) -> ViT:
   kw.update(overrides)
   return ViT(**kw)
 
+
+vit_from_config = from_config   # the name before the models registry
