@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mim_jax.models import vit
+from mim_jax import models
 
 PyTree = Any
 
@@ -39,7 +39,8 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # How the model is computed, not what it is: a checkpoint resumes and evaluates across these
 # (a run started with XLA attention continues with cuDNN on a GPU; keys added later default).
-EXECUTION_KEYS = tuple(f"model.{key}" for key in vit.EXECUTION_OPTIONS)
+# Each model module lists its own (models.execution_keys); these are the ViT's.
+EXECUTION_KEYS = models.execution_keys({"name": "vit"})
 
 
 def _jsonable(x):
@@ -69,8 +70,14 @@ class Checkpointer:
   def check_meta(self, step: int, meta: dict) -> None:
     saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     want = _jsonable(meta)
-    diffs = [d for d in _diff(saved.get("model", {}), want.get("model", {}))
-             if d.split(":")[0] not in EXECUTION_KEYS]
+    saved_model, want_model = saved.get("model", {}), want.get("model", {})
+    # Checkpoints written before config.model.name existed hold a ViT.
+    if isinstance(saved_model.get("model"), dict):
+      saved_model = {**saved_model, "model": {"name": models.DEFAULT, **saved_model["model"]}}
+    execution = set(EXECUTION_KEYS)
+    if isinstance(want_model.get("model"), dict):
+      execution |= set(models.execution_keys(want_model["model"]))
+    diffs = [d for d in _diff(saved_model, want_model) if d.split(":")[0] not in execution]
     if diffs:
       raise CheckpointMismatchError(
           f"{self.directory} holds a checkpoint of a different model ({'; '.join(diffs[:3])}): "

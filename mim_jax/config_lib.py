@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.model = ml_collections.ConfigDict(dict(
+      name="vit",                   # the backbone, mim_jax/models/<name>.py ('vit', 'resnet')
       variant="tiny",
       depth=0,                      # 0 = the variant's depth
       patch_size=4,
@@ -155,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
       # (DINO / iBOT's cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_ep)).
       weight_decay_schedule="constant", weight_decay_end=0.0,
       min_lr=0.0, milestones_epochs=(), gamma=0.1, clip_grad=0.0, grad_accum=1,
+      # ((regex, spec), ...) on parameter paths, first match wins: spec 'frozen' or a dict of
+      # lr_scale, weight_decay, frozen, frozen_until_step, frozen_until_epoch (optim.GROUP_KEYS).
+      param_groups=(),
   ))
 
   c.mesh = (("data", -1), ("fsdp", 1))

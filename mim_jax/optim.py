@@ -13,7 +13,7 @@ decay^(L + 1 - layer_id), L the number of encoder blocks; see `layer_ids`.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -145,32 +145,150 @@ def weight_decay_schedule(optim_cfg: ml_collections.ConfigDict,
   return lambda step: end + 0.5 * (wd - end) * (1.0 + jnp.cos(jnp.pi * step / total_steps))
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
-                   decay_mask: Any, total_steps: Optional[int] = None) -> optax.GradientTransformation:
-  """AdamW / LAMB / LARS / SGD with weight decay only where `decay_mask` is True (constant or
-  on a cosine schedule, see `weight_decay_schedule`), and layer-wise lr decay when
-  `optim_cfg.layer_decay` < 1 (read from the mask's tree paths, so `decay_mask` must then be
-  a pytree shaped like the parameters)."""
+def _base_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable, decay_mask: Any,
+                    wd: Union[float, Callable]) -> optax.GradientTransformation:
+  """AdamW / LAMB / LARS / SGD at `schedule` with weight decay `wd` where `decay_mask`."""
   name = optim_cfg.get("name", "adamw")
-  wd = weight_decay_schedule(optim_cfg, total_steps)
   if name == "lars" and callable(wd):
     raise ValueError("config.optim.weight_decay_schedule='cosine' is not supported with LARS: "
                      "set it to 'constant'")
   if name == "adamw":
-    tx = optax.adamw(schedule, b1=optim_cfg.get("b1", 0.9), b2=optim_cfg.get("b2", 0.999),
-                     eps=optim_cfg.get("eps", 1e-8), weight_decay=wd, mask=decay_mask)
-  elif name == "lamb":
-    tx = optax.lamb(schedule, b1=optim_cfg.get("b1", 0.9), b2=optim_cfg.get("b2", 0.999),
-                    eps=optim_cfg.get("eps", 1e-6), weight_decay=wd, mask=decay_mask)
-  elif name == "lars":
-    tx = optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,
-                    trust_ratio_mask=decay_mask, momentum=optim_cfg.get("momentum", 0.9))
-  elif name == "sgd":
-    tx = optax.chain(optax.add_decayed_weights(wd, decay_mask),
-                     optax.sgd(schedule, momentum=optim_cfg.get("momentum", 0.9),
-                               nesterov=optim_cfg.get("nesterov", False)))
+    return optax.adamw(schedule, b1=optim_cfg.get("b1", 0.9), b2=optim_cfg.get("b2", 0.999),
+                       eps=optim_cfg.get("eps", 1e-8), weight_decay=wd, mask=decay_mask)
+  if name == "lamb":
+    return optax.lamb(schedule, b1=optim_cfg.get("b1", 0.9), b2=optim_cfg.get("b2", 0.999),
+                      eps=optim_cfg.get("eps", 1e-6), weight_decay=wd, mask=decay_mask)
+  if name == "lars":
+    return optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,
+                      trust_ratio_mask=decay_mask, momentum=optim_cfg.get("momentum", 0.9))
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(wd, decay_mask),
+                       optax.sgd(schedule, momentum=optim_cfg.get("momentum", 0.9),
+                                 nesterov=optim_cfg.get("nesterov", False)))
+  raise ValueError(f"unknown optimizer {name!r}: set config.optim.name to adamw, lamb, lars or sgd")
+
+
+# -- parameter groups ---------------------------------------------------------------------------
+# config.optim.param_groups (and a method's `param_groups()`): ((regex, spec), ...), matched
+# in order against each parameter's path ('encoder/block11/mlp/fc1/kernel', re.search); the
+# first match wins, the config's groups before the method's. A spec is 'frozen' or a dict of
+GROUP_KEYS = ("lr_scale", "weight_decay", "frozen", "frozen_until_step", "frozen_until_epoch")
+# lr_scale: the group's learning rate is lr_scale x the schedule (warm-up and decay included);
+# weight_decay: its own decay (where the decay mask allows it);
+# frozen=True: never updated, never decayed, no optimiser state advances (PyTorch's AdamW
+#   skipping a parameter whose grad is None);
+# frozen_until_step / frozen_until_epoch: frozen so until that step, then trained with its
+#   own optimiser state starting fresh (Adam's bias correction counts from the unfreezing, as
+#   PyTorch's state for a parameter starts at its first gradient), at the global schedule.
+
+
+def parse_groups(groups: Sequence) -> list[tuple[str, dict]]:
+  """[(regex, spec dict)] from ((regex, 'frozen' | dict), ...); a one-line ValueError for a
+  bad entry."""
+  out = []
+  for entry in groups or ():
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+      raise ValueError(f"config.optim.param_groups entry {entry!r}: give (regex, spec) pairs, "
+                       "e.g. (('.*last_layer.*', 'frozen'),)")
+    rx, spec = entry
+    if spec == "frozen":
+      spec = {"frozen": True}
+    spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+    bad = sorted(set(spec) - set(GROUP_KEYS))
+    if bad:
+      raise ValueError(f"config.optim.param_groups {rx!r}: unknown keys {bad}; use {', '.join(GROUP_KEYS)}")
+    try:
+      re.compile(rx)
+    except re.error as e:
+      raise ValueError(f"config.optim.param_groups: bad regex {rx!r} ({e})") from None
+    out.append((str(rx), spec))
+  return out
+
+
+def group_labels(tree: Any, groups: Sequence[tuple[str, dict]]) -> Any:
+  """The group label ('g<i>' of the first matching regex, else 'default') of every leaf."""
+  compiled = [re.compile(rx) for rx, _ in groups]
+
+  def label(path, _):
+    name = "/".join(_names(path))
+    for i, rx in enumerate(compiled):
+      if rx.search(name):
+        return f"g{i}"
+    return "default"
+
+  return jax.tree_util.tree_map_with_path(label, tree)
+
+
+class FreezeState(NamedTuple):
+  count: jax.Array
+  inner: Any
+
+
+def freeze_until(inner: optax.GradientTransformation, until: int) -> optax.GradientTransformation:
+  """Zero updates and an untouched `inner` state before step `until` (counted by this
+  transform), `inner` from then on: its own step count (bias correction) starts there."""
+
+  def init(params):
+    return FreezeState(jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update(updates, state, params=None):
+    def frozen(_):
+      return jax.tree.map(jnp.zeros_like, updates), state.inner
+
+    def live(_):
+      return inner.update(updates, state.inner, params)
+
+    new_updates, new_inner = jax.lax.cond(state.count < until, frozen, live, None)
+    return new_updates, FreezeState(optax.safe_int32_increment(state.count), new_inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _group_optimizer(optim_cfg, schedule: Callable, decay_mask: Any, wd, spec: dict,
+                     steps_per_epoch: int) -> optax.GradientTransformation:
+  if spec.get("frozen", False):
+    return optax.set_to_zero()
+  until = int(spec.get("frozen_until_step", 0))
+  if "frozen_until_epoch" in spec:
+    until = max(until, int(round(float(spec["frozen_until_epoch"]) * steps_per_epoch)))
+  scale = float(spec.get("lr_scale", 1.0))
+  if "weight_decay" in spec:
+    wd = float(spec["weight_decay"])
+  # A frozen-then-trained group's inner optimiser counts from the unfreezing: its schedules
+  # read count + until, the global step.
+  group_schedule = lambda count: scale * schedule(count + until)  # noqa: E731
+  group_wd = (lambda count: wd(count + until)) if callable(wd) else wd  # noqa: E731
+  tx = _base_optimizer(optim_cfg, group_schedule, decay_mask, group_wd)
+  return freeze_until(tx, until) if until > 0 else tx
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
+                   decay_mask: Any, total_steps: Optional[int] = None, *,
+                   groups: Sequence = (), steps_per_epoch: int = 1) -> optax.GradientTransformation:
+  """AdamW / LAMB / LARS / SGD with weight decay only where `decay_mask` is True (constant or
+  on a cosine schedule, see `weight_decay_schedule`), and layer-wise lr decay when
+  `optim_cfg.layer_decay` < 1 (read from the mask's tree paths, so `decay_mask` must then be
+  a pytree shaped like the parameters).
+
+  Parameter groups (`optim_cfg.param_groups`, then the method's `groups`; see GROUP_KEYS) make
+  it an `optax.multi_transform` over the groups, each its own optimiser; without any the
+  transform is the single optimiser, unchanged. Gradient clipping and layer decay act on the
+  whole tree, outside the groups."""
+  wd = weight_decay_schedule(optim_cfg, total_steps)
+  parsed = parse_groups(tuple(optim_cfg.get("param_groups", ()) or ()) + tuple(groups or ()))
+  if parsed:
+    if callable(decay_mask):
+      raise ValueError("parameter groups need the weight-decay mask as a pytree shaped like the "
+                       "params, not a function")
+    labels = group_labels(decay_mask, parsed)
+    specs = {f"g{i}": spec for i, (_, spec) in enumerate(parsed)}
+    specs["default"] = {}
+    used = set(jax.tree.leaves(labels))
+    tx = optax.multi_transform(
+        {label: _group_optimizer(optim_cfg, schedule, decay_mask, wd, specs[label], steps_per_epoch)
+         for label in sorted(used)}, labels)
   else:
-    raise ValueError(f"unknown optimizer {name!r}: set config.optim.name to adamw, lamb, lars or sgd")
+    tx = _base_optimizer(optim_cfg, schedule, decay_mask, wd)
   layer_decay = float(optim_cfg.get("layer_decay", 1.0))
   if not 0.0 < layer_decay <= 1.0:
     raise ValueError(f"config.optim.layer_decay={layer_decay} must be in (0, 1] (1 = off)")

@@ -20,10 +20,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from mim_jax import (checkpointing, config_lib, errors, methods, metric_writers, optim, sharding,
-                     teachers)
+from mim_jax import (checkpointing, config_lib, errors, methods, metric_writers, models, optim,
+                     sharding, teachers)
 from mim_jax.data import preprocess as data_preprocess
-from mim_jax.models import vit
 
 PyTree = Any
 
@@ -49,15 +48,106 @@ class Preempted(Exception):
 total_and_epoch_steps = optim.total_steps
 
 
-def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_accum: int):
-  """The pure step (state, batch) -> (state, metrics); the trainer jits it with shardings."""
+def _split_aux(aux: dict):
+  """The loss's aux -> (logged metrics, 'state_stats', 'state_append', 'collections')."""
+  aux = dict(aux)
+  return (aux, aux.pop("state_stats", None), aux.pop("state_append", None),
+          aux.pop("collections", None))
 
-  def loss_fn(params, mstate, images, labels, rng, step):
-    if getattr(method, "uses_labels", False):
-      return method.loss(params, mstate, images, rng, step, labels=labels)
-    return method.loss(params, mstate, images, rng, step)
+
+def merge_collections(state: PyTree, new: Optional[dict]) -> PyTree:
+  """The method state with the models' collections replaced where `new` ({collection:
+  {module: tree}}, from a loss's aux['collections']) has them."""
+  if not new:
+    return state
+  cols = dict(state.get("collections", {}))
+  for col, modules in new.items():
+    if col not in cols:
+      raise TrainingError(f"the loss returned the collection {col!r} that init_variables did not "
+                          f"create: return it from the method's init_variables")
+    cols[col] = {**cols[col], **modules}
+  return {**state, "collections": cols}
+
+
+def batch_fields(method, batch: dict) -> dict:
+  """The batch fields the method's loss reads (Method.batch_fields), as keyword arguments."""
+  fields = {}
+  for name in getattr(method, "batch_fields", ()):
+    if name not in batch:
+      raise TrainingError(f"the {method.name} method reads the batch field {name!r}, which this "
+                          f"input pipeline does not give (it gives {sorted(batch)})")
+    fields[name] = batch[name]
+  return fields
+
+
+def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_accum: int,
+                    adversary_tx=None):
+  """The pure step (state, batch) -> (state, metrics); the trainer jits it with shardings.
+
+  Gradient accumulation splits the batch into `grad_accum` micro-batches (a scan): the loss,
+  the logged aux values, the gradients and 'state_stats' are averaged; 'state_append' records
+  are concatenated in batch order; the models' 'collections' (BatchNorm running statistics)
+  are threaded through the micro-batches in order. With `adversary_tx` (a method with
+  `adversary_keys`), the adversary's parameters take their step first, on
+  `method.adversary_loss`, and the main loss then sees the updated adversary.
+  """
+  adv_keys = tuple(getattr(method, "adversary_keys", ()) or ())
+
+  def loss_fn(params, mstate, images, fields, rng, step):
+    loss, aux = method.loss(params, mstate, images, rng, step, **fields)
+    return loss, _split_aux(aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulate(grad_fn, params, mstate, images, fields, rng, step):
+    """(loss, logged aux, stats, appended, collections, grads) over the micro-batches."""
+    if grad_accum == 1:
+      (loss, (aux, stats, app, cols)), grads = grad_fn(params, mstate, images, fields, rng, step)
+      return loss, aux, stats, app, cols, grads
+    b = jax.tree.leaves(images)[0].shape[0]
+    if b % grad_accum:
+      raise TrainingError(f"batch {b} is not divisible by config.optim.grad_accum={grad_accum}")
+    # `images` may be a pytree (several views of the batch): split each leaf.
+    split = lambda x: x.reshape((grad_accum, b // grad_accum) + x.shape[1:])  # noqa: E731
+    micro, micro_fields = jax.tree.map(split, images), jax.tree.map(split, fields)
+
+    def one(cols, i, x, f):
+      ms = merge_collections(mstate, cols)
+      return grad_fn(params, ms, x, f, jax.random.fold_in(rng, i), step)
+
+    first = jax.tree.map(lambda x: x[0], (micro, micro_fields))
+    (l0, (a0, s0, _, c0)), g0 = jax.eval_shape(one, None, 0, *first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, s0, g0))
+    # The first micro-batch starts from the state's own collections.
+    cols0 = None if c0 is None else {col: {m: mstate["collections"][col][m] for m in mods}
+                                     for col, mods in c0.items()}
+
+    def body(carry, i_x_f):
+      sums, cols = carry
+      i, x, f = i_x_f
+      (l, (a, st, app, new_cols)), g = one(cols, i, x, f)
+      return (jax.tree.map(jnp.add, sums, (l, a, st, g)), new_cols), app
+
+    ((loss, aux, stats, grads), cols), apps = jax.lax.scan(
+        body, (zeros, cols0), (jnp.arange(grad_accum), micro, micro_fields))
+    loss, aux, stats, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, stats, grads))
+    if apps is not None:   # [k, b/k, ...] -> [b, ...]: batch order
+      apps = jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:]), apps)
+    return loss, aux, stats, apps, cols, grads
+
+  def adversary_step(state, params, mstate, images, fields, rng, step):
+    """One optimiser step of the adversary's parameters (params[k] for k in adv_keys) on
+    `method.adversary_loss`, the other parameters held fixed."""
+    def adv_loss(adv, ms, x, f, r, st):
+      loss, aux = method.adversary_loss({**params, **adv}, ms, x, r, st, **f)
+      return loss, _split_aux(aux)
+    adv = {k: params[k] for k in adv_keys}
+    g = jax.value_and_grad(adv_loss, has_aux=True)
+    loss, aux, _, _, cols, grads = accumulate(g, adv, mstate, images, fields, rng, step)
+    updates, opt_state = adversary_tx.update(grads, state["adversary_opt_state"], adv)
+    adv = optax.apply_updates(adv, updates)
+    metrics = {"adversary/loss": loss, **{f"adversary/{k}": v for k, v in aux.items()}}
+    return {**params, **adv}, merge_collections(mstate, cols), opt_state, metrics
 
   def step_fn(state, batch):
     step = state["step"]
@@ -74,62 +164,68 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
                                         input_cfg.image_size)
       images = method.preprocess(aug_rng, images, input_cfg, on_device_aug)
     params, mstate = state["params"], state["method_state"]
-    labels = batch.get("label")
-    if labels is None:
-      labels = jnp.zeros((batch["image"].shape[0],), jnp.int32)
-    if grad_accum == 1:
-      (loss, aux), grads = grad_fn(params, mstate, images, labels, loss_rng, step)
-    else:
-      b = labels.shape[0]
-      if b % grad_accum:
-        raise TrainingError(f"batch {b} is not divisible by config.optim.grad_accum={grad_accum}")
-      # `images` may be a pytree (several views of the batch): split each leaf.
-      micro = jax.tree.map(lambda x: x.reshape((grad_accum, b // grad_accum) + x.shape[1:]), images)
-      micro_labels = labels.reshape((grad_accum, b // grad_accum))
-
-      def body(carry, i_x_y):
-        i, x, y = i_x_y
-        (l, a), g = grad_fn(params, mstate, x, y, jax.random.fold_in(loss_rng, i), step)
-        return jax.tree.map(jnp.add, carry, (l, a, g)), None
-
-      first = jax.tree.map(lambda x: x[0], micro)
-      (l0, a0), g0 = jax.eval_shape(grad_fn, params, mstate, first, micro_labels[0], loss_rng, step)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
-      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro, micro_labels))
-      loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
+    fields = batch_fields(method, batch)
+    new = dict(state)
+    adv_metrics = {}
+    if adv_keys:
+      with jax.named_scope("adversary"):
+        params, mstate, new["adversary_opt_state"], adv_metrics = adversary_step(
+            state, params, mstate, images, fields, jax.random.fold_in(loss_rng, 1), step)
+    loss, aux, stats, appended, cols, grads = accumulate(grad_fn, params, mstate, images, fields,
+                                                         loss_rng, step)
     # Batch statistics a method's state update needs (e.g. iBOT's centre: the mean teacher
     # output) come back in aux under 'state_stats'; with gradient accumulation they are the
     # mean over the micro-batches, like the loss.
-    aux = dict(aux)
-    stats = aux.pop("state_stats", None)
+    mstate = merge_collections(mstate, cols)
+    if adv_keys:   # the main optimiser owns the other parameters only
+      main = {k: v for k, v in params.items() if k not in adv_keys}
+      grads = {k: v for k, v in grads.items() if k not in adv_keys}
+    else:
+      main = params
     with jax.named_scope("optimizer"):
-      updates, opt_state = tx.update(grads, state["opt_state"], params)
-      params = optax.apply_updates(params, updates)
+      updates, opt_state = tx.update(grads, state["opt_state"], main)
+      params = {**params, **optax.apply_updates(main, updates)}
     with jax.named_scope("method_state"):
-      mstate = method.update_state(params, mstate, step, stats)
+      if appended is None:
+        mstate = method.update_state(params, mstate, step, stats)
+      else:
+        mstate = method.update_state(params, mstate, step, stats, appended=appended)
     with jax.named_scope("metrics"):
       metrics = {"loss": loss, "lr": schedule(step), "grad_norm": optax.tree.norm(grads),
-                 **{f"aux/{k}": v for k, v in aux.items()}}
+                 **{f"aux/{k}": v for k, v in aux.items()}, **adv_metrics}
     if "bad" in batch:
       metrics["data/bad_images"] = jnp.sum(batch["bad"])
-    new = dict(state, step=step + 1, params=params, opt_state=opt_state, method_state=mstate)
+    new.update(step=step + 1, params=params, opt_state=opt_state, method_state=mstate)
     return new, metrics
 
   return step_fn
 
 
 def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
-                         total_steps: Optional[int] = None):
+                         total_steps: Optional[int] = None, steps_per_epoch: int = 1):
   """The initial train state on `mesh`, its shardings, the batch sharding and the jitted step
   (shared by `Trainer.create` and benchmarks/speed.py, so the benchmark times this step)."""
   size = config.input.image_size
   dummy = jnp.zeros((2, size, size, 3), jnp.float32)
   prng, srng = jax.random.split(jax.random.PRNGKey(config.seed))
-  # The weight-decay mask depends only on the parameters' structure, so one optimiser built
-  # from their shapes serves both the initial state and the step.
-  tx = optim.make_optimizer(config.optim, schedule,
-                            method.decay_mask(jax.eval_shape(method.init, prng, dummy)),
-                            total_steps)
+  # The weight-decay mask and the parameter groups depend only on the parameters' structure,
+  # so one optimiser built from their shapes serves both the initial state and the step.
+  param_shapes = jax.eval_shape(method.init_variables, prng, dummy)["params"]
+  adv_keys = tuple(getattr(method, "adversary_keys", ()) or ())
+  main_shapes = {k: v for k, v in param_shapes.items() if k not in adv_keys}
+  spe = max(1, steps_per_epoch)
+  try:
+    tx = optim.make_optimizer(config.optim, schedule, method.decay_mask(main_shapes), total_steps,
+                              groups=method.param_groups(), steps_per_epoch=spe)
+    adversary_tx = None
+    if adv_keys:
+      adv_cfg = method.adversary_optim_config()
+      adv_schedule = optim.make_schedule(adv_cfg, config.input.batch_size, spe, total_steps or 0)
+      adversary_tx = optim.make_optimizer(
+          adv_cfg, adv_schedule, method.decay_mask({k: param_shapes[k] for k in adv_keys}),
+          total_steps, steps_per_epoch=spe)
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
 
   # Frozen weights read from other runs (a tokenizer, a teacher) enter the method state after
   # the jitted init, so they are never baked into the program as constants.
@@ -137,11 +233,16 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
   external = method.external_state()
 
   def init_fn(prng, srng):
-    params = method.init(prng, dummy)
-    mstate = {**method.init_state(params),
+    variables = method.init_variables(prng, dummy)
+    params = variables["params"]
+    mstate = {**method.initial_state(variables),
               **jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), external)}
-    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                method_state=mstate, rng=srng)
+    state = dict(step=jnp.zeros((), jnp.int32), params=params,
+                 opt_state=tx.init({k: v for k, v in params.items() if k not in adv_keys}),
+                 method_state=mstate, rng=srng)
+    if adv_keys:
+      state["adversary_opt_state"] = adversary_tx.init({k: params[k] for k in adv_keys})
+    return state
 
   shapes = jax.eval_shape(init_fn, prng, srng)
   state_sh = sharding.tree_shardings(mesh, shapes, config.sharding_rules)
@@ -150,7 +251,7 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
     placed = jax.device_put(external, {k: state_sh["method_state"][k] for k in external})
     state = dict(state, method_state={**state["method_state"], **placed})
   step_fn = make_train_step(method, tx, schedule, config.input, on_device_aug,
-                            int(config.optim.get("grad_accum", 1)))
+                            int(config.optim.get("grad_accum", 1)), adversary_tx)
   batch_sh = sharding.batch_sharding(mesh)
   metrics_sh = sharding.replicated(mesh)
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
@@ -184,7 +285,7 @@ class Trainer:
     from mim_jax.data import pipeline
     jax.config.update("jax_threefry_partitionable", True)
     try:
-      vit.check_execution_options(config.model)
+      models.check_config(config.model)
     except ValueError as e:
       raise TrainingError(str(e)) from None
     method = methods.get(config)
@@ -200,7 +301,7 @@ class Trainer:
     total = optim.total_steps(config, spe)
     schedule = optim.make_schedule(config.optim, config.input.batch_size, spe, total)
     state, state_sh, batch_sh, jitted = build_state_and_step(config, method, mesh, schedule,
-                                                             on_device_aug, total)
+                                                             on_device_aug, total, spe)
     return cls(config, method, mesh, loader, state, state_sh, batch_sh, jitted, total, spe,
                on_device_aug)
 
@@ -321,7 +422,7 @@ class Trainer:
         batches=lambda split, bs, limit=None: pipeline.eval_batches(cfg.input, split, bs, limit),
         num_classes=pipeline.num_classes(cfg.input),
         reconstruct=reconstruct, workdir=workdir, step=step, encode_layers=encode_layers,
-        encode_tokens=encode_tokens, loss=None if method.uses_labels else loss)
+        encode_tokens=encode_tokens, loss=None if method.batch_fields else loss)
 
   def evaluate(self, workdir: str) -> dict:
     from mim_jax import evaluators

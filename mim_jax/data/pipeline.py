@@ -154,7 +154,8 @@ class _SkippingSource:
       j = (index + skipped) % n
       try:
         record = self._source[j]
-        return {**self._read(record), "label": np.int32(record["label"]), "bad": np.int32(skipped)}
+        return {**self._read(record), "label": np.int32(record["label"]), "bad": np.int32(skipped),
+                "index": np.int32(j)}
       except Exception as e:  # pylint: disable=broad-except
         if not _warned_bad:
           _warned_bad = True
@@ -395,7 +396,8 @@ class HostDecodeRandomResizedCropFlip:
       return HostRandomResizedCropFlip.random_map(self, element, rng)  # type: ignore[arg-type]
     out, bad, _ = decode_crop_flip(element["image_bytes"], rng, self.size, self.scale,
                                    self.ratio, self.hflip)
-    return {"image": out, "label": element["label"], "bad": np.int32(element["bad"] + bad)}
+    return {"image": out, "label": element["label"], "bad": np.int32(element["bad"] + bad),
+            "index": element["index"]}
 
 
 _BICUBIC_SUPPORT = 2.0
@@ -552,7 +554,8 @@ class HostDecodeRegion(HostDecodeRandomResizedCropFlip):
     else:
       out = decode_region(element["image_bytes"], rng, self.size, self.scale, self.ratio,
                           self.hflip, self.canvas)
-    return {**out, "label": element["label"], "bad": np.int32(element["bad"] + out["bad"])}
+    return {**out, "label": element["label"], "bad": np.int32(element["bad"] + out["bad"]),
+            "index": element["index"]}
 
 
 class PackRegions:
@@ -600,7 +603,7 @@ class PackRegions:
         offset[i] = pos
         pos += flat.size // 3
     out = {"image": image, "offset": offset}
-    for key in ("valid", "flip", "host_resized", "bad", "label"):
+    for key in ("valid", "flip", "host_resized", "bad", "label", "index"):
       out[key] = np.stack([r[key] for r in records])
     edges = np.stack([r["edges"] for r in records])
     out["box"] = np.concatenate([edges[:, :2], edges[:, 2:] - edges[:, :2]], 1).astype(np.float32)
@@ -666,7 +669,9 @@ class TrainLoader:
   """An endless iterator of local training batches with checkpointable state.
 
   Yields ``{'image': uint8 [local_batch, H, W, 3], 'label': int32 [local_batch],
-  'bad': int32 [local_batch]}``. ``get_state()`` / ``set_state(state)`` (bytes) save and
+  'bad': int32 [local_batch], 'index': int32 [local_batch]}``; 'index' is each example's
+  position in the pretraining split (the record actually read, after any skip), the same for
+  any process count and epoch (memory banks write there). ``get_state()`` / ``set_state(state)`` (bytes) save and
   restore the position; they and ``start_prefetch()`` make the loader usable directly as the
   item of ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``.
 
@@ -704,13 +709,13 @@ class TrainLoader:
     batch = next(self._iterator)
     if self._images is None:
       out = {"image": batch["image"], "label": batch["label"].astype(np.int32),
-             "bad": batch["bad"].astype(np.int32)}
+             "bad": batch["bad"].astype(np.int32), "index": batch["index"].astype(np.int32)}
       if "offset" in batch:   # input.device_resize: what the step needs to resample the regions
         out.update({k: batch[k] for k in ("offset", "box", "valid", "flip", "host_resized")})
       return out
     index = np.asarray(batch)[self._index_slice]
     return {"image": self._images[index], "label": self._labels[index],
-            "bad": np.zeros(index.shape[0], np.int32)}
+            "bad": np.zeros(index.shape[0], np.int32), "index": index.astype(np.int32)}
 
   def get_state(self) -> bytes:
     """The iterator position (grain's JSON state, bytes)."""

@@ -48,7 +48,8 @@ class EvalContext:
       methods without a pixel reconstruction.
     workdir: directory for files written by evaluators.
     step: training step the evaluation belongs to.
-    encode_layers: ``encode_layers(images_uint8, pooling)`` -> {name: [B, depth + 1, D]}: every
+    encode_layers: ``encode_layers(images_uint8, pooling)`` -> {name: list of [B, D_i]} (or a
+      stacked [B, depth + 1, D]): every
       block's output pooled ('cls' | 'mean'), before the final norm, then the final-norm
       output (the last entry equals ``encode``'s features for that pooling).
     encode_tokens: ``encode_tokens(images_uint8)`` -> {name: [B, 1 + L, D]} final-norm tokens.

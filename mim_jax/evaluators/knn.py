@@ -41,15 +41,32 @@ def check_pooling(pooling, who: str) -> str:
   return pooling
 
 
+def as_layer_list(layers) -> list:
+  """Per-layer features as a list of [B, D_i] (widths may differ: CNN stages); a stacked
+  [B, layers, D] array (equal widths) is split along its layer axis."""
+  if isinstance(layers, (list, tuple)):
+    return list(layers)
+  return [layers[:, i] for i in range(layers.shape[1])]
+
+
 def extract_layers(ctx: common.EvalContext, split: str, batch_size: int, limit, pooling: str):
-  """Every block's pooled output ``({name: float32 [N, depth + 1, D]}, labels [N])``: entry
-  i < depth is block i's output (before the final norm), entry depth the final-norm output."""
+  """Every block's (stage's) pooled output ``({name: [float32 [N, D_i] per layer]}, labels
+  [N])``: entry i < last is block i's output (before a ViT's final norm), the last entry the
+  final output."""
   if ctx.encode_layers is None:
     raise ValueError("per-block features need ctx.encode_layers; build the EvalContext with it "
                      "(Trainer.eval_context does)")
   check_pooling(pooling, "per-block features")
-  return common.extract_outputs(ctx, split, batch_size, limit, ("layers", pooling),
-                         lambda x: ctx.encode_layers(x, pooling))
+
+  def encode(x):   # one flat {name/i: [B, D_i]} per batch, regrouped below
+    return {(name, i): f for name, layers in ctx.encode_layers(x, pooling).items()
+            for i, f in enumerate(as_layer_list(layers))}
+
+  flat, labels = common.extract_outputs(ctx, split, batch_size, limit, ("layers", pooling), encode)
+  out: dict = {}
+  for (name, i), f in sorted(flat.items(), key=lambda kv: kv[0]):
+    out.setdefault(name, []).append(f)
+  return out, labels
 
 
 def parse_feature(feature) -> Optional[int]:
@@ -71,11 +88,11 @@ def select_features(ctx: common.EvalContext, split: str, batch_size: int, limit,
   if block is None:
     return common.extract_features(ctx, split, batch_size, common.cap(limit))
   layers, labels = extract_layers(ctx, split, batch_size, limit, pooling)
-  depth = next(iter(layers.values())).shape[1] - 1
+  depth = len(next(iter(layers.values()))) - 1
   if not 0 <= block < depth:
     raise ValueError(f"feature {feature!r}: the encoder has {depth} blocks (block:0 .. "
                      f"block:{depth - 1}); use 'final' for the final-norm output")
-  return {name: f[:, block] for name, f in layers.items()}, labels
+  return {name: f[block] for name, f in layers.items()}, labels
 
 
 # ----------------------------------------------------------------------------- scores

@@ -23,15 +23,17 @@ def layer_accuracies(train: np.ndarray, train_y: np.ndarray, evals: np.ndarray,
                      eval_y: np.ndarray, num_classes: int, classifier: str, *, k: int = 20,
                      temperature: float = 0.07, probe: linear_probe.ProbeConfig = None,
                      bank_chunk: int = 16384) -> list[float]:
-  """Top-1 (percent) of each layer: ``train`` / ``evals`` are [N, layers, D]."""
+  """Top-1 (percent) of each layer: ``train`` / ``evals`` are lists of [N, D_i] per layer (or
+  stacked [N, layers, D])."""
   accs = []
-  for layer in range(train.shape[1]):
+  train, evals = knn.as_layer_list(train), knn.as_layer_list(evals)
+  for layer in range(len(train)):
     if classifier == "knn":
-      scores = knn.knn_scores(train[:, layer], train_y, evals[:, layer], num_classes, k=k,
+      scores = knn.knn_scores(train[layer], train_y, evals[layer], num_classes, k=k,
                               temperature=temperature, bank_chunk=bank_chunk)
     else:
-      params, norm, _ = linear_probe.fit(train[:, layer], train_y, num_classes, probe)
-      scores = linear_probe.predict_scores(params, norm, evals[:, layer])
+      params, norm, _ = linear_probe.fit(train[layer], train_y, num_classes, probe)
+      scores = linear_probe.predict_scores(params, norm, evals[layer])
     accs.append(common.topk_accuracy(scores, eval_y, ks=(1,))[1])
   return accs
 

@@ -1,22 +1,36 @@
 """The method interface: what the one trainer needs from a pretraining method.
 
 A method declares
-  * its trainable parameters (`init`), a dict with at least an 'encoder' entry;
+  * its trainable parameters (`init`), a dict with at least an 'encoder' entry, or, for
+    models with other Flax collections (BatchNorm's 'batch_stats'), all its variables
+    (`init_variables`: {'params': ..., 'batch_stats': {'encoder': ...}}, keyed like params);
   * its extra, non-trainable state (`init_state`): EMA teachers, queues, centres, frozen
-    tokenizers ... anything the step carries from one iteration to the next;
-  * its loss, a pure function of (params, state, images, rng) (`loss`);
-  * its per-step state update after the optimiser step (`update_state`), which also receives
-    the batch statistics the loss returned in its metrics under 'state_stats' (a centre's
-    batch mean, say);
+    tokenizers ... anything the step carries from one iteration to the next. The non-param
+    collections of the trained models live there too, under 'collections' (see
+    `variables`), so they reach the loss, the evaluators and the checkpoints with the rest;
+  * its loss, a pure function of (params, state, images, rng, step) and of the batch fields it
+    reads (`batch_fields`: 'label', 'index', passed as keyword arguments), returning
+    (loss, aux). Three entries of aux go back to the state instead of the logs:
+      'state_stats'   batch statistics for `update_state` (a centre's batch mean), averaged
+                      over gradient-accumulation micro-batches like the loss;
+      'state_append'  per-example records (keys to enqueue, features for a memory bank),
+                      leading axis the micro-batch, concatenated over micro-batches in batch
+                      order and handed to `update_state(..., appended=...)`;
+      'collections'   the new values of mutable model collections ({'batch_stats':
+                      {'encoder': ...}}, from `apply(..., mutable=[...])`), threaded through
+                      the micro-batches in order as PyTorch's running statistics are;
+  * its per-step state update after the optimiser step (`update_state`);
   * optionally its own view of the batch (`preprocess`: several augmented views, say) and
     frozen weights loaded from other runs (`external_state`: a tokenizer, a teacher);
   * the features evaluators read (`features`), one entry per encoder worth evaluating;
   * optionally a reconstruction for the picture (`reconstruct`) and a weight-decay mask.
 
-The trainer never branches on the method: it calls these, jits them, shards their pytrees
-and checkpoints `state` beside the parameters. This base class also carries the one small
-stateful feature every method gets for free: an optional EMA of the encoder
-(`config.ema.decay`), evaluated beside the online encoder.
+The backbone is `config.model.name`'s (mim_jax.models): `self.encoder`, one forward pass, and
+`models.outputs` for the named evaluation outputs. The trainer never branches on the method:
+it calls these, jits them, shards their pytrees and checkpoints `state` beside the
+parameters. This base class also carries the one small stateful feature every method gets
+for free: an optional EMA of the encoder (`config.ema.decay`), evaluated beside the online
+encoder.
 """
 from __future__ import annotations
 
@@ -26,8 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mim_jax import teachers
-from mim_jax.models import vit
+from mim_jax import models, teachers
 
 PyTree = Any
 
@@ -52,17 +65,21 @@ class Method:
   """Base class; subclasses set `name` and implement `init`, `loss` (and `reconstruct`)."""
 
   name: str = "base"
-  # True for methods whose loss needs the batch's labels (fine-tuning): the trainer then calls
-  # loss(..., labels=int32 [B]).
-  uses_labels: bool = False
+  # The batch fields the loss reads besides the images, passed as keyword arguments of the
+  # same name: 'label' (int32 [B]) and 'index' (int32 [B]: the example's position in the
+  # training split, the same for any process count and epoch).
+  batch_fields: tuple[str, ...] = ()
   # Parameter names (last path element) never decayed besides 1-D parameters.
   no_decay_names: tuple[str, ...] = ()
+  # Top-level parameter entries of an adversary (a discriminator) trained by its own loss
+  # (`adversary_loss`) and optimiser (`adversary_optim_config`) in the same step, before the
+  # main loss, which then sees the updated adversary; the main optimiser leaves them alone.
+  adversary_keys: tuple[str, ...] = ()
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.image_size = config.input.image_size
-    self.encoder = vit.vit_from_config(config.model, self.image_size,
-                                       **self.encoder_overrides())
+    self.encoder = models.build(config.model, self.image_size, **self.encoder_overrides())
     self.pooling = config.get("pooling", "cls")
     ema = config.get("ema", None)
     self.ema_decay = float(ema.decay) if ema is not None and ema.get("enabled", False) else None
@@ -87,10 +104,30 @@ class Method:
   def init(self, rng: jax.Array, images: jax.Array) -> PyTree:
     raise NotImplementedError
 
+  def init_variables(self, rng: jax.Array, images: jax.Array) -> dict:
+    """{'params': the trainable tree, <collection>: {module name: ...}}: what the trainer
+    initialises. Methods whose models keep other Flax collections (BatchNorm statistics)
+    override this instead of `init`."""
+    return {"params": self.init(rng, images)}
+
   def loss(self, params: PyTree, state: PyTree, images: jax.Array, rng: jax.Array,
            step: jax.Array) -> tuple[jax.Array, dict]:
     """Returns (scalar loss, metrics dict of scalars). `images` are normalised, NHWC, float."""
     raise NotImplementedError
+
+  def param_groups(self) -> tuple:
+    """The method's optimiser groups, ((regex, spec), ...) as config.optim.param_groups (see
+    optim.GROUP_KEYS), after the config's: parameters it freezes, say."""
+    return ()
+
+  def adversary_loss(self, params: PyTree, state: PyTree, images: jax.Array, rng: jax.Array,
+                     step: jax.Array, **fields) -> tuple[jax.Array, dict]:
+    """The adversary's loss (differentiated with respect to params[k], k in adversary_keys)."""
+    raise NotImplementedError(f"{self.name} declares adversary_keys but no adversary_loss")
+
+  def adversary_optim_config(self) -> ml_collections.ConfigDict:
+    """The adversary's optimiser settings (keys as config.optim)."""
+    raise NotImplementedError(f"{self.name} declares adversary_keys but no adversary_optim_config")
 
   def reconstruct(self, params: PyTree, state: PyTree, images: jax.Array,
                   rng: jax.Array) -> Optional[dict]:
@@ -115,42 +152,94 @@ class Method:
       state["ema_encoder"] = jax.tree.map(jnp.copy, params["encoder"])
     return state
 
+  def initial_state(self, variables: dict) -> PyTree:
+    """The state the trainer starts from: `init_state(params)`, plus the models' non-param
+    collections under 'collections' (and their EMA under 'ema_collections' when the encoder
+    has an EMA: timm's ModelEmaV2 averages buffers with the weights)."""
+    params = variables["params"]
+    state = dict(self.init_state(params))
+    collections = {k: v for k, v in variables.items() if k != "params"}
+    if collections:
+      state["collections"] = collections
+      if "ema_encoder" in state:
+        ema = {k: {"encoder": jax.tree.map(jnp.copy, v["encoder"])}
+               for k, v in collections.items() if "encoder" in v}
+        if ema:
+          state["ema_collections"] = ema
+    return state
+
   def update_state(self, params: PyTree, state: PyTree, step: jax.Array,
                    stats: Optional[PyTree] = None) -> PyTree:
+    """After the optimiser step. Methods whose loss returns 'state_append' take a keyword
+    argument `appended` (its records for the whole batch, in batch order)."""
     if self.ema_decay is None:
       return state
-    return {**state, "ema_encoder": ema_update(state["ema_encoder"], params["encoder"], self.ema_decay)}
+    new = {**state, "ema_encoder": ema_update(state["ema_encoder"], params["encoder"], self.ema_decay)}
+    if "ema_collections" in state:
+      new["ema_collections"] = {
+          k: {"encoder": ema_update(v["encoder"], state["collections"][k]["encoder"], self.ema_decay)}
+          for k, v in state["ema_collections"].items()}
+    return new
+
+  # -- variables ------------------------------------------------------------------------------
+  @staticmethod
+  def variables(params: PyTree, state: PyTree, name: str = "encoder") -> dict:
+    """The Flax variables of the trained module `name`: {'params': params[name]} plus its
+    entry of every collection in state['collections'] (BatchNorm's 'batch_stats')."""
+    out = {"params": params[name]}
+    for col, tree in (state or {}).get("collections", {}).items():
+      if name in tree:
+        out[col] = tree[name]
+    return out
 
   def features(self, params: PyTree, state: PyTree, images: jax.Array) -> dict[str, jax.Array]:
     """Pooled, frozen-encoder features of un-masked images, for kNN and the linear probe."""
-    return {name: self.encode(p, images) for name, p in self._encoders(params, state).items()}
+    return {name: self.outputs(v, images)["pooled"]
+            for name, v in self.encoder_variables(params, state).items()}
+
+  def outputs(self, variables: dict, images: jax.Array, layers: bool = False,
+              pooling: Optional[str] = None) -> dict:
+    """The backbone's named evaluation outputs (mim_jax.models.outputs) under `variables`."""
+    return models.outputs(self.encoder, variables, images, pooling=pooling or self.pooling,
+                          layers=layers)
 
   def encode(self, encoder_params: PyTree, images: jax.Array) -> jax.Array:
-    tokens = self.encoder.apply({"params": encoder_params}, images)
-    return vit.pool(tokens, self.pooling).astype(jnp.float32)
+    """Pooled features of an encoder given by its parameters alone (no other collection)."""
+    return self.outputs({"params": encoder_params}, images)["pooled"]
 
   def _encoders(self, params: PyTree, state: PyTree) -> dict[str, PyTree]:
+    """{name: encoder parameters} of the encoders worth evaluating; methods with a teacher
+    add it here."""
     out = {"online": params["encoder"]}
     if self.ema_decay is not None:
       out["ema"] = state["ema_encoder"]
     return out
 
-  def layer_features(self, params: PyTree, state: PyTree, images: jax.Array,
-                     pooling: str) -> dict[str, jax.Array]:
-    """Every block's output pooled ('cls' | 'mean'), [B, depth + 1, D] per encoder: entry i < depth
-    is block i's output (before the final norm), the last entry the final-norm output that
-    `features` uses."""
+  def encoder_variables(self, params: PyTree, state: PyTree) -> dict[str, dict]:
+    """`_encoders` as Flax variables: the online encoder with its collections, the EMA with
+    the EMA of them, any other encoder (a teacher) with its parameters."""
     out = {}
     for name, p in self._encoders(params, state).items():
-      tokens, inter = self.encoder.apply({"params": p}, images, mutable=["intermediates"])
-      blocks = list(inter["intermediates"]["encoder"]["block_outputs"]) + [tokens]
-      out[name] = jnp.stack([vit.pool(t, pooling) for t in blocks], axis=1).astype(jnp.float32)
+      v = {"params": p}
+      source = {"online": "collections", "ema": "ema_collections"}.get(name)
+      for col, tree in (state or {}).get(source, {}).items() if source else ():
+        if "encoder" in tree:
+          v[col] = tree["encoder"]
+      out[name] = v
     return out
 
+  def layer_features(self, params: PyTree, state: PyTree, images: jax.Array,
+                     pooling: str) -> dict[str, list]:
+    """Every block's (stage's) output pooled, a list of [B, D_i] per encoder: entry i < last is
+    block i's output (before a ViT's final norm), the last entry the features `features`
+    uses. Widths may differ between entries (CNN stages)."""
+    return {name: self.outputs(v, images, layers=True, pooling=pooling)["layers"]
+            for name, v in self.encoder_variables(params, state).items()}
+
   def token_features(self, params: PyTree, state: PyTree, images: jax.Array) -> dict[str, jax.Array]:
-    """All final-norm tokens [B, 1 + L, D] per encoder (cls first), for attentive probes."""
-    return {name: self.encoder.apply({"params": p}, images).astype(jnp.float32)
-            for name, p in self._encoders(params, state).items()}
+    """All final tokens [B, N, D] per encoder (a ViT's cls first), for attentive probes."""
+    return {name: self.outputs(v, images)["tokens"]
+            for name, v in self.encoder_variables(params, state).items()}
 
   def decay_mask(self, params: PyTree) -> PyTree:
     """True where weight decay applies: every parameter of 2 or more dims not named in
@@ -161,5 +250,6 @@ class Method:
 
   def describe(self) -> dict:
     """A JSON-able identity of the model, compared on resume to refuse a foreign checkpoint."""
-    return {"method": self.name, "model": self.config.model.to_dict(),
-            "image_size": self.image_size}
+    model = self.config.model.to_dict()
+    model.setdefault("name", models.name_of(self.config.model))
+    return {"method": self.name, "model": model, "image_size": self.image_size}

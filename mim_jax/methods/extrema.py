@@ -15,6 +15,9 @@ Exact to microsoft/ExtreMA (`lib/builder.py`, `vits.py`, `main.py`, `lib/augment
     build the cls token; final LayerNorm (eps 1e-6) over [cls, patches]; the image embedding is
     the normalised cls token. Linear weights xavier-uniform, biases 0, cls token N(0, .02),
     patch-embedding kernel xavier-uniform and bias PyTorch's Conv2d default U(+-1/sqrt(fan_in)).
+    That is `vit.ViT` with `class_attention_layers` (`encoder_overrides`), so the encoder
+    honours the config's execution options like every other; parameters patch_embed,
+    cls_token, encoder/blockNN, ca_blockNN, norm.
   * projector (the encoders' `head`): Linear(D, mlp_dim) LN GELU Linear(mlp_dim, mlp_dim) LN GELU
     Linear(mlp_dim, proj_dim); predictor: Linear(proj_dim, mlp_dim) LN GELU
     Linear(mlp_dim, proj_dim). LayerNorm (eps 1e-5), not BatchNorm, in both; xavier-uniform
@@ -46,7 +49,7 @@ Deviations are listed in configs/extrema.py.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -58,112 +61,6 @@ from mim_jax.models import vit
 
 PyTree = Any
 Dtype = Any
-
-
-# ---------------------------------------------------------------------------------------------
-# The encoder: plain blocks on the patch tokens, then class-attention blocks (vits.py).
-
-class ClassAttention(nn.Module):
-  """CaiT's class attention: the first token queries all tokens, output [B, 1, D]."""
-  num_heads: int
-  qkv_bias: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, u):
-    b, n, d = u.shape
-    h = self.num_heads
-    dense = lambda name, bias=self.qkv_bias: nn.Dense(  # noqa: E731
-        d, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=vit.xavier_uniform, name=name)
-    q = dense("q")(u[:, :1]).reshape(b, 1, h, d // h)
-    k = dense("k")(u).reshape(b, n, h, d // h)
-    v = dense("v")(u).reshape(b, n, h, d // h)
-    out = vit.attention(q, k, v).reshape(b, 1, d)
-    return dense("proj", True)(out)
-
-
-class ClassAttentionBlock(nn.Module):
-  """vits.Block_CA: cls += g1 * CA(LN([cls, x])); cls += g2 * MLP(LN(cls)). No drop path."""
-  num_heads: int
-  init_values: float = 0.1
-  mlp_ratio: float = 4.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, cls):
-    d = cls.shape[-1]
-    u = vit.layer_norm("norm1", self.param_dtype)(jnp.concatenate([cls, x], axis=1))
-    y = ClassAttention(self.num_heads, True, self.dtype, self.param_dtype, name="attn")(u)
-    g1 = self.param("gamma_1", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
-    cls = cls + (y * g1).astype(cls.dtype)
-    y = vit.layer_norm("norm2", self.param_dtype)(cls)
-    y = vit.Mlp(int(d * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
-    g2 = self.param("gamma_2", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
-    return cls + (y * g2).astype(cls.dtype)
-
-
-class ExtremaViT(nn.Module):
-  """ExtreMA's ViT (vits.VisionTransformer).
-
-  `__call__(images, keep_ids=None)` returns the final-norm tokens [B', 1 + K, D], cls first
-  (as `vit.ViT`, so the base class's `encode` / `token_features` apply). keep_ids [B, K]
-  keeps those patches; keep_ids [M, B, K] makes M masked copies of every image from one patch
-  embedding, mask-major (B' = M B, row m B + b is image b under mask m).
-  Parameters: patch_embed, cls_token, encoder/blockNN (`vit.Encoder` without its final
-  norm, whose `block_outputs` are sown as usual), ca_blockNN, norm.
-  """
-  variant: str = "base"
-  depth: int = 0
-  patch_size: int = 16
-  image_size: int = 224
-  qkv_bias: str = "qkv"
-  init_values: Optional[float] = None     # layer scale of the plain blocks (official: none)
-  drop_path: float = 0.0
-  class_attention_layers: int = 2
-  ca_init_values: float = 0.1
-  remat: bool = False
-  attn_impl: Optional[str] = None
-  attn_pad: int = -1
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @property
-  def grid(self) -> int:
-    return self.image_size // self.patch_size
-
-  @property
-  def width(self) -> int:
-    return vit.variant(self.variant)[0]
-
-  @nn.compact
-  def __call__(self, images, keep_ids=None, deterministic=True):
-    width, depth, heads = vit.variant(self.variant)
-    depth = self.depth or depth
-    p = self.patch_size
-    x = vit.PatchEmbed(p, width, bias_init=vit.torch_default_uniform(p * p * images.shape[-1]),
-                       dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
-    x = x.astype(jnp.float32)
-    b, n, _ = x.shape
-    if n != self.grid ** 2:
-      raise ValueError(f"got {n} patches, the model was built for image_size={self.image_size}")
-    x = x + jnp.asarray(vit.sincos_2d(width, self.grid))[None]
-    cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, width), self.param_dtype)
-    if keep_ids is not None:
-      if keep_ids.ndim == 3:
-        x = jnp.concatenate([vit.take_rows(x, ids) for ids in keep_ids], axis=0)
-      else:
-        x = vit.take_rows(x, keep_ids)
-    x = vit.Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, "xavier",
-                    self.remat, self.attn_impl, False, self.dtype, self.param_dtype, self.attn_pad,
-                    name="encoder")(x, None, deterministic)
-    c = jnp.broadcast_to(cls.astype(jnp.float32), (x.shape[0], 1, width))
-    for i in range(self.class_attention_layers):
-      c = ClassAttentionBlock(heads, self.ca_init_values, 4.0, self.dtype, self.param_dtype,
-                              name=f"ca_block{i:02d}")(x, c)
-    return vit.layer_norm("norm", self.param_dtype)(jnp.concatenate([c, x], axis=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,18 +136,13 @@ class ExtreMA(Method):
     if m.get("pos_embed", "sincos") != "sincos" or m.get("rel_pos_bias", "none") != "none":
       raise ValueError("ExtreMA's ViT has a fixed sin-cos position embedding and no relative "
                        "position bias: set config.model.pos_embed='sincos', rel_pos_bias='none'")
+    if m.get("init_style", "xavier") != "xavier":
+      raise ValueError("ExtreMA's ViT is initialised as vits.py does (xavier-uniform Linear "
+                       "layers): set config.model.init_style='xavier'")
     if int(c.class_attention_layers) < 1:
       raise ValueError("extrema.class_attention_layers must be >= 1 (they build the cls token)")
     dtype = jnp.dtype(m.get("dtype", "float32"))
     param_dtype = jnp.dtype(m.get("param_dtype", "float32"))
-    self.encoder = ExtremaViT(
-        variant=m.variant, depth=m.get("depth", 0), patch_size=m.patch_size,
-        image_size=self.image_size, qkv_bias=m.get("qkv_bias", "qkv"),
-        init_values=m.get("init_values", 0.0) or None, drop_path=m.get("drop_path", 0.0),
-        class_attention_layers=int(c.class_attention_layers),
-        ca_init_values=float(c.layer_scale_init_value), remat=m.get("remat", False),
-        attn_impl=m.get("attn_impl", "") or None, attn_pad=m.get("attn_pad", -1),
-        dtype=dtype, param_dtype=param_dtype)
     self.num_patches = self.encoder.grid ** 2
     self.mask_ratio = float(c.mask_ratio)
     self.num_masks = int(c.num_masks)
@@ -260,6 +152,13 @@ class ExtreMA(Method):
                     self.disjoint)   # checks the settings now, with a message
     self.projector = MLPHead(3, int(c.mlp_dim), int(c.proj_dim), dtype, param_dtype)
     self.predictor = MLPHead(2, int(c.mlp_dim), int(c.proj_dim), dtype, param_dtype)
+
+  def encoder_overrides(self) -> dict:
+    """vits.py's model as `vit.ViT` options: the class-attention blocks that build the cls
+    token, and the patch conv's bias left at PyTorch's Conv2d default."""
+    c = self.config.extrema
+    return {"class_attention_layers": int(c.class_attention_layers),
+            "ca_init_values": float(c.layer_scale_init_value), "patch_bias_init": "torch"}
 
   # -- pieces ---------------------------------------------------------------------------------
   def momentum(self, step) -> jax.Array:

@@ -193,7 +193,7 @@ def merge_pretrained(init: dict, loaded: dict, workdir: str) -> dict:
 
 class FineTune(Method):
   name = "finetune"
-  uses_labels = True
+  batch_fields = ("label",)
   # timm VisionTransformer.no_weight_decay(): {'pos_embed', 'cls_token'} (+ 1-D parameters).
   no_decay_names = ("pos_embed", "cls_token")
 
@@ -275,9 +275,11 @@ class FineTune(Method):
                                      prob=float(a.mixup_prob), switch_prob=float(a.mixup_switch_prob),
                                      smoothing=float(a.smoothing))
 
-  def loss(self, params, state, images, rng, step, labels=None):
-    if labels is None:
-      raise ValueError("the finetune method needs labels: the trainer passes them when uses_labels is True")
+  def loss(self, params, state, images, rng, step, label=None):
+    if label is None:
+      raise ValueError("the finetune method needs labels: the trainer passes them as it reads "
+                       "batch_fields ('label',)")
+    labels = label
     k_aug, k_drop = jax.random.split(rng)
     x, targets, aux = self.augment(k_aug, images, labels)
     _, logits = self.classify(params, x, train=True, rng=k_drop)

@@ -29,8 +29,9 @@ Exact to bytedance/ibot:
   * models/vision_transformer.py: the masked patch embeddings are replaced by a learnable
     `masked_embed` (zeros at init) before the position embedding is added; local crops use the
     position embedding interpolated bicubically as `interpolate_pos_encoding` does
-    (`torch_bicubic_matrix`: PyTorch's a = -0.75 kernel, align_corners=False, scale factor
-    (grid + 0.1) / N^0.5). Student drop path `model.drop_path` (0.1), teacher none.
+    (`vit.interpolate_pos_embed`: PyTorch's a = -0.75 kernel, align_corners=False, scale
+    factor (grid + 0.1) / N^0.5), inside the one ViT forward (`vit.ViT` at the crop's size).
+    Student drop path `model.drop_path` (0.1), teacher none.
   * models/head.py `iBOTHead`: MLP in -> 2048 -> 2048 -> 256 (GELU, no norm), l2-normalised,
     then a weight-normalised linear layer without bias (torch weight_norm over the input
     dimension, g = 1 and frozen when norm_last_layer, else trained) to out_dim for the cls
@@ -306,42 +307,7 @@ class IBOTHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Position embedding interpolation (DINO / iBOT interpolate_pos_encoding).
-
-def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float) -> np.ndarray:
-  """[out_size, in_size] matrix of torch.nn.functional.interpolate(mode='bicubic',
-  align_corners=False, scale_factor=scale_factor) along one axis: source coordinate
-  (i + 0.5) / scale_factor - 0.5, Keys' cubic kernel with a = -0.75, indices clamped."""
-  a = -0.75
-
-  def near(x):   # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-
-  def far(x):    # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-  m = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    src = (i + 0.5) / scale_factor - 0.5
-    x0 = math.floor(src)
-    t = src - x0
-    for k, w in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
-      m[i, min(max(x0 + k, 0), in_size - 1)] += w
-  return m
-
-
-def interpolate_pos_embed(table: jax.Array, grid: int, out_h: int, out_w: int) -> jax.Array:
-  """[1, 1 + grid^2, D] position table (cls first) -> [1, 1 + out_h * out_w, D], unchanged at
-  the native grid, else the patch part resized bicubically with scale (out + 0.1) / grid."""
-  if (out_h, out_w) == (grid, grid):
-    return table
-  d = table.shape[-1]
-  mh = jnp.asarray(torch_bicubic_matrix(grid, out_h, (out_h + 0.1) / grid), jnp.float32)
-  mw = jnp.asarray(torch_bicubic_matrix(grid, out_w, (out_w + 0.1) / grid), jnp.float32)
-  patch = table[0, 1:].reshape(grid, grid, d).astype(jnp.float32)
-  out = jnp.einsum("ij,jkd,lk->ild", mh, patch, mw).reshape(1, out_h * out_w, d)
-  return jnp.concatenate([table[:, :1].astype(jnp.float32), out], axis=1)
-
+# Initialisation.
 
 def official_init(rng: jax.Array, encoder_params: PyTree) -> PyTree:
   """Redraws a mim_jax ViT's parameters as iBOT's VisionTransformer initialises them."""
@@ -397,7 +363,6 @@ class IBOT(Method):
               norm_last_layer=bool(c.norm_last_layer), dtype=dtype)
     self.head = IBOTHead(shared=self.shared, **kw)
     self.teacher_head = IBOTHead(shared=self.shared_teacher, **kw)
-    self.drop_path = float(m.get("drop_path", 0.0))
 
   def encoder_overrides(self) -> dict:
     return {"use_mask_token": True}
@@ -427,43 +392,6 @@ class IBOT(Method):
     return cosine_momentum(step, self.run_steps()[1], float(self.c.momentum_teacher))
 
   # -- networks -----------------------------------------------------------------------------
-  def pos_table(self, p: PyTree) -> Optional[jax.Array]:
-    e = self.encoder
-    if e.pos_embed == "none":
-      return None
-    if e.pos_embed == "sincos":
-      return jnp.asarray(vit.sincos_2d(e.width, self.grid, cls_token=True))[None]
-    return p["pos_embed"]
-
-  def backbone(self, p: PyTree, images: jax.Array, mask: Optional[jax.Array] = None,
-               rng: Optional[jax.Array] = None) -> jax.Array:
-    """The ViT's forward at any image size (a multiple of the patch): encoder params `p`,
-    images [N, h, w, 3], mask [N, L] (1 = use the mask token), rng for drop path (None = no
-    drop path) -> final-norm tokens [N, 1 + L, D]. At the native size it equals
-    self.encoder.apply; elsewhere the position table is interpolated."""
-    e = self.encoder
-    width, depth, heads = vit.variant(e.variant)
-    depth = e.depth or depth
-    x = vit.PatchEmbed(e.patch_size, width, dtype=e.dtype, param_dtype=e.param_dtype).apply(
-        {"params": p["patch_embed"]}, images).astype(jnp.float32)
-    n, l, _ = x.shape
-    if mask is not None:
-      w = mask.reshape(n, l, 1).astype(x.dtype)
-      x = x * (1 - w) + p["mask_token"].astype(x.dtype) * w
-    cls = p["cls_token"].astype(x.dtype)
-    table = self.pos_table(p)
-    if table is not None:
-      pe = interpolate_pos_embed(table, self.grid, images.shape[1] // e.patch_size,
-                                 images.shape[2] // e.patch_size)
-      x = x + pe[:, 1:].astype(x.dtype)
-      cls = cls + pe[:, :1].astype(x.dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, width)), x], axis=1)
-    enc = vit.Encoder(depth, heads, 4.0, e.qkv_bias, e.init_values, e.drop_path, e.init_style,
-                      e.remat, e.attn_impl, True, e.dtype, e.param_dtype, e.attn_pad)
-    train = rng is not None and self.drop_path > 0
-    return enc.apply({"params": p["encoder"]}, x, None, not train,
-                     rngs={"dropout": rng} if train else None)
-
   def teacher_params(self, params: PyTree) -> PyTree:
     """The student parameters the teacher mirrors (utils: names common to both networks)."""
     head = dict(params["head"])
@@ -526,17 +454,21 @@ class IBOT(Method):
     keep_last = (jnp.asarray(step) >= int(round(float(c.freeze_last_layer) * spe))).astype(jnp.float32)
     params = shape_gradients(params, keep_last, float(c.clip_grad))
 
+    # One ViT forward for every view: the teacher's without drop path, the student's masked
+    # global views and its local views (position table interpolated at their size) with it.
     teacher = jax.lax.stop_gradient(state["teacher"])
-    t_cls, t_patch = self.teacher_head.apply({"params": teacher["head"]},
-                                             self.backbone(teacher["encoder"], gv))
-    s_cls, s_patch = self.head.apply({"params": params["head"]},
-                                     self.backbone(params["encoder"], gv, masks, k_drop))
+    t_tokens = self.encoder.apply({"params": teacher["encoder"]}, gv)
+    t_cls, t_patch = self.teacher_head.apply({"params": teacher["head"]}, t_tokens)
+    s_tokens = self.encoder.apply({"params": params["encoder"]}, gv, mask=masks, deterministic=False,
+                                  rngs={"dropout": k_drop})
+    s_cls, s_patch = self.head.apply({"params": params["head"]}, s_tokens)
     s_cls = s_cls.reshape(g, b, -1)
     if "local" in images:
       loc = images["local"].astype(jnp.float32)
       nl = loc.shape[1]
       lv = jnp.swapaxes(loc, 0, 1).reshape((nl * b,) + loc.shape[2:])
-      l_tokens = self.backbone(params["encoder"], lv, None, k_drop_local)
+      l_tokens = self.encoder.apply({"params": params["encoder"]}, lv, deterministic=False,
+                                    rngs={"dropout": k_drop_local})
       l_cls, _ = self.head.apply({"params": params["head"]}, l_tokens[:, 0], patches=False)
       s_cls = jnp.concatenate([s_cls, l_cls.reshape(nl, b, -1)], axis=0)
 

@@ -222,34 +222,24 @@ class PCAE(Method):
     shuffle = jnp.argsort(sm.restore_ids, axis=1)
     return sm.keep_ids, shuffle[:, self.num_visible:]
 
-  def _block(self, i):
-    e = self.encoder
-    return vit.Block(self.heads, 4.0, e.qkv_bias, e.init_values, 0.0, e.init_style, i + 1,
-                     e.attn_impl, e.attn_pad, e.dtype, e.param_dtype)
-
   def teacher_forward(self, tparams, images, masked_ids, rng=None):
     """The compressing teacher on the masked patches: (final-norm tokens [B, K, D] float32,
-    their patch positions [B, K]); no gradient reaches `tparams`."""
+    their patch positions [B, K]); no gradient reaches `tparams`. One `vit.ViT` forward
+    without the cls token and without drop path on `masked_ids`, the schedule's
+    `keep_distinctive` drops applied between its blocks (`between_blocks`)."""
     tparams = jax.lax.stop_gradient(tparams)
-    e = self.encoder
-    x = vit.PatchEmbed(self.patch, self.width, dtype=e.dtype, param_dtype=e.param_dtype).apply(
-        {"params": tparams["patch_embed"]}, images).astype(jnp.float32)
-    if e.pos_embed == "sincos":
-      x = x + jnp.asarray(vit.sincos_2d(self.width, e.grid, cls_token=True))[None, 1:]
-    else:
-      x = x + tparams["pos_embed"][:, 1:].astype(jnp.float32)
-    x = vit.take_rows(x, masked_ids)
-    ids = masked_ids
     drops = dict(self.schedule)
     rngs = (jax.random.split(rng, len(drops)) if rng is not None and self.random_drop
             else [None] * len(drops))
-    j = 0
-    for i in range(self.depth):
-      x = self._block(i).apply({"params": tparams["encoder"][f"block{i:02d}"]}, x)
-      if i in drops:
-        x, ids = keep_distinctive(x, ids, drops[i], self.center, rngs[j])
-        j += 1
-    x = vit.layer_norm("norm", e.param_dtype).apply({"params": tparams["encoder"]["norm"]}, x)
+    stage = {b: j for j, b in enumerate(sorted(drops))}
+
+    def drop(i, x, ids):
+      if i not in drops:
+        return x, ids
+      return keep_distinctive(x, ids, drops[i], self.center, rngs[stage[i]])
+
+    x, ids = self.encoder.apply({"params": tparams}, images, keep_ids=masked_ids, with_cls=False,
+                                between_blocks=drop)
     return jax.lax.stop_gradient(x.astype(jnp.float32)), ids
 
   def predict(self, params, images, visible_ids, target_ids, rng=None):

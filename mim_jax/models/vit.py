@@ -6,6 +6,13 @@ BEiT encoder (q and v biases only, layer scale, shared relative position bias, n
 position embedding). The options only switch parameters on and off; the arithmetic of a block
 is the same.
 
+`ViT` is the one encoder forward pass of every method: its call also covers other input sizes
+(iBOT's local crops, the position table interpolated), several masked copies per image and a
+function between blocks (ExtreMA, PCAE's token-dropping teacher), and its options CaiT's
+class-attention blocks (ExtreMA), so every method's encoder honours the config's execution
+options (`EXECUTION_OPTIONS`). Methods build decoders and heads from `Encoder` / `Block`, not
+encoders.
+
 Compute runs in `dtype` (bfloat16 by default) with parameters kept in `param_dtype` (float32).
 LayerNorm statistics and the attention softmax are computed in float32 whatever `dtype` is.
 Attention goes through `jax.nn.dot_product_attention`, whose `implementation` ('xla', 'cudnn'
@@ -51,7 +58,7 @@ def variant(name: str) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Position embeddings (numpy, computed once at trace time).
+# Position embeddings (numpy, computed once at trace time) and their interpolation.
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
   """1-D sin-cos embedding as in MAE's `get_1d_sincos_pos_embed_from_grid` (float64 math)."""
@@ -91,6 +98,47 @@ def relative_position_index(grid: int) -> np.ndarray:
   idx[0:, 0] = num - 2
   idx[0, 0] = num - 1
   return idx
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float) -> np.ndarray:
+  """[out_size, in_size] matrix of torch.nn.functional.interpolate(mode='bicubic',
+  align_corners=False, scale_factor=scale_factor) along one axis: source coordinate
+  (i + 0.5) / scale_factor - 0.5, Keys' cubic kernel with a = -0.75, indices clamped."""
+  a = -0.75
+
+  def near(x):   # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):    # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  m = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    src = (i + 0.5) / scale_factor - 0.5
+    x0 = math.floor(src)
+    t = src - x0
+    for k, w in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+      m[i, min(max(x0 + k, 0), in_size - 1)] += w
+  return m
+
+
+def interpolate_pos_embed(table: jax.Array, grid: int, out_h: int, out_w: int) -> jax.Array:
+  """[1, 1 + grid^2, D] position table (cls first) -> [1, 1 + out_h * out_w, D], unchanged at
+  the native grid, else the patch part resized bicubically with scale (out + 0.1) / grid.
+
+  DINO / iBOT `VisionTransformer.interpolate_pos_encoding` (facebookresearch/dino and
+  bytedance/ibot models/vision_transformer.py): the patch rows as a [grid, grid] image,
+  nn.functional.interpolate(mode='bicubic', scale_factor=((h + 0.1) / grid, (w + 0.1) / grid))
+  (the 0.1 avoids floating point error in the output size), the cls row unchanged.
+  """
+  if (out_h, out_w) == (grid, grid):
+    return table
+  d = table.shape[-1]
+  mh = jnp.asarray(torch_bicubic_matrix(grid, out_h, (out_h + 0.1) / grid), jnp.float32)
+  mw = jnp.asarray(torch_bicubic_matrix(grid, out_w, (out_w + 0.1) / grid), jnp.float32)
+  patch = table[0, 1:].reshape(grid, grid, d).astype(jnp.float32)
+  out = jnp.einsum("ij,jkd,lk->ild", mh, patch, mw).reshape(1, out_h * out_w, d)
+  return jnp.concatenate([table[:, :1].astype(jnp.float32), out], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +500,16 @@ def check_execution_options(model_cfg) -> None:
 
 
 class Encoder(nn.Module):
-  """A stack of `depth` blocks followed by a final LayerNorm (unless `final_norm=False`)."""
+  """A stack of `depth` blocks followed by a final LayerNorm (unless `final_norm=False`).
+
+  `__call__(x, bias=None, deterministic=True, between_blocks=None, ids=None)`: with
+  `between_blocks`, a function (i, x, ids) -> (x, ids) applied after block i (0-based) to the
+  tokens and to `ids`, per-token data the caller threads through (their patch positions, say),
+  the call returns (x, ids). It may drop or reorder tokens (PCAE's teacher compresses its
+  tokens between blocks); the sequence is then padded for the attention inside each block
+  (`attention`'s `pad_multiple`), not once for all blocks, and a relative position bias, which
+  fixes the sequence, cannot be given.
+  """
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
@@ -471,7 +528,7 @@ class Encoder(nn.Module):
   remat_policy: str = "full"         # with remat: see REMAT_POLICIES
 
   @nn.compact
-  def __call__(self, x, bias=None, deterministic=True):
+  def __call__(self, x, bias=None, deterministic=True, between_blocks=None, ids=None):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {list(REMAT_POLICIES)}, got {self.remat_policy!r}")
     block_cls = (nn.remat(Block, static_argnums=(3, 4), policy=REMAT_POLICIES[self.remat_policy])
@@ -481,10 +538,15 @@ class Encoder(nn.Module):
     # here rather than q, k and v in every block: the padded rows go through the blocks
     # (LayerNorm, MLP and attention act on each row alone; padded keys are masked, so no real
     # token sees them) and are sliced off after the last block. Same result and gradients as
-    # padding inside each attention, without the per-block pad and slice copies.
+    # padding inside each attention, without the per-block pad and slice copies. A
+    # `between_blocks` hook sees the real tokens only and may change their number, so with
+    # one the attention pads inside each block instead.
+    if between_blocks is not None and bias is not None:
+      raise ValueError("between_blocks may change the tokens: it cannot be combined with a "
+                       "relative position bias (use rel_pos_bias='none')")
     n = x.shape[1]
     multiple = attn_pad_multiple(self.attn_impl, self.attn_pad)
-    padded = -(-n // multiple) * multiple if multiple and self.depth else n
+    padded = -(-n // multiple) * multiple if multiple and self.depth and between_blocks is None else n
     valid_len = None
     if padded != n:
       valid_len = n
@@ -499,10 +561,61 @@ class Encoder(nn.Module):
       # Every block's output, for per-layer probes and CKA (only when intermediates are asked).
       if self.is_mutable_collection("intermediates"):
         self.sow("intermediates", "block_outputs", x[:, :n])
-    x = x[:, :n]
+      if between_blocks is not None:
+        x, ids = between_blocks(i, x, ids)
+    if between_blocks is None:
+      x = x[:, :n]
     if self.final_norm:
       x = layer_norm("norm", self.param_dtype, impl=self.ln_impl)(x)
-    return x
+    return x if between_blocks is None else (x, ids)
+
+
+class ClassAttention(nn.Module):
+  """CaiT's class attention (facebookresearch/deit cait_models.py `Class_Attention`, as
+  microsoft/ExtreMA vits.py uses it): the first token queries all tokens, output [B, 1, D].
+  Separate q, k, v Linear layers (parameters 'q', 'k', 'v', 'proj'); the one-query softmax
+  runs through XLA (`attention` with JAX's default implementation), in `dtype`."""
+  num_heads: int
+  qkv_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, u):
+    b, n, d = u.shape
+    h = self.num_heads
+    dense = lambda name, bias=self.qkv_bias: nn.Dense(  # noqa: E731
+        d, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=xavier_uniform, name=name)
+    q = dense("q")(u[:, :1]).reshape(b, 1, h, d // h)
+    k = dense("k")(u).reshape(b, n, h, d // h)
+    v = dense("v")(u).reshape(b, n, h, d // h)
+    out = attention(q, k, v).reshape(b, 1, d)
+    return dense("proj", True)(out)
+
+
+class ClassAttentionBlock(nn.Module):
+  """CaiT's `LayerScale_Block_CA` (ExtreMA vits.py `Block_CA`): cls += g1 * CA(LN([cls, x]));
+  cls += g2 * MLP(LN(cls)), layer scales g1, g2 initialised to `init_values`, no drop path.
+  x [B, N, D] (the patch tokens), cls [B, 1, D] -> the new cls [B, 1, D]."""
+  num_heads: int
+  init_values: float = 0.1
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  ln_impl: str = "flax"              # see `layer_norm`
+
+  @nn.compact
+  def __call__(self, x, cls):
+    d = cls.shape[-1]
+    u = layer_norm("norm1", self.param_dtype, impl=self.ln_impl)(jnp.concatenate([cls, x], axis=1))
+    y = ClassAttention(self.num_heads, True, self.dtype, self.param_dtype, name="attn")(u)
+    g1 = self.param("gamma_1", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
+    cls = cls + (y * g1).astype(cls.dtype)
+    y = layer_norm("norm2", self.param_dtype, impl=self.ln_impl)(cls)
+    y = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
+    g2 = self.param("gamma_2", nn.initializers.constant(self.init_values), (d,), self.param_dtype)
+    return cls + (y * g2).astype(cls.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -545,9 +658,32 @@ class RelativePositionBias(nn.Module):
 class ViT(nn.Module):
   """ViT backbone: patch embed, cls token, position information, blocks, final norm.
 
-  `__call__(images, mask=None, keep_ids=None)` returns all tokens [B, 1+L', D] after the final
-  norm, cls first. `mask` [B, L] (1 = masked) swaps masked patch embeddings for a learnable
-  mask token before the encoder (SimMIM); `keep_ids` [B, K] keeps only those patches (MAE).
+  `__call__(images, mask=None, keep_ids=None, deterministic=True, between_blocks=None,
+  with_cls=True)` returns all tokens [B, 1+L', D] after the final norm, cls first.
+    images          [B, H, W, C], H and W multiples of the patch. At `image_size` the position
+                    table is used as it is; at any other size it is interpolated as DINO /
+                    iBOT's `interpolate_pos_encoding` does (`interpolate_pos_embed`: iBOT's
+                    local crops). A shared relative position bias exists at `image_size` only.
+    mask            [B, L] (1 = masked) swaps masked patch embeddings for a learnable mask
+                    token before the position embedding is added (SimMIM, iBOT).
+    keep_ids        [B, K] keeps only those patches (MAE); [M, B, K] makes M masked copies of
+                    every image from one patch embedding, mask-major (B' = M B, row m B + b
+                    is image b under mask m: ExtreMA).
+    with_cls        False: no cls token, the blocks run on the patch tokens alone and the call
+                    returns [B, K, D] (PCAE's teacher).
+    between_blocks  (i, x, ids) -> (x, ids), applied after block i (see `Encoder`): ids start
+                    as the patch positions of the blocks' patch tokens (`keep_ids`, else
+                    0 .. L-1); when the blocks carry the cls token it is x[:, 0] and ids cover
+                    x[:, 1:]. The call then returns (tokens, ids) (PCAE's teacher drops tokens
+                    this way).
+
+  With `class_attention_layers` > 0 it is CaiT's class-attention ViT as ExtreMA uses it
+  (microsoft/ExtreMA vits.py `VisionTransformer`, facebookresearch/deit cait_models.py): the
+  plain blocks carry the patch tokens only and end without a norm; the cls token, without
+  position embedding, is then built by that many `ClassAttentionBlock`s (layer scale
+  `ca_init_values`, no drop path) attending to [cls, tokens]; one LayerNorm over [cls,
+  tokens] ends it. Its parameters: patch_embed, cls_token, encoder/blockNN, ca_blockNN, norm.
+
   Applied with `mutable=["intermediates"]` it also returns each block's output
   (`encoder/block_outputs`, before the final norm) and attention maps
   (`encoder/blockNN/attn/attention`, [B, heads, N, N]).
@@ -572,8 +708,13 @@ class ViT(nn.Module):
   # The residual stream's dtype inside the blocks. float32 (the default) matches PyTorch
   # autocast; bfloat16 halves the stream's memory traffic and rounds every residual add.
   residual_dtype: Dtype = jnp.float32
-  ln_impl: str = "flax"                  # the blocks' LayerNorms: 'flax' or 'recompute'
+  ln_impl: str = "flax"                  # the LayerNorms: 'flax' or 'recompute'
   remat_policy: str = "full"             # with remat: see REMAT_POLICIES
+  class_attention_layers: int = 0        # > 0: CaiT / ExtreMA class-attention blocks (above)
+  ca_init_values: float = 0.1            # their layer scale's initial value
+  # The patch projection's bias init: 'zeros' (timm / MAE) or 'torch', PyTorch's Conv2d
+  # default U(+-1/sqrt(fan_in)) (ExtreMA, which leaves the conv's bias as PyTorch made it).
+  patch_bias_init: str = "zeros"
 
   @property
   def grid(self) -> int:
@@ -584,19 +725,30 @@ class ViT(nn.Module):
     return variant(self.variant)[0]
 
   @nn.compact
-  def __call__(self, images, mask=None, keep_ids=None, deterministic=True):
+  def __call__(self, images, mask=None, keep_ids=None, deterministic=True, between_blocks=None,
+               with_cls=True):
     width, depth, heads = variant(self.variant)
     depth = self.depth or depth
     beit = self.init_style == "beit"
-    x = PatchEmbed(self.patch_size, width,
-                   kernel_init=trunc_normal(0.02, cutoff=1.0) if beit else xavier_uniform,
-                   dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
+    cait = self.class_attention_layers > 0
+    if cait and not with_cls:
+      raise ValueError("a class-attention ViT's output is built from its cls token: call it with "
+                       "with_cls=True")
+    p = self.patch_size
+    if self.patch_bias_init == "zeros":
+      bias_init = nn.initializers.zeros
+    elif self.patch_bias_init == "torch":
+      bias_init = torch_default_uniform(p * p * images.shape[-1])
+    else:
+      raise ValueError(f"patch_bias_init must be 'zeros' or 'torch', got {self.patch_bias_init!r}")
+    x = PatchEmbed(p, width, kernel_init=trunc_normal(0.02, cutoff=1.0) if beit else xavier_uniform,
+                   bias_init=bias_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="patch_embed")(images)
     # Embeddings are summed in float32; the blocks carry the residual stream in `residual_dtype`
     # (float32 by default, as under torch autocast) and compute in `dtype`.
     x = x.astype(jnp.float32)
     b, n, _ = x.shape
-    if n != self.grid ** 2:
-      raise ValueError(f"got {n} patches, the model was built for image_size={self.image_size}")
+    grid_h, grid_w = images.shape[1] // p, images.shape[2] // p
     if self.use_mask_token:
       # SimMIM: trunc_normal_(std=.02, a=-.02, b=.02), i.e. cut at one std.
       tok = self.param("mask_token", trunc_normal(0.02, cutoff=1.0), (1, 1, width), self.param_dtype)
@@ -608,30 +760,55 @@ class ViT(nn.Module):
     if self.pos_embed == "sincos":
       pe = jnp.asarray(sincos_2d(width, self.grid, cls_token=True))[None]
     elif self.pos_embed == "learned":
-      pe = self.param("pos_embed", trunc_normal(0.02, cutoff=1.0 if beit else 2.0), (1, n + 1, width),
-                      self.param_dtype)
+      pe = self.param("pos_embed", trunc_normal(0.02, cutoff=1.0 if beit else 2.0),
+                      (1, self.grid ** 2 + 1, width), self.param_dtype)
     elif self.pos_embed == "none":
       pe = None
     else:
       raise ValueError(f"pos_embed must be 'sincos', 'learned' or 'none', got {self.pos_embed!r}")
     cls = cls.astype(x.dtype)
     if pe is not None:
+      pe = interpolate_pos_embed(pe, self.grid, grid_h, grid_w)   # the table itself at image_size
       x = x + pe[:, 1:].astype(x.dtype)
-      cls = cls + pe[:, :1].astype(x.dtype)
+      if not cait:                     # CaiT: the cls token gets no position embedding
+        cls = cls + pe[:, :1].astype(x.dtype)
     if keep_ids is not None:
-      x = take_rows(x, keep_ids)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)), x], axis=1)
+      if keep_ids.ndim == 3:           # M masked copies, mask-major
+        x = jnp.concatenate([take_rows(x, ids) for ids in keep_ids], axis=0)
+        keep_ids = keep_ids.reshape(-1, keep_ids.shape[-1])
+      else:
+        x = take_rows(x, keep_ids)
+    ids = None
+    if between_blocks is not None:
+      ids = keep_ids if keep_ids is not None else jnp.broadcast_to(jnp.arange(n), (b, n))
+    cls = jnp.broadcast_to(cls, (x.shape[0], 1, width))
+    if with_cls and not cait:
+      x = jnp.concatenate([cls, x], axis=1)
     bias = None
     if self.rel_pos_bias == "shared":
       if keep_ids is not None:
         raise ValueError("a shared relative position bias needs all tokens (no keep_ids)")
+      if (grid_h, grid_w) != (self.grid, self.grid):
+        raise ValueError(f"a shared relative position bias is built for image_size={self.image_size}: "
+                         f"got {images.shape[1]}x{images.shape[2]} images (resize them)")
+      if cait or not with_cls:
+        raise ValueError("a shared relative position bias covers the cls token: use "
+                         "rel_pos_bias='none' without a cls token in the blocks")
       bias = RelativePositionBias(self.grid, heads, self.param_dtype, name="rel_pos_bias")()
     elif self.rel_pos_bias != "none":
       raise ValueError(f"rel_pos_bias must be 'none' or 'shared', got {self.rel_pos_bias!r}")
-    return Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, self.init_style,
-                   self.remat, self.attn_impl, True, self.dtype, self.param_dtype,
-                   self.attn_pad, self.qkv_proj, self.ln_impl, self.remat_policy, name="encoder")(
-                       x.astype(self.residual_dtype), bias, deterministic)
+    x = Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, self.init_style,
+                self.remat, self.attn_impl, not cait, self.dtype, self.param_dtype,
+                self.attn_pad, self.qkv_proj, self.ln_impl, self.remat_policy, name="encoder")(
+                    x.astype(self.residual_dtype), bias, deterministic, between_blocks, ids)
+    if between_blocks is not None:
+      x, ids = x
+    if cait:
+      for i in range(self.class_attention_layers):
+        cls = ClassAttentionBlock(heads, self.ca_init_values, 4.0, self.dtype, self.param_dtype,
+                                  self.ln_impl, name=f"ca_block{i:02d}")(x, cls)
+      x = layer_norm("norm", self.param_dtype, impl=self.ln_impl)(jnp.concatenate([cls, x], axis=1))
+    return x if between_blocks is None else (x, ids)
 
 
 def pool(tokens: jax.Array, pooling: str) -> jax.Array:
@@ -652,7 +829,8 @@ def check_config(model_cfg) -> None:
 def outputs(model: ViT, variables, images, *, pooling: str, layers: bool = False) -> dict:
   """The evaluation-mode named outputs of `model` (the contract of `mim_jax.models`):
   'tokens' (final-norm, cls first), 'pooled' (`pool` of them), 'stride' (the patch), 'grid',
-  and with `layers` every block's pooled output before the final norm, then 'pooled'."""
+  and with `layers` every block's pooled output before the final norm, then 'pooled'. The
+  plain blocks of a class-attention ViT carry no cls token: their outputs are mean-pooled."""
   if layers:
     tokens, inter = model.apply(variables, images, mutable=["intermediates"])
     blocks = list(inter["intermediates"]["encoder"]["block_outputs"])
@@ -663,7 +841,10 @@ def outputs(model: ViT, variables, images, *, pooling: str, layers: bool = False
   out = {"tokens": tokens.astype(jnp.float32), "pooled": pooled, "stride": p,
          "grid": (images.shape[1] // p, images.shape[2] // p)}
   if layers:
-    out["layers"] = [pool(t, pooling).astype(jnp.float32) for t in blocks] + [pooled]
+    if model.class_attention_layers:
+      out["layers"] = [t.mean(axis=1).astype(jnp.float32) for t in blocks] + [pooled]
+    else:
+      out["layers"] = [pool(t, pooling).astype(jnp.float32) for t in blocks] + [pooled]
   return out
 
 

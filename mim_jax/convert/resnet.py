@@ -1,0 +1,232 @@
+"""torchvision ResNet state dicts <-> mim_jax.models.resnet variables.
+
+`torchvision_to_variables(sd)` reads a `torchvision.models.resnet{18,34,50,101,152}` state dict
+(numpy arrays under torchvision's names; also one whose conv1 is the 3x3 CIFAR stem, as
+solo-learn and SimCLR's CIFAR models build, or whose widths are all scaled by one multiplier)
+into `{'params': ..., 'batch_stats': ...}` for `resnet.ResNet` and the `ResNetSpec` inferred
+from the shapes: block type and counts (depth), conv1's channels / 64 (width), conv1's kernel
+(stem) and fc's rows (num_classes, 0 without fc). `variables_to_torchvision` writes the same
+names back, so torchvision's `load_state_dict(strict=True)` takes them.
+
+Layouts: Conv2d weight [O, I, kh, kw] <-> flax Conv kernel [kh, kw, I, O]; Linear weight
+[out, in] <-> Dense kernel [in, out]; BatchNorm weight / bias -> params scale / bias,
+running_mean / running_var -> batch_stats (same arrays). `num_batches_tracked` is not read
+(torch's update does not use it when momentum is set, as it is by default) and is written as 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from mim_jax.convert.names import ConversionError
+from mim_jax.models import resnet
+
+PyTree = Any
+
+BLOCKS_TO_DEPTH = {v: k for k, v in resnet.DEPTHS.items()}
+STEM_KERNEL = {"imagenet": 7, "cifar": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+  """What a ResNet's weights determine: resnet.ResNet's depth, width, stem, num_classes."""
+  depth: int
+  width: float = 1
+  num_classes: int = 0
+  stem: str = "imagenet"
+
+  @property
+  def kind(self) -> str:
+    return resnet.DEPTHS[self.depth][0]
+
+  def model_config(self, **kw) -> ml_collections.ConfigDict:
+    """The `config.model` of this ResNet (resnet.default_config; `kw` sets other keys)."""
+    return resnet.default_config(depth=self.depth, width=self.width, stem=self.stem,
+                                 num_classes=self.num_classes, **kw)
+
+  def build(self, **kw) -> resnet.ResNet:
+    return resnet.ResNet(depth=self.depth, width=self.width, stem=self.stem,
+                         num_classes=self.num_classes, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """torch key <-> (collection, *module path, leaf); `kind` 'conv', 'linear' or 'same';
+  `shape` the torch shape."""
+  torch_key: str
+  path: tuple[str, ...]
+  kind: str
+  shape: tuple[int, ...]
+
+
+def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(x, (3, 2, 0, 1))
+  if kind == "linear":
+    return np.transpose(x)
+  return x
+
+
+def from_torch(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(x, (2, 3, 1, 0))
+  if kind == "linear":
+    return np.transpose(x)
+  return x
+
+
+def _conv_bn(t_conv: str, t_bn: str, path: tuple, conv: str, bn: str, cin: int, cout: int,
+             k: int) -> list[Entry]:
+  return [Entry(f"{t_conv}.weight", ("params", *path, conv, "kernel"), "conv", (cout, cin, k, k)),
+          Entry(f"{t_bn}.weight", ("params", *path, bn, "scale"), "same", (cout,)),
+          Entry(f"{t_bn}.bias", ("params", *path, bn, "bias"), "same", (cout,)),
+          Entry(f"{t_bn}.running_mean", ("batch_stats", *path, bn, "running_mean"), "same", (cout,)),
+          Entry(f"{t_bn}.running_var", ("batch_stats", *path, bn, "running_var"), "same", (cout,))]
+
+
+def entries(spec: ResNetSpec) -> list[Entry]:
+  """Every torchvision key of the ResNet `spec` describes (bar num_batches_tracked), in
+  torchvision's order, with its mim_jax path and torch shape."""
+  kind, blocks = resnet.DEPTHS[spec.depth]
+  exp = resnet.EXPANSION[kind]
+  c0 = resnet.channels(spec.width, 64)
+  out = _conv_bn("conv1", "bn1", (), "conv1", "bn1", 3, c0, STEM_KERNEL[spec.stem])
+  cin = c0
+  for i, n in enumerate(blocks):
+    planes = resnet.channels(spec.width, 64 * 2 ** i)
+    for j in range(n):
+      t, m = f"layer{i + 1}.{j}", (f"layer{i + 1}", f"block{j}")
+      if kind == "basic":
+        convs = [(cin, planes, 3), (planes, planes, 3)]
+      else:
+        convs = [(cin, planes, 1), (planes, planes, 3), (planes, planes * exp, 1)]
+      for c, (a, b, k) in enumerate(convs, 1):
+        out += _conv_bn(f"{t}.conv{c}", f"{t}.bn{c}", m, f"conv{c}", f"bn{c}", a, b, k)
+      if j == 0 and (i > 0 or cin != planes * exp):
+        out += _conv_bn(f"{t}.downsample.0", f"{t}.downsample.1", m, "downsample_conv",
+                        "downsample_bn", cin, planes * exp, 1)
+      cin = planes * exp
+  if spec.num_classes:
+    out += [Entry("fc.weight", ("params", "fc", "kernel"), "linear", (spec.num_classes, cin)),
+            Entry("fc.bias", ("params", "fc", "bias"), "same", (spec.num_classes,))]
+  return out
+
+
+def _fmt(keys, n: int = 4) -> str:
+  keys = list(keys)
+  more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+  return ", ".join(keys[:n]) + more
+
+
+def _depth(kind: str, counts: tuple[int, ...], what: str) -> int:
+  depth = BLOCKS_TO_DEPTH.get((kind, counts))
+  if depth is None:
+    raise ConversionError(f"{what}: {kind} blocks per stage {list(counts)} are no torchvision "
+                          f"ResNet's ({', '.join(f'{d}: {list(c)}' for d, (_, c) in resnet.DEPTHS.items())})")
+  return depth
+
+
+def _stem(k: int, what: str) -> str:
+  for stem, kernel in STEM_KERNEL.items():
+    if kernel == k:
+      return stem
+  raise ConversionError(f"{what}: a {k}x{k} conv1 is neither the ImageNet stem (7x7) nor the "
+                        f"CIFAR one (3x3)")
+
+
+def spec_from_torchvision(sd: dict) -> ResNetSpec:
+  """The ResNetSpec of a torchvision-named state dict, from its shapes and block indices."""
+  if "conv1.weight" not in sd:
+    prefixed = [k[:-len("conv1.weight")] for k in sd if k.endswith(".conv1.weight")
+                and not k.startswith("layer") and ".layer" not in k]
+    hint = (f"; its keys carry the prefix {prefixed[0]!r}: strip it first" if prefixed
+            else f" (keys: {_fmt(sorted(sd))})")
+    raise ConversionError(f"not a torchvision ResNet state dict: no conv1.weight{hint}")
+  w = np.shape(sd["conv1.weight"])
+  if len(w) != 4 or w[1] != 3 or w[2] != w[3]:
+    raise ConversionError(f"conv1.weight {list(w)} is not a square RGB convolution")
+  stem = _stem(w[2], "conv1.weight")
+  kind = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
+  counts = tuple(len({m.group(1) for k in sd
+                      for m in [re.match(rf"layer{i}\.(\d+)\.", k)] if m}) for i in range(1, 5))
+  depth = _depth(kind, counts, "state dict")
+  num_classes = int(np.shape(sd["fc.weight"])[0]) if "fc.weight" in sd else 0
+  width = w[0] / 64
+  return ResNetSpec(depth, int(width) if width == int(width) else width, num_classes, stem)
+
+
+def torchvision_to_variables(sd: dict) -> tuple[dict, ResNetSpec]:
+  """({'params': tree, 'batch_stats': tree} of float32 numpy arrays, ResNetSpec) of a
+  torchvision ResNet state dict (numpy arrays or anything np.asarray reads). ConversionError,
+  one line, for missing, unknown or misshapen keys."""
+  spec = spec_from_torchvision(sd)
+  ents = entries(spec)
+  known = {e.torch_key for e in ents}
+  missing = [e.torch_key for e in ents if e.torch_key not in sd]
+  if missing:
+    raise ConversionError(f"the {spec.kind} ResNet-{spec.depth} state dict lacks "
+                          f"{_fmt(missing)}")
+  unknown = [k for k in sd if k not in known and not k.endswith(".num_batches_tracked")]
+  if unknown:
+    raise ConversionError(f"keys that are not torchvision ResNet-{spec.depth}'s: {_fmt(unknown)} "
+                          f"(drop them, or strip a prefix, before converting)")
+  bad = [f"{e.torch_key} {list(np.shape(sd[e.torch_key]))} (expected {list(e.shape)})"
+         for e in ents if tuple(np.shape(sd[e.torch_key])) != e.shape]
+  if bad:
+    raise ConversionError(f"shapes that do not fit a width-{spec.width} ResNet-{spec.depth} "
+                          f"(every stage scaled alike; torchvision's wide_resnet widens only "
+                          f"the bottlenecks): {_fmt(bad, 3)}")
+  variables: dict = {}
+  for e in ents:
+    node = variables
+    for k in e.path[:-1]:
+      node = node.setdefault(k, {})
+    node[e.path[-1]] = np.ascontiguousarray(
+        from_torch(e.kind, np.asarray(sd[e.torch_key], np.float32)))
+  return variables, spec
+
+
+def spec_from_variables(variables: PyTree) -> ResNetSpec:
+  """The ResNetSpec of resnet.ResNet variables (a 'params' tree), from shapes and names."""
+  params = variables["params"]
+  try:
+    k = np.shape(params["conv1"]["kernel"])
+    kind = "bottleneck" if "conv3" in params["layer1"]["block0"] else "basic"
+    counts = tuple(len([b for b in params[f"layer{i}"] if b.startswith("block")])
+                   for i in range(1, 5))
+  except (KeyError, TypeError):
+    raise ConversionError(f"not mim_jax ResNet variables (params keys: "
+                          f"{_fmt(sorted(params))})") from None
+  depth = _depth(kind, counts, "variables")
+  num_classes = int(np.shape(params["fc"]["kernel"])[1]) if "fc" in params else 0
+  width = k[3] / 64
+  return ResNetSpec(depth, int(width) if width == int(width) else width, num_classes,
+                    _stem(k[0], "conv1 kernel"))
+
+
+def variables_to_torchvision(variables: PyTree, num_batches_tracked: bool = True,
+                             dtype: Any = np.float32) -> dict:
+  """{torchvision key: numpy array in torch layout, `dtype`} of resnet.ResNet `variables`
+  ({'params', 'batch_stats'}); with `num_batches_tracked` also each BatchNorm's
+  `num_batches_tracked` as an int64 0, so that torch's strict load_state_dict takes it."""
+  spec = spec_from_variables(variables)
+  out = {}
+  for e in entries(spec):
+    node = variables
+    try:
+      for k in e.path:
+        node = node[k]
+    except (KeyError, TypeError):
+      raise ConversionError(f"the variables lack {'/'.join(e.path)} (for {e.torch_key})") from None
+    x = np.ascontiguousarray(to_torch(e.kind, np.asarray(node, dtype)))
+    if x.shape != e.shape:
+      raise ConversionError(f"{'/'.join(e.path)} {list(x.shape)} does not fit the ResNet-"
+                            f"{spec.depth}'s {e.torch_key} {list(e.shape)}")
+    out[e.torch_key] = x
+    if num_batches_tracked and e.torch_key.endswith(".running_var"):
+      out[e.torch_key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  return out
