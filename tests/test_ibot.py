@@ -16,6 +16,7 @@ from helpers import load_config, tiny_config
 from mim_jax import methods, train
 from mim_jax.data import views
 from mim_jax.methods import ibot
+from mim_jax.models import vit
 
 
 def small_config(**overrides):
@@ -114,7 +115,7 @@ def test_method_loss_wires_views_masks_centres_and_temperatures(method, params_s
     t_cls, t_patch = m.teacher_head.apply({"params": state["teacher"]["head"]}, t_tok)
     s_tok = m.encoder.apply({"params": params["encoder"]}, gv, mask=jnp.asarray(masks))
     s_cls, s_patch = m.head.apply({"params": params["head"]}, s_tok)
-    l_tok = m.backbone(params["encoder"], lv)
+    l_tok = m.encoder.apply({"params": params["encoder"]}, lv)     # 16 px: interpolated table
     l_cls, _ = m.head.apply({"params": params["head"]}, l_tok[:, 0], patches=False)
     return t_cls, t_patch, s_cls, s_patch, l_cls
 
@@ -299,15 +300,12 @@ def test_prediction_ratio_per_crop_is_zero_or_uniform():
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoder: native size equals the ViT, other sizes use the interpolated table.
+# Encoder: the one ViT forward; other sizes use the interpolated table (tests/test_vit_forward.py
+# checks the ViT at other sizes against the hand-built computation).
 
-def test_backbone_equals_the_vit_and_interpolation_is_torch_bicubic(method, params_state):
+def test_encoder_is_the_vit_and_interpolation_is_torch_bicubic(method, params_state):
   params, _ = params_state
-  x = jax.random.normal(jax.random.PRNGKey(6), (3, 32, 32, 3))
-  mask = (jax.random.uniform(jax.random.PRNGKey(7), (3, 64)) < 0.4).astype(jnp.int32)
-  mine, vit = jax.jit(lambda p: (method.backbone(p, x, mask), method.encoder.apply({"params": p}, x, mask=mask)))(
-      params["encoder"])
-  np.testing.assert_allclose(mine, vit, rtol=1e-5, atol=1e-5)
+  assert type(method.encoder) is vit.ViT and not hasattr(method, "backbone")
   assert float(jnp.abs(params["encoder"]["mask_token"]).max()) == 0.0   # masked_embed = zeros
 
   def cubic(d, a=-0.75):   # Keys' kernel as a function of the distance
@@ -323,11 +321,11 @@ def test_backbone_equals_the_vit_and_interpolation_is_torch_bicubic(method, para
       src = (i + 0.5) / sf - 0.5
       for j in range(math.floor(src) - 1, math.floor(src) + 3):
         want[i, min(max(j, 0), n_in - 1)] += cubic(src - j)
-    np.testing.assert_allclose(ibot.torch_bicubic_matrix(n_in, n_out, sf), want, atol=1e-12)
+    np.testing.assert_allclose(vit.torch_bicubic_matrix(n_in, n_out, sf), want, atol=1e-12)
   table = jax.random.normal(jax.random.PRNGKey(8), (1, 65, 16))
-  assert ibot.interpolate_pos_embed(table, 8, 8, 8) is table
-  out = ibot.interpolate_pos_embed(table, 8, 4, 4)
-  m = ibot.torch_bicubic_matrix(8, 4, 4.1 / 8)
+  assert vit.interpolate_pos_embed(table, 8, 8, 8) is table
+  out = vit.interpolate_pos_embed(table, 8, 4, 4)
+  m = vit.torch_bicubic_matrix(8, 4, 4.1 / 8)
   np.testing.assert_allclose(out[0, 1:].reshape(4, 4, 16),
                              np.einsum("ij,jkd,lk->ild", m, np.asarray(table[0, 1:]).reshape(8, 8, 16), m),
                              rtol=1e-5, atol=1e-6)
