@@ -291,6 +291,38 @@ def test_training_lowers_the_loss_and_keeps_the_teacher_frozen(trained, teacher_
     np.testing.assert_array_equal(got, np.asarray(want))
 
 
+def test_parameters_without_gradient_keep_their_initialisation(trained, teacher_dir, teacher_params):
+  """The relation loss does not reach the last block's attn/proj, layer scales, norm2, MLP and
+  the final norm: like PyTorch's AdamW skipping grad-None parameters, they are not decayed
+  (weight decay 0.05 would shrink them) and stay at their initial values; everything else moves."""
+  from mim_jax import checkpointing
+  c = train_config(teacher_dir)
+  assert c.optim.weight_decay > 0
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(teachers, "load", lambda path, *a, **k: fake_run(teacher_dir, teacher_params))
+    init = jax.device_get(train.Trainer.create(c, devices=one_device()).state["params"]["encoder"])
+    tr = train.Trainer.create(c, devices=one_device())
+    ckpt = checkpointing.Checkpointer(trained, keep=5)
+    tr.restore(ckpt, ckpt.latest_step(), with_data=False)
+    ckpt.close()
+  done = jax.device_get(tr.state["params"]["encoder"])
+  last = f"block{len([k for k in init['encoder'] if k.startswith('block')]) - 1:02d}"
+  frozen = {f"encoder/{last}/attn/proj", f"encoder/{last}/mlp", f"encoder/{last}/norm2",
+            "encoder/norm"}
+  moved = kept = 0
+  for path, a in jax.tree_util.tree_flatten_with_path(init)[0]:
+    name = "/".join(k.key for k in path)
+    b = jax.tree_util.tree_flatten_with_path(done)[0]
+    b = dict(("/".join(k.key for k in p), v) for p, v in b)[name]
+    if any(name.startswith(f) for f in frozen):
+      np.testing.assert_array_equal(b, a, err_msg=name)
+      kept += 1
+    elif name.endswith("kernel"):
+      assert not np.array_equal(a, b), name
+      moved += 1
+  assert kept >= 8 and moved >= 2, (kept, moved)    # patch embedding, qkv (a 1-block student)
+
+
 def test_resumed_run_equals_uninterrupted(trained, tmp_path, teacher_dir, teacher_params):
   c, b = train_config(teacher_dir), str(tmp_path / "b")
   fake = fake_run(teacher_dir, teacher_params)

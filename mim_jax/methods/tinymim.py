@@ -29,7 +29,9 @@ parameters and its input: the block's `norm1` output is captured (flax
 and bias ('qkv', 'qv' or 'none', as `vit.Attention`) in float32. Only what the loss uses is
 computed after jit: the rest of the forward (the student's last MLP and final norm in the
 relation target, the teacher's blocks after `teacher_block`) is dead code; like the official
-code, those student parameters get no gradient.
+code, those student parameters get no gradient, and as PyTorch's AdamW skips a parameter
+whose grad is None, they are a frozen optimiser group (`param_groups`): no update, no weight
+decay, their initial values kept.
 
 Alternatives the paper compares (`config.tinymim`), so its tables can be rerun:
   * target 'relation' (above), 'feature' or 'cls': feature distillation as the paper's
@@ -194,6 +196,16 @@ class TinyMIM(Method):
 
   def encoder_overrides(self):
     return {"use_mask_token": self.config.tinymim.input == "mask_token"}
+
+  def param_groups(self):
+    """The relation target reaches the student's last block only through its norm1 and qkv
+    projection: the block's attn/proj, layer scales, norm2 and MLP and the encoder's final
+    norm get no gradient, so PyTorch's AdamW skips them (grad is None) and they keep their
+    initialisation. Here they are a frozen group: no update and no weight decay."""
+    if self.target != "relation":
+      return ()
+    last = f"block{self.student_depth - 1:02d}"
+    return ((rf"^encoder/encoder/({last}/(attn/proj/|mlp/|norm2/|gamma_[12]$)|norm/)", "frozen"),)
 
   # -- the teacher ----------------------------------------------------------------------------
   @property

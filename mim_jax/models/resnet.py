@@ -287,7 +287,8 @@ class ResNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The models registry's contract (mim_jax/models/__init__.py).
 
-DEFAULTS = dict(name="resnet", depth=50, width=1, stem="imagenet", zero_init_residual=False,
+# width is a float so that a command-line override such as model.width=0.5 fits its type.
+DEFAULTS = dict(name="resnet", depth=50, width=1.0, stem="imagenet", zero_init_residual=False,
                 num_classes=0, bn_groups=1, bn_momentum=0.1, bn_eps=1e-5, dtype="float32",
                 param_dtype="float32")
 
