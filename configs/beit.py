@@ -43,6 +43,9 @@ Deviations:
 """
 from mim_jax import config_lib
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 
 def beit_config(preset: str):
   """The BEiT config of `preset`; configs/beitv2.py starts from it."""

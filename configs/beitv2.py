@@ -39,6 +39,9 @@ official 9 of 12), the 8x8-grid mask budget of configs/beit.py and short schedul
 import importlib.util
 import pathlib
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 
 def _beit():
   path = pathlib.Path(__file__).resolve().parent / "beit.py"

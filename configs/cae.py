@@ -46,6 +46,9 @@ Deviations:
 """
 from mim_jax import config_lib
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 
 def get_config(arg=None):
   preset = arg or "default"

@@ -50,6 +50,9 @@ learning rate and short schedules.
 from mim_jax import config_lib
 from mim_jax.methods import feature_mim
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

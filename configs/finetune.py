@@ -65,6 +65,9 @@ import ml_collections
 
 from mim_jax import config_lib
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet_base', 'imagenet_large')
+
 
 def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
   """`config.finetune`: the pretrained run, the head and timm's augmentation settings."""

@@ -54,6 +54,9 @@ mean-pooled features for the probes.
 """
 from mim_jax import config_lib
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 
 def get_config(arg=None):
   preset = arg or "default"

@@ -28,6 +28,9 @@ optimiser step here; set config.optim.grad_accum to split it over micro-batches.
 """
 from mim_jax import config_lib
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet', 'imagenet_large')
+
 
 def get_config(arg=None):
   preset = arg or "default"

@@ -43,6 +43,9 @@ Gumbel-top-k draw equals torch.multinomial without replacement in distribution, 
 from mim_jax import config_lib
 from mim_jax.methods import feature_mim
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 
 def get_config(arg=None):
   preset = arg or "default"

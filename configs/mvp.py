@@ -51,6 +51,9 @@ patches, no drop path, a batch-scaled learning rate and short schedules.
 from mim_jax import config_lib
 from mim_jax.methods import feature_mim
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 
 def get_config(arg=None):
   preset = arg or "default"

@@ -51,6 +51,9 @@ steps and short runs.
 from mim_jax import config_lib
 from mim_jax.methods.tokenizer import default_tokenizer_config
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 
 def get_config(arg=None):
   preset = arg or "default"

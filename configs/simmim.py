@@ -28,6 +28,9 @@ embedding instead of the relative bias at 32 px, a cosine schedule and short run
 """
 from mim_jax import config_lib
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 
 def get_config(arg=None):
   preset = arg or "default"

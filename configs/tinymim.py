@@ -84,6 +84,9 @@ Deviations:
 from mim_jax import config_lib
 from mim_jax.methods import tinymim
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet', 'imagenet_small', 'imagenet_base')
+
 
 def get_config(arg=None):
   preset = arg or "default"

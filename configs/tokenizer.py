@@ -72,6 +72,9 @@ tuned here); Adam at a constant step size (DALL-E: AdamW, weight decay 1e-4, ste
 from mim_jax import config_lib
 from mim_jax.methods.tokenizer import default_tokenizer_config
 
+# The presets get_config takes ('' = the default, embedded data), for tests and tools.
+PRESETS = ('', 'cifar10', 'imagenet')
+
 
 def get_config(arg=None):
   preset = arg or "default"

@@ -62,10 +62,7 @@ def load_run_config(workdir: str, overrides: Optional[dict] = None) -> ml_collec
   return config
 
 
-def load(method: str, preset: str = "", config_dir: str = "") -> ml_collections.ConfigDict:
-  """`configs/<method>.py`'s get_config(preset): what `--config=configs/<method>.py:<preset>`
-  gives mim_jax.main (tools, benchmarks and converters build their runs from it). A missing
-  file is a FileNotFoundError naming the configs there and `config_dir`."""
+def _config_module(method: str, config_dir: str = ""):
   d = config_dir or CONFIGS_DIR
   path = os.path.join(d, f"{method}.py")
   if not os.path.isfile(path):
@@ -76,7 +73,25 @@ def load(method: str, preset: str = "", config_dir: str = "") -> ml_collections.
   spec = importlib.util.spec_from_file_location(f"mim_jax_config_{method}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(preset or None)
+  return module
+
+
+def config_names(config_dir: str = "") -> list[str]:
+  """The configs in `config_dir` (default: the checkout's configs/), by file name."""
+  d = config_dir or CONFIGS_DIR
+  return sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py") and not f.startswith("_"))
+
+
+def presets(method: str, config_dir: str = "") -> tuple[str, ...]:
+  """`configs/<method>.py`'s PRESETS ('' is the default preset)."""
+  return tuple(getattr(_config_module(method, config_dir), "PRESETS", ("",)))
+
+
+def load(method: str, preset: str = "", config_dir: str = "") -> ml_collections.ConfigDict:
+  """`configs/<method>.py`'s get_config(preset): what `--config=configs/<method>.py:<preset>`
+  gives mim_jax.main (tools, benchmarks and converters build their runs from it). A missing
+  file is a FileNotFoundError naming the configs there and `config_dir`."""
+  return _config_module(method, config_dir).get_config(preset or None)
 
 
 def base_config() -> ml_collections.ConfigDict:

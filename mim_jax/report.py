@@ -24,12 +24,11 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from mim_jax import methods
+
 RESULTS_FILENAME = "eval_results.json"   # = mim_jax.evaluators.common.RESULTS_FILENAME
 ENCODERS = ("online", "ema")             # feature-set names of EvalContext.encode, row order
-METHOD_NAMES = {"mae": "MAE", "simmim": "SimMIM", "finetune": "fine-tune", "maskfeat": "MaskFeat",
-                "tokenizer": "tokenizer", "beit": "BEiT", "cae": "CAE", "ibot": "iBOT",
-                "data2vec": "data2vec", "deepmim": "DeepMIM", "feature_mim": "teacher-feature MIM",
-                "tinymim": "TinyMIM", "latent_mim": "Latent MIM", "pcae": "PCAE", "extrema": "ExtreMA"}
+METHOD_NAMES = methods.TITLES            # the registry's published names (no jax import)
 EVALUATOR_LABELS = {"knn": "kNN", "linear_probe": "linear probe", "heldout_loss": ""}
 METRIC_LABELS = {"top1": "top-1 (%)", "top5": "top-5 (%)", "train_top1": "train top-1 (%)",
                  "train_loss": "train loss", "heldout_loss": "held-out loss",

@@ -6,25 +6,33 @@ import pytest
 from helpers import ROOT, load_config
 from mim_jax import config_lib, methods, optim
 
-# Configs whose method has another name (several configs of one method).
-CONFIG_METHOD = {"milan": "feature_mim", "eva": "feature_mim", "mvp": "feature_mim",
-                 "beitv2": "beit", "vqkd": "tokenizer", "peco": "tokenizer"}
+CONFIG_DIR = str(ROOT / "configs")
+# Every preset of every config in configs/ (each declares its PRESETS), read from the files.
+ALL_PRESETS = [(name, p) for name in config_lib.config_names(CONFIG_DIR)
+               for p in config_lib.presets(name, CONFIG_DIR)]
 
 
-@pytest.mark.parametrize("method,preset", [("mae", ""), ("mae", "cifar10"), ("mae", "imagenet"),
-                                           ("mae", "imagenet_large"), ("simmim", ""),
-                                           ("simmim", "cifar10"), ("simmim", "imagenet")] +
-                         [(m, p) for m in ("maskfeat", "data2vec", "deepmim", "ibot", "milan", "eva",
-                                           "mvp", "beit", "beitv2", "cae", "tokenizer", "vqkd",
-                                           "peco", "latent_mim", "pcae", "extrema")
-                          for p in ("", "cifar10", "imagenet")] +
-                         [("tinymim", p) for p in ("", "cifar10", "imagenet", "imagenet_small",
-                                                   "imagenet_base")])
-def test_presets_build_their_method(method, preset):
-  c = load_config(method, preset)
+def test_every_config_and_preset_is_found():
+  names = config_lib.config_names(CONFIG_DIR)
+  assert {"mae", "simmim", "ibot", "tinymim", "finetune"} <= set(names) and len(names) >= 20
+  assert all(p[0] == "" for p in [config_lib.presets(n, CONFIG_DIR) for n in names])
+  assert len(ALL_PRESETS) >= 3 * len(names)
+
+
+@pytest.mark.parametrize("config_name,preset", ALL_PRESETS)
+def test_presets_build_their_method(config_name, preset):
+  c = load_config(config_name, preset)
   m = methods.get(c)
-  assert m.name == CONFIG_METHOD.get(method, method)
+  assert m.name == c.method
   assert c.input.batch_size % 8 == 0
+
+
+def test_every_registered_method_has_a_config_and_a_title():
+  from mim_jax import report
+  used = {load_config(n).method for n in config_lib.config_names(CONFIG_DIR)}
+  assert used == set(methods.REGISTRY)
+  assert set(methods.TITLES) == set(methods.REGISTRY)
+  assert report.METHOD_NAMES is methods.TITLES
 
 
 def test_unknown_preset_is_an_error():

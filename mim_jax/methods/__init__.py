@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import importlib
 
-# name -> "module:Class"; a new method is one line here, one file and one config.
+# name -> "module:Class"; a new method is one line here (and its title in TITLES), one file
+# and one config.
 REGISTRY = {
     "mae": "mim_jax.methods.mae:MAE",
     "simmim": "mim_jax.methods.simmim:SimMIM",
@@ -21,6 +22,13 @@ REGISTRY = {
     "extrema": "mim_jax.methods.extrema:ExtreMA",
     "tinymim": "mim_jax.methods.tinymim:TinyMIM",
 }
+
+
+# name -> the published name a report shows (mim_jax.report), for every entry of REGISTRY.
+TITLES = {"mae": "MAE", "simmim": "SimMIM", "finetune": "fine-tune", "maskfeat": "MaskFeat",
+          "tokenizer": "tokenizer", "beit": "BEiT", "cae": "CAE", "ibot": "iBOT",
+          "data2vec": "data2vec", "deepmim": "DeepMIM", "feature_mim": "teacher-feature MIM",
+          "tinymim": "TinyMIM", "latent_mim": "Latent MIM", "pcae": "PCAE", "extrema": "ExtreMA"}
 
 
 def get(config):
