@@ -66,7 +66,7 @@ import ml_collections
 from mim_jax import config_lib
 
 # The presets get_config takes ('' = the default, embedded data), for tests and tools.
-PRESETS = ('', 'cifar10', 'imagenet_base', 'imagenet_large')
+PRESETS = ('', 'cifar10', 'imagenet_base', 'imagenet_large', 'resnet18', 'resnet18_cifar10')
 
 
 def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
@@ -96,6 +96,36 @@ def classifier_evals(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       type="classifier", enabled=True, batch_size=256, max_eval=0, head="linear"))
   evals.classifier.pooling = c.finetune.get_ref("pooling")   # follows --config.finetune.pooling
   return evals
+
+
+def resnet_preset(c: ml_collections.ConfigDict, preset: str) -> None:
+  """A torchvision ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), trained supervised
+  from scratch (or fine-tuned from a ResNet pretraining run) with BatchNorm in training mode:
+  the usual CIFAR recipe (SGD momentum 0.9, weight decay 5e-4, lr 0.1 x batch / 256, cosine),
+  without RandAugment, random erasing or mixup; RandomResizedCrop(scale 0.35-1) + flip
+  stands in for the 4-pixel-padding random crop. The frozen-feature evaluators (kNN, linear
+  probe) run beside the classifier, on the globally pooled final feature map."""
+  from mim_jax.models import resnet
+  c.model = resnet.default_config(depth=18, stem="cifar")
+  c.finetune.pooling = "avg"
+  c.finetune.aug.update(rand_augment=False, reprob=0.0, mixup=0.0, cutmix=0.0, mixup_prob=0.0,
+                        smoothing=0.0)
+  c.optim.update(name="sgd", momentum=0.9, nesterov=False, base_lr=0.1, lr_batch_divisor=256,
+                 weight_decay=5e-4, schedule="cosine", warmup_epochs=0.0, min_lr=0.0)
+  c.optim.layer_decay = 1.0
+  c.input.aug.crop_scale = (0.35, 1.0)
+  c.input.image_size = 32
+  c.pooling = "mean"
+  if preset == "resnet18":
+    c.input.data.update(name="embedded", holdout_per_class=100)
+    c.input.batch_size = 128
+    c.total_epochs = 15               # 465 steps
+    c.log_every, c.ckpt_every = 10, 200
+  else:
+    c.input.data.update(name="image_folder", dir="", holdout_per_class=500)
+    c.input.batch_size = 256
+    c.total_epochs = 30
+    c.log_every, c.ckpt_every = 20, 500
 
 
 def get_config(arg=None):
@@ -131,6 +161,8 @@ def get_config(arg=None):
       c.log_every = 20
       c.ckpt_every = 500
     c.optim.min_lr = 1e-6 * 256 / c.input.batch_size
+  elif preset in ("resnet18", "resnet18_cifar10"):
+    resnet_preset(c, preset)
   elif preset in ("imagenet_base", "imagenet_large"):
     large = preset == "imagenet_large"
     config_lib.imagenet_preset(c, batch_size=1024, variant="large" if large else "base",
@@ -143,6 +175,11 @@ def get_config(arg=None):
     c.model.drop_path = 0.2 if large else 0.1
     c.pooling = "mean"
   else:
-    raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10', 'imagenet_base' or 'imagenet_large'")
+    raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10', 'imagenet_base', "
+                     f"'imagenet_large', 'resnet18' or 'resnet18_cifar10'")
   c.evals = classifier_evals(c)
+  if preset.startswith("resnet18"):      # kNN and the linear probe on the pooled features too
+    c.evals.knn.enabled = c.evals.linear.enabled = True
+    if preset == "resnet18_cifar10":
+      c.evals.knn.max_train = c.evals.linear.max_train = 20_000
   return c

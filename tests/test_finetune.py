@@ -314,7 +314,7 @@ def test_imagenet_presets_are_the_official_recipes():
 @pytest.mark.parametrize("preset,pretrain", [("", ""), ("cifar10", "cifar10"), ("imagenet_base", "imagenet")])
 def test_finetune_model_matches_its_pretraining_preset(preset, pretrain):
   ft, pre = load_config("finetune", preset), load_config("mae", pretrain)
-  for k in finetune._ARCH_KEYS:
+  for k in finetune._ARCH_KEYS["vit"]:
     assert ft.model[k] == pre.model[k], k
   assert ft.input.image_size == pre.input.image_size
   assert ft.input.data.holdout_per_class == pre.input.data.holdout_per_class
@@ -398,7 +398,7 @@ def test_each_pretraining_methods_online_encoder_fits_the_finetune_vit(method):
   rng = np.random.default_rng(0)
   loaded = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   c = tiny_config("finetune")
-  c.model.update({k: v for k, v in pre.model.items() if k in finetune._ARCH_KEYS + ("init_values",)})
+  c.model.update({k: v for k, v in pre.model.items() if k in finetune._ARCH_KEYS["vit"] + ("init_values",)})
   init = jax.device_get(methods.get(c).init(KEY, zeros)["encoder"])
   merged = jax.device_get(jax.jit(lambda: finetune.merge_pretrained(init, loaded, "W"))())
   want = {k: v for k, v in loaded.items() if k != "mask_token"}

@@ -32,7 +32,7 @@ from mim_jax.models import vit
 
 PyTree = Any
 
-ARCHS = ("timm_vit", "mae", "beit", "beitv2", "dino", "ibot", "vqkd", "dalle")
+ARCHS = ("timm_vit", "mae", "beit", "beitv2", "dino", "ibot", "vqkd", "dalle", "torchvision_resnet")
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # The normalisation each family was trained with (timm's pretrained_cfg for timm ViT and BEiT
@@ -407,11 +407,13 @@ def _merge(init: dict, converted: dict) -> tuple[dict, list[str]]:
   return out, kept
 
 
-def write_workdir(out_dir: str, config, params: dict, provenance: Optional[dict] = None) -> dict:
+def write_workdir(out_dir: str, config, params: dict, provenance: Optional[dict] = None,
+                  collections: Optional[dict] = None) -> dict:
   """Writes `config` and a step-0 checkpoint whose params are the method's seeded
   initialisation with `params` put in, as train.py would: the trainer's own state (optimizer
-  state and all), saved by checkpointing.Checkpointer. Returns the provenance written to
-  `<out_dir>/convert.json` (with the parameters kept from the initialisation)."""
+  state and all), saved by checkpointing.Checkpointer; `collections` ({'batch_stats':
+  {'encoder': ...}}) replace the models' initial ones likewise. Returns the provenance written
+  to `<out_dir>/convert.json` (with the parameters kept from the initialisation)."""
   import jax
 
   from mim_jax import checkpointing, train
@@ -425,9 +427,16 @@ def write_workdir(out_dir: str, config, params: dict, provenance: Optional[dict]
   # Every optimiser here (AdamW, LARS, LAMB, SGD) starts from zero moments whatever the
   # parameter values, so the initial optimiser state stays valid for the new parameters.
   state = dict(tr.state, params=jax.device_put(merged, tr.state_shardings["params"]))
-  if tr.method.ema_decay is not None or jax.tree_util.tree_leaves(state["method_state"]):
+  mstate = dict(state["method_state"])
+  init_cols = jax.device_get(mstate.pop("collections", {}))
+  if tr.method.ema_decay is not None or jax.tree_util.tree_leaves(mstate):
     raise ConversionError("the written config's method keeps state derived from the parameters "
                           "(EMA, teachers): convert into configs/mae.py or configs/simmim.py")
+  if collections or init_cols:
+    cols, kept_cols = _merge(init_cols, collections or {})
+    kept += [f"collections/{k}" for k in kept_cols]
+    placed = jax.device_put(cols, tr.state_shardings["method_state"]["collections"])
+    state["method_state"] = {**state["method_state"], "collections": placed}
   ckpt = checkpointing.Checkpointer(out_dir, keep=config.keep_ckpts, async_save=False)
   try:
     ckpt.save(0, state, None, {"model": tr.method.describe(), "step": 0}, force=True)
@@ -462,6 +471,14 @@ def convert_torch_checkpoint(path: str, out_dir: str, arch: str, *, which: str =
     from mim_jax.convert import dalle
     return dalle.convert_checkpoint(path, out_dir, image_size=image_size, config_dir=config_dir,
                                     reader=reader)
+  if arch == "torchvision_resnet":
+    given = [f"--{k}" for k, v in (("variant", variant), ("patch_size", patch_size), ("norm", norm)) if v]
+    if given:
+      raise ConversionError(f"--arch=torchvision_resnet takes no {', '.join(given)} (a ResNet has "
+                            f"no variant or patch; its input is ImageNet-normalised): drop them")
+    from mim_jax.convert import resnet as resnet_conv
+    return resnet_conv.convert_checkpoint(path, out_dir, image_size=image_size, preset=preset,
+                                          config_dir=config_dir, reader=reader)
   if arch == "vqkd":
     from mim_jax.convert import vqkd
     return vqkd.convert_checkpoint(path, out_dir, variant=variant, patch_size=patch_size,

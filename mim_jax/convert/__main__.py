@@ -4,10 +4,12 @@ r"""PyTorch weights in and out of mim_jax.
       [--variant=base --patch_size=16 --image_size=224] [--which=teacher] [--norm=imagenet]
   python -m mim_jax.convert --to=timm WORKDIR out.safetensors [--encoder=online]
 
---arch: timm_vit | mae | beit | beitv2 | dino | ibot. The workdir then works wherever a
+--arch: timm_vit | mae | beit | beitv2 | dino | ibot | torchvision_resnet. The workdir then works wherever a
 pretraining run does (Trainer.from_workdir, config.finetune.pretrained, teacher keys,
 python -m mim_jax.analysis). --arch=vqkd (BEiT v2's VQ-KD tokenizer) and --arch=dalle (DALL-E's
-dVAE encoder, BEiT's) write a frozen tokenizer for --config.beit.tokenizer. See docs/convert.md.
+dVAE encoder, BEiT's) write a frozen tokenizer for --config.beit.tokenizer; --arch=torchvision_resnet
+(a torchvision ResNet, running statistics included) a configs/finetune.py ResNet workdir. See
+docs/convert.md.
 """
 from __future__ import annotations
 
@@ -63,10 +65,15 @@ def main(argv=None) -> int:
           preset=args.preset, norm=args.norm, config_dir=args.config_dir, reader=args.reader)
       spec = info.get("spec", {})
       size = spec.get("grid", 0) * spec.get("patch", 0)
-      net = (f"ViT width {spec.get('width')} depth {spec.get('depth')}" if "width" in spec else
-             f"DALL-E encoder {info.get('dalle_spec')}")
-      print(f"wrote {args.output}: method {info.get('method')}, {net} patch {spec.get('patch')} "
-            f"at {size}px")
+      if info.get("arch") == "torchvision_resnet":
+        print(f"wrote {args.output}: method {info.get('method')}, ResNet-{spec.get('depth')} "
+              f"width {spec.get('width')} ({spec.get('stem')} stem, {spec.get('num_classes')} "
+              f"classes)")
+      else:
+        net = (f"ViT width {spec.get('width')} depth {spec.get('depth')}" if "width" in spec else
+               f"DALL-E encoder {info.get('dalle_spec')}")
+        print(f"wrote {args.output}: method {info.get('method')}, {net} patch {spec.get('patch')} "
+              f"at {size}px")
       if info.get("ignored_keys"):
         print(f"  left out of the checkpoint: {convert._fmt(info['ignored_keys'])}")
       if info.get("initialised_not_converted"):

@@ -125,8 +125,9 @@ def _fmt(keys, n: int = 4) -> str:
 def _depth(kind: str, counts: tuple[int, ...], what: str) -> int:
   depth = BLOCKS_TO_DEPTH.get((kind, counts))
   if depth is None:
+    known = ", ".join(f"{d}: {k} {list(c)}" for d, (k, c) in resnet.DEPTHS.items())
     raise ConversionError(f"{what}: {kind} blocks per stage {list(counts)} are no torchvision "
-                          f"ResNet's ({', '.join(f'{d}: {list(c)}' for d, (_, c) in resnet.DEPTHS.items())})")
+                          f"ResNet's ({known})")
   return depth
 
 
@@ -230,3 +231,43 @@ def variables_to_torchvision(variables: PyTree, num_batches_tracked: bool = True
     if num_batches_tracked and e.torch_key.endswith(".running_var"):
       out[e.torch_key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
   return out
+
+
+def make_config(spec: ResNetSpec, *, image_size: int = 0, preset: str = "",
+                config_dir: str = "") -> ml_collections.ConfigDict:
+  """The run config of a converted torchvision ResNet: configs/finetune.py's 'resnet18' preset
+  (or `preset`) with the model set from the weights (a headless backbone), the classifier's
+  classes from fc, ImageNet's mean and std (torchvision's) and `image_size` (default 224)."""
+  from mim_jax import config_lib
+  try:
+    c = config_lib.load("finetune", preset or "resnet18", config_dir)
+  except FileNotFoundError as e:
+    raise ConversionError(str(e)) from None
+  if c.model.get("name") != "resnet":
+    raise ConversionError(f"--preset={preset!r} of configs/finetune.py is not a ResNet preset: "
+                          f"use 'resnet18' or 'resnet18_cifar10'")
+  c.model = dataclasses.replace(spec, num_classes=0).model_config()
+  if spec.num_classes:
+    c.finetune.num_classes = spec.num_classes
+  c.input.image_size = int(image_size or 224)
+  c.input.mean, c.input.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  return c
+
+
+def convert_checkpoint(path: str, out_dir: str, *, image_size: int = 0, preset: str = "",
+                       config_dir: str = "", reader: str = "pure") -> dict:
+  """`--arch=torchvision_resnet`: a torchvision ResNet state dict -> a configs/finetune.py
+  workdir (the backbone as the encoder with its running statistics, fc as the classifier
+  head), loadable by Trainer.from_workdir, config.finetune.pretrained and the evaluators."""
+  from mim_jax import convert
+  sd = convert.read_checkpoint(path, reader)
+  if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+    sd = sd["state_dict"]
+  variables, spec = torchvision_to_variables(sd)
+  params = dict(variables["params"])
+  head = {"fc": params.pop("fc")} if "fc" in params else None
+  config = make_config(spec, image_size=image_size, preset=preset, config_dir=config_dir)
+  tree = {"encoder": params, **({"head": head} if head is not None else {})}
+  prov = dict(source=path, arch="torchvision_resnet", spec=dataclasses.asdict(spec))
+  return convert.write_workdir(out_dir, config, tree, prov,
+                               collections={"batch_stats": {"encoder": variables["batch_stats"]}})

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import config_lib
+from mim_jax import config_lib, models
 from mim_jax.checkpointing import CheckpointMismatchError
 from mim_jax.errors import TrainingError
 from mim_jax.data import finetune_aug
@@ -58,22 +58,28 @@ class PretrainedMismatchError(CheckpointMismatchError):
 
 
 class ClassifierHead(nn.Module):
-  """MAE's head: fc_norm(mean of patch tokens) or the cls token, then a linear classifier."""
+  """MAE's head: fc_norm(mean of patch tokens) or the cls token, then a linear classifier;
+  'avg' (CNN backbones): the global average pool of the last feature map, then the linear
+  layer, weight ~ N(0, 0.01) and bias 0 as MoCo's / torchvision-style classifiers."""
   num_classes: int
   pooling: str = "mean"
 
   @nn.compact
   def __call__(self, tokens):
-    """tokens [B, 1+L, D] (cls first) -> (features [B, D], logits [B, num_classes]), float32."""
+    """tokens [B, 1+L, D] (cls first; 'avg': the feature map's positions [B, L, D]) ->
+    (features [B, D], logits [B, num_classes]), float32."""
     tokens = tokens.astype(jnp.float32)
+    init = nn.initializers.normal(2e-5)
     if self.pooling == "mean":
       feats = vit.layer_norm("fc_norm", jnp.float32)(tokens[:, 1:].mean(axis=1))
     elif self.pooling == "cls":
       feats = tokens[:, 0]
+    elif self.pooling == "avg":
+      feats, init = tokens.mean(axis=1), nn.initializers.normal(0.01)
     else:
-      raise ValueError(f"config.finetune.pooling must be 'mean' or 'cls', got {self.pooling!r}")
-    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(2e-5),
-                      bias_init=nn.initializers.zeros, name="fc")(feats)
+      raise ValueError(f"config.finetune.pooling must be 'mean', 'cls' or 'avg' (CNNs), got {self.pooling!r}")
+    logits = nn.Dense(self.num_classes, kernel_init=init, bias_init=nn.initializers.zeros,
+                      name="fc")(feats)
     return feats, logits
 
 
@@ -93,7 +99,8 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
 
 
 # Model settings that change what a parameter means; they must equal the pretraining run's.
-_ARCH_KEYS = ("variant", "depth", "patch_size", "pos_embed", "rel_pos_bias", "qkv_bias")
+_ARCH_KEYS = {"vit": ("variant", "depth", "patch_size", "pos_embed", "rel_pos_bias", "qkv_bias"),
+              "resnet": ("depth", "width", "stem")}
 
 
 def _path(path) -> str:
@@ -115,8 +122,11 @@ def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int
   except TrainingError as e:
     raise PretrainedMismatchError(f"config.finetune.pretrained={workdir!r}: {e}, or set it to '' "
                                   f"to train from scratch") from None
-  diffs = [f"model.{k}: {pre.model.get(k)!r} vs {model_cfg.get(k)!r}" for k in _ARCH_KEYS
-           if pre.model.get(k) != model_cfg.get(k)]
+  arch_keys = _ARCH_KEYS.get(models.name_of(model_cfg), ())
+  diffs = [f"model.name: {models.name_of(pre.model)!r} vs {models.name_of(model_cfg)!r}"
+           ] if models.name_of(pre.model) != models.name_of(model_cfg) else []
+  diffs += [f"model.{k}: {pre.model.get(k)!r} vs {model_cfg.get(k)!r}" for k in arch_keys
+            if pre.model.get(k) != model_cfg.get(k)]
   if bool(pre.model.get("init_values", 0.0)) != bool(model_cfg.get("init_values", 0.0)):
     diffs.append("model.init_values (layer scale on/off)")
   if int(pre.input.image_size) != int(image_size):
@@ -142,13 +152,25 @@ def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int
     if sub is None:
       raise PretrainedMismatchError(f"{state_dir} has no {which} encoder ({outer}.{inner}): set "
                                     f"config.finetune.pretrained_encoder='online'")
-    item = {outer: {inner: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)}}
+    shapes = lambda t: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), t)  # noqa: E731
+    item = {outer: {inner: shapes(sub)}}
+    # The encoder's other collections (BatchNorm statistics), online or EMA.
+    mstate = saved.get("method_state", {}) if isinstance(saved.get("method_state"), dict) else {}
+    col_key = {"online": "collections", "ema": "ema_collections"}[which]
+    cols = {c: t["encoder"] for c, t in (mstate.get(col_key) or {}).items()
+            if isinstance(t, dict) and "encoder" in t}
+    if cols:
+      item.setdefault("method_state", {})[col_key] = {c: {"encoder": shapes(t)} for c, t in cols.items()}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True)))
   finally:
     ckpt.close()
-  return jax.tree.map(np.asarray, out["state"][outer][inner])
+  params = jax.tree.map(np.asarray, out["state"][outer][inner])
+  if not cols:
+    return params
+  restored = out["state"]["method_state"][col_key]
+  return {"params": params, **{c: jax.tree.map(np.asarray, restored[c]["encoder"]) for c in cols}}
 
 
 def merge_pretrained(init: dict, loaded: dict, workdir: str) -> dict:
@@ -202,8 +224,13 @@ class FineTune(Method):
     f = config.finetune
     self.num_classes = int(f.num_classes)
     self.head_pooling = str(f.pooling)
-    if self.head_pooling not in ("mean", "cls"):
-      raise ValueError(f"config.finetune.pooling must be 'mean' or 'cls', got {self.head_pooling!r}")
+    # A ViT as MAE fine-tunes it; any other backbone (a ResNet) through its feature map, its
+    # BatchNorm statistics updated in training mode and read at evaluation.
+    self.is_vit = models.name_of(config.model) == "vit"
+    allowed = ("mean", "cls") if self.is_vit else ("avg",)
+    if self.head_pooling not in allowed:
+      raise ValueError(f"config.finetune.pooling must be {' or '.join(map(repr, allowed))} for "
+                       f"model.name={models.name_of(config.model)!r}, got {self.head_pooling!r}")
     self.head = ClassifierHead(self.num_classes, self.head_pooling)
     self.pretrained = str(f.get("pretrained", "") or "")
     self.pretrained_encoder = str(f.get("pretrained_encoder", "online"))
@@ -214,6 +241,8 @@ class FineTune(Method):
 
   def encoder_overrides(self):
     # MAE fine-tunes the position embedding: a learnable table initialised to the sin-cos one.
+    if not models.name_of(self.config.model) == "vit":
+      return {}
     if self.config.model.get("pos_embed", "sincos") == "sincos" and self.config.finetune.get("learn_pos_embed", True):
       return {"pos_embed": "learned"}
     return {}
@@ -225,6 +254,21 @@ class FineTune(Method):
       self._loaded = load_pretrained_encoder(self.pretrained, self.pretrained_encoder,
                                              self.config.model, self.image_size)
     return self._loaded
+
+  def init_variables(self, rng, images):
+    if self.is_vit:
+      return {"params": self.init(rng, images)}
+    loaded = self.pretrained_encoder_params() if self.pretrained else None   # fails early
+    r_enc, r_head = jax.random.split(rng)
+    enc = dict(self.encoder.init(r_enc, images))
+    if loaded is not None:
+      loaded = loaded if "params" in loaded else {"params": loaded}
+      enc = {col: merge_pretrained(tree, loaded.get(col, {}), self.pretrained)
+             for col, tree in enc.items()}
+    fmap = jax.eval_shape(lambda: self.encoder.apply(enc, images, features_only=True))
+    tokens = jnp.zeros((1, 1, fmap.shape[-1]), jnp.float32)
+    return {"params": {"encoder": enc["params"], "head": self.head.init(r_head, tokens)["params"]},
+            **{col: {"encoder": tree} for col, tree in enc.items() if col != "params"}}
 
   def init(self, rng, images):
     loaded = self.pretrained_encoder_params() if self.pretrained else None   # fails early
@@ -249,6 +293,19 @@ class FineTune(Method):
       with nn.intercept_methods(_skip_final_norm):
         return self.encoder.apply({"params": encoder_params}, images, **kw)
     return self.encoder.apply({"params": encoder_params}, images, **kw)
+
+  def cnn_classify(self, params, state, images, train: bool = False):
+    """A CNN backbone: (features [B, C], logits, the updated collections when `train`)."""
+    v = self.variables(params, state)
+    if train:
+      fmap, new = self.encoder.apply(v, images, train=True, features_only=True,
+                                     mutable=[c for c in v if c != "params"])
+      new = {c: {"encoder": t} for c, t in new.items()}
+    else:
+      fmap, new = self.encoder.apply(v, images, train=False, features_only=True), None
+    tokens = fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])
+    feats, logits = self.head.apply({"params": params["head"]}, tokens)
+    return feats, logits, new
 
   def classify(self, params, images, train: bool = False, rng=None):
     tokens = self.encoder_tokens(params["encoder"], images, train, rng)
@@ -282,7 +339,12 @@ class FineTune(Method):
     labels = label
     k_aug, k_drop = jax.random.split(rng)
     x, targets, aux = self.augment(k_aug, images, labels)
-    _, logits = self.classify(params, x, train=True, rng=k_drop)
+    if self.is_vit:
+      _, logits = self.classify(params, x, train=True, rng=k_drop)
+    else:
+      _, logits, new = self.cnn_classify(params, state, x, train=True)
+      if new:
+        aux = {**aux, "collections": new}
     loss = soft_target_cross_entropy(logits, targets)
     acc = jnp.mean((jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32))
     return loss, {**aux, "top1_vs_major_target": acc}
@@ -291,7 +353,10 @@ class FineTune(Method):
   def features(self, params, state, images):
     """{'online': the head's input features [B, D], 'logits': [B, num_classes]} (no
     augmentation); the 'classifier' evaluator reads 'logits'."""
-    feats, logits = self.classify(params, images)
+    if self.is_vit:
+      feats, logits = self.classify(params, images)
+    else:
+      feats, logits, _ = self.cnn_classify(params, state, images)
     return {"online": feats.astype(jnp.float32), "logits": logits.astype(jnp.float32)}
 
   def describe(self) -> dict:

@@ -215,8 +215,9 @@ class ResNet(nn.Module):
 
   `__call__(images [B, H, W, 3], train=False, features_only=False)`: the logits
   [B, num_classes] when the model has a head and not `features_only`, else the last feature
-  map [B, h, w, C]; float32 (float64 for a float64 model). `features_only` skips the head (its parameters are then not
-  needed), so `outputs` reads the pre-logits features in the same forward pass.
+  map [B, h, w, C]; float32 (float64 for a float64 model). `features_only` skips the head
+  (its parameters are then not needed), so `outputs` reads the pre-logits features in the
+  same forward pass.
   """
   depth: int = 50
   width: float = 1
