@@ -32,7 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from mim_jax.data import pipeline, sources  # noqa: E402  pylint: disable=g-import-not-at-top
+from mim_jax.data import host_crop, pipeline, sources  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -95,12 +95,12 @@ def crop_all(blobs: list[bytes], mode: str, image_size: int, seed: int) -> list[
   from PIL import Image  # pylint: disable=g-import-not-at-top
   factors = []
   if mode == "full":
-    crop = pipeline.HostRandomResizedCropFlip(image_size, SCALE, RATIO, True)
+    crop = host_crop.HostRandomResizedCropFlip(image_size, SCALE, RATIO, True)
     for k, data in enumerate(blobs):
       crop.random_map({"image": sources.decode_image(data)}, np.random.default_rng([seed, k]))
   elif mode == "fast":
     for k, data in enumerate(blobs):
-      factors.append(pipeline.decode_crop_flip(data, np.random.default_rng([seed, k]),
+      factors.append(host_crop.decode_crop_flip(data, np.random.default_rng([seed, k]),
                                                image_size, SCALE, RATIO, True)[2])
   else:
     for data in blobs:
@@ -122,7 +122,7 @@ def time_resize_only(blobs: list[bytes], image_size: int) -> float:
     start = time.perf_counter()
     for k, im in enumerate(images):
       width, height = im.size
-      top, left, h, w = pipeline.sample_crop_box_np(np.random.default_rng([rep, k]), height,
+      top, left, h, w = host_crop.sample_crop_box_np(np.random.default_rng([rep, k]), height,
                                                     width, SCALE, RATIO)
       im.resize((image_size, image_size), Image.Resampling.BICUBIC,
                 box=(left, top, left + w, top + h))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim_jax.data import augment, pipeline, sources
+from mim_jax.data import augment, host_crop, pipeline, records, sources
 
 CLASSES = ("airplane", "cat", "ship")
 PER_CLASS = 20
@@ -205,7 +205,7 @@ def test_image_folder_source_and_decoded_fallback(folder_data):
   # A corrupt record is replaced by the next readable one and counted.
   both = [s for s in (src, ev) if any(s.path(i).endswith(CORRUPT) for i in range(len(s)))][0]
   bad = [i for i in range(len(both)) if both.path(i).endswith(CORRUPT)][0]
-  dec = pipeline.DecodedSource(both)
+  dec = records.DecodedSource(both)
   rec = dec[bad]
   assert rec["bad"] == 1
   nxt = (bad + 1) % len(both)
@@ -430,7 +430,7 @@ def test_crop_boxes_inside_and_area_in_scale():
   # The host (numpy) sampler follows the same rule.
   rng = np.random.default_rng(0)
   for _ in range(500):
-    top, left, bh, bw = pipeline.sample_crop_box_np(rng, 24, 40, (0.2, 1.0), (3 / 4, 4 / 3))
+    top, left, bh, bw = host_crop.sample_crop_box_np(rng, 24, 40, (0.2, 1.0), (3 / 4, 4 / 3))
     assert top >= 0 and left >= 0 and top + bh <= 24 + 1e-6 and left + bw <= 40 + 1e-6
     assert 0.2 - 1e-6 <= bh * bw / 960 <= 1.0
 

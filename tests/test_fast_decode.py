@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mim_jax.data import pipeline, sources
+from mim_jax.data import host_crop, pipeline, records, regions, sources
 
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -35,17 +35,17 @@ def _encode(image: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
 
 def _old_path(data: bytes, seed: int, size: int) -> np.ndarray:
   """The full-decode path: DecodedSource's decode, then HostRandomResizedCropFlip."""
-  crop = pipeline.HostRandomResizedCropFlip(size, SCALE, RATIO, True)
+  crop = host_crop.HostRandomResizedCropFlip(size, SCALE, RATIO, True)
   element = {"image": sources.decode_image(data), "label": np.int32(0), "bad": np.int32(0)}
   return crop.random_map(element, np.random.default_rng(seed))["image"]
 
 
 def _fast_path(data: bytes, seed: int, size: int) -> tuple[np.ndarray, int, int]:
-  return pipeline.decode_crop_flip(data, np.random.default_rng(seed), size, SCALE, RATIO, True)
+  return host_crop.decode_crop_flip(data, np.random.default_rng(seed), size, SCALE, RATIO, True)
 
 
 def test_reduction_for_box_exact_values():
-  r = pipeline.reduction_for_box
+  r = host_crop.reduction_for_box
   assert r((0, 0, 64, 64), 64) == 1
   assert r((0, 0, 127.9, 900), 64) == 1
   assert r((5, 7, 128, 128), 64) == 2
@@ -65,8 +65,8 @@ def test_fast_decode_close_to_full_decode_with_reduction(shared_cifar_dir):
   for seed in range(30):
     fast, bad, factor = _fast_path(data, seed, size)
     # The reduction is the one the box allows (the box comes from the first rng draws).
-    box = pipeline.sample_crop_box_np(np.random.default_rng(seed), 700, 900, SCALE, RATIO)
-    assert factor == pipeline.reduction_for_box(box, size) and factor >= 4
+    box = host_crop.sample_crop_box_np(np.random.default_rng(seed), 700, 900, SCALE, RATIO)
+    assert factor == host_crop.reduction_for_box(box, size) and factor >= 4
     assert bad == 0 and fast.shape == (size, size, 3) and fast.dtype == np.uint8
     diffs.append(np.abs(fast.astype(np.float64) - _old_path(data, seed, size)).mean())
     used.add(factor)
@@ -114,7 +114,7 @@ def test_truncated_and_non_image_files(tmp_path, shared_cifar_dir):
   (root / "cat" / "0101_notes.jpg").write_bytes(b"this is not an image at all" * 4)
   src = sources.image_folder_source(dict(name="image_folder", dir=str(root)), "train")
   index = {src.path(i).rsplit("/", 1)[-1]: i for i in range(len(src))}
-  checked = pipeline.HeaderCheckedSource(src)
+  checked = records.HeaderCheckedSource(src)
   # The source keeps the truncated file (its header parses) ...
   trunc = checked[index["0100_truncated.jpg"]]
   assert trunc["bad"] == 0 and trunc["image_bytes"] == full[:len(full) // 2]
@@ -122,12 +122,13 @@ def test_truncated_and_non_image_files(tmp_path, shared_cifar_dir):
   notes = checked[index["0101_notes.jpg"]]
   nxt = (index["0101_notes.jpg"] + 1) % len(src)
   assert notes["bad"] == 1 and notes["image_bytes"] == src[nxt]["image_bytes"]
-  assert pipeline.DecodedSource(src)[index["0101_notes.jpg"]]["bad"] == 1
+  assert notes["index"] == nxt          # the index is the record actually read
+  assert records.DecodedSource(src)[index["0101_notes.jpg"]]["bad"] == 1
   # The transform decodes the truncated body with truncated images allowed, marking it bad.
-  crop = pipeline.HostDecodeRandomResizedCropFlip(32, SCALE, RATIO, True)
+  crop = host_crop.HostDecodeRandomResizedCropFlip(32, SCALE, RATIO, True)
   out = crop.random_map(trunc, np.random.default_rng(0))
   assert out["bad"] == 1 and out["image"].shape == (32, 32, 3) and set(out) == {
-      "image", "label", "bad"}
+      "image", "label", "bad", "index"}
   assert ImageFile.LOAD_TRUNCATED_IMAGES is False   # restored
   ok = crop.random_map(checked[0], np.random.default_rng(0))
   assert ok["bad"] == 0
@@ -136,6 +137,12 @@ def test_truncated_and_non_image_files(tmp_path, shared_cifar_dir):
                                       process_index=0, process_count=1)
   batch = next(loader)
   assert batch["image"].shape == (len(src), 32, 32, 3) and int(batch["bad"].sum()) == 2
+  # Each example's 'index' is the record read (a bad record's replacement: the next one), and
+  # its label is that record's.
+  idx = batch["index"]
+  assert idx.dtype == np.int32 and set(idx.tolist()) <= set(range(len(src)))
+  np.testing.assert_array_equal(batch["label"], [src[int(i)]["label"] for i in idx])
+  assert index["0101_notes.jpg"] not in idx.tolist()
 
 
 def test_undecodable_body_gives_grey(shared_cifar_dir, monkeypatch):
@@ -144,7 +151,7 @@ def test_undecodable_body_gives_grey(shared_cifar_dir, monkeypatch):
   def fail(*args, **kwargs):
     raise OSError("broken")
 
-  monkeypatch.setattr(pipeline, "_crop_opened", fail)
+  monkeypatch.setattr(host_crop, "_crop_opened", fail)
   out, bad, factor = _fast_path(data, 0, 48)
   assert bad == 1 and factor == 1
   np.testing.assert_array_equal(out, np.full((48, 48, 3), 128, np.uint8))
@@ -244,12 +251,12 @@ def test_decoded_records_cropped_like_before():
   """Sources that yield decoded arrays (TFDS with decode=True) are cropped as before."""
   images = np.random.default_rng(0).integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
   src = [{"image": images[i], "label": i} for i in range(3)]
-  fast = pipeline.HostDecodeRandomResizedCropFlip(24, SCALE, RATIO, True)
-  old = pipeline.HostRandomResizedCropFlip(24, SCALE, RATIO, True)
+  fast = host_crop.HostDecodeRandomResizedCropFlip(24, SCALE, RATIO, True)
+  old = host_crop.HostRandomResizedCropFlip(24, SCALE, RATIO, True)
   for i in range(3):
-    a = fast.random_map(pipeline.HeaderCheckedSource(src)[i], np.random.default_rng(i))
-    b = old.random_map(pipeline.DecodedSource(src)[i], np.random.default_rng(i))
-    assert set(a) == {"image", "label", "bad"} and a["bad"] == 0 and a["label"] == i
+    a = fast.random_map(records.HeaderCheckedSource(src)[i], np.random.default_rng(i))
+    b = old.random_map(records.DecodedSource(src)[i], np.random.default_rng(i))
+    assert set(a) == {"image", "label", "bad", "index"} and a["bad"] == 0 and a["label"] == i
     np.testing.assert_array_equal(a["image"], b["image"])
 
 
@@ -281,10 +288,10 @@ def test_input_pipeline_benchmark_rows(tmp_path, shared_cifar_dir):
 def _on_device(records, size, canvas):
   """PackRegions -> unpack_regions -> resize_regions, as the loader and the step do."""
   from mim_jax.data import augment  # pylint: disable=g-import-not-at-top
-  pack = pipeline.PackRegions(1, size, canvas, canvas * canvas)
+  pack = regions.PackRegions(1, size, canvas, canvas * canvas)
   batch = pack([{**r, "label": np.int32(0)} for r in records])
-  regions = augment.unpack_regions(batch["image"], batch["offset"], batch["valid"], canvas)
-  return np.asarray(augment.resize_regions(regions, batch["box"], batch["valid"], batch["flip"],
+  unpacked = augment.unpack_regions(batch["image"], batch["offset"], batch["valid"], canvas)
+  return np.asarray(augment.resize_regions(unpacked, batch["box"], batch["valid"], batch["flip"],
                                            size))
 
 
@@ -322,10 +329,10 @@ def test_pack_and_unpack_regions_round_trip():
   from mim_jax.data import augment  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   shapes = [(20, 30), (8, 8), (40, 17), (16, 16), (33, 40), (9, 25)]
-  records = [pipeline._region_record(rng.integers(0, 256, (*hw, 3), dtype=np.uint8),  # pylint: disable=protected-access
+  records = [regions._region_record(rng.integers(0, 256, (*hw, 3), dtype=np.uint8),  # pylint: disable=protected-access
                                      (1.5, 2.0, hw[0] - 1.5, hw[1] - 2.0), bool(i % 2), 0, False)
              for i, hw in enumerate(shapes)]
-  pack = pipeline.PackRegions(2, 16, 40, 40 * 40)
+  pack = regions.PackRegions(2, 16, 40, 40 * 40)
   batch = pack([{**r, "label": np.int32(i)} for i, r in enumerate(records)])
   assert batch["image"].shape == (2, (3 * 1600 + 1600) * 3) and not batch["host_resized"].any()
   np.testing.assert_array_equal(batch["offset"], [0, 600, 664, 0, 256, 1576])
@@ -337,11 +344,11 @@ def test_pack_and_unpack_regions_round_trip():
   # A budget of 16 x 16 pixels per image: group 0 holds 600 + 64 + 680 > 768 pixels, so its
   # largest (40 x 17) goes to the host; then 600 + 64 + 256 > 768: the 20 x 30 too. Group 1:
   # 256 + 1320 + 225 > 768, and once the 33 x 40 is resized, 256 + 256 + 225 fits.
-  tight = pipeline.PackRegions(2, 16, 40, 16 * 16)([{**r, "label": np.int32(0)} for r in records])
+  tight = regions.PackRegions(2, 16, 40, 16 * 16)([{**r, "label": np.int32(0)} for r in records])
   np.testing.assert_array_equal(tight["host_resized"], [True, False, True, False, True, False])
   canv = np.asarray(augment.unpack_regions(tight["image"], tight["offset"], tight["valid"], 40))
   for i in (0, 2):
-    np.testing.assert_array_equal(canv[i, :16, :16], pipeline.region_to_crop(records[i], 16))
+    np.testing.assert_array_equal(canv[i, :16, :16], regions.region_to_crop(records[i], 16))
     assert tight["flip"][i] == False and tuple(tight["box"][i]) == (0, 0, 16, 16)  # noqa: E712
 
 
@@ -355,12 +362,12 @@ def test_decode_region_gives_the_fast_path_crop(shared_cifar_dir, size_wh, out, 
   records, hosts = [], []
   for seed in range(12):
     host, bad, _ = _fast_path(data, seed, out)
-    got = pipeline.decode_region(data, np.random.default_rng(seed), out, SCALE, RATIO, True,
+    got = regions.decode_region(data, np.random.default_rng(seed), out, SCALE, RATIO, True,
                                  canvas)
     assert bad == got["bad"] == 0 and max(got["region"].shape[:2]) <= canvas
     # Pillow 13's result for a box is not invariant to shifting the image under it: up to
     # one level at some pixels (16% of them for one of these crops).
-    diff = np.abs(pipeline.region_to_crop(got, out).astype(int) - host)
+    diff = np.abs(regions.region_to_crop(got, out).astype(int) - host)
     assert diff.max() <= 1 and diff.mean() < 0.25, seed
     records.append(got)
     hosts.append(host)
@@ -377,20 +384,20 @@ def test_decode_region_gives_the_fast_path_crop(shared_cifar_dir, size_wh, out, 
 def test_decode_region_simplejpeg_equals_pillow(shared_cifar_dir, monkeypatch, kind):
   """simplejpeg (used where installed) and Pillow give the same region records: same
   pixels at every DCT scale, same draws; CMYK and non-JPEG data go to Pillow."""
-  assert pipeline._simplejpeg() is not None   # pylint: disable=protected-access
+  assert regions._simplejpeg() is not None   # pylint: disable=protected-access
   image = Image.fromarray(_photo(shared_cifar_dir, *((120, 90) if kind == "rgb_small" else (900, 700))))
   if kind in ("grey", "cmyk"):
     image = image.convert({"grey": "L", "cmyk": "CMYK"}[kind])
   buf = io.BytesIO()
   image.save(buf, format="PNG" if kind == "png" else "JPEG", quality=90)
   data = buf.getvalue()[:len(buf.getvalue()) // 2] if kind == "truncated" else buf.getvalue()
-  direct = pipeline._region_simplejpeg(  # pylint: disable=protected-access
-      pipeline._simplejpeg(), data, np.random.default_rng(0), 64, SCALE, RATIO, True, 256)  # pylint: disable=protected-access
+  direct = regions._region_simplejpeg(  # pylint: disable=protected-access
+      regions._simplejpeg(), data, np.random.default_rng(0), 64, SCALE, RATIO, True, 256)  # pylint: disable=protected-access
   runs = {}
   for use in (True, False):
     if not use:
-      monkeypatch.setattr(pipeline, "_SIMPLEJPEG", False)
-    runs[use] = [pipeline.decode_region(data, np.random.default_rng(seed), 64, SCALE, RATIO,
+      monkeypatch.setattr(regions, "_SIMPLEJPEG", False)
+    runs[use] = [regions.decode_region(data, np.random.default_rng(seed), 64, SCALE, RATIO,
                                         True, 256) for seed in range(8)]
   for a, b in zip(runs[True], runs[False]):
     assert a.keys() == b.keys()
@@ -408,7 +415,7 @@ def test_decode_region_simplejpeg_equals_pillow(shared_cifar_dir, monkeypatch, k
 def test_decode_region_falls_back_on_bad_data(shared_cifar_dir):
   full = _encode(_photo(shared_cifar_dir, 300, 240), quality=90)
   for data in (full[:len(full) // 2], b"not an image"):
-    got = pipeline.decode_region(data, np.random.default_rng(0), 48, SCALE, RATIO, True, 96)
+    got = regions.decode_region(data, np.random.default_rng(0), 48, SCALE, RATIO, True, 96)
     host, bad, _ = _fast_path(data, 0, 48)
     assert got["host_resized"] and got["bad"] == bad == 1
     np.testing.assert_array_equal(got["region"], host)

@@ -165,7 +165,7 @@ def _bicubic_weights(start: jax.Array, length: jax.Array, valid: jax.Array, in_s
 
 def unpack_regions(rows: jax.Array, offset: jax.Array, valid: jax.Array, canvas: int
                    ) -> jax.Array:
-  """The regions `pipeline.PackRegions` packed, each at the top left of a canvas.
+  """The regions `regions.PackRegions` packed, each at the top left of a canvas.
 
   Args:
     rows: uint8 [G, R * 3]: one row per device group, regions stored one after another.
