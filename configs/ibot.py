@@ -28,11 +28,9 @@ on biases and norms), per-parameter gradient clipping at 3.0, last layer frozen 
 batch 1024, 800 epochs.
 
 Deviations:
-  * The frozen last layer gets zero gradients through AdamW instead of being skipped: its Adam
-    moments stay zero but optax's bias correction uses the global step count, so its first
-    updates after the frozen epoch are scaled differently than PyTorch's (whose per-parameter
-    step count starts then); decoupled weight decay still shrinks kernel_v (the weight-normalised
-    layer's output is unchanged by that).
+  * (No longer a deviation: the frozen last layer is an optimiser group frozen until the end
+    of the frozen epochs, untouched by weight decay, and its AdamW step count starts when it
+    thaws, as PyTorch's skipping of a grad-None parameter does.)
   * Per-parameter clipping and the freeze act on each micro-batch's gradient when
     config.optim.grad_accum > 1 (the official code has no accumulation).
   * Views: RandomResizedCrop is bilinear on a continuous box (official: bicubic, whole pixels);

@@ -457,6 +457,40 @@ def read_losses(workdir):
     return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
 
 
+def test_frozen_last_layer_is_untouched_then_trained_from_fresh_adam_state():
+  """cancel_gradients_last_layer: PyTorch's AdamW skips the grad-None last layer, so it is not
+  weight-decayed while frozen (kernel_g is a 2-D decayed parameter when norm_last_layer=False)
+  and thaws with its own step count; the rest of the head moves from the first step."""
+  c = small_config(total_steps=3)
+  c.ibot.views.num_local = 0
+  c.ibot.norm_last_layer = False
+  c.optim.update(warmup_epochs=0.0, base_lr=2e-3, weight_decay=0.04,
+                 weight_decay_schedule="constant")
+  tr = train.Trainer.create(c, devices=jax.devices()[:1])
+  c.ibot.freeze_last_layer = 2.0 / tr.steps_per_epoch         # two steps
+  tr = train.Trainer.create(c, devices=jax.devices()[:1])
+  assert tr.method.freeze_steps() == 2
+  head0 = jax.device_get(tr.state["params"]["head"])
+  for _ in range(2):
+    tr.step()
+  head2 = jax.device_get(tr.state["params"]["head"])
+  frozen = [n for n in head0 if n.startswith("last_layer")]
+  assert "last_layer" in frozen and set(head0["last_layer"]) == {"kernel_v", "kernel_g"}
+  for name in frozen:
+    for k in head0[name]:
+      np.testing.assert_array_equal(head2[name][k], head0[name][k])
+  assert not np.array_equal(head2["fc0"]["kernel"], head0["fc0"]["kernel"])
+  lr = float(tr.step()["lr"])
+  head3 = jax.device_get(tr.state["params"]["head"])
+  v0, v3 = head0["last_layer"]["kernel_v"], head3["last_layer"]["kernel_v"]
+  assert not np.array_equal(v3, v0)
+  # A first AdamW step moves each element by lr (|m / sqrt(v)| = 1) plus the decoupled decay.
+  step = np.abs(v3 - v0 * (1 - lr * 0.04))
+  moved = step > 0.5 * lr
+  assert moved.mean() > 0.9
+  np.testing.assert_allclose(step[moved], lr, rtol=5e-3)
+
+
 def train_config():
   c = small_config(total_steps=8, ckpt_every=4)
   c.optim.update(warmup_epochs=0.0, base_lr=2e-3)

@@ -46,7 +46,10 @@ Exact to bytedance/ibot:
   * utils.py: `clip_gradients` clips EACH parameter's gradient to norm clip_grad (3.0) and
     `cancel_gradients_last_layer` drops the gradients of every `last_layer*` parameter during
     the first freeze_last_layer epochs; both are applied to the gradient inside `loss` by
-    `shape_gradients` (a custom VJP of the identity on the parameters), in that order.
+    `shape_gradients` (a custom VJP of the identity on the parameters), in that order. The
+    dropped gradient is None in PyTorch, so AdamW skips those parameters: no weight decay,
+    no moments, and its step count for them starts when they thaw. Here they are an optimiser
+    group frozen until that step (`param_groups`, `optim.freeze_until`): the same.
   * The teacher (EMA of the student's encoder and head; the momentum is applied after the
     optimiser step) and both centres live in the method state, so they are checkpointed.
 
@@ -55,11 +58,8 @@ patch tokens, the entropy of its batch-mean cls distribution (low when one proto
 KL(teacher || student) over the cls pairs, the fraction of masked patches and the agreement of
 teacher view 0 with student view 1 (the official 'acc').
 
-Deviations (the config docstring lists them with the data-side ones): zeroed last-layer
-gradients still pass through the optimiser (AdamW's moments and its global bias-correction
-step count advance, decoupled weight decay shrinks kernel_v, which does not change the
-weight-normalised layer), where PyTorch skips a parameter whose grad is None; the gradient
-shaping acts per micro-batch under gradient accumulation.
+Deviations (the config docstring lists them with the data-side ones): the gradient shaping
+acts per micro-batch under gradient accumulation.
 """
 from __future__ import annotations
 
@@ -367,6 +367,18 @@ class IBOT(Method):
   def encoder_overrides(self) -> dict:
     return {"use_mask_token": True}
 
+  def freeze_steps(self) -> int:
+    """Steps during which the last layers are frozen (freeze_last_layer epochs)."""
+    return int(round(float(self.c.freeze_last_layer) * self.run_steps()[0]))
+
+  def param_groups(self):
+    """`cancel_gradients_last_layer`: every head `last_layer*` parameter is untouched (no
+    update, no decay, no optimiser state) for the first freeze_last_layer epochs, then trained
+    with fresh AdamW state at the global learning rate, as PyTorch skips a grad-None
+    parameter."""
+    until = self.freeze_steps()
+    return ((r"^head/last_layer", {"frozen_until_step": until}),) if until > 0 else ()
+
   # -- run length (schedules are per epoch / per iteration, as the official ones) -------------
   def epoch(self, step) -> jax.Array:
     return jnp.asarray(step, jnp.int32) // self.run_steps()[0]
@@ -450,8 +462,7 @@ class IBOT(Method):
     k_mask, k_drop, k_drop_local = jax.random.split(rng, 3)
     masks = self.masks(k_mask, g * b, step)
 
-    spe, _ = self.run_steps()
-    keep_last = (jnp.asarray(step) >= int(round(float(c.freeze_last_layer) * spe))).astype(jnp.float32)
+    keep_last = (jnp.asarray(step) >= self.freeze_steps()).astype(jnp.float32)
     params = shape_gradients(params, keep_last, float(c.clip_grad))
 
     # One ViT forward for every view: the teacher's without drop path, the student's masked
