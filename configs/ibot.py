@@ -33,12 +33,12 @@ Deviations:
     thaws, as PyTorch's skipping of a grad-None parameter does.)
   * Per-parameter clipping and the freeze act on each micro-batch's gradient when
     config.optim.grad_accum > 1 (the official code has no accumulation).
-  * Views: RandomResizedCrop is bilinear on a continuous box (official: bicubic, whole pixels);
-    the colour, grey, blur and solarisation ops equal PIL's (mim_jax/data/views.py). For in-memory
-    data the crops come from the stored images (exact); for streaming data (the imagenet preset)
-    the host first resizes the whole image to 224 px (input.aug.crop_scale = (1, 1), no flip),
-    and the views are crops of that, so local crops are upsampled from the 224 px image and their
-    aspect ratios are relative to it.
+  * Views: for in-memory data the crops come from the stored images on the device,
+    RandomResizedCrop bilinear on a continuous box (official: bicubic, whole pixels); for
+    streaming data (the imagenet preset) the grain workers cut every global and local crop
+    from the decoded image, bicubic, as the official transforms do (IBOT.train_views). The
+    colour, grey, blur and solarisation ops equal PIL's (mim_jax/data/views.py) and run on the
+    device.
   * The learning-rate warm-up is optax's linear ramp (reaching the peak one step later than
     DINO's np.linspace) and min_lr is given x 256 / batch because config.optim scales it by the
     batch (1e-6 unscaled, as the official).
@@ -104,7 +104,6 @@ def get_config(arg=None):
       c.ibot.freeze_last_layer = 0.1
   elif preset == "imagenet":
     config_lib.imagenet_preset(c, batch_size=1024, variant="small", total_epochs=800)
-    c.input.aug.update(crop_scale=(1.0, 1.0), hflip=False)   # the views crop and flip
     c.optim.min_lr = 1e-6 * 256 / 1024                        # 1e-6 after the batch scaling
     c.evals.reconstruction.enabled = False
   else:

@@ -205,8 +205,7 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
                          total_steps: Optional[int] = None, steps_per_epoch: int = 1):
   """The initial train state on `mesh`, its shardings, the batch sharding and the jitted step
   (shared by `Trainer.create` and benchmarks/speed.py, so the benchmark times this step)."""
-  size = config.input.image_size
-  dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+  dummy = method.init_input()
   prng, srng = jax.random.split(jax.random.PRNGKey(config.seed))
   # The weight-decay mask and the parameter groups depend only on the parameters' structure,
   # so one optimiser built from their shapes serves both the initial state and the step.
@@ -295,7 +294,7 @@ class Trainer:
     loader = pipeline.make_train_loader(config.input, seed=config.seed,
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count(),
-                                        device_groups=len(local))
+                                        device_groups=len(local), views=method.train_views())
     on_device_aug = bool(getattr(loader, "on_device_aug", False))
     spe = pipeline.steps_per_epoch(config.input)
     total = optim.total_steps(config, spe)
@@ -361,7 +360,8 @@ class Trainer:
     ndev = mesh.devices.size
     chunk = int(math.ceil(256 / ndev) * ndev)
     rep = sharding.replicated(mesh)
-    feat_fn = jax.jit(lambda p, s, x: method.features(p, s, preprocess(None, x, cfg.input, False, train=False)),
+    prep = lambda x: method.eval_preprocess(x, cfg.input)  # noqa: E731
+    feat_fn = jax.jit(lambda p, s, x: method.features(p, s, prep(x)),
                       in_shardings=(self.state_shardings["params"], self.state_shardings["method_state"],
                                     self.batch_sharding), out_shardings=rep)
     params, mstate = self.state["params"], self.state["method_state"]
@@ -383,14 +383,12 @@ class Trainer:
 
     def encode_layers(images, pooling):
       if pooling not in layer_fns:
-        layer_fns[pooling] = jit_eval(lambda p, s, x: method.layer_features(
-            p, s, preprocess(None, x, cfg.input, False, train=False), pooling))
+        layer_fns[pooling] = jit_eval(lambda p, s, x: method.layer_features(p, s, prep(x), pooling))
       return run_padded(lambda x: layer_fns[pooling](params, mstate, x), images)
 
     def encode_tokens(images):
       if not token_fn:
-        token_fn.append(jit_eval(lambda p, s, x: method.token_features(
-            p, s, preprocess(None, x, cfg.input, False, train=False))))
+        token_fn.append(jit_eval(lambda p, s, x: method.token_features(p, s, prep(x))))
       return run_padded(lambda x: token_fn[0](params, mstate, x), images)
 
     def loss(images, seed):
@@ -398,7 +396,7 @@ class Trainer:
       [B] float; for held-out vs training loss (data-scaling analysis)."""
       if seed not in loss_fns:
         def per_image(p, s, x):
-          x = preprocess(None, x, cfg.input, False, train=False)
+          x = prep(x)
           rngs = jax.random.split(jax.random.PRNGKey(seed), x.shape[0])
           one = lambda xi, r: method.loss(p, s, xi[None], r, self.state["step"])[0]  # noqa: E731
           return jax.lax.map(lambda xr: one(*xr), (x, rngs), batch_size=64)
@@ -407,7 +405,7 @@ class Trainer:
 
     reconstruct = None
     if type(method).reconstruct is not methods.base.Method.reconstruct:
-      rec_fn = jax.jit(lambda p, s, x, r: method.reconstruct(p, s, preprocess(None, x, cfg.input, False, False), r),
+      rec_fn = jax.jit(lambda p, s, x, r: method.reconstruct(p, s, prep(x), r),
                        out_shardings=rep)
 
       def reconstruct(images, seed):

@@ -11,6 +11,7 @@ again with truncated images allowed (else a grey image is used) and counted in `
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from typing import Any, Sequence
@@ -233,3 +234,42 @@ class HostCenterCrop:
     image = element["image"]
     box = center_crop_box(image.shape[0], image.shape[1], self.size, self.crop_fraction)
     return {**element, "image": _resize_box(image, box, self.size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSpec:
+  """One group of training views a method declares (`Method.train_views`): `count`
+  RandomResizedCrops of `size` pixels, area fraction ~ U(scale), log aspect ratio ~
+  U(log ratio), each flipped with probability 1/2 when `hflip`. iBOT's 'global' and 'local'
+  crops, say. Streamed data gets them cut on the host from the decoded image
+  (`HostMultiCrop`); in-memory data on the device by the method's `preprocess`."""
+  name: str
+  count: int
+  size: int
+  scale: tuple = (0.08, 1.0)
+  ratio: tuple = (3 / 4, 4 / 3)
+  hflip: bool = True
+
+
+class HostMultiCrop:
+  """grain RandomMap: every view a method declares (a tuple of `CropSpec`), each an
+  independent RandomResizedCrop (bicubic, antialiased, on the full decoded image) + flip:
+  ``{'image': {name: uint8 [count, size, size, 3]}, 'label', 'bad', 'index'}``. Takes
+  `records.DecodedSource` elements (the image decoded once for all its views)."""
+
+  def __init__(self, specs: Sequence[CropSpec]):
+    self.specs = tuple(specs)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image = element["image"]
+    views = {}
+    for spec in self.specs:
+      crops = []
+      for _ in range(spec.count):
+        box = sample_crop_box_np(rng, image.shape[0], image.shape[1], spec.scale, spec.ratio)
+        out = _resize_box(image, box, spec.size)
+        if spec.hflip and rng.uniform() < 0.5:
+          out = np.ascontiguousarray(out[:, ::-1])
+        crops.append(out)
+      views[spec.name] = np.stack(crops)
+    return {**element, "image": views}

@@ -45,13 +45,13 @@ grain is imported inside functions so importing this module stays cheap.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from mim_jax.data import sources
-from mim_jax.data.host_crop import (HostCenterCrop, HostDecodeRandomResizedCropFlip,
-                                    HostRandomResizedCropFlip)
+from mim_jax.data.host_crop import (CropSpec, HostCenterCrop, HostDecodeRandomResizedCropFlip,
+                                    HostMultiCrop, HostRandomResizedCropFlip)
 from mim_jax.data.records import DecodedSource, HeaderCheckedSource, _IndexSource, _Permuted, _Subset
 from mim_jax.data.regions import HostDecodeRegion, PackRegions
 from mim_jax.data.sources import DataConfigError
@@ -69,6 +69,7 @@ def _grain(workers: int = 0):
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
   grain.transforms.RandomMap.register(HostRandomResizedCropFlip)
+  grain.transforms.RandomMap.register(HostMultiCrop)
   grain.transforms.RandomMap.register(HostDecodeRandomResizedCropFlip)
   grain.transforms.Map.register(HostCenterCrop)
   return grain
@@ -103,7 +104,7 @@ class TrainLoader:
 
   Attributes:
     on_device_aug: True when images are the stored ones and must be augmented on the device.
-    image_shape: (H, W, 3) of the yielded images.
+    image_shape: (H, W, 3) of the yielded images ({name: (count, S, S, 3)} for host views).
     local_batch_size, global_batch_size: per process / over all processes.
     num_records: records of the pretraining split (all processes): the training split or its
       ``data.train_subset``.
@@ -179,7 +180,8 @@ def _aug(input_cfg: Any) -> tuple[tuple[float, float], tuple[float, float], bool
 
 
 def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int] = None,
-                      process_count: Optional[int] = None, device_groups: int = 1) -> TrainLoader:
+                      process_count: Optional[int] = None, device_groups: int = 1,
+                      views: Optional[Sequence[CropSpec]] = None) -> TrainLoader:
   """Builds this process's endless, shuffled training loader.
 
   Args:
@@ -188,6 +190,10 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     process_index, process_count: this process's data shard; default: JAX's.
     device_groups: with ``input.device_resize``, the devices this process feeds (the packed
       regions come in one row per device).
+    views: the training views a method declares (`Method.train_views`): streamed data then
+      yields ``'image'`` as {name: uint8 [local_batch, count, size, size, 3]}, each view cut
+      from the decoded image on the host (`HostMultiCrop`); in-memory data ignores them (the
+      method cuts its views on the device from the stored images).
 
   Raises:
     DataError: bad batch size, data smaller than one batch, or bad data (one-line message).
@@ -225,7 +231,15 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     scale, ratio, hflip = _aug(input_cfg)
     batch_fn = None
     canvas = int(_get(input_cfg, "device_resize", 0))
-    if canvas:
+    if views:
+      if canvas:
+        raise DataConfigError("input.device_resize resamples one crop per image; this method "
+                              "declares several views (cut on the host): set "
+                              "--config.input.device_resize=0")
+      source = _Permuted(DecodedSource(raw), seed)
+      crop = HostMultiCrop(tuple(views))
+      image_shape = {v.name: (int(v.count), int(v.size), int(v.size), 3) for v in views}
+    elif canvas:
       if canvas < size:
         raise DataConfigError(f"input.device_resize={canvas} is smaller than input.image_size="
                               f"{size}: use 0 (off) or a canvas of at least {size} pixels")

@@ -38,8 +38,9 @@ luma weights, a true Gaussian), so the PIL-exact versions are used instead; test
 compares every op with PIL itself.
 
 For in-memory datasets the crops are taken from the stored images (exact). For streaming
-datasets the host has already cropped and flipped each image to `image_size`, so the views
-are crops of that crop (a deviation the calling method states).
+datasets the method declares its views (`crop_specs`, `Method.train_views`) and the host cuts
+each from the decoded image (`host_crop.HostMultiCrop`: bicubic, whole image, as the official
+transforms); only the colour ops run here then (`multi_crop(..., crops=...)`).
 """
 from __future__ import annotations
 
@@ -258,14 +259,19 @@ def dino_view(rng: jax.Array, images: jax.Array, *, size: int, scale: Sequence[f
               ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True,
               jitter_prob: float = 0.8, jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
               gray_prob: float = 0.2, blur_prob=0.0, blur_radius: Sequence[float] = (0.1, 2.0),
-              solarize_prob=0.0) -> jax.Array:
+              solarize_prob=0.0, crop: bool = True) -> jax.Array:
   """One DINO-augmented view of every image: uint8 / float levels [B, H, W, 3] -> 8-bit levels
   (float32) [B, size, size, 3]. The order is the official one: crop, flip, jitter (p), grey (p),
-  blur (p), solarize (p). `blur_prob` and `solarize_prob` are scalars or per-image [B]."""
+  blur (p), solarize (p). `blur_prob` and `solarize_prob` are scalars or per-image [B].
+  `crop=False`: the images are crops already (cut and flipped on the host from the decoded
+  image, `host_crop.HostMultiCrop`); only the colour ops run, with the same draws."""
   b = images.shape[0]
   k_crop, k_jit_p, k_jit, k_gray, k_blur_p, k_blur, k_sol = jax.random.split(rng, 7)
-  x = augment.random_resized_crop_flip(k_crop, images, out_size=size, scale=tuple(scale),
-                                       ratio=tuple(ratio), hflip=hflip)
+  if crop:
+    x = augment.random_resized_crop_flip(k_crop, images, out_size=size, scale=tuple(scale),
+                                         ratio=tuple(ratio), hflip=hflip)
+  else:
+    x = images.astype(jnp.float32)
   x = jnp.round(jnp.clip(x, 0.0, 255.0))
   if jitter_prob > 0:
     x = _where(jax.random.uniform(k_jit_p, (b,)) < jitter_prob, color_jitter(k_jit, x, *jitter), x)
@@ -289,9 +295,13 @@ def multi_crop(rng: jax.Array, images: jax.Array, *, global_size: int, local_siz
                gray_prob: float = 0.2, blur_probs: Sequence[float] = (1.0, 0.1, 0.5),
                blur_radius: Sequence[float] = (0.1, 2.0), solarize_prob: float = 0.2,
                mean: Sequence[float] = augment.IMAGENET_MEAN,
-               std: Sequence[float] = augment.IMAGENET_STD) -> dict:
+               std: Sequence[float] = augment.IMAGENET_STD, crops: Optional[dict] = None) -> dict:
   """iBOT's DataAugmentationiBOT on a batch: {'global': [B, num_global, S, S, 3],
   'local': [B, num_local, s, s, 3]} (no 'local' entry when num_local is 0), normalised.
+
+  `crops` ({'global': uint8 [B, num_global, S, S, 3], 'local': ...}): the views already cut
+  and flipped on the host from the decoded image (streamed data, `host_crop.HostMultiCrop`);
+  then `images` is unused and only the colour ops run here.
 
   blur_probs = (first global view, other global views, local views); solarisation only on the
   global views after the first. Every view of an image has its own draws; the views of one
@@ -300,34 +310,58 @@ def multi_crop(rng: jax.Array, images: jax.Array, *, global_size: int, local_siz
   """
   if num_global < 1:
     raise ValueError("multi_crop needs at least one global view (num_global >= 1)")
-  b = images.shape[0]
+  b = (images if crops is None else crops["global"]).shape[0]
   k_global, k_local = jax.random.split(rng)
   common = dict(ratio=ratio, hflip=hflip, jitter_prob=jitter_prob, jitter=jitter,
                 gray_prob=gray_prob, blur_radius=blur_radius)
 
-  def views_of(key, n, size, scale, blur, sol):
-    tiled = jnp.concatenate([images] * n, axis=0) if n > 1 else images      # view-major
+  def views_of(key, n, size, scale, blur, sol, name):
+    if crops is None:
+      tiled = jnp.concatenate([images] * n, axis=0) if n > 1 else images    # view-major
+    else:
+      cut = crops[name]
+      if cut.shape[1:3] != (n, size):
+        raise ValueError(f"host crops {name!r} have shape {cut.shape[1:]}; the views want {n} "
+                         f"of {size} px")
+      tiled = jnp.swapaxes(cut, 0, 1).reshape((n * b,) + cut.shape[2:])      # view-major
     x = dino_view(key, tiled, size=size, scale=scale, blur_prob=jnp.repeat(jnp.asarray(blur, jnp.float32), b),
-                  solarize_prob=jnp.repeat(jnp.asarray(sol, jnp.float32), b), **common)
+                  solarize_prob=jnp.repeat(jnp.asarray(sol, jnp.float32), b), crop=crops is None,
+                  **common)
     x = augment.normalize(x, mean, std).reshape((n, b) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
 
   g_blur = [blur_probs[0]] + [blur_probs[1]] * (num_global - 1)
   g_sol = [0.0] + [solarize_prob] * (num_global - 1)
-  out = {"global": views_of(k_global, num_global, global_size, global_scale, g_blur, g_sol)}
+  out = {"global": views_of(k_global, num_global, global_size, global_scale, g_blur, g_sol, "global")}
   if num_local:
     out["local"] = views_of(k_local, num_local, local_size, local_scale,
-                            [blur_probs[2]] * num_local, [0.0] * num_local)
+                            [blur_probs[2]] * num_local, [0.0] * num_local, "local")
   return out
+
+
+def crop_specs(views_cfg, input_cfg, image_size: Optional[int] = None) -> tuple:
+  """The `host_crop.CropSpec`s of a method's `views` config block (what `multi_crop` cuts):
+  'global' (num_global at the input size) and 'local' (num_local, when > 0)."""
+  from mim_jax.data.host_crop import CropSpec  # pylint: disable=g-import-not-at-top
+  v = views_cfg
+  common = dict(ratio=tuple(float(r) for r in v.ratio), hflip=bool(v.hflip))
+  specs = [CropSpec("global", int(v.num_global), int(image_size or input_cfg.image_size),
+                    tuple(float(x) for x in v.global_scale), **common)]
+  if int(v.num_local):
+    specs.append(CropSpec("local", int(v.num_local), int(v.local_size),
+                          tuple(float(x) for x in v.local_scale), **common))
+  return tuple(specs)
 
 
 def views_from_config(rng: jax.Array, images: jax.Array, views_cfg, input_cfg,
                       image_size: Optional[int] = None) -> dict:
   """`multi_crop` with the options of a method's `views` config block (keys as in
-  `multi_crop`; the global size is input.image_size)."""
+  `multi_crop`; the global size is input.image_size). `images` may be the host's crops
+  ({'global': ..., 'local': ...}, streamed data): then only the colour ops run."""
   v = views_cfg
+  crops = images if isinstance(images, dict) else None
   return multi_crop(
-      rng, images, global_size=image_size or input_cfg.image_size, local_size=int(v.local_size),
+      rng, None if crops is not None else images, crops=crops, global_size=image_size or input_cfg.image_size, local_size=int(v.local_size),
       num_global=int(v.num_global), num_local=int(v.num_local),
       global_scale=tuple(v.global_scale), local_scale=tuple(v.local_scale),
       ratio=tuple(v.ratio), hflip=bool(v.hflip), jitter_prob=float(v.jitter_prob),

@@ -134,6 +134,26 @@ class Method:
     """{'masked': ..., 'reconstruction': ...} in the normalised image space, or None."""
     return None
 
+  # -- inputs -------------------------------------------------------------------------------
+  def train_views(self):
+    """The training views the method cuts (a tuple of `data.host_crop.CropSpec`: several
+    crops at their sizes and scales), or None for the one crop of config.input.aug. Streamed
+    data is then cut on the host from the decoded image, and `preprocess` receives
+    {name: uint8 [B, count, size, size, 3]}; in-memory data arrives whole and `preprocess`
+    cuts the views on the device."""
+    return None
+
+  def init_input(self) -> jax.Array:
+    """What `init` is given (shapes only matter): two images at the input size."""
+    size = self.image_size
+    return jnp.zeros((2, size, size, 3), jnp.float32)
+
+  def eval_preprocess(self, images: jax.Array, input_cfg) -> jax.Array:
+    """uint8 evaluation images -> what `features` reads: resized and normalised, no
+    augmentation."""
+    from mim_jax.data import preprocess
+    return preprocess.preprocess(None, images, input_cfg, False, train=False)
+
   # -- defaults -----------------------------------------------------------------------------
   def preprocess(self, rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool) -> PyTree:
     """uint8 batch [B, H, W, 3] -> what `loss` receives as `images`: by default one augmented,

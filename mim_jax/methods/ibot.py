@@ -437,10 +437,15 @@ class IBOT(Method):
       new["center2"] = state["center2"] * m2 + stats["center2"] * (1 - m2)
     return new
 
+  def train_views(self):
+    """DataAugmentationiBOT's crops: num_global at the input size, num_local at local_size."""
+    from mim_jax.data import views
+    return views.crop_specs(self.c.views, self.config.input)
+
   def preprocess(self, rng, images, input_cfg, on_device_aug):
-    """The multi-crop views ({'global': [B, G, S, S, 3], 'local': [B, N, s, s, 3]}), made on the
-    device from the uint8 batch: from the stored images for in-memory data; for streaming data
-    from the host's `image_size` crop (see configs/ibot.py)."""
+    """The multi-crop views ({'global': [B, G, S, S, 3], 'local': [B, N, s, s, 3]}), normalised:
+    in-memory data is cropped here from the stored images; streamed data arrives as the
+    host's crops of the decoded image (`train_views`) and only gets the colour ops."""
     from mim_jax.data import views
     return views.views_from_config(rng, images, self.c.views, input_cfg)
 
