@@ -203,6 +203,14 @@ class Method:
 
   # -- variables ------------------------------------------------------------------------------
   @staticmethod
+  def nest(name: str, variables: dict, **params) -> dict:
+    """One module's Flax variables ({'params': p, 'batch_stats': s}) as the trainer's tree
+    under `name` ({'params': {name: p, **params}, 'batch_stats': {name: s}}): what
+    `init_variables` returns for an encoder (of any backbone) plus other parameters (heads)."""
+    return {"params": {name: variables["params"], **params},
+            **{col: {name: tree} for col, tree in variables.items() if col != "params"}}
+
+  @staticmethod
   def variables(params: PyTree, state: PyTree, name: str = "encoder") -> dict:
     """The Flax variables of the trained module `name`: {'params': params[name]} plus its
     entry of every collection in state['collections'] (BatchNorm's 'batch_stats')."""

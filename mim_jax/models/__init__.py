@@ -11,7 +11,11 @@ provides
       ValueError, one line naming the allowed values, for a bad key value (before anything is
       built);
   outputs(model, variables, images, *, pooling, layers=False) -> dict
-      the evaluation-mode named outputs (see `outputs` below).
+      the evaluation-mode named outputs (see `outputs` below);
+  forward(model, variables, images, *, train, rng=None, pooling) -> (dict, dict)
+      the same named outputs (no 'layers') in training or evaluation mode, and the updated
+      mutable collections ({'batch_stats': ...} after a ResNet's training pass, else {}): what
+      a backbone-agnostic loss calls (`models.forward`).
 
 The backbone's `__call__` is its one forward pass (the tokens of a ViT, the last feature map
 of a ResNet); methods call it for their losses. `outputs` is what evaluators and
@@ -27,7 +31,8 @@ of a ResNet); methods call it for their losses. `outputs` is what evaluators and
   'stride'   int: input pixels per output position (patch size, total stride);
   'grid'     (h, w) of the output positions.
 
-Adding a backbone: one file here with the four names above and one line in REGISTRY.
+Adding a backbone: one file here with the five names above and one line in REGISTRY
+(docs/adding_a_method.md).
 """
 from __future__ import annotations
 
@@ -73,10 +78,23 @@ def execution_keys(model_cfg) -> tuple[str, ...]:
   return tuple(f"model.{k}" for k in module_for(model_cfg).EXECUTION_OPTIONS)
 
 
+def _module_of_model(model: Any, fn: str) -> types.ModuleType:
+  mod = importlib.import_module(type(model).__module__)
+  if not hasattr(mod, fn):
+    raise TypeError(f"{type(model).__name__} is not a registered backbone (no {fn}() in "
+                    f"{mod.__name__})")
+  return mod
+
+
 def outputs(model: Any, variables: Any, images: Any, *, pooling: str, layers: bool = False) -> dict:
   """The evaluation-mode named outputs of a registered backbone (see the module docstring)."""
-  mod = importlib.import_module(type(model).__module__)
-  if not hasattr(mod, "outputs"):
-    raise TypeError(f"{type(model).__name__} is not a registered backbone (no outputs() in "
-                    f"{mod.__name__})")
-  return mod.outputs(model, variables, images, pooling=pooling, layers=layers)
+  return _module_of_model(model, "outputs").outputs(model, variables, images, pooling=pooling,
+                                                    layers=layers)
+
+
+def forward(model: Any, variables: Any, images: Any, *, train: bool, rng: Any = None,
+            pooling: str) -> tuple[dict, dict]:
+  """(named outputs, updated collections) of a registered backbone in training (`train`) or
+  evaluation mode: the backbone-agnostic forward a method's loss calls."""
+  return _module_of_model(model, "forward").forward(model, variables, images, train=train,
+                                                    rng=rng, pooling=pooling)

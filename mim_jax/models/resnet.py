@@ -384,6 +384,24 @@ def outputs(model: ResNet, variables, images, *, pooling: str, layers: bool = Fa
   return out
 
 
+def forward(model: ResNet, variables, images, *, train: bool, rng=None,
+            pooling: str = "mean") -> tuple[dict, dict]:
+  """The training-or-evaluation forward of the registry contract: ('pooled' [B, C], 'tokens',
+  'stride', 'grid' as `outputs`; the BatchNorm statistics updated by a training-mode pass,
+  {'batch_stats': ...}, or {} in evaluation). `rng` is unused (no dropout)."""
+  del rng
+  if pooling not in POOLINGS:
+    raise ValueError(f"pooling={pooling!r}: a ResNet pools with 'mean' (the global average pool)")
+  if train:
+    fmap, new = model.apply(variables, images, train=True, features_only=True,
+                            mutable=["batch_stats"])
+  else:
+    fmap, new = model.apply(variables, images, features_only=True), {}
+  b, h, w, c = fmap.shape
+  return ({"tokens": fmap.reshape(b, h * w, c).astype(jnp.float32), "pooled": global_pool(fmap),
+           "stride": model.stride, "grid": (h, w)}, dict(new))
+
+
 def param_count(model: ResNet, image_size: int = 32) -> int:
   """The number of parameters (not running statistics) of `model`, without allocating them."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),

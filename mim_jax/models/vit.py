@@ -848,6 +848,18 @@ def outputs(model: ViT, variables, images, *, pooling: str, layers: bool = False
   return out
 
 
+def forward(model: ViT, variables, images, *, train: bool, rng=None,
+            pooling: str = "cls") -> tuple[dict, dict]:
+  """The training-or-evaluation forward of the registry contract: ('tokens', 'pooled',
+  'stride', 'grid' as `outputs`; {} — a ViT keeps no collection besides its parameters).
+  In training, `rng` drives drop path (needed when model.drop_path > 0)."""
+  rngs = {"dropout": rng} if train and rng is not None else None
+  tokens = model.apply(variables, images, deterministic=not train, rngs=rngs)
+  p = model.patch_size
+  return ({"tokens": tokens.astype(jnp.float32), "pooled": pool(tokens, pooling).astype(jnp.float32),
+           "stride": p, "grid": (images.shape[1] // p, images.shape[2] // p)}, {})
+
+
 def from_config(model_cfg, image_size: int, **overrides) -> ViT:
   """Builds the ViT `config.model` describes (`models.build` with model.name='vit')."""
   kw = dict(
