@@ -26,6 +26,7 @@ def small_resnet18(**overrides):
     c.evals[name].max_eval = 200
   c.evals.knn.max_train = c.evals.linear.max_train = 400
   c.evals.linear.epochs = 2
+  c.evals.layer_probe.update(enabled=True, pooling="mean", max_train=400, max_eval=200)
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -44,8 +45,11 @@ def test_resnet18_trains_with_batchnorm_and_is_evaluated_by_knn_and_the_probe(tr
   assert sorted(la) == [1, 2, 3, 4] and all(np.isfinite(list(la.values())))
   with open(os.path.join(d, "eval_results.json")) as f:
     res = json.load(f)
-  for ev in ("knn", "linear", "classifier"):
+  for ev in ("knn", "linear", "classifier", "layer_probe"):
     assert ev in res, sorted(res)
+  # The layer probe reads every stage (widths 16, 32, 64 at width 0.25) and the pooled output.
+  blocks = sorted(k for k in res["layer_probe"] if k.startswith("online/top1_block"))
+  assert blocks == [f"online/top1_block{i}" for i in range(4)], blocks
   assert 0.0 <= res["knn"]["online/top1"] <= 100.0 and res["linear"]["online/top1"] >= 0.0
   assert summary["eval"]["knn/online/top1"] == res["knn"]["online/top1"]
   tr = train.Trainer.from_workdir(d, devices=jax.devices()[:1])
@@ -143,3 +147,18 @@ def test_converted_logits_equal_torchvision(tmp_path):
   with torch.no_grad():
     want = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_resnet_run_as_a_frozen_teacher_has_its_batch_statistics(trained):
+  """teachers.encoder_variables gives a frozen ResNet run's encoder with its running
+  statistics: its evaluation-mode features are the run's own."""
+  from mim_jax import teachers
+  d, _ = trained
+  run = teachers.load(d)
+  v = teachers.encoder_variables(run)
+  assert set(v) == {"params", "batch_stats"}
+  tr = train.Trainer.from_workdir(d, devices=jax.devices()[:1])
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)), jnp.float32)
+  want = tr.method.features(tr.state["params"], tr.state["method_state"], x)["online"]
+  got = run.method.outputs(v, x)["pooled"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
