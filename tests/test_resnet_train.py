@@ -90,9 +90,10 @@ def test_a_resnet_pretraining_workdir_is_fine_tuned_with_its_statistics(trained,
     np.testing.assert_array_equal(a, b)
 
 
-def random_torchvision_resnet18(num_classes=10, seed=0):
-  """A torchvision-named ResNet-18 state dict with random weights and running statistics."""
-  model = resnet.ResNet(depth=18, num_classes=num_classes)
+def random_torchvision_resnet18(num_classes=10, seed=0, width=0.25):
+  """A torchvision-named ResNet-18 state dict (every width scaled, as SimCLR's) with random
+  weights and running statistics."""
+  model = resnet.ResNet(depth=18, num_classes=num_classes, width=width)
   v = jax.device_get(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)), train=False))
   rng = np.random.default_rng(seed)
   v = {"params": v["params"],
@@ -114,6 +115,7 @@ def test_torchvision_state_dict_converts_to_a_workdir_with_the_same_logits(tmp_p
   with open(os.path.join(out, "convert.json")) as f:
     info = json.load(f)
   assert info["spec"]["depth"] == 18 and info["spec"]["num_classes"] == 10
+  assert info["spec"]["width"] == 0.25
   assert info["initialised_not_converted"] == []
   tr = train.Trainer.from_workdir(out, devices=jax.devices()[:1])
   x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 32, 32, 3)), jnp.float32)

@@ -183,7 +183,7 @@ def decode_crop_flip(data: bytes, rng: np.random.Generator, size: int, scale: Se
   return np.asarray(out, dtype=np.uint8), bad, factor
 
 
-class HostDecodeRandomResizedCropFlip:
+class HostDecodeRandomResizedCropFlip(HostRandomResizedCropFlip):
   """grain RandomMap: decode + RandomResizedCrop (bicubic) + random flip in one step.
 
   Takes `HeaderCheckedSource` elements. Encoded images go through `decode_crop_flip`: the
@@ -200,15 +200,9 @@ class HostDecodeRandomResizedCropFlip:
   element's ``'bad'`` gets one more (1 when no record was skipped before it).
   """
 
-  def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], hflip: bool):
-    self.size = int(size)
-    self.scale = tuple(float(s) for s in scale)
-    self.ratio = tuple(float(r) for r in ratio)
-    self.hflip = bool(hflip)
-
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     if "image_bytes" not in element:   # already decoded: same attributes, same transform
-      return HostRandomResizedCropFlip.random_map(self, element, rng)  # type: ignore[arg-type]
+      return super().random_map(element, rng)
     out, bad, _ = decode_crop_flip(element["image_bytes"], rng, self.size, self.scale,
                                    self.ratio, self.hflip)
     return {"image": out, "label": element["label"], "bad": np.int32(element["bad"] + bad),
