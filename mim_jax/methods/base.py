@@ -231,10 +231,6 @@ class Method:
     return models.outputs(self.encoder, variables, images, pooling=pooling or self.pooling,
                           layers=layers)
 
-  def encode(self, encoder_params: PyTree, images: jax.Array) -> jax.Array:
-    """Pooled features of an encoder given by its parameters alone (no other collection)."""
-    return self.outputs({"params": encoder_params}, images)["pooled"]
-
   def _encoders(self, params: PyTree, state: PyTree) -> dict[str, PyTree]:
     """{name: encoder parameters} of the encoders worth evaluating; methods with a teacher
     add it here."""

@@ -248,14 +248,3 @@ class ExtreMA(Method):
   def _encoders(self, params, state):
     # main_lincls.py --eval_momentum probes the momentum encoder: both are evaluated.
     return {"online": params["encoder"], "teacher": state["teacher"]["encoder"]}
-
-  def layer_features(self, params, state, images, pooling):
-    """As the base class, except that the plain blocks carry no cls token (it is built by the
-    class-attention blocks after them): their outputs are mean-pooled over the patch tokens;
-    the last entry is the final-norm output pooled with `pooling`."""
-    out = {}
-    for name, p in self._encoders(params, state).items():
-      tokens, inter = self.encoder.apply({"params": p}, images, mutable=["intermediates"])
-      blocks = [t.mean(axis=1) for t in inter["intermediates"]["encoder"]["block_outputs"]]
-      out[name] = jnp.stack(blocks + [vit.pool(tokens, pooling)], axis=1).astype(jnp.float32)
-    return out
