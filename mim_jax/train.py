@@ -461,6 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    if progress:
+      print("\n".join(run_header(tr, workdir, start)), flush=True)
 
   tb_cfg = config.get("tensorboard", {}) or {}
   writer = metric_writers.MetricsWriter(workdir, tensorboard=bool(tb_cfg.get("enabled", True)))
@@ -560,6 +562,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         raise Preempted(step, ckpt.directory)
       if config.eval_every and step % config.eval_every == 0 and step < tr.total_steps:
         res = tr.evaluate(workdir)
+        if bar is not None:
+          bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                                 sorted(_flat_numbers(res).items())))
         writer.write({"step": step, "eval": _flat_numbers(res)})
         writer.eval_results(step, res)
   except BaseException:
@@ -574,6 +579,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
       signal.signal(signal.SIGTERM, old_handler)
     ckpt.close()
 
+  if progress and jax.process_index() == 0:
+    enabled = [n for n, e in (config.get("evals") or {}).items() if e.get("enabled", True)]
+    if enabled:
+      print(f"evaluating step {step}: {', '.join(enabled)}", flush=True)
   results = tr.evaluate(workdir)
   summary = {"step": step, "workdir": os.path.abspath(workdir), "eval": _flat_numbers(results),
              "bad_images": bad_total + skipped}
@@ -581,6 +590,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
   writer.eval_results(step, results)
   writer.close()
   return summary
+
+
+def run_header(tr: "Trainer", workdir: str, start: int) -> list[str]:
+  """The few lines a run prints before its progress bar: method, model and size, data and
+  split sizes, devices and mesh, the schedule, the workdir (and where a resume starts)."""
+  from mim_jax.data import pipeline
+  cfg = tr.config
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tr.state["params"]))
+  data = cfg.input.data
+  try:
+    held_out = f", {pipeline.num_examples(cfg.input, 'eval'):,} held out for evaluation"
+    classes = f", {pipeline.num_classes(cfg.input)} classes"
+  except Exception:  # pylint: disable=broad-except  (a header never stops a run)
+    held_out = classes = ""
+  mesh = " x ".join(f"{n}={s}" for n, s in zip(tr.mesh.axis_names, tr.mesh.devices.shape))
+  kinds = sorted({d.platform for d in tr.mesh.devices.flat})
+  name = methods.TITLES.get(cfg.method, cfg.method)
+  lines = [
+      f"{name} ({cfg.method}) on {models.summary(cfg.model, cfg.input.image_size)}: "
+      f"{n_params / 1e6:.2f}M parameters",
+      f"data: {data.name}{' ' + str(data.dir) if data.get('dir') else ''}: "
+      f"{tr.loader.num_records:,} training images{held_out}{classes}",
+      f"devices: {tr.mesh.devices.size} {'/'.join(kinds)} ({mesh}); batch {cfg.input.batch_size}, "
+      f"{tr.steps_per_epoch} steps/epoch, {tr.total_steps} steps",
+      f"workdir: {os.path.abspath(workdir)} (config.json has the full config; --verbosity=1 "
+      f"prints it)",
+  ]
+  if start:
+    lines.append(f"resuming from step {start}")
+  return lines
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:

@@ -69,3 +69,44 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   train_steps = [x["step"] for x in logged if "loss" in x]
   assert train_steps[-2:] == [steps[0] + 1, steps[0] + 2]
   assert "eval results:" in r.stdout
+
+
+DOOR_ERRORS = [
+    (["--config=configs/simmim.py", "--config.no_such_key=1"], "the keys of config are"),
+    (["--config=configs/simmim.py", "--config.model.nme=1"], "did you mean --config.model.name"),
+    (["--config=configs/nosuch.py"], "simmim.py"),                      # the configs that exist
+    (["--config=configs/mae.py:no_such_preset"], "'imagenet_large'"),   # the presets
+    (["--config=configs/simmim.py", "--config.total_steps=abc"], "total_steps=abc"),
+]
+
+
+def test_door_errors_are_one_line_and_write_nothing(tmp_path):
+  """A mistyped key, config path or preset, a bad value, an unwritable workdir: one line that
+  names the fix, exit code 2, no workdir created (several cases in one test: each start costs
+  an interpreter)."""
+  for i, (args, fix) in enumerate(DOOR_ERRORS + [(["--config=configs/simmim.py"], "/proc")]):
+    workdir = "/proc/mim_jax_run" if fix == "/proc" else str(tmp_path / f"run{i}")
+    r = main([*args, f"--workdir={workdir}"])
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+    assert r.returncode == 2, (args, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error:") and fix in lines[0], (args, lines)
+    assert not os.path.exists(workdir), args
+
+
+def test_a_first_run_is_quiet_and_says_what_it_does(tmp_path):
+  """Default output: a header, the progress bar, the evaluation results and where the files
+  are, under 40 lines besides the bar; no config dump, no library INFO lines. --verbosity=1
+  brings the config back."""
+  args = ["--config=configs/simmim.py", f"--workdir={tmp_path}", *TINY, "--config.total_steps=2"]
+  r = main(args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  text = (r.stdout + r.stderr).replace("\r", "\n")
+  lines = [l for l in text.splitlines() if l.strip() and "simmim train:" not in l]
+  assert len(lines) < 40, "\n".join(lines)
+  assert lines[0].startswith("SimMIM (simmim) on ViT-mu, 2 blocks, patch 4, 32 px"), lines[:3]
+  assert any(l.startswith("data: embedded: 4,000 training images, 1,000 held out") for l in lines)
+  assert "done: step 2" in r.stdout and "eval results:" in r.stdout
+  for noise in ("checkpoint_manager", "ckpt_every:", "CheckpointManagerOptions", "I1", "config:"):
+    assert noise not in text, noise
+  r = main(["--verbosity=1", *args[:1], f"--workdir={tmp_path}/v", *args[2:]])
+  assert r.returncode == 0 and "config:" in r.stderr and "ckpt_every: 200" in r.stderr

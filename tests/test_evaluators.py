@@ -334,9 +334,19 @@ def test_reconstruction_grid_pixels(tmp_path):
   assert result["protocol"]["num_images"] == 4 and result["protocol"]["seed"] == 3
   assert len(calls) == 1 and calls[0][1] == 3
   np.testing.assert_array_equal(calls[0][0], images[:4])  # the first eval images
-  grid = np.asarray(Image.open(result["path"]).convert("RGB"))
+  picture = np.asarray(Image.open(result["path"]).convert("RGB"))
   scale, sep, cell = 3, 2, 96  # 32 px upscaled x3 to reach 96 px
-  assert grid.shape == (sep + 4 * (cell + sep), sep + 3 * (cell + sep), 3)
+  hd = result["protocol"]["header"]
+  assert hd == 28 and picture.shape == (hd + sep + 4 * (cell + sep), sep + 3 * (cell + sep), 3)
+  # The header: a title line, then a title over each column (dark text on white).
+  header, grid = picture[:hd], picture[hd:]
+  assert (header[:14] < 128).any()
+  for c in range(3):
+    x0 = sep + c * (cell + sep)
+    assert (header[14:, x0:x0 + cell] < 128).any(), c
+  # A quarter of the pixels is zeroed by the fake masking (every other row and column).
+  assert result["protocol"]["masked_fraction"] == pytest.approx(
+      np.mean(np.any(images[:4, ::2, ::2] != 0, axis=-1)) / 4, abs=1e-9)
   for r in range(4):
     y0 = sep + r * (cell + sep)
     for c, expect in enumerate([images[r], _fake_masked(images[r]), 255 - images[r]]):

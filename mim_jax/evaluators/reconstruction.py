@@ -2,14 +2,18 @@
 
 Takes the first ``num_images`` eval images, asks the method for its masked
 input and reconstruction, and saves a PNG grid: one row per image, columns
-input | masked | reconstruction, each image upscaled by an integer factor with
+input | masked input | reconstruction, each image upscaled by an integer factor with
 nearest-neighbour (so every source pixel becomes a ``scale x scale`` block),
 cells separated and framed by ``separator`` pixels of ``separator_value``.
 
-Layout (used by the tests): with cell size ``h*scale x w*scale`` and
-separator width ``sep``, cell (row r, column c) has its top-left corner at
-``(y, x) = (sep + r*(h*scale + sep), sep + c*(w*scale + sep))``; the picture
-is ``sep + n*(h*scale + sep)`` high and ``sep + 3*(w*scale + sep)`` wide.
+Above the grid a white header band of ``header`` pixels (in the result's protocol) holds
+two lines of text: the step and the fraction of pixels the masking hid (pixels where the
+masked picture differs from the input), then each column's title centred over it.
+
+Layout (used by the tests): with cell size ``h*scale x w*scale``, separator width ``sep``
+and header height ``hd``, cell (row r, column c) has its top-left corner at
+``(y, x) = (hd + sep + r*(h*scale + sep), sep + c*(w*scale + sep))``; the picture is
+``hd + sep + n*(h*scale + sep)`` high and ``sep + 3*(w*scale + sep)`` wide.
 """
 from __future__ import annotations
 
@@ -54,6 +58,32 @@ def make_grid(columns: list[np.ndarray], scale: int, separator: int = 2,
   return grid
 
 
+TITLES = {"input": "input", "masked": "masked input", "reconstruction": "reconstruction"}
+LINE = 14    # header line height, px (PIL's default bitmap font is 11 px tall)
+
+
+def masked_fraction(inputs: np.ndarray, masked: np.ndarray) -> float:
+  """Fraction of pixels where the masked picture differs from the input (any channel)."""
+  return float(np.mean(np.any(np.asarray(inputs) != np.asarray(masked), axis=-1)))
+
+
+def add_header(grid: np.ndarray, title: str, column_titles: list[str], cell_width: int,
+               separator: int) -> np.ndarray:
+  """`grid` below a white band: `title` on the first line, each column's title centred over
+  its column on the second."""
+  from PIL import ImageDraw, ImageFont
+  width = grid.shape[1]
+  band = Image.new("RGB", (width, 2 * LINE), (255, 255, 255))
+  draw = ImageDraw.Draw(band)
+  font = ImageFont.load_default()
+  draw.text((separator, 1), title, fill=(0, 0, 0), font=font)
+  for c, text in enumerate(column_titles):
+    x0 = separator + c * (cell_width + separator)
+    tw = draw.textlength(text, font=font)
+    draw.text((x0 + max(0, (cell_width - tw) / 2), LINE + 1), text, fill=(0, 0, 0), font=font)
+  return np.concatenate([np.asarray(band, np.uint8), grid], axis=0)
+
+
 @common.register("reconstruction")
 class ReconstructionEvaluator(common.Evaluator):
   """Saves ``reconstruction_<step>.png`` and ``reconstruction.png`` in the workdir.
@@ -82,6 +112,9 @@ class ReconstructionEvaluator(common.Evaluator):
     scale = int(self.option("scale", 0)) or upscale_factor(min(h, w), int(self.option("min_size", 96)))
     separator = int(self.option("separator", 2))
     grid = make_grid(columns, scale, separator, int(self.option("separator_value", 255)))
+    hidden = masked_fraction(columns[0], columns[1])
+    grid = add_header(grid, f"step {int(ctx.step)}: {hidden:.0%} of the pixels masked",
+                      [TITLES[c] for c in COLUMNS], w * scale, separator)
     os.makedirs(ctx.workdir, exist_ok=True)
     path = os.path.join(ctx.workdir, f"reconstruction_{int(ctx.step)}.png")
     Image.fromarray(grid).save(path)
@@ -99,5 +132,7 @@ class ReconstructionEvaluator(common.Evaluator):
             "columns": list(COLUMNS),
             "scale": scale,
             "separator": separator,
+            "header": 2 * LINE,
+            "masked_fraction": hidden,
         },
     }

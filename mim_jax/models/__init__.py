@@ -73,6 +73,14 @@ def check_config(model_cfg) -> None:
   module_for(model_cfg).check_config(model_cfg)
 
 
+def summary(model_cfg, image_size: int) -> str:
+  """One line naming the model (the run header): the module's `summary` where it has one."""
+  mod = module_for(model_cfg)
+  if hasattr(mod, "summary"):
+    return mod.summary(model_cfg, image_size)
+  return f"{name_of(model_cfg)} at {image_size} px"
+
+
 def execution_keys(model_cfg) -> tuple[str, ...]:
   """'model.<key>' for the keys of the named model that do not change what is computed."""
   return tuple(f"model.{k}" for k in module_for(model_cfg).EXECUTION_OPTIONS)

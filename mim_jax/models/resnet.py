@@ -337,6 +337,12 @@ def check_config(model_cfg) -> None:
       raise ValueError(f"config.model.{key}={get(key)!r}: use 'float32', 'bfloat16' or 'float16'")
 
 
+def summary(model_cfg, image_size: int) -> str:
+  """'ResNet-18, width 1, cifar stem, 32 px' (the run header)."""
+  return (f"ResNet-{model_cfg.get('depth', 50)}, width {model_cfg.get('width', 1)}, "
+          f"{model_cfg.get('stem', 'imagenet')} stem, {image_size} px")
+
+
 def from_config(model_cfg, image_size: int = 224, **overrides) -> ResNet:
   """The ResNet `config.model` describes (`models.build` with model.name='resnet'); the keys are
   DEFAULTS' (`name` is ignored), anything else is a ValueError. `image_size` is unused (a

@@ -860,6 +860,13 @@ def forward(model: ViT, variables, images, *, train: bool, rng=None,
            "stride": p, "grid": (images.shape[1] // p, images.shape[2] // p)}, {})
 
 
+def summary(model_cfg, image_size: int) -> str:
+  """'ViT-tiny, 6 blocks, patch 4, 32 px' (the run header)."""
+  depth = int(model_cfg.get("depth", 0)) or variant(model_cfg.variant)[1]
+  return (f"ViT-{model_cfg.variant}, {depth} blocks, patch {model_cfg.patch_size}, "
+          f"{image_size} px")
+
+
 def from_config(model_cfg, image_size: int, **overrides) -> ViT:
   """Builds the ViT `config.model` describes (`models.build` with model.name='vit')."""
   kw = dict(
