@@ -64,11 +64,9 @@ ViT-S 83.0 (MAE 80.6), ViT-B 85.0 (MAE 83.6).
 Deviations:
   * the official ViT-T student has 6 heads (192 / 6); mim_jax's 'tiny' has 3 (DeiT / MAE
     ViT-T). Only the student's own attention differs: its relations use the teacher's heads.
-  * drop path: the official student uses a constant 0.1 in every block but the last; here the
-    ViT's usual linear ramp from 0 to 0.1 (`model.drop_path`).
-  * the student parameters the relation loss does not reach (its last block's MLP, its final
-    norm) get no gradient, as in the official code, but AdamW's decoupled weight decay still
-    shrinks their matrices (torch skips parameters without a gradient).
+  * (No longer deviations: drop path is the official constant 0.1 in every block but the last,
+    none there; the student parameters the relation loss does not reach are a frozen optimiser
+    group, untouched by weight decay as torch skips parameters without a gradient.)
   * the crops are bilinear on a continuous box (augment.random_resized_crop_flip), rounded to
     8-bit levels before the PIL-exact ColorJitter; the official ones are bicubic.
   * the teacher is a workdir: a mim_jax run, or the official PyTorch MAE weights converted

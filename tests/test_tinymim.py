@@ -379,3 +379,23 @@ def test_configs_carry_the_official_settings():
   c10, mae10 = load_config("tinymim", "cifar10"), load_config("mae", "cifar10")
   assert (c10.model.variant, c10.model.depth, c10.model.patch_size) == (
       mae10.model.variant, mae10.model.depth, mae10.model.patch_size)
+
+
+def test_student_drop_path_is_constant_but_the_last_block():
+  """models_tinymim.py: drop path 0.1 in every block but the last, none there (not timm's
+  linear ramp). Behaviour: with block 0 made the identity (zero parameters), a 2-block encoder
+  in training mode equals its evaluation under 'constant_but_last' (block 1 is never dropped)
+  but not under 'linear' (block 1 has the full rate)."""
+  assert vit.drop_path_rates(4, 0.1, "constant_but_last") == [0.1, 0.1, 0.1, 0.0]
+  np.testing.assert_allclose(vit.drop_path_rates(4, 0.1, "linear"), [0, 0.1 / 3, 0.2 / 3, 0.1])
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 5, 16))
+  for rule, same in (("constant_but_last", True), ("linear", False)):
+    enc = vit.Encoder(2, 2, drop_path=0.5, drop_path_rule=rule)
+    p = enc.init(jax.random.PRNGKey(1), x)["params"]
+    p = {**p, "block00": jax.tree.map(jnp.zeros_like, p["block00"])}
+    train_out = enc.apply({"params": p}, x, None, False, rngs={"dropout": jax.random.PRNGKey(2)})
+    eval_out = enc.apply({"params": p}, x)
+    assert np.array_equal(np.asarray(train_out), np.asarray(eval_out)) == same, rule
+  c = tiny_config("tinymim")
+  c.tinymim.teacher = "/unused"             # the teacher is read lazily; the student is built
+  assert methods.get(c).encoder.drop_path_rule == "constant_but_last"

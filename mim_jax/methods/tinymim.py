@@ -195,7 +195,9 @@ class TinyMIM(Method):
     self._teacher = None
 
   def encoder_overrides(self):
-    return {"use_mask_token": self.config.tinymim.input == "mask_token"}
+    # models_tinymim.py: drop_path in every block but the last (none there), not timm's ramp.
+    return {"use_mask_token": self.config.tinymim.input == "mask_token",
+            "drop_path_rule": "constant_but_last"}
 
   def param_groups(self):
     """The relation target reaches the student's last block only through its norm1 and qkv

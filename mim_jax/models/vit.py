@@ -499,6 +499,17 @@ def check_execution_options(model_cfg) -> None:
       raise ValueError(f"config.model.{key}={value!r}: use one of {', '.join(map(repr, allowed))}")
 
 
+def drop_path_rates(depth: int, drop_path: float, rule: str = "linear") -> list[float]:
+  """Each block's drop-path rate: 'linear' is timm's dpr, linspace(0, drop_path, depth);
+  'constant_but_last' is TinyMIM's student (models_tinymim.py: drop_path in every block but
+  the last, which has none)."""
+  if rule == "linear":
+    return [float(r) for r in np.linspace(0.0, drop_path, depth)] if depth else []
+  if rule == "constant_but_last":
+    return [float(drop_path)] * max(depth - 1, 0) + [0.0] * min(depth, 1)
+  raise ValueError(f"drop_path_rule must be 'linear' or 'constant_but_last', got {rule!r}")
+
+
 class Encoder(nn.Module):
   """A stack of `depth` blocks followed by a final LayerNorm (unless `final_norm=False`).
 
@@ -526,6 +537,7 @@ class Encoder(nn.Module):
   qkv_proj: str = "fused"
   ln_impl: str = "flax"
   remat_policy: str = "full"         # with remat: see REMAT_POLICIES
+  drop_path_rule: str = "linear"     # see drop_path_rates
 
   @nn.compact
   def __call__(self, x, bias=None, deterministic=True, between_blocks=None, ids=None):
@@ -533,7 +545,7 @@ class Encoder(nn.Module):
       raise ValueError(f"remat_policy must be one of {list(REMAT_POLICIES)}, got {self.remat_policy!r}")
     block_cls = (nn.remat(Block, static_argnums=(3, 4), policy=REMAT_POLICIES[self.remat_policy])
                  if self.remat else Block)
-    rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
+    rates = drop_path_rates(self.depth, self.drop_path, self.drop_path_rule)
     # Where the attention needs a padded sequence (cuDNN: 197 -> 198), pad the tokens once
     # here rather than q, k and v in every block: the padded rows go through the blocks
     # (LayerNorm, MLP and attention act on each row alone; padded keys are masked, so no real
@@ -715,6 +727,7 @@ class ViT(nn.Module):
   # The patch projection's bias init: 'zeros' (timm / MAE) or 'torch', PyTorch's Conv2d
   # default U(+-1/sqrt(fan_in)) (ExtreMA, which leaves the conv's bias as PyTorch made it).
   patch_bias_init: str = "zeros"
+  drop_path_rule: str = "linear"         # the blocks' drop-path rates: see drop_path_rates
 
   @property
   def grid(self) -> int:
@@ -799,7 +812,8 @@ class ViT(nn.Module):
       raise ValueError(f"rel_pos_bias must be 'none' or 'shared', got {self.rel_pos_bias!r}")
     x = Encoder(depth, heads, 4.0, self.qkv_bias, self.init_values, self.drop_path, self.init_style,
                 self.remat, self.attn_impl, not cait, self.dtype, self.param_dtype,
-                self.attn_pad, self.qkv_proj, self.ln_impl, self.remat_policy, name="encoder")(
+                self.attn_pad, self.qkv_proj, self.ln_impl, self.remat_policy,
+                drop_path_rule=self.drop_path_rule, name="encoder")(
                     x.astype(self.residual_dtype), bias, deterministic, between_blocks, ids)
     if between_blocks is not None:
       x, ids = x
