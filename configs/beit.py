@@ -56,6 +56,9 @@ def beit_config(preset: str):
       num_mask_patches=75,
       min_mask_patches_per_block=16,
       max_mask_patches_per_block=0,       # 0 = None: up to num_mask_patches
+      # BEiT v1: at most num_mask_patches; BEiT v2's generator then masks random single
+      # patches until exactly num_mask_patches are masked (beit2/masking_generator.py).
+      exact_mask_count=False,
       color_jitter=0.4,
       # BEiT v2's cls-token pretraining (configs/beitv2.py); off in BEiT v1.
       cls_pretraining=False, early_layers=9, head_layers=2, shared_lm_head=True,

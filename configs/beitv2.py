@@ -20,7 +20,8 @@ tokenizer, plus v2's cls-token pretraining head. Train the tokenizer first
 
 Official settings (microsoft/unilm beit2/PRETRAINING.md and run_beitv2_pretraining.py): model
 beit_base_patch16_224_8k_vocab_cls_pt with shared_lm_head True, early_layers 9, head_layers 2;
-num_mask_patches 75, min 16 per block, max None; the tokenizer's input 224 px bicubic from the
+num_mask_patches 75 exactly (beit2/masking_generator.py fills the blocks up with random single
+patches), min 16 per block, max None; the tokenizer's input 224 px bicubic from the
 same crop (second_input_size 224); min_crop_scale 0.2; ColorJitter(0.4, 0.4, 0.4) and flip;
 batch 2048 (16 x 128), lr 1.5e-3 (no batch scaling), 10 warm-up epochs from 0, cosine to
 min_lr 1e-5, 1600 epochs, grad clip 3.0, drop path 0.1, layer scale 0.1, AdamW betas
@@ -55,7 +56,8 @@ def get_config(arg=None):
   preset = arg or "default"
   c = _beit().beit_config(preset)
   c.name = "BEiT v2"
-  c.beit.update(cls_pretraining=True, early_layers=9, head_layers=2, shared_lm_head=True)
+  c.beit.update(cls_pretraining=True, early_layers=9, head_layers=2, shared_lm_head=True,
+                exact_mask_count=True)
   c.input.aug.crop_scale = (0.2, 1.0)
   if preset == "default":
     c.beit.early_layers = 4                 # of 6 blocks

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import load_config, tiny_config, losses, train_with_frozen_run, resumed_losses, assert_same_losses
-from mim_jax import methods, optim, teachers, train
+from mim_jax import masking, methods, optim, teachers, train
 from mim_jax.models import vit
 
 CODES = 16
@@ -332,3 +332,28 @@ def test_end_to_end_on_a_tokenizer_run(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(tr.state["method_state"]), run.method_state)
   c.total_steps = 3
   assert train.train_and_evaluate(c, str(tmp_path / "beit"), progress=False)["step"] == 3
+
+
+def test_v2_masks_exactly_the_budget_and_v1_at_most(fake):
+  """beit2/masking_generator.py fills the blocks up with random single patches to exactly
+  num_mask_patches; BEiT v1's generator stops at or below it (short a fraction of the time)."""
+  counts = {}
+  for name in ("beit", "beitv2"):
+    c = tiny_config(name)
+    c.beit.update(tokenizer="/fake", early_layers=1)
+    m = methods.get(c)
+    masks = np.asarray(jax.jit(lambda r: m.make_mask(r, 256))(jax.random.PRNGKey(0)))
+    counts[name] = masks.sum(axis=1)
+    assert set(np.unique(masks)) <= {0, 1}
+  budget = tiny_config("beitv2").beit.num_mask_patches
+  assert np.all(counts["beitv2"] == budget)
+  assert np.all(counts["beit"] <= budget) and np.any(counts["beit"] < budget)
+  # The filled-up masks keep the v1 blocks they started from.
+  c = tiny_config("beitv2")
+  c.beit.update(tokenizer="/fake", early_layers=1)
+  m = methods.get(c)
+  rng = jax.random.PRNGKey(0)
+  blocks = np.asarray(masking.block_mask(rng, 4, m.grid, m.grid, m.num_mask, m.min_per_block,
+                                         m.max_per_block))
+  filled = np.asarray(m.make_mask(rng, 4))
+  assert np.all(filled >= blocks)

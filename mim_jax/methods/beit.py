@@ -5,7 +5,9 @@ Exact to microsoft/unilm `beit/modeling_pretrain.py`, `beit/engine_for_pretraini
 `beit/masking_generator.py`, `beit/datasets.py` and, for v2, `beit2/modeling_pretrain.py`
 (`VisionTransformerForMaskedImageModelingCLS`) and `beit2/engine_for_pretraining.py`:
   * block-wise masking (`masking.block_mask`: at most `num_mask_patches` patches, rectangles
-    of at least `min_mask_patches_per_block`, aspect ratio 0.3 to 1/0.3);
+    of at least `min_mask_patches_per_block`, aspect ratio 0.3 to 1/0.3); v2's generator
+    (`beit2/masking_generator.py`, `beit.exact_mask_count`) then masks uniformly drawn single
+    patches until exactly `num_mask_patches` are masked;
   * a learnable mask token replaces the embeddings of the masked patches before the encoder,
     which runs over all tokens (BEiT ViT: q and v biases, layer scale, a shared relative
     position bias, no absolute position embedding, drop path; all in config.model);
@@ -213,6 +215,7 @@ class BEiT(TokenizerTargets, Method):
       raise ValueError(f"config.beit.num_mask_patches={self.num_mask} must be in 1..{self.num_patches}")
     self.min_per_block = int(c.min_mask_patches_per_block)
     self.max_per_block = int(c.max_mask_patches_per_block) or None     # 0 = None (official)
+    self.exact_count = bool(c.get("exact_mask_count", False))         # BEiT v2
     self.jitter = float(c.color_jitter)
     self.cls_pt = bool(c.cls_pretraining)
     self.dtype = jnp.dtype(m.get("dtype", "float32"))
@@ -250,9 +253,14 @@ class BEiT(TokenizerTargets, Method):
     return vit.layer_norm("norm", self.param_dtype)
 
   def make_mask(self, rng, batch):
-    """[B, L] int32 block-wise mask (1 = masked), at most num_mask_patches per image."""
-    return masking.block_mask(rng, batch, self.grid, self.grid, self.num_mask, self.min_per_block,
+    """[B, L] int32 block-wise mask (1 = masked): at most num_mask_patches per image (BEiT's
+    generator); with beit.exact_mask_count (BEiT v2's) the blocks are then filled up with
+    uniformly drawn single patches to exactly num_mask_patches."""
+    mask = masking.block_mask(rng, batch, self.grid, self.grid, self.num_mask, self.min_per_block,
                               self.max_per_block)
+    if self.exact_count:
+      mask = masking.fill_to_count(jax.random.fold_in(rng, 1), mask, self.num_mask)
+    return mask
 
   # -- parameters ---------------------------------------------------------------------------
   def init(self, rng, images):
