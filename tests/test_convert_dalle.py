@@ -103,7 +103,7 @@ def test_converted_encoder_gives_the_reference_logits_and_ids(converted):
 
   ref = _reference_logits(sd, pixels01)                                  # [N, V, 4, 4]
   ref_tokens = np.transpose(ref, (0, 2, 3, 1)).reshape(2, 16, VOCAB)      # row-major grid
-  got = np.asarray(tok.encode(run.params, jnp.asarray(normalised)))
+  got = np.asarray(tok.codes(run.params, jnp.asarray(normalised)))
   np.testing.assert_allclose(got, ref_tokens, rtol=2e-4, atol=2e-4)
   ids = np.asarray(tok.token_ids(run.params, run.method_state, jnp.asarray(normalised)))
   np.testing.assert_array_equal(ids, ref_tokens.argmax(-1))

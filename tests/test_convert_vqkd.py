@@ -231,7 +231,7 @@ def test_token_ids_equal_the_official_encode_path(converted):
   assert len(np.unique(want)) >= 8       # the input exercises many codes
   mean, std = np.asarray(run.config.input.mean), np.asarray(run.config.input.std)
   images = ((pixels - mean) / std).astype(np.float32)
-  z = tok.quantizer.prepare(tok.encode(run.params, images))
+  z = tok.quantizer.prepare(tok.codes(run.params, images))
   np.testing.assert_allclose(np.asarray(z), z_want, atol=1e-5, rtol=0)
   # What a consumer holds: only Tokenizer.frozen_state of the method state.
   ids = tok.token_ids(run.params, tok.frozen_state(run.method_state), images)

@@ -13,6 +13,7 @@ import pytest
 from helpers import load_config, tiny_config, resumed_losses, assert_same_losses, losses
 from mim_jax import methods, optim, teachers, train
 from mim_jax.models import quantizer as vq
+from mim_jax.models import vit
 
 ONE = jax.devices()[:1]     # trainer runs on one device: a third less compile time than 8
 
@@ -229,7 +230,7 @@ def test_vqvae_loss_equals_hand_computation(uninterrupted):
   m, p, s = run.method, run.params, run.method_state
   x = images()
   loss, aux = m.loss(p, s, x, jax.random.PRNGKey(2), 0)
-  z = np.asarray(m.encode(p, x)).reshape(-1, 8)                   # network output [B*L, D]
+  z = np.asarray(m.codes(p, x)).reshape(-1, 8)                   # network output [B*L, D]
   assert z.shape == (2 * 64, 8)
   cb = np.asarray(s["quantizer"]["codebook"])
   ids = brute_nearest(z, cb)
@@ -268,7 +269,7 @@ def test_vqkd_loss_equals_hand_computation(vqkd_run, teacher_dir):
   m, p, s = run.method, run.params, run.method_state
   x = images()
   loss, aux = m.loss(p, s, x, jax.random.PRNGKey(2), 0)
-  z = np.asarray(m.encode(p, x)).reshape(-1, 8)
+  z = np.asarray(m.codes(p, x)).reshape(-1, 8)
   zn = z / np.linalg.norm(z, axis=1, keepdims=True)
   cb = np.asarray(s["quantizer"]["codebook"])
   np.testing.assert_allclose(np.linalg.norm(cb, axis=1), 1.0, rtol=1e-5)
@@ -295,7 +296,7 @@ def test_peco_loss_adds_the_perceptual_term(teacher_dir, uninterrupted):
   s = {**m.init_state(p), **m.external_state()}
   x = images()
   loss, aux = m.loss(p, s, x, jax.random.PRNGKey(2), 0)
-  z = np.asarray(m.encode(p, x)).reshape(-1, 8)
+  z = np.asarray(m.codes(p, x)).reshape(-1, 8)
   cb = np.asarray(p["quantizer"]["codebook"])
   ids = brute_nearest(z, cb)
   q = cb[ids]
@@ -418,3 +419,18 @@ def test_vqkd_imagenet_is_the_official_recipe(monkeypatch):
   assert sorted(k for k in p["decoder"]["backbone"]["encoder"] if k.startswith("block")) == \
       ["block00", "block01", "block02"]
   assert p["decoder"]["backbone"]["pos_embed"].shape == (1, 197, 768)
+
+
+def test_a_vit_tokenizers_encoder_is_evaluated_on_its_own_parameters():
+  """features() of an arch='vit' tokenizer pools its ViT encoder's tokens with the encoder's
+  parameters (the former Tokenizer.encode, now `codes`, no longer shadows a base method that
+  evaluators reach)."""
+  c = small()
+  c.tokenizer.arch = "vit"
+  m = methods.get(c)
+  x = images()
+  p = jax.jit(m.init)(jax.random.PRNGKey(0), x)
+  got = m.features(p, m.init_state(p), x)["online"]
+  tokens = m.encoder.apply({"params": p["encoder"]}, x)
+  np.testing.assert_allclose(got, vit.pool(tokens, m.pooling), rtol=1e-6, atol=1e-6)
+  assert m.codes(p, x).shape[:2] == (2, 64) and not hasattr(type(m).__mro__[1], "encode")

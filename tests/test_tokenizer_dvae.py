@@ -167,7 +167,7 @@ def test_loss_equals_hand_computation(initialised):
   # One compiled call gives the loss, its terms and the gradient (checked at the end).
   (loss, aux), g = jax.jit(jax.value_and_grad(
       lambda q: m.loss(q, s, x, rng, step), has_aux=True))(p)
-  logits = np.asarray(m.encode(p, x), np.float64)                 # [2, 64, 32]
+  logits = np.asarray(m.codes(p, x), np.float64)                 # [2, 64, 32]
   assert logits.shape == (2, 64, 32)
   noise = np.asarray(jax.random.gumbel(rng, logits.shape), np.float64)
   tau = tau_at(step, steps=150)
@@ -257,5 +257,5 @@ def test_beit_reads_the_dvae_run_unchanged(uninterrupted):
   run = teachers.load(uninterrupted)
   x = images(2, seed=9)
   got = np.asarray(beit.token_ids(beit.external_state(), x))
-  want = np.argmax(np.asarray(run.method.encode(run.params, x)), -1)
+  want = np.argmax(np.asarray(run.method.codes(run.params, x)), -1)
   np.testing.assert_array_equal(got, want)

@@ -418,7 +418,7 @@ class Tokenizer(Method):
       return self.conv_encoder.apply({"params": encoder_params}, images)
     return self.encoder.apply({"params": encoder_params}, images)[:, 1:]
 
-  def encode(self, params, images: jax.Array) -> jax.Array:
+  def codes(self, params, images: jax.Array) -> jax.Array:
     """Pre-quantisation codes z [B, L, code_dim] (row-major over the token grid); for
     'gumbel' the logits over the codes [B, L, codebook_size]."""
     h = self.backbone(params["encoder"], images.astype(jnp.float32))
@@ -461,7 +461,7 @@ class Tokenizer(Method):
   def forward(self, params, state, images, rng, step=None):
     """(quantiser output, decoded output); `step` (updates done) drives the 'gumbel'
     schedules, and None there decodes the argmax codes (the other rules ignore it)."""
-    z = self.encode(params, images)
+    z = self.codes(params, images)
     qo = self.quantizer(params.get("quantizer", {}), state["quantizer"], z, rng, step=step)
     return qo, self.decode(params, qo.quantized)
 
@@ -490,7 +490,7 @@ class Tokenizer(Method):
   def token_ids(self, params, method_state, images: jax.Array) -> jax.Array:
     """int32 [B, token_grid**2]: each token's nearest code, or for 'gumbel' the argmax of its
     logits (row-major over the grid)."""
-    z = self.encode(params, images)
+    z = self.codes(params, images)
     return self.quantizer.ids(params.get("quantizer", {}), method_state["quantizer"], z)
 
   @staticmethod
