@@ -29,9 +29,10 @@ Published (README, 300 epochs, 80% x 5 masks, colour aug): ViT-B/16 73.3 linear 
 fine-tune.
 
 Deviations:
-  * Crops are resampled bilinearly from a continuous box (torchvision: bicubic on whole
-    pixels); for streaming data (the imagenet preset) the host crops and flips, the colour
-    views are made on the device.
+  * In-memory crops are resampled bilinearly from a continuous box (official: torchvision's
+    RandomResizedCrop at its default, bilinear, on whole pixels: lib/augment.py); for streaming
+    data (the imagenet preset) the host crops and flips with mim_jax's loader, which resamples
+    bicubically (antialiased), and the colour views are made on the device.
   * Compute in bfloat16 on accelerators (official: fp16 autocast with a loss scaler).
   * The official mask code hard-codes 196 patches; here L = (image_size / patch)^2.
   * The teacher's EMA runs after the optimiser step with m(t + 1), which gives the same
@@ -78,7 +79,7 @@ def get_config(arg=None):
     c.model.update(variant="tiny", depth=4, patch_size=4, drop_path=0.0)
     c.extrema.update(mlp_dim=1024, ema_momentum=0.99)
     # base lr: the official 1.5e-4 x batch / 256. 10x that (this preset until 2026-11-24) was
-    # worse at CIFAR-10 scale: 25.9 kNN / 35.5 linear against 31.2 / 41.4 (README, ExtreMA).
+    # worse at CIFAR-10 scale: 25.9 kNN / 35.5 linear against 31.2 / 41.4 (docs/results/self_distillation.md, ExtreMA).
   elif preset == "imagenet":
     config_lib.imagenet_preset(c, batch_size=2048, variant="base", total_epochs=300)
     c.optim.warmup_epochs = 40

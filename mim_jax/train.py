@@ -420,7 +420,8 @@ class Trainer:
         batches=lambda split, bs, limit=None: pipeline.eval_batches(cfg.input, split, bs, limit),
         num_classes=pipeline.num_classes(cfg.input),
         reconstruct=reconstruct, workdir=workdir, step=step, encode_layers=encode_layers,
-        encode_tokens=encode_tokens, loss=None if method.batch_fields else loss)
+        encode_tokens=encode_tokens, loss=None if method.batch_fields else loss,
+        pooling=getattr(method, "pooling", None))
 
   def evaluate(self, workdir: str) -> dict:
     from mim_jax import evaluators

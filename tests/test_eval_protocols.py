@@ -194,6 +194,20 @@ def test_knn_block_feature_equals_hand_taken_layer(tmp_path):
 # ----------------------------------------------------------------------------- per-layer probe
 
 
+def test_knn_protocol_records_the_pooling_its_features_had(tmp_path):
+  """'final' features are pooled by the method (ctx.pooling: what the protocol records); the
+  evaluator's pooling option applies to 'block:N' features only."""
+  import dataclasses
+  data = _layered(5, 200, 80)
+  ctx = dataclasses.replace(data.ctx(4, tmp_path), pooling="mean")
+  final = evaluators.build("knn", {"type": "knn", "k": 10, "pooling": "cls"}).run(ctx)
+  assert final["protocol"]["pooling"] == "mean"
+  ctx = dataclasses.replace(data.ctx(4, tmp_path), pooling="mean")
+  block = evaluators.build("knn", {"type": "knn", "k": 10, "pooling": "cls",
+                                   "feature": "block:1"}).run(ctx)
+  assert block["protocol"]["pooling"] == "cls"
+
+
 def test_layer_probe_reports_every_block_and_writes_png(tmp_path):
   data = _layered(6, 240, 100, depth=3)
   cfg = {"type": "layer_probe", "k": 10, "pooling": "cls", "batch_size": 64}

@@ -69,6 +69,8 @@ class EvalContext:
   encode_layers: Optional[Callable[[np.ndarray, str], Mapping[str, np.ndarray]]] = None
   encode_tokens: Optional[Callable[[np.ndarray], Mapping[str, np.ndarray]]] = None
   loss: Optional[Callable[[np.ndarray, int], np.ndarray]] = None
+  # How `encode` pools its features (the method's config.pooling), for the protocols.
+  pooling: Optional[str] = None
 
 
 class Evaluator(abc.ABC):

@@ -213,7 +213,8 @@ class KNNEvaluator(common.Evaluator):
   top-``max(k)`` search), ``temperature`` (0.07), ``batch_size`` (256, feature
   extraction), ``feature`` ('final': the encoder's pooled features; 'block:N':
   block N's output, 0-based, pooled with ``pooling``), ``pooling`` ('cls' |
-  'mean'; for 'final' recorded only, the method's own pooling applies),
+  'mean'; 'block:N' only: 'final' features are pooled by the method, and the protocol
+  records the method's pooling, ``ctx.pooling``),
   ``max_train`` (cap on the bank, None/0 = whole train split), ``max_eval``
   (cap on queries, None/0 = all), ``query_chunk`` (256), ``bank_chunk`` (16384).
 
@@ -257,7 +258,9 @@ class KNNEvaluator(common.Evaluator):
         "temperature": temperature,
         "weighting": "exp(cos_sim / T), summed per class",
         "feature": feature,
-        "pooling": pooling,
+        # 'final' features come pooled by the method (its config.pooling); the evaluator's
+        # own pooling option applies to 'block:N' features only.
+        "pooling": pooling if parse_feature(feature) is not None else (ctx.pooling or pooling),
         "bank_size": int(bank_size),
         "num_queries": int(num_queries),
         "bank_split": "train",

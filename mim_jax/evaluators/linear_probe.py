@@ -199,7 +199,8 @@ class LinearProbeEvaluator(common.Evaluator):
   (256), ``weight_decay`` (0), ``momentum`` (0.9, lars/sgd),
   ``trust_coefficient`` (0.001, lars), ``seed`` (0),
   ``feature_batch_size`` (extraction batch, default ``batch_size``),
-  ``max_train`` / ``max_eval`` (caps, None = all), ``pooling`` (recorded).
+  ``max_train`` / ``max_eval`` (caps, None = all), ``pooling`` (recorded when the context
+  does not say how its features are pooled; `Trainer.eval_context` does).
   """
 
   def probe_config(self) -> ProbeConfig:
@@ -254,7 +255,7 @@ class LinearProbeEvaluator(common.Evaluator):
         "seed": pcfg.seed,
         "init": "trunc_normal(std=0.01) weights, zero bias",
         "feature_normalisation": f"parameter-free BatchNorm (train mean/std, eps {BN_EPS:g})",
-        "pooling": self.cfg.get("pooling"),
+        "pooling": ctx.pooling or self.cfg.get("pooling"),   # the features' (the method's)
         "augmentation": "none (features precomputed)",
         "num_train": int(len(train_y)),
         "num_eval": int(len(eval_y)),
