@@ -35,7 +35,8 @@ Official settings: ViT-g/14 (1408 wide, 40 blocks, 16 heads, MLP 6144), q and v 
 learned absolute position embedding, no relative position bias, no layer scale, drop path 0.1,
 trunc-normal init (proj/fc2 rescaled by 1/sqrt(2 * layer)); 224 px, 105 masked patches; AdamW
 lr 1e-3 at batch 4096 (no batch scaling), betas (0.9, 0.98), eps 1e-6, weight decay 0.05 (none on
-1-D parameters, pos_embed, cls_token), gradient clipping 3.0, 2 warm-up epochs from 1e-6,
+1-D parameters, pos_embed, cls_token), gradient clipping 3.0, 2 warm-up epochs from 0
+(run_eva_pretraining.py passes no start value to utils.cosine_scheduler),
 cosine to 1e-5, 150 epochs; RandomResizedCrop(0.2-1, bicubic) + flip, no colour jitter, CLIP's
 mean/std for the student. Teacher: OpenAI CLIP ViT-L/14 (768-d). Published: 89.6 top-1 on
 ImageNet-1k at 336 px after ImageNet-21k intermediate fine-tuning (EVA-01/eva/README.md).
@@ -69,7 +70,7 @@ def get_config(arg=None):
   c.model.update(qkv_bias="qv", init_values=0.0, init_style="beit", pos_embed="learned",
                  rel_pos_bias="none", drop_path=0.1)
   c.optim.update(name="adamw", base_lr=1e-3, lr_batch_divisor=4096, b1=0.9, b2=0.98, eps=1e-6,
-                 weight_decay=0.05, clip_grad=3.0, warmup_lr=1e-6, min_lr=1e-5, schedule="cosine")
+                 weight_decay=0.05, clip_grad=3.0, warmup_lr=0.0, min_lr=1e-5, schedule="cosine")
   c.input.aug.crop_scale = (0.2, 1.0)
   c.input.mean, c.input.std = CLIP_MEAN, CLIP_STD
 

@@ -38,12 +38,12 @@ Settings (BEiT-base's beyond the above): ViT-B/16 with q and v biases, layer
 scale 0.1, a shared relative position bias, no absolute position embedding, drop path 0.1,
 trunc-normal init (proj/fc2 rescaled by 1/sqrt(2 * layer)); 75 masked patches; AdamW lr 1.5e-3
 at batch 2048, betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (none on 1-D parameters,
-pos_embed, cls_token), gradient clipping 3.0, 10 warm-up epochs from 1e-6, cosine to 1e-5;
-ImageNet mean/std. Teacher: OpenAI CLIP ViT-B/16. Published: 52.4 mIoU on ADE20K after
+pos_embed, cls_token), gradient clipping 3.0, 10 warm-up epochs from 0 (BEiT's
+cosine_scheduler without a start value), cosine to 1e-5; ColorJitter(0.4, 0.4, 0.4) on the
+image, flip, RandomResizedCrop(scale 0.08-1); ImageNet mean/std. Teacher: OpenAI CLIP ViT-B/16. Published: 52.4 mIoU on ADE20K after
 ViT-B/16 pre-training for 300 epochs (paper abstract).
 
-Deviations: BEiT's augmentation adds ColorJitter(0.4) to the crop and flip, which mim_jax's
-augmentation does not have; the crop scale is MAE's (0.2-1) here. The teacher is a mim_jax ViT
+Deviations: the crop is bilinear on a continuous box (BEiT: bicubic, whole pixels). The teacher is a mim_jax ViT
 (final-norm tokens, its width as the head width), not CLIP; converted CLIP weights are not
 supported. The CPU presets use small models, 26 of 64 patches masked with blocks of at least 4
 patches, no drop path, a batch-scaled learning rate and short schedules.
@@ -67,8 +67,11 @@ def get_config(arg=None):
   c.model.update(qkv_bias="qv", init_values=0.1, init_style="beit", pos_embed="none",
                  rel_pos_bias="shared", drop_path=0.1)
   c.optim.update(name="adamw", base_lr=1.5e-3, lr_batch_divisor=2048, b1=0.9, b2=0.999, eps=1e-8,
-                 weight_decay=0.05, clip_grad=3.0, warmup_lr=1e-6, min_lr=1e-5, schedule="cosine")
-  c.input.aug.crop_scale = (0.2, 1.0)
+                 weight_decay=0.05, clip_grad=3.0, warmup_lr=0.0, min_lr=1e-5, schedule="cosine")
+  # BEiT's DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4) on the image, flip,
+  # RandomResizedCrop(scale 0.08-1).
+  c.feature_mim.color_jitter = 0.4
+  c.input.aug.crop_scale = (0.08, 1.0)
 
   if preset in ("default", "cifar10"):
     # 155 / 350 steps: all 65 tokens pass the encoder and the teacher.

@@ -33,7 +33,7 @@ the 14x14 code map (3 blocks), decode task layer Linear(768,768)-Tanh-Linear(768
 width); loss 1 - cosine(prediction, teacher patch token) averaged over tokens + 1.0 x
 mean((sg e - z)^2); AdamW betas (0.9, 0.99), eps 1e-8, weight decay 1e-4 (none on 1-D
 parameters, cls tokens, position embeddings, the codebook); lr 5e-5 x batch/128 with batch
-512 (64 x 8 GPUs), 10 warm-up epochs from 1e-6, cosine to 1e-5, 100 epochs, no gradient
+512 (64 x 8 GPUs), 10 warm-up epochs from 0, cosine to 1e-5, 100 epochs, no gradient
 clipping; RandomResizedCrop(224, scale 0.08-1, bicubic) + horizontal flip.
 Published: the CLIP-teacher tokenizer (decoder 3x768x12) uses 97% of its codes; BEiT v2
 ViT-B/16 pretrained on it for 300 (1600) epochs fine-tunes to 85.0 (85.5) top-1.
@@ -66,10 +66,11 @@ def get_config(arg=None):
                      decoder=dict(variant="base", depth=3))
   c.model.update(qkv_bias="qv", pos_embed="learned", init_style="beit", init_values=0.0,
                  rel_pos_bias="none", drop_path=0.0)
-  # warmup_lr / min_lr are scaled by batch/lr_batch_divisor like the peak: 1e-6 and 1e-5
-  # absolute at the official batch of 512 = 4 x 128.
+  # min_lr is scaled by batch/lr_batch_divisor like the peak: 1e-5 absolute at the official
+  # batch of 512 = 4 x 128. The warm-up starts at 0: run_vqkd_training.py passes no start value
+  # to utils.cosine_scheduler.
   c.optim.update(name="adamw", base_lr=5e-5, lr_batch_divisor=128, b1=0.9, b2=0.99, eps=1e-8,
-                 weight_decay=1e-4, schedule="cosine", warmup_lr=2.5e-7, min_lr=2.5e-6,
+                 weight_decay=1e-4, schedule="cosine", warmup_lr=0.0, min_lr=2.5e-6,
                  clip_grad=0.0)
   c.input.aug.crop_scale = (0.08, 1.0)
   c.pooling = "mean"
@@ -79,7 +80,7 @@ def get_config(arg=None):
     c.input.aug.crop_scale = (0.2, 1.0)
     c.model.update(variant="tiny", depth=4, patch_size=4)
     c.tokenizer.update(codebook_size=512, decoder=dict(variant="tiny", depth=1))
-    c.optim.update(base_lr=2e-4, warmup_epochs=1, warmup_lr=1e-6, min_lr=1e-5)
+    c.optim.update(base_lr=2e-4, warmup_epochs=1, warmup_lr=0.0, min_lr=1e-5)
     c.input.batch_size = 128
     c.evals = config_lib.default_evals(probe_epochs=30, probe_optimizer="sgd", pooling="mean")
     c.evals.knn.enabled = c.evals.linear.enabled = False    # a tokenizer: the picture only

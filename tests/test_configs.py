@@ -94,3 +94,19 @@ def test_simmim_imagenet_is_the_official_vit_recipe():
   s = optim.make_schedule(c.optim, 2048, 100, 80_000)
   assert float(s(1000)) == pytest.approx(1e-4 * 4, rel=1e-5)     # after 10 warm-up epochs
   assert float(s(70_000)) == pytest.approx(1e-5 * 4, rel=1e-5)   # x0.1 from epoch 700
+
+
+def test_warm_up_starts_where_the_official_scripts_start():
+  """The official cosine_scheduler calls of VQ-KD (run_vqkd_training.py), EVA
+  (run_eva_pretraining.py) and BEiT (which MVP follows) pass no start value: the warm-up starts
+  at 0. MaskFeat's yaml starts at WARMUP_START_LR 1e-6, SimMIM's at WARMUP_LR 5e-7."""
+  for name in ("vqkd", "eva", "mvp", "beit", "beitv2", "cae", "data2vec"):
+    for preset in config_lib.presets(name, CONFIG_DIR):
+      assert load_config(name, preset).optim.warmup_lr == 0.0, (name, preset)
+  assert load_config("maskfeat", "imagenet").optim.warmup_lr == 1e-6
+  assert load_config("simmim", "imagenet").optim.warmup_lr == 5e-7
+
+
+def test_mvp_augments_as_beit():
+  c = load_config("mvp", "imagenet")
+  assert c.feature_mim.color_jitter == 0.4 and tuple(c.input.aug.crop_scale) == (0.08, 1.0)

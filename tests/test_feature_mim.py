@@ -470,3 +470,22 @@ def test_training_lowers_the_loss_keeps_the_teacher_and_resumes(tmp_path, traine
   # A fresh start still needs the teacher: the one-line error names the key.
   with pytest.raises(train.TrainingError, match="config.feature_mim.teacher="):
     train.train_and_evaluate(c, str(tmp_path / "c"), progress=False, devices=one_device())
+
+
+def test_mvp_jitters_the_whole_image_before_the_crop(teacher_config_dir):
+  """feature_mim.color_jitter (MVP, as BEiT): ColorJitter(s, s, s) on the uint8 image, then the
+  trainer's crop and flip, with the keys split in that order; off, the crop alone."""
+  from mim_jax.data import preprocess, views
+  c = student("mvp", teacher_config_dir)
+  m = methods.get(c)
+  assert m.color_jitter == 0.4
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
+  rng = jax.random.PRNGKey(2)
+  got = jax.jit(lambda r, x: m.preprocess(r, x, c.input, True))(rng, images)
+  kj, rest = jax.random.split(rng)
+  want = preprocess.preprocess(rest, views.color_jitter(kj, images, 0.4, 0.4, 0.4, 0.0), c.input, True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
+  assert not np.allclose(got, preprocess.preprocess(rest, images, c.input, True), atol=1e-3)
+  c.feature_mim.color_jitter = 0.0
+  plain = methods.get(c).preprocess(rng, images, c.input, True)
+  np.testing.assert_array_equal(plain, preprocess.preprocess(rng, images, c.input, True))

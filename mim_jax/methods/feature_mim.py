@@ -91,6 +91,9 @@ def default_config() -> ml_collections.ConfigDict:
       loss_on="all",                     # 'masked' | 'all'
       target_norm="none",                # 'none' | 'layernorm'
       smooth_l1_beta=1.0,
+      # ColorJitter(s, s, s) on the whole image before the crop and flip, as BEiT's
+      # DataAugmentationForBEiT (MVP follows BEiT's recipe); 0 = off (MILAN, EVA).
+      color_jitter=0.0,
   ))
 
 
@@ -296,7 +299,18 @@ class FeatureMIM(Method):
                        f"needs 0 < count < {self.num_patches} patches")
     if self.style == "mask_token":
       self.no_decay_names = ("pos_embed", "cls_token")
+    self.color_jitter = float(c.get("color_jitter", 0.0))
     self._teacher = None
+
+  def preprocess(self, rng, images, input_cfg, on_device_aug):
+    """BEiT's order with feature_mim.color_jitter: the whole image jittered (ColorJitter(s, s,
+    s), hue off), then cropped and flipped; else the trainer's crop and flip alone."""
+    from mim_jax.data import preprocess, views
+    if self.color_jitter > 0:
+      k_jit, rng = jax.random.split(rng)
+      s = self.color_jitter
+      images = views.color_jitter(k_jit, images, s, s, s, 0.0)
+    return preprocess.preprocess(rng, images, input_cfg, on_device_aug)
 
   def encoder_overrides(self):
     return {"use_mask_token": self.config.feature_mim.encoder == "mask_token"}
