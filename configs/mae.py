@@ -3,13 +3,14 @@ r"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022)
 Presets (`--config=configs/mae.py:<preset>`):
 
   (none)     The embedded 5,000-image CIFAR-10 subset (4,000 train / 1,000 held out), a narrow
-             ViT at 32 px, CPU-sized: the README's first command.
+             ViT at 32 px, CPU-sized, as the README's first command (configs/simmim.py).
                python -m mim_jax.main --config=configs/mae.py --workdir=/tmp/mae
   cifar10    The CIFAR-10 image folder with 500 images per class held out for evaluation.
                python -m mim_jax.main --config=configs/mae.py:cifar10 --workdir=/tmp/mae_c10 \
                  --config.input.data.dir=../shared/data/cifar10/train
              A CPU-hour recipe (6 epochs): kNN 41.9 / linear probe 54.1 top-1 on the held-out
-             images vs 31.5 / 44.1 at random init (README table, tools/cifar10_table.sh).
+             images vs 31.5 / 44.1 at random init (docs/results/mae_simmim.md,
+             tools/cifar10_table.sh).
   imagenet   The paper's ViT-B/16 recipe on ImageNet-1k (tfds imagenet2012 through
              tfds.data_source, prepared under config.input.data.dir).
   imagenet_large   Same with ViT-L/16.

@@ -9,7 +9,7 @@ Presets (`--config=configs/simmim.py:<preset>`):
                python -m mim_jax.main --config=configs/simmim.py:cifar10 --workdir=/tmp/simmim_c10 \
                  --config.input.data.dir=../shared/data/cifar10/train
              A CPU-hour recipe (3 epochs, 4 blocks): kNN 28.0 / linear probe 37.0 top-1 on the
-             held-out images vs 25.5 / 31.0 at random init (README table).
+             held-out images vs 25.5 / 31.0 at random init (docs/results/mae_simmim.md).
   imagenet   The official ViT-B/16 recipe (configs/vit_base__800ep/
              simmim_pretrain__vit_base__img224__800ep.yaml) on tfds imagenet2012.
 

@@ -125,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
       fast_decode=True,             # streaming JPEGs: decode at reduced size when the crop allows
       # Streaming: grain's reader threads and prefetch buffer in each worker. grain's defaults
       # (16, 500) scan the whole buffer on every element; these gave a 2-worker run on local
-      # JPEGs 13% more images/s (benchmarks/input_pipeline.py --read; README). Raise both for
+      # JPEGs 13% more images/s (benchmarks/input_pipeline.py --read; docs/data.md). Raise both for
       # a slow network disk.
       read_threads=2,
       read_buffer=16,

@@ -6,8 +6,13 @@
 One row per (run, encoder: online / ema), one column per metric, then the runs' pretraining
 identity (method, model, steps and epochs, data) and, under the table, each number's protocol
 as a numbered note; identical protocols are listed once. A note that holds for a whole column
-is marked in its header, otherwise in each cell. The README tables are made this way
-(tools/cifar10_table.sh).
+is marked in its header, otherwise in each cell. The tables under docs/ are made this way
+(tools/cifar10_table.sh, docs/results/).
+
+A note states the protocol in a line or two: what is fitted on which features, the schedule,
+the data sizes. Diagnostics a run records beside its protocol (few-shot's penalty chosen per
+seed, long free-text fields) stay in ``eval_results.json``; a protocol type without a
+hand-written note lists its short scalar fields and points there.
 
 Metric ids are ``<evaluator>/<metric>`` with the encoder left out: the key
 ``online/top1`` of the evaluator ``knn`` is ``knn/top1`` in the online row. Metrics that belong
@@ -21,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from typing import Any, Optional, Sequence
 
@@ -215,22 +221,71 @@ def _heldout_note(p: dict) -> str:
           "of the images pretraining used")
 
 
-_NOTES = {"knn": _knn_note, "linear_probe": _linear_note, "heldout_loss": _heldout_note}
+def _few_shot_note(p: dict) -> str:
+  # The per-seed penalties (p['chosen_l2']) are diagnostics: eval_results.json only.
+  minival = re.search(r"minival of (\d+) train images per class", str(p.get("l2_selection", "")))
+  where = f" ({minival.group(1)} per class)" if minival else ""
+  return (f"few-shot: ridge regression on frozen features (pooling={p.get('pooling')}), "
+          f"{_fmt(list(p['shots']))} shots x {p['seeds']} seeds from {p['num_train_subset']} "
+          f"train images, penalty chosen per seed on a held-out train minival{where}; mean and "
+          f"std over seeds, split=eval ({p['num_eval']} held-out)")
+
+
+def _classifier_note(p: dict) -> str:
+  return (f"classifier: arg-max of the fine-tuned {p.get('head', 'linear')} head "
+          f"(pooling={p.get('pooling')}) at step {p['step']}, eval preprocessing, no augmentation, "
+          f"split={p.get('split', 'eval')} ({p['num_images']} held-out)")
+
+
+def _layer_probe_note(p: dict) -> str:
+  if p["classifier"] == "knn":
+    how = f"kNN (k={_fmt(p['k'])}, T={_fmt(p['temperature'])})"
+  else:
+    how = f"linear probe ({p['optimizer']}, base lr {_fmt(p['base_lr'])}, {p['epochs']} epochs)"
+  return (f"per-layer probe: {how} on each of the {p['depth']} blocks' frozen outputs and the "
+          f"final norm's, pooling={p.get('pooling')}, fit on {p['num_train']} train images, "
+          f"split=eval ({p['num_eval']} held-out)")
+
+
+def _attentive_note(p: dict) -> str:
+  return (f"attentive probe: one learned query cross-attending over {p['num_tokens']} frozen "
+          f"{p['tokens']} tokens, adamw, lr {_fmt(p['lr'])} (base {_fmt(p['base_lr'])}), "
+          f"{p['epochs']} epochs ({p.get('warmup_epochs', 0)} warm-up), batch {p['batch_size']}, "
+          f"fit on {p['num_train']} train images, split=eval ({p['num_eval']} held-out)")
+
+
+_NOTES = {"knn": _knn_note, "linear_probe": _linear_note, "heldout_loss": _heldout_note,
+          "few_shot": _few_shot_note, "classifier": _classifier_note,
+          "layer_probe": _layer_probe_note, "attentive_probe": _attentive_note}
+# A protocol without a hand-written note lists its fields whose value prints in this many
+# characters or fewer (numbers, short names); longer ones and nested dicts stay in the file.
+MAX_FIELD_CHARS = 40
 
 
 def describe_protocol(evaluator: str, protocol: Optional[dict]) -> str:
-  """One line for a protocol dict: a hand-written summary for known evaluator types, else
-  every field (so nothing is hidden)."""
+  """A line or two for a protocol dict: a hand-written summary for known evaluator types, else
+  the short scalar fields and a pointer to ``eval_results.json`` for the rest."""
   if not protocol:
     return f"{evaluator}: protocol not recorded"
   kind = str(protocol.get("type", evaluator))
   if kind in _NOTES:
     try:
       return _NOTES[kind](protocol)
-    except KeyError:
+    except (KeyError, TypeError):
       pass   # an older or newer protocol layout: list the fields instead
-  fields = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(protocol.items()) if k != "type")
-  return f"{EVALUATOR_LABELS.get(kind) or kind}: {fields}"
+  fields, left_out = [], 0
+  for key, value in sorted(protocol.items()):
+    if key == "type":
+      continue
+    text = _fmt(value)
+    if isinstance(value, dict) or len(text) > MAX_FIELD_CHARS:
+      left_out += 1
+    else:
+      fields.append(f"{key}={text}")
+  note = f"{EVALUATOR_LABELS.get(kind) or kind}: {', '.join(fields)}"
+  if left_out:
+    note += f" (+ {left_out} more field{'s' if left_out > 1 else ''} in {RESULTS_FILENAME})"
+  return note
 
 
 def _get(d: dict, dotted: str, default: Any = None) -> Any:

@@ -148,3 +148,58 @@ def test_method_column_names_the_paper_where_configs_share_a_method_file():
                     "peco": "PeCo tokenizer", "beitv2": "BEiT v2", "beit": "BEiT", "mae": "MAE"}
   # A run written before configs had a name (no 'name' key) keeps the method's label.
   assert report.method_label(_config("feature_mim", 6, 1e-3, 256)) == "teacher-feature MIM"
+
+
+def _evaluator_protocols(tmp_path):
+  """The protocols the few-shot and classifier evaluators write, run on fake features (three
+  seeds: three chosen penalties per shot count)."""
+  import numpy as np
+  from mim_jax import evaluators
+  from tests.test_eval_protocols import FakeEncoder, _clusters
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 4, 600)
+  feats = _clusters(rng, y, 4, 6, spread=2.0)[:, None, :]
+  logits = np.eye(4)[y][:, None, :] + rng.normal(size=(600, 1, 4))
+  data = FakeEncoder(y[:400], y[400:], layers={"online": feats, "logits": logits})
+  ctx = data.ctx(4, tmp_path, step=121)
+  few = evaluators.build("few_shot", {"type": "few_shot", "seeds": 3, "max_train": 300}).run(ctx)
+  cls = evaluators.build("classifier", {"type": "classifier"}).run(ctx)
+  return few["protocol"], cls["protocol"]
+
+
+def test_notes_state_the_protocol_in_a_line_or_two_and_leave_diagnostics_in_the_file(tmp_path):
+  few, cls = _evaluator_protocols(tmp_path)
+  assert len(few["chosen_l2"]["online"]["10shot"]) == 3   # the diagnostics the file keeps
+  note = report.describe_protocol("few_shot", few)
+  assert note == (f"few-shot: ridge regression on frozen features (pooling={few['pooling']}), "
+                  "1/5/10/25 shots x 3 seeds from 300 train images, penalty chosen per seed on a "
+                  "held-out train minival (5 per class); mean and std over seeds, split=eval "
+                  "(200 held-out)")
+  assert report.describe_protocol("classifier", cls) == (
+      f"classifier: arg-max of the fine-tuned linear head (pooling={cls['pooling']}) at step "
+      "121, eval preprocessing, no augmentation, split=eval (200 held-out)")
+  # Two runs whose seeds chose different penalties share one note (in the column header).
+  runs = []
+  for name, chosen in (("a", [1.0, 2.0, 4.0]), ("b", [1024.0, 0.5, 0.25])):
+    protocol = dict(few, chosen_l2={"online": {"10shot": chosen}})
+    runs.append(_write_run(tmp_path, name, _config("mae", 6, 1.5e-3, 256), {
+        "few_shot": {"online/top1_10shot": 28.1, "protocol": protocol, "step": 1050}}))
+  table = report.report(runs, metrics=["few_shot/top1_10shot"])
+  assert "few_shot top1_10shot (%) [2]" in table.splitlines()[0]
+  notes = [line for line in table.splitlines() if line.startswith("[")]
+  assert len(notes) == 2 and notes[1] == "[2] " + note
+  assert "chosen_l2" not in table and "1024" not in table
+  assert max(len(line) for line in notes) <= 250
+
+
+def test_a_protocol_without_a_hand_written_note_lists_its_short_fields():
+  protocol = {"type": "new_probe", "k": 5, "splits": [1, 2], "per_seed": {"a": [1.0, 2.0]},
+              "recipe": "a free-text description far longer than forty characters, kept in "
+                        "the results file"}
+  assert report.describe_protocol("np", protocol) == (
+      "new_probe: k=5, splits=1/2 (+ 2 more fields in eval_results.json)")
+  assert report.describe_protocol("np", {"type": "new_probe", "k": 5}) == "new_probe: k=5"
+  assert report.describe_protocol("np", None) == "np: protocol not recorded"
+  # A known type whose layout changed falls back to the fields instead of failing.
+  assert (report.describe_protocol("few_shot", {"type": "few_shot", "seeds": 2})
+          == "few_shot: seeds=2")

@@ -1,4 +1,4 @@
-"""The shell scripts behind README tables (tools/*.sh) name configs and keys that exist: each
+"""The shell scripts behind the results tables (tools/*.sh) name configs and keys that exist: each
 script runs with a stand-in `python` that records its arguments, and every mim_jax.main command
 it would run is checked against its config (unknown keys fail, as main's locked config does)."""
 import os

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CIFAR-10 runs behind the README table: for each method given (mae, simmim), pretrain with
+# The CIFAR-10 runs behind the tables of docs/results/: for each method given (mae, simmim), pretrain with
 # the cifar10 preset, then evaluate the same encoder at its random initialisation (0 epochs),
 # then write the table with its protocol notes (python -m mim_jax.report) to $OUT/table.md.
 #   bash tools/cifar10_table.sh mae simmim      (CIFAR_DIR, OUT_DIR override the paths)

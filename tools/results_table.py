@@ -1,4 +1,5 @@
-"""Prints the README's CIFAR-10 table from the workdirs written by tools/cifar10_table.sh.
+"""Prints the MAE / SimMIM CIFAR-10 table (docs/results/mae_simmim.md) from the workdirs
+written by tools/cifar10_table.sh.
 
   python tools/results_table.py [OUT_DIR] [--out table.md]
 
