@@ -108,4 +108,16 @@ def get_config(arg=None):
     c.evals.reconstruction.enabled = False
   else:
     raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10' or 'imagenet'")
+  official_evaluation(c)
   return c
+
+
+def official_evaluation(c) -> None:
+  """iBOT's protocol (eval_knn.py, eval_linear.py with --checkpoint_key teacher): kNN on the
+  [CLS] token after the final norm; the linear probe on the [CLS] tokens of the last 4 blocks,
+  each through the final norm, concatenated (--n_last_blocks 4 --avgpool_patchtokens 0, the
+  ViT-S setting). Every encoder is evaluated: the teacher's rows are the official numbers."""
+  c.pooling = "cls"
+  for name in ("knn", "linear", "few_shot", "layer_probe"):
+    c.evals[name].pooling = "cls"
+  c.evals.linear.update(feature="concat_last:4", pooling="cls_normed")

@@ -213,6 +213,7 @@ def default_evals(*, knn_k=20, probe_epochs=90, probe_lr=0.1, probe_optimizer="l
                feature="final"),          # or 'block:N' (block N's output, pooled with `pooling`)
       linear=dict(type="linear_probe", enabled=True, optimizer=probe_optimizer, base_lr=probe_lr,
                   epochs=probe_epochs, max_train=0, max_eval=0,
+                  feature="final",           # or 'block:N', 'concat_last:N' (see knn.py)
                   batch_size=256, warmup_epochs=min(10, probe_epochs // 9), weight_decay=0.0,
                   pooling=pooling, seed=0),
       reconstruction=dict(type="reconstruction", enabled=True, num_images=num_images, seed=0),

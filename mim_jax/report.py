@@ -33,7 +33,9 @@ from typing import Any, Optional, Sequence
 from mim_jax import methods
 
 RESULTS_FILENAME = "eval_results.json"   # = mim_jax.evaluators.common.RESULTS_FILENAME
-ENCODERS = ("online", "ema")             # feature-set names of EvalContext.encode, row order
+# Feature-set names of EvalContext.encode, row order: the online encoder, its EMA, and a
+# method's momentum teacher (iBOT, ExtreMA, PCAE, data2vec), each a row named as such.
+ENCODERS = ("online", "ema", "teacher")
 METHOD_NAMES = methods.TITLES            # the registry's published names (no jax import)
 EVALUATOR_LABELS = {"knn": "kNN", "linear_probe": "linear probe", "heldout_loss": ""}
 METRIC_LABELS = {"top1": "top-1 (%)", "top5": "top-5 (%)", "train_top1": "train top-1 (%)",

@@ -323,3 +323,47 @@ def test_new_evaluators_on_a_real_tiny_encoder(tmp_path):
   tokens, _ = attentive_probe.extract_tokens(ctx, "eval", 25, 50)
   grid = (c.input.image_size // c.model.patch_size) ** 2
   assert tokens["online"].shape[:2] == (50, 1 + grid) and tokens["online"].dtype == np.float16
+
+
+def test_concat_last_blocks_and_normed_cls_features_as_dino_and_ibot(tmp_path):
+  """iBOT / DINO's eval_linear.py: the [CLS] of the last N blocks, each through the encoder's
+  final norm, concatenated. The ViT's 'cls_normed' layers apply the final LayerNorm to each
+  block's cls token (the last one is the final features); 'concat_last:N' concatenates the
+  last N blocks."""
+  import jax
+  import jax.numpy as jnp
+  from mim_jax import methods
+  from mim_jax.models import vit
+  m = methods.get(tiny_config("mae"))
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
+  p = m.encoder.init(jax.random.PRNGKey(1), x)
+  out = vit.outputs(m.encoder, p, x, pooling="cls_normed", layers=True)
+  _, inter = m.encoder.apply(p, x, mutable=["intermediates"])
+  blocks = inter["intermediates"]["encoder"]["block_outputs"]
+  norm = p["params"]["encoder"]["norm"]
+  for i, t in enumerate(blocks):
+    c = np.asarray(t[:, 0], np.float64)
+    want = (c - c.mean(-1, keepdims=True)) / np.sqrt(c.var(-1, keepdims=True) + 1e-6)
+    want = want * np.asarray(norm["scale"]) + np.asarray(norm["bias"])
+    np.testing.assert_allclose(out["layers"][i], want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out["layers"][-2], out["pooled"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["pooled"], vit.pool(m.encoder.apply(p, x), "cls"), rtol=1e-6)
+  # The evaluator side: concat_last:2 of per-block features.
+  data = _layered(5, 200, 80, depth=3)
+  feats, _ = knn.select_features(data.ctx(4, tmp_path), "train", 32, None, "concat_last:2", "cls")
+  layers = data.layers["cls"]["online"][:200]
+  np.testing.assert_allclose(feats["online"], np.concatenate([layers[:, 1], layers[:, 2]], axis=1))
+  with pytest.raises(ValueError, match="concat_last:1 .. concat_last:3"):
+    knn.select_features(data.ctx(4, tmp_path), "train", 32, None, "concat_last:4", "cls")
+  probe = evaluators.build("lin", {"type": "linear_probe", "epochs": 2, "optimizer": "sgd",
+                                   "feature": "concat_last:2", "pooling": "cls",
+                                   "batch_size": 64}).run(data.ctx(4, tmp_path))
+  assert probe["protocol"]["feature"] == "concat_last:2" and probe["protocol"]["pooling"] == "cls"
+
+
+def test_ibot_is_evaluated_as_its_official_code():
+  from mim_jax import config_lib
+  for preset in ("", "cifar10", "imagenet"):
+    c = config_lib.load("ibot", preset)
+    assert c.pooling == "cls" and c.evals.knn.pooling == "cls"
+    assert (c.evals.linear.feature, c.evals.linear.pooling) == ("concat_last:4", "cls_normed")

@@ -203,3 +203,12 @@ def test_a_protocol_without_a_hand_written_note_lists_its_short_fields():
   # A known type whose layout changed falls back to the fields instead of failing.
   assert (report.describe_protocol("few_shot", {"type": "few_shot", "seeds": 2})
           == "few_shot: seeds=2")
+
+
+def test_a_teacher_is_a_row_named_as_such():
+  """Methods with a momentum teacher (iBOT, ExtreMA, PCAE, data2vec) report it in its own row."""
+  from mim_jax import report
+  metrics = report.run_metrics({"knn": {"online/top1": 30.0, "teacher/top1": 33.0,
+                                        "protocol": {}}})
+  assert metrics == {("online", "knn/top1"): 30.0, ("teacher", "knn/top1"): 33.0}
+  assert report._encoders(metrics) == ["online", "teacher"]

@@ -27,7 +27,9 @@ import numpy as np
 
 from mim_jax.evaluators import common
 
-POOLINGS = ("cls", "mean")
+# 'cls_normed': each block's cls token after the encoder's final LayerNorm (DINO / iBOT's
+# get_intermediate_layers, which their eval_linear.py concatenates over the last blocks).
+POOLINGS = ("cls", "mean", "cls_normed")
 
 
 # ----------------------------------------------------------------------------- features
@@ -70,13 +72,15 @@ def extract_layers(ctx: common.EvalContext, split: str, batch_size: int, limit, 
 
 
 def parse_feature(feature) -> Optional[int]:
-  """None for 'final', N for 'block:N'; a ValueError naming the accepted forms otherwise."""
+  """None for 'final', N for 'block:N' (and for 'concat_last:N', N blocks); a ValueError naming
+  the accepted forms otherwise."""
   feature = str(feature)
   if feature == "final":
     return None
   head, _, index = feature.partition(":")
-  if head != "block" or not index.lstrip("-").isdigit():
-    raise ValueError(f"feature {feature!r}: use 'final' or 'block:N' (N = 0-based block index)")
+  if head not in ("block", "concat_last") or not index.lstrip("-").isdigit():
+    raise ValueError(f"feature {feature!r}: use 'final', 'block:N' (N = 0-based block index) or "
+                     f"'concat_last:N' (the last N blocks' outputs concatenated)")
   return int(index)
 
 
@@ -89,6 +93,11 @@ def select_features(ctx: common.EvalContext, split: str, batch_size: int, limit,
     return common.extract_features(ctx, split, batch_size, common.cap(limit))
   layers, labels = extract_layers(ctx, split, batch_size, limit, pooling)
   depth = len(next(iter(layers.values()))) - 1
+  if str(feature).startswith("concat_last:"):
+    if not 1 <= block <= depth:
+      raise ValueError(f"feature {feature!r}: the encoder has {depth} blocks (concat_last:1 .. "
+                       f"concat_last:{depth})")
+    return {name: np.concatenate(f[depth - block:depth], axis=1) for name, f in layers.items()}, labels
   if not 0 <= block < depth:
     raise ValueError(f"feature {feature!r}: the encoder has {depth} blocks (block:0 .. "
                      f"block:{depth - 1}); use 'final' for the final-norm output")

@@ -223,10 +223,13 @@ class LinearProbeEvaluator(common.Evaluator):
     if pcfg.optimizer.lower() not in OPTIMIZER_RULES:  # before the (slow) feature extraction
       raise ValueError(f"unknown probe optimizer {pcfg.optimizer!r}; use lars, sgd or adamw")
     feature_batch = int(self.option("feature_batch_size", pcfg.batch_size))
-    train, train_y = common.extract_features(ctx, "train", feature_batch,
-                                             self.option("max_train", None))
-    evals, eval_y = common.extract_features(ctx, "eval", feature_batch,
-                                            self.option("max_eval", None))
+    feature = str(self.option("feature", "final"))
+    pooling = self.option("pooling", "cls")
+    from mim_jax.evaluators import knn  # pylint: disable=g-import-not-at-top
+    train, train_y = knn.select_features(ctx, "train", feature_batch,
+                                         self.option("max_train", None), feature, pooling)
+    evals, eval_y = knn.select_features(ctx, "eval", feature_batch,
+                                        self.option("max_eval", None), feature, pooling)
     result, info = {}, {}
     for name in sorted(train):
       params, norm, info = fit(train[name], train_y, ctx.num_classes, pcfg)
@@ -255,7 +258,9 @@ class LinearProbeEvaluator(common.Evaluator):
         "seed": pcfg.seed,
         "init": "trunc_normal(std=0.01) weights, zero bias",
         "feature_normalisation": f"parameter-free BatchNorm (train mean/std, eps {BN_EPS:g})",
-        "pooling": ctx.pooling or self.cfg.get("pooling"),   # the features' (the method's)
+        "feature": feature,
+        # 'final' features come pooled by the method (ctx.pooling); block features by the option.
+        "pooling": pooling if feature != "final" else (ctx.pooling or pooling),
         "augmentation": "none (features precomputed)",
         "num_train": int(len(train_y)),
         "num_eval": int(len(eval_y)),

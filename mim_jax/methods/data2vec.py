@@ -224,4 +224,4 @@ class Data2Vec(Method):
     return loss, {**metrics, "ema_decay": self.decay(step)}
 
   def _encoders(self, params, state):
-    return {"online": params["encoder"], "ema": state["teacher"]}
+    return {"online": params["encoder"], "teacher": state["teacher"]}   # the EMA teacher

@@ -826,8 +826,9 @@ class ViT(nn.Module):
 
 
 def pool(tokens: jax.Array, pooling: str) -> jax.Array:
-  """Image features from ViT tokens: 'cls' token, or 'mean' over patch tokens."""
-  if pooling == "cls":
+  """Image features from ViT tokens: 'cls' token, or 'mean' over patch tokens ('cls_normed':
+  the cls token; of final-norm tokens it is 'cls')."""
+  if pooling in ("cls", "cls_normed"):
     return tokens[:, 0]
   if pooling == "mean":
     return tokens[:, 1:].mean(axis=1)
@@ -857,6 +858,12 @@ def outputs(model: ViT, variables, images, *, pooling: str, layers: bool = False
   if layers:
     if model.class_attention_layers:
       out["layers"] = [t.mean(axis=1).astype(jnp.float32) for t in blocks] + [pooled]
+    elif pooling == "cls_normed":
+      # Each block's cls token through the encoder's final LayerNorm (DINO / iBOT's
+      # get_intermediate_layers): the last block's is 'pooled' itself.
+      norm = layer_norm("norm", model.param_dtype, impl=model.ln_impl)
+      norm_params = {"params": variables["params"]["encoder"]["norm"]}
+      out["layers"] = [norm.apply(norm_params, t[:, 0]).astype(jnp.float32) for t in blocks] + [pooled]
     else:
       out["layers"] = [pool(t, pooling).astype(jnp.float32) for t in blocks] + [pooled]
   return out
