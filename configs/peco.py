@@ -33,20 +33,27 @@ self-supervised ViT-B (MoCo v3 in the paper), 8192 codes, 16x downsampling for V
 PeCo's tokenizer training code is not public (microsoft/PeCo released weights; no copy could
 be read here), so what the paper leaves open follows VQGAN (CompVis/taming-transformers:
 vqperceptual.py, quantize.py, configs/imagenet_vqgan.yaml): L1 pixel loss, perceptual weight
-1.0, a straight-through codebook with VQGAN's quantizer loss as it trains it (taming's
+1.0, the pixel term on VQGAN's [-1, 1] images (taming/data/base.py scales the pixels by
+x / 127.5 - 1; vqperceptual.py VQLPIPSWithDiscriminator.forward takes the mean of
+|inputs - reconstructions| on them): `tokenizer.pixel_space='minus_one_one'` maps the
+normalised image and its reconstruction by x -> 2 (x std + mean) - 1 before the L1, i.e. the
+loss is mean |2 std (x_rec - x)| (the error on the ImageNet-normalised pixels is 1/(2 std),
+about 2.2, times that, and would outweigh the perceptual and quantiser terms), a
+straight-through codebook with VQGAN's quantizer loss as it trains it (taming's
 VectorQuantizer2 with its default legacy=True: mean((sg e - z)^2) + 0.25 x mean((e - sg z)^2),
 the 0.25 on the codebook term), codebook weight 1.0, 256-d codes, Adam betas (0.5, 0.9),
-lr 4.5e-6 x batch, constant. Published: BEiT with PeCo tokens, ViT-B/16 800 epochs, 84.5 top-1 after
-fine-tuning.
+lr 4.5e-6 x batch, constant. Published: BEiT with PeCo tokens, ViT-B/16 800 epochs, 84.5 top-1
+after fine-tuning.
 
-Deviations: no adversarial (PatchGAN) loss; the encoder/decoder is sonnet's VQ-VAE conv stack
-(mim_jax/methods/tokenizer.py: 4x4 stride-2 convolutions + residual blocks; hidden 256 at
-224 px) rather than VQGAN's deeper one with GroupNorm and attention; the codebook starts
-U(+-sqrt(3/D)) (sonnet) rather than taming's U(+-1/K); the perceptual network is a mim_jax
-run and its block outputs are compared before the final norm, over patch tokens only; the
-imagenet preset's batch 128 and 100 epochs are this repository's choice (the paper's are not
-known here); the CPU presets use 512 codes of 64 dims, dead-code restarts after 20 unused
-steps and short runs.
+Deviations: no adversarial (PatchGAN) loss; the encoder sees, and the decoder writes, the
+ImageNet-normalised pixels (VQGAN's: [-1, 1]; only the pixel loss is on that scale); the
+encoder/decoder is sonnet's VQ-VAE conv stack (mim_jax/methods/tokenizer.py: 4x4 stride-2
+convolutions + residual blocks; hidden 256 at 224 px) rather than VQGAN's deeper one with
+GroupNorm and attention; the codebook starts U(+-sqrt(3/D)) (sonnet) rather than taming's
+U(+-1/K); the perceptual network is a mim_jax run and its block outputs are compared before the
+final norm, over patch tokens only; the imagenet preset's batch 128 and 100 epochs are this
+repository's choice (the paper's are not known here); the CPU presets use 512 codes of 64 dims,
+dead-code restarts after 20 unused steps and short runs.
 """
 from mim_jax import config_lib
 from mim_jax.methods.tokenizer import default_tokenizer_config
@@ -62,7 +69,8 @@ def get_config(arg=None):
   c.name = "PeCo tokenizer"
   c.tokenizer = default_tokenizer_config()
   c.tokenizer.update(arch="conv", codebook_size=8192, code_dim=256, quantizer="straight_through",
-                     beta=1.0, codebook_weight=0.25, pixel_loss="l1", perceptual_weight=1.0,
+                     beta=1.0, codebook_weight=0.25, pixel_loss="l1", pixel_space="minus_one_one",
+                     perceptual_weight=1.0,
                      perceptual_layers=(3, 6, 9, 12), conv=dict(hidden=256, res_hidden=256, res_layers=2))
   c.optim.update(name="adamw", base_lr=4.5e-6, lr_batch_divisor=1, b1=0.5, b2=0.9, eps=1e-8,
                  weight_decay=0.0, schedule="constant", warmup_epochs=0.0, clip_grad=0.0)

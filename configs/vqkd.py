@@ -38,14 +38,25 @@ clipping; RandomResizedCrop(224, scale 0.08-1, bicubic) + horizontal flip.
 Published: the CLIP-teacher tokenizer (decoder 3x768x12) uses 97% of its codes; BEiT v2
 ViT-B/16 pretrained on it for 300 (1600) epochs fine-tunes to 85.0 (85.5) top-1.
 
+Initialisation (`tokenizer.official_init=True`, mim_jax/methods/tokenizer.py
+`official_vqkd_init`), official leaf by leaf (modeling_vqkd.py VQKD.__init__ / _init_weights,
+modeling_finetune.py VisionTransformer.__init__ / _init_weights / fix_init_weight): in both
+ViTs and both task layers every Linear weight (qkv, proj, fc1, fc2, task fc1/fc2), cls_token
+and pos_embed ~ timm's trunc_normal_(std=.02), whose absolute bounds +-2 leave it an uncut
+N(0, .02^2); block i's attn.proj and mlp.fc2 weights then divided by sqrt(2 i); Linear biases,
+q_bias, v_bias 0; LayerNorms 1 / 0; the patch-embedding convs (encoder 16x16 from 3
+channels, decoder 1x1 from the 32-d codes) PyTorch's Conv2d default, weight and bias
+U(+-1/sqrt(fan_in)); the codebook zeros until k-means fills it. config.model.init_style
+('beit': truncated normals cut at one std, a trunc-normal patch embedding) only sets the
+first draw, which official_init replaces in full.
+
 Deviations: the encoder sees the ImageNet-normalised crop (official: pixels scaled to [-1, 1]);
-the teacher is a mim_jax run, not CLIP/DINO; BEiT's ViT init cuts its truncated normals at one
-std where timm's trunc_normal_(std=.02) is practically uncut, and its patch embedding is
-trunc-normal where the official keeps PyTorch's default conv init; k-means runs on the whole
-global batch (official: each GPU's 64 images) and, under gradient accumulation, once per
-micro-batch with the mean of the resulting codebooks (re-normalised) as the initial codes;
-the per-epoch 'unused code' count is not kept (codebook_usage and perplexity are logged per
-step). The CPU presets use small ViTs, 512 codes, a 0.2-1 crop, lr 2e-4 x batch/128 with
+the teacher is a mim_jax run, not CLIP/DINO; the initial values follow the official rules but
+come from JAX's random streams, not torch's (same distributions, other numbers); k-means runs
+on the whole global batch (official: each GPU's 64 images) and, under gradient accumulation,
+once per micro-batch with the mean of the resulting codebooks (re-normalised) as the initial
+codes; the per-epoch 'unused code' count is not kept (codebook_usage and perplexity are logged
+per step). The CPU presets use small ViTs, 512 codes, a 0.2-1 crop, lr 2e-4 x batch/128 with
 one warm-up epoch and short runs.
 """
 from mim_jax import config_lib
@@ -62,7 +73,7 @@ def get_config(arg=None):
   c.name = "VQ-KD"
   c.tokenizer = default_tokenizer_config()
   c.tokenizer.update(arch="vit", codebook_size=8192, code_dim=32, quantizer="norm_ema", beta=1.0,
-                     decay=0.99, kmeans_init=True, target="teacher",
+                     decay=0.99, kmeans_init=True, target="teacher", official_init=True,
                      decoder=dict(variant="base", depth=3))
   c.model.update(qkv_bias="qv", pos_embed="learned", init_style="beit", init_values=0.0,
                  rel_pos_bias="none", drop_path=0.0)

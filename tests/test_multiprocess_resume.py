@@ -45,7 +45,8 @@ COMMON = ["--config=configs/mae.py", "--config.model.variant=mu", "--config.mode
           f"--config.total_steps={STEPS}", "--config.log_every=1", "--config.ckpt_every=2",
           "--config.keep_ckpts=5", "--config.tensorboard.enabled=False",
           "--config.evals.knn.enabled=False", "--config.evals.linear.enabled=False",
-          "--config.evals.reconstruction.enabled=False"]
+          "--config.evals.reconstruction.enabled=False",
+          "--verbosity=0"]   # INFO logs on (the quiet default hides them): every process's resume
 
 
 def _free_port():

@@ -286,6 +286,83 @@ def test_vqkd_loss_equals_hand_computation(vqkd_run, teacher_dir):
   np.testing.assert_allclose(aux["rec_loss"], np.mean(1 - cos), rtol=1e-5)
 
 
+def official_vqkd_rule(names):
+  """What beit2's VQKD does to each parameter (modeling_vqkd.py, modeling_finetune.py), written
+  out independently of the method: ('uniform', None) for the Conv2d patch embeddings' PyTorch
+  default (the bound 1/sqrt(fan_in) comes from the kernel's shape), ('normal', std) for timm's
+  trunc_normal_(std=.02) (bounds +-2: uncut) after fix_init_weight, ('const', value) for the
+  zero biases and the LayerNorm scales."""
+  leaf = names[-1]
+  if "patch_embed" in names:             # kernel [p * p * C_in, width]; its bias uses the same fan-in
+    return "uniform", None
+  if leaf in ("cls_token", "pos_embed", "kernel", "qkv_kernel"):
+    block = [n for n in names if n.startswith("block")]
+    if block and names[-3:-1] in (("attn", "proj"), ("mlp", "fc2")):
+      return "normal", 0.02 / np.sqrt(2.0 * (int(block[0][5:]) + 1))
+    return "normal", 0.02
+  if leaf in ("bias", "q_bias", "v_bias"):
+    return "const", 0.0
+  if leaf == "scale":
+    return "const", 1.0
+  raise AssertionError(f"no official rule for {'/'.join(names)}")
+
+
+def test_vqkd_official_init_matches_beit2_leaf_by_leaf(monkeypatch):
+  from mim_jax.methods.base import path_names
+  c = small("vqkd")
+  c.model.depth = 2
+  c.tokenizer.decoder = dict(variant="mu", depth=2)
+  assert c.tokenizer.official_init and c.model.init_style == "beit"
+  m = methods.get(c)
+
+  class Teacher:
+    encoder = type("E", (), {"width": 96})()
+
+  monkeypatch.setattr(m, "teacher_method", lambda: Teacher)
+  p = jax.jit(m.init)(jax.random.PRNGKey(0), images())
+  leaves = [(path_names(path), np.asarray(x, np.float64))
+            for path, x in jax.tree_util.tree_flatten_with_path(p)[0]]
+  fan_in = {n[:-1]: x.shape[0] for n, x in leaves if "patch_embed" in n and n[-1] == "kernel"}
+  assert sorted(fan_in.values()) == [8, 4 * 4 * 3]                 # decoder 1x1 from the codes
+  seen = set()
+  for names, x in leaves:
+    kind, value = official_vqkd_rule(names)
+    where = "/".join(names)
+    seen.add(kind)
+    if kind == "const":
+      np.testing.assert_array_equal(x, value, err_msg=where)
+    elif kind == "uniform":        # kaiming_uniform_(a=sqrt(5)) / the bias rule: U(+-1/sqrt(fan_in))
+      bound = 1.0 / np.sqrt(fan_in[names[:-1]])
+      assert np.abs(x).max() <= bound, where
+      assert np.abs(x).max() > 0.85 * bound, where               # fills the interval
+      assert abs(x.std() / (bound / np.sqrt(3.0)) - 1) < 0.2, where
+    else:                          # N(0, std^2), not cut at one std as the 'beit' style is
+      n = x.size
+      assert abs(x.std() / value - 1) < 4 / np.sqrt(2 * n) + 0.02, (where, x.std(), value)
+      assert abs(x.mean()) < 4 * value / np.sqrt(n), where
+      assert np.abs(x).max() > 1.5 * value, where
+      if n >= 1000:
+        assert 0.27 < np.mean(np.abs(x) > value) < 0.37, where      # 31.7% beyond one std
+  assert seen == {"const", "uniform", "normal"}
+  # The rescale is per block: block01's proj / fc2 at .02 / 2, block00's at .02 / sqrt(2).
+  blk = p["encoder"]["encoder"]
+  assert float(jnp.std(blk["block01"]["mlp"]["fc2"]["kernel"])) == pytest.approx(0.01, rel=0.05)
+  assert float(jnp.std(blk["block00"]["mlp"]["fc2"]["kernel"])) == pytest.approx(0.02 / np.sqrt(2), rel=0.05)
+  # Other tokenizers keep their initialisation (official_init off; only arch 'vit' takes it).
+  assert not load_config("tokenizer").tokenizer.official_init
+  assert not load_config("peco").tokenizer.official_init
+  c.tokenizer.update(official_init=False)
+  m2 = methods.get(c)
+  monkeypatch.setattr(m2, "teacher_method", lambda: Teacher)
+  p2 = jax.jit(m2.init)(jax.random.PRNGKey(0), images())
+  cut = np.asarray(p2["encoder"]["patch_embed"]["proj"]["kernel"])
+  assert np.abs(cut).max() <= 0.02 + 1e-7                       # the 'beit' style's cut at 1 std
+  c2 = small("tokenizer")
+  c2.tokenizer.official_init = True
+  with pytest.raises(ValueError, match="config.tokenizer.arch='vit'"):
+    methods.get(c2)
+
+
 def test_peco_loss_adds_the_perceptual_term(teacher_dir, uninterrupted):
   c = small("peco")
   c.tokenizer.update(teacher=teacher_dir, perceptual_layers=(1, 2), perceptual_weight=0.7)
@@ -307,13 +384,48 @@ def test_peco_loss_adds_the_perceptual_term(teacher_dir, uninterrupted):
     return [np.asarray(b)[:, 1:] for b in inter["intermediates"]["encoder"]["block_outputs"]]
   fx, fr = blocks(x), blocks(rec)
   perceptual = sum(np.mean((fx[l] - fr[l]) ** 2) for l in (0, 1))
-  # VQGAN's legacy quantiser loss: 1.0 x commitment + 0.25 x codebook (equal values forward).
-  want = np.mean(np.abs(np.asarray(rec) - np.asarray(x))) + 0.7 * perceptual + 1.25 * np.mean((q - z) ** 2)
+  # VQGAN's legacy quantiser loss: 1.0 x commitment + 0.25 x codebook (equal values forward);
+  # its L1 on [-1, 1] images.
+  pixel = np.mean(np.abs(minus_one_one(rec, c) - minus_one_one(x, c)))
+  want = pixel + 0.7 * perceptual + 1.25 * np.mean((q - z) ** 2)
+  np.testing.assert_allclose(aux["rec_loss"], pixel, rtol=1e-5)
   np.testing.assert_allclose(aux["perceptual_loss"], perceptual, rtol=1e-5)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   # The gradient reaches the reconstruction through the frozen network.
   g = jax.grad(lambda r: m.perceptual_loss(s, x, r))(rec)
   assert float(jnp.abs(g).sum()) > 0
+
+
+def minus_one_one(x, c):
+  """Normalised NHWC images on VQGAN's [-1, 1] scale, by hand: 2 (x std + mean) - 1."""
+  mean, std = np.asarray(c.input.mean, np.float64), np.asarray(c.input.std, np.float64)
+  return 2.0 * (np.asarray(x, np.float64) * std + mean) - 1.0
+
+
+def test_peco_pixel_term_is_the_l1_on_minus_one_one_images():
+  c = small("peco")
+  assert c.tokenizer.pixel_space == "minus_one_one" and c.tokenizer.pixel_loss == "l1"
+  c.tokenizer.perceptual_weight = 0.0             # the pixel and quantiser terms alone
+  m = methods.get(c)
+  x = images()
+  p = jax.jit(m.init)(jax.random.PRNGKey(0), x)
+  s = m.init_state(p)
+  loss, aux = m.loss(p, s, x, jax.random.PRNGKey(2), 0)
+  qo, rec = m.forward(p, s, x, jax.random.PRNGKey(2), 0)
+  x11, rec11 = minus_one_one(x, c), minus_one_one(rec, c)
+  want = np.mean(np.abs(rec11 - x11))
+  np.testing.assert_allclose(aux["rec_loss"], want, rtol=1e-5)
+  np.testing.assert_allclose(loss, want + float(qo.loss), rtol=1e-5)
+  # The normalised-pixel L1 (the plain tokenizer's default scale) is ~2.2x larger.
+  normalised = np.mean(np.abs(np.asarray(rec) - np.asarray(x)))
+  assert 2.0 < normalised / want < 2.4
+  c.tokenizer.pixel_space = "normalized"
+  _, aux = methods.get(c).loss(p, s, x, jax.random.PRNGKey(2), 0)
+  np.testing.assert_allclose(aux["rec_loss"], normalised, rtol=1e-5)
+  assert load_config("tokenizer").tokenizer.pixel_space == "normalized"
+  c.tokenizer.pixel_space = "zero_one"
+  with pytest.raises(ValueError, match="config.tokenizer.pixel_space"):
+    methods.get(c)
 
 
 def test_token_ids_contract(uninterrupted):
@@ -402,7 +514,8 @@ def test_vqkd_imagenet_is_the_official_recipe(monkeypatch):
   assert tuple(c.input.aug.crop_scale) == (0.08, 1.0)
   spe = 1000
   s = optim.make_schedule(c.optim, 512, spe, 100 * spe)
-  assert float(s(0)) == pytest.approx(1e-6, rel=1e-4)
+  assert float(s(0)) == 0.0     # run_vqkd_training.py: cosine_scheduler with no warm-up start value
+  assert c.tokenizer.official_init                           # modeling_vqkd.py's initialisation
   assert float(s(10 * spe)) == pytest.approx(5e-5 * 512 / 128, rel=1e-5)
   assert float(s(100 * spe)) == pytest.approx(1e-5, rel=1e-4)
   m = methods.get(c)

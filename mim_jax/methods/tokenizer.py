@@ -41,10 +41,16 @@ One method, three recipes (configs/tokenizer.py, configs/vqkd.py, configs/peco.p
     and a task layer Linear-Tanh-Linear to the teacher's width; loss
     mean over tokens of 1 - cos(prediction, teacher patch token) + mean((sg e - z)^2).
     The teacher is any mim_jax run (its encoder's final-norm patch tokens), e.g. an MAE run.
+    `config.tokenizer.official_init` (configs/vqkd.py) redraws every parameter as the
+    official VQKD initialises it (`official_vqkd_init`: timm's practically uncut
+    trunc-normal .02, the proj/fc2 depth rescale, PyTorch's default patch-embedding conv).
   * PeCo (Dong et al., AAAI 2023): the pixel VQ-VAE with an added perceptual loss, the squared
     distance of a self-supervised ViT's block outputs for the image and its reconstruction,
     averaged over patch tokens and channels and summed over the chosen blocks
-    (sum_l 1 / (C_l H_l W_l) |f_l(x) - f_l(x_rec)|^2); the network is a mim_jax run.
+    (sum_l 1 / (C_l H_l W_l) |f_l(x) - f_l(x_rec)|^2); the network is a mim_jax run. Its
+    pixel loss is VQGAN's, on [-1, 1] images (`config.tokenizer.pixel_space='minus_one_one'`:
+    image and reconstruction mapped by x -> 2 (x std + mean) - 1 before the L1; the default
+    'normalized' takes the error on the trainer's normalised pixels).
 
 The codebook rules, dead-code restarts and the batch statistics behind the EMA updates are in
 mim_jax/models/quantizer.py. Logged: codebook_usage (fraction of the codes used in the batch)
@@ -78,7 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax.methods.base import Method
+from mim_jax.methods.base import Method, path_names
 from mim_jax.models import quantizer as vq
 from mim_jax.models import vit
 from mim_jax.targets import pixels
@@ -222,6 +228,74 @@ class CodeDecoder(nn.Module):
     return TaskLayer(self.backbone.width, self.out_dim, name="task")(tokens[:, 1:])
 
 
+# ---------------------------------------------------------------------------------------------
+# VQ-KD's official initialisation (config.tokenizer.official_init).
+
+def _timm_trunc02(key, shape, dtype=jnp.float32):
+  """timm's trunc_normal_(std=.02) (timm.models.layers, what beit2's modeling_vqkd.py and
+  modeling_finetune.py import): its default bounds a=-2, b=2 are absolute, +-100 std at .02,
+  so the draw is in practice an uncut N(0, .02^2). Drawn as a clipped normal: between bounds
+  that wide, jax.random.truncated_normal's inverse-CDF draw maps its lowest uniform value
+  (probability 2^-23 per entry) onto the bound itself, a weight of -2."""
+  return jnp.clip(0.02 * jax.random.normal(key, shape, dtype), -2.0, 2.0)
+
+
+# Folded into the init key for the redraw, so that the key split of `Tokenizer.init` (and with
+# it every other tokenizer's numbers) stays as it is.
+_OFFICIAL_INIT_SALT = 0x0FF1C1A1
+
+
+def official_vqkd_init(rng: jax.Array, params: dict) -> dict:
+  """Redraws an arch='vit' tokenizer's parameters as BEiT v2's VQKD initialises them.
+
+  microsoft/unilm beit2/modeling_vqkd.py `VQKD.__init__` builds the encoder and the decoder
+  as modeling_finetune.py's `VisionTransformer` (num_classes 0: no head, so init_scale acts on
+  nothing; init_values 0: no layer scale; no relative position bias) and applies
+  `VQKD._init_weights` to the two task layers. `VisionTransformer.__init__` draws pos_embed
+  and cls_token with timm's trunc_normal_(std=.02), applies `_init_weights` (Linear weights
+  trunc_normal_(std=.02), Linear biases 0, LayerNorm weight 1 and bias 0) and then
+  `fix_init_weight` (block i's attn.proj and mlp.fc2 weights divided by sqrt(2 i), i from 1).
+  Neither of the two touches the Conv2d patch embeddings (the encoder's p x p conv from 3
+  channels, the decoder's 1x1 conv from the code dimension): they keep PyTorch's default,
+  kaiming_uniform_(a=sqrt(5)) for the weight and the bias alike U(+-1/sqrt(fan_in)), with
+  fan_in = p p C_in. Hence, leaf by leaf, in both ViTs and both task layers:
+    patch_embed/proj kernel and bias      U(+-1/sqrt(fan_in))
+    cls_token, pos_embed, every kernel    N(0, .02^2), cut at +-2 (timm): qkv, proj, fc1, fc2
+                                          and the task layers' fc1, fc2
+    blockNN attn/proj, mlp/fc2 kernels    that, divided by sqrt(2 (NN + 1))
+    Linear biases, q_bias, v_bias         0 (q_bias, v_bias are torch.zeros parameters)
+    LayerNorm scale, bias                 1, 0 (norm1, norm2 and the final norm)
+    gamma_1, gamma_2, rel_pos_bias        kept (init_values x ones and zeros, as the official)
+    quantizer                             kept ('norm_ema' has its codebook in the state)
+  A parameter no rule names is a ValueError. Every draw of the ViTs' 'beit' init style (cut
+  at +-1 std, a trunc-normal patch embedding) is replaced."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  named = [(path_names(path), x) for path, x in leaves]
+  fan_in = {n[:-1]: x.shape[0] for n, x in named if "patch_embed" in n and n[-1] == "kernel"}
+  out = []
+  for i, (names, x) in enumerate(named):
+    key = jax.random.fold_in(rng, i)
+    leaf = names[-1]
+    kept = names[0] == "quantizer" or leaf in ("gamma_1", "gamma_2") or "rel_pos_bias" in names
+    if kept:
+      pass
+    elif "patch_embed" in names:
+      x = vit.torch_default_uniform(fan_in[names[:-1]])(key, x.shape, x.dtype)
+    elif leaf in ("cls_token", "pos_embed", "kernel", "qkv_kernel"):
+      x = _timm_trunc02(key, x.shape, x.dtype)
+      rescaled = names[-3:-1] in (("attn", "proj"), ("mlp", "fc2"))
+      if rescaled and len(names) >= 4 and names[-4].startswith("block"):    # fix_init_weight
+        x = x / math.sqrt(2.0 * (int(names[-4][len("block"):]) + 1))
+    elif leaf in ("bias", "q_bias", "v_bias", "qkv_bias"):
+      x = jnp.zeros_like(x)
+    elif leaf == "scale":
+      x = jnp.ones_like(x)
+    else:
+      raise ValueError(f"official_vqkd_init has no rule for the parameter {'/'.join(names)}")
+    out.append(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def _palette(num_codes: int) -> np.ndarray:
   """A fixed colour in [0.1, 0.9]^3 per code, for the token-map picture."""
   return np.random.RandomState(0).uniform(0.1, 0.9, (num_codes, 3)).astype(np.float32)
@@ -259,6 +333,14 @@ class Tokenizer(Method):
     if self.pixel_loss not in ("mse", "l1"):
       raise ValueError(f"unknown pixel loss {self.pixel_loss!r}: set config.tokenizer.pixel_loss "
                        f"to 'mse' or 'l1'")
+    self.pixel_space = t.get("pixel_space", "normalized")
+    if self.pixel_space not in ("normalized", "minus_one_one"):
+      raise ValueError(f"unknown pixel space {self.pixel_space!r}: set config.tokenizer.pixel_space "
+                       f"to 'normalized' or 'minus_one_one'")
+    self.use_official_init = bool(t.get("official_init", False))
+    if self.use_official_init and t.arch != "vit":
+      raise ValueError("config.tokenizer.official_init is VQ-KD's ViT initialisation: set "
+                       "config.tokenizer.arch='vit' or config.tokenizer.official_init=False")
     if self.target == "teacher" and self.perceptual_weight:
       raise ValueError("a perceptual loss needs pixel targets: set config.tokenizer.perceptual_weight=0 "
                        "or config.tokenizer.target='pixels'")
@@ -447,6 +529,8 @@ class Tokenizer(Method):
       params["quantizer"] = qp
     codes = jnp.zeros((images.shape[0], self.num_tokens, self.code_dim), jnp.float32)
     params["decoder"] = self.decoder.init(r_dec, codes)["params"]
+    if self.use_official_init:
+      params = official_vqkd_init(jax.random.fold_in(rng, _OFFICIAL_INIT_SALT), params)
     return params
 
   def init_state(self, params):
@@ -475,6 +559,10 @@ class Tokenizer(Method):
       total = rec_loss + qo.loss
     else:
       diff = out - images
+      if self.pixel_space == "minus_one_one":
+        # Both images on VQGAN's [-1, 1] scale, x11 = 2 (x std + mean) - 1: their difference
+        # is the normalised one times 2 std, per channel.
+        diff = diff * (2.0 * jnp.asarray(self.config.input.std, jnp.float32))
       rec_loss = jnp.mean(diff * diff) if self.pixel_loss == "mse" else jnp.mean(jnp.abs(diff))
       total = rec_loss + qo.loss
       if self.perceptual_weight:
@@ -569,6 +657,9 @@ def default_tokenizer_config() -> dict:
                   kl_steps=5_000),
       target="pixels",              # 'pixels' | 'teacher' (VQ-KD)
       pixel_loss="mse",             # 'mse' | 'l1'
+      pixel_space="normalized",     # the pixel loss's scale: 'normalized' (the trainer's mean /
+                                    # std) | 'minus_one_one' (VQGAN's [-1, 1]: PeCo)
+      official_init=False,          # arch 'vit': BEiT v2's VQKD init (official_vqkd_init)
       perceptual_weight=0.0,        # PeCo's perceptual loss (needs a teacher)
       perceptual_layers=(),         # the teacher's blocks, 1-based
       teacher="",                   # workdir of a mim_jax run (VQ-KD target, PeCo features)
