@@ -138,3 +138,15 @@ def test_sown_attention_maps_are_the_ones_the_layer_applies():
   o = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(2, 5, 8)
   o = o @ w["proj"]["kernel"] + w["proj"]["bias"]
   np.testing.assert_allclose(out, o, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_trunc_normal_has_no_weight_at_its_far_bound():
+  """timm's trunc_normal_(std=.02) is in practice N(0, .02^2) (bounds +-2 absolute, 100 std out).
+  jax.random.truncated_normal between such bounds puts its lowest uniform draw on the bound
+  (a -2.0 weight, 100 std out, about once in 2^23 draws: this key and size hit one); the
+  clipped normal does not."""
+  key, n = jax.random.PRNGKey(0), 20_000_000
+  flawed = jax.random.truncated_normal(key, -100.0, 100.0, (n,))
+  assert float(jnp.min(flawed)) < -99.0
+  x = vit.timm_trunc_normal(0.02)(key, (n,))
+  assert float(jnp.max(jnp.abs(x))) < 0.15 and abs(float(jnp.std(x)) - 0.02) < 1e-4

@@ -250,9 +250,8 @@ shape_gradients.defvjp(_shape_fwd, _shape_bwd)
 # ---------------------------------------------------------------------------------------------
 # Head (models/head.py iBOTHead).
 
-def _trunc02(key, shape, dtype=jnp.float32):
-  """utils.trunc_normal_(std=.02) with its default bounds a=-2, b=2 (absolute: +-100 std)."""
-  return jnp.clip(0.02 * jax.random.normal(key, shape, dtype), -2.0, 2.0)
+# utils.trunc_normal_(std=.02) with its default bounds a=-2, b=2 (absolute: +-100 std).
+_trunc02 = vit.timm_trunc_normal(0.02)
 
 
 class WeightNormDense(nn.Module):

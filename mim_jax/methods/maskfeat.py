@@ -40,7 +40,7 @@ from mim_jax.targets import hog
 
 # torch.nn.init.trunc_normal_(std=0.02) keeps its default bounds a=-2, b=2 (absolute), which
 # are +-100 standard deviations: in effect an untruncated N(0, 0.02).
-_NORMAL_02 = vit.trunc_normal(0.02, cutoff=2.0 / 0.02)
+_NORMAL_02 = vit.timm_trunc_normal(0.02)
 
 
 class MaskFeatHead(nn.Module):

@@ -231,13 +231,9 @@ class CodeDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # VQ-KD's official initialisation (config.tokenizer.official_init).
 
-def _timm_trunc02(key, shape, dtype=jnp.float32):
-  """timm's trunc_normal_(std=.02) (timm.models.layers, what beit2's modeling_vqkd.py and
-  modeling_finetune.py import): its default bounds a=-2, b=2 are absolute, +-100 std at .02,
-  so the draw is in practice an uncut N(0, .02^2). Drawn as a clipped normal: between bounds
-  that wide, jax.random.truncated_normal's inverse-CDF draw maps its lowest uniform value
-  (probability 2^-23 per entry) onto the bound itself, a weight of -2."""
-  return jnp.clip(0.02 * jax.random.normal(key, shape, dtype), -2.0, 2.0)
+# timm's trunc_normal_(std=.02), what beit2's modeling_vqkd.py and modeling_finetune.py import
+# (bounds +-2 absolute: in practice an uncut N(0, .02^2); see vit.timm_trunc_normal).
+_timm_trunc02 = vit.timm_trunc_normal(0.02)
 
 
 # Folded into the init key for the redraw, so that the key split of `Tokenizer.init` (and with

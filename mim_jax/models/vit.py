@@ -161,6 +161,16 @@ def trunc_normal(std: float, cutoff: float = 2.0) -> Callable:
   return init
 
 
+def timm_trunc_normal(std: float = 0.02, bound: float = 2.0) -> Callable:
+  """timm's trunc_normal_(std=std) with its default bounds a=-2, b=2, which are absolute: at
+  std .02 they sit 100 std out, so the draw is in practice N(0, std^2). Drawn as a normal
+  clipped at the bounds: `jax.random.truncated_normal` between bounds that wide maps its lowest
+  uniform draw (probability 2^-23 per entry: a few weights of a ViT-B) onto the bound itself."""
+  def init(key, shape, dtype=jnp.float32):
+    return jnp.clip(std * jax.random.normal(key, shape, dtype), -bound, bound)
+  return init
+
+
 def torch_default_uniform(fan_in: int) -> Callable:
   """PyTorch's default Linear/Conv init for biases (and weights): U(-1/sqrt(fan_in), +)."""
   bound = 1.0 / math.sqrt(fan_in)
