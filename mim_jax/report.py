@@ -199,13 +199,15 @@ def _fmt(value: Any) -> str:
   return str(value)
 
 
+def _feature_note(p: dict) -> str:
+  """', feature=...' for features other than the encoder's final ones ('block:N', ...)."""
+  return f", feature={_fmt(p['feature'])}" if p.get("feature") not in (None, "", "final") else ""
+
+
 def _knn_note(p: dict) -> str:
-  extra = ""
-  if p.get("feature") not in (None, "", "final"):
-    extra = f", feature={_fmt(p['feature'])}"
   return (f"kNN: k={_fmt(p['k'])}, T={_fmt(p['temperature'])}, cosine, "
           f"bank={p['bank_size']} {p.get('bank_split', 'train')} images, "
-          f"pooling={p.get('pooling')}{extra}, split={p.get('query_split', 'eval')} "
+          f"pooling={p.get('pooling')}{_feature_note(p)}, split={p.get('query_split', 'eval')} "
           f"({p['num_queries']} held-out)")
 
 
@@ -213,7 +215,7 @@ def _linear_note(p: dict) -> str:
   return (f"linear probe: {p['optimizer']}, lr {_fmt(p['lr'])} (base {_fmt(p['base_lr'])}), "
           f"{p['epochs']} epochs ({p.get('warmup_epochs', 0)} warm-up), batch {p['batch_size']}, "
           f"wd {_fmt(p.get('weight_decay', 0.0))}, BatchNorm on frozen features, "
-          f"pooling={p.get('pooling')}, fit on {p['num_train']} train images, "
+          f"pooling={p.get('pooling')}{_feature_note(p)}, fit on {p['num_train']} train images, "
           f"split=eval ({p['num_eval']} held-out)")
 
 
