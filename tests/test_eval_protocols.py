@@ -187,7 +187,7 @@ def test_knn_block_feature_equals_hand_taken_layer(tmp_path):
       100.0 * np.mean(hand_final.argmax(1) == data.labels["eval"]))
   with pytest.raises(ValueError, match="block:0 .. block:2"):
     evaluators.build("knn", dict(cfg, feature="block:3")).run(data.ctx(4))
-  with pytest.raises(ValueError, match="'final' or 'block:N'"):
+  with pytest.raises(ValueError, match="use 'final', 'block:N'"):
     evaluators.build("knn", dict(cfg, feature="layer3")).run(data.ctx(4))
 
 
