@@ -70,7 +70,13 @@ def _config_module(method: str, config_dir: str = ""):
     raise FileNotFoundError(
         f"{path} not found: name one of the configs in {d} ({', '.join(known) or 'none there'}), "
         f"or point config_dir (--config_dir) at a checkout's configs/ folder")
-  spec = importlib.util.spec_from_file_location(f"mim_jax_config_{method}", path)
+  return config_module(path)
+
+
+def config_module(path: str):
+  """The config file at `path`, executed as a module (its get_config, PRESETS)."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"mim_jax_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

@@ -61,7 +61,7 @@ def _overrides(args: list[str]) -> list[str]:
 
 def _load_config_file(spec: str):
   """get_config(preset) of `spec` = PATH[:preset], the checks of the flag, one-line errors."""
-  import importlib.util
+  from mim_jax import config_lib
   path, preset = spec, ""
   head, sep, tail = spec.rpartition(":")
   if sep and head.endswith(".py") and "/" not in tail:
@@ -72,9 +72,7 @@ def _load_config_file(spec: str):
     where = f"the configs in {folder}: {', '.join(known)}" if known else (
         "a file such as configs/simmim.py (run from the checkout, or give its path)")
     raise DoorError(f"--config={spec}: {path} does not exist; name one of {where}")
-  module_spec = importlib.util.spec_from_file_location("mim_jax_door_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = config_lib.config_module(path)
   try:
     return module.get_config(preset or None)
   except ValueError as e:

@@ -235,15 +235,10 @@ def encoder_variables(run: FrozenRun, which: str = "online") -> dict:
   """The Flax variables of a frozen run's encoder: its parameters ('online', or its EMA
   encoder for 'ema') with their non-param collections (a ResNet teacher's BatchNorm running
   statistics, read at evaluation mode), as `teacher.method.encoder.apply` takes them."""
-  state = run.method_state or {}
-  if which == "ema":
-    if "ema_encoder" not in state:
-      raise TrainingError("the teacher run has no EMA encoder: use its online encoder")
-    out, cols = {"params": state["ema_encoder"]}, state.get("ema_collections", {})
-  else:
-    out, cols = {"params": run.params["encoder"]}, state.get("collections", {})
-  out.update({col: tree["encoder"] for col, tree in cols.items() if "encoder" in tree})
-  return out
+  encoders = run.method.encoder_variables(run.params, run.method_state or {})
+  if which not in encoders:
+    raise TrainingError(f"the teacher run has no {which} encoder: use one of {sorted(encoders)}")
+  return encoders[which]
 
 
 def renormalize(images, config, teacher_config):

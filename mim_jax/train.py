@@ -80,6 +80,11 @@ def batch_fields(method, batch: dict) -> dict:
   return fields
 
 
+def split_adversary(tree: dict, keys) -> tuple[dict, dict]:
+  """(the main optimiser's entries, the adversary's entries `keys`) of a top-level tree."""
+  return ({k: v for k, v in tree.items() if k not in keys}, {k: tree[k] for k in keys})
+
+
 def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_accum: int,
                     adversary_tx=None):
   """The pure step (state, batch) -> (state, metrics); the trainer jits it with shardings.
@@ -141,7 +146,7 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
     def adv_loss(adv, ms, x, f, r, st):
       loss, aux = method.adversary_loss({**params, **adv}, ms, x, r, st, **f)
       return loss, _split_aux(aux)
-    adv = {k: params[k] for k in adv_keys}
+    _, adv = split_adversary(params, adv_keys)
     g = jax.value_and_grad(adv_loss, has_aux=True)
     loss, aux, _, _, cols, grads = accumulate(g, adv, mstate, images, fields, rng, step)
     updates, opt_state = adversary_tx.update(grads, state["adversary_opt_state"], adv)
@@ -177,11 +182,9 @@ def make_train_step(method, tx, schedule, input_cfg, on_device_aug: bool, grad_a
     # output) come back in aux under 'state_stats'; with gradient accumulation they are the
     # mean over the micro-batches, like the loss.
     mstate = merge_collections(mstate, cols)
-    if adv_keys:   # the main optimiser owns the other parameters only
-      main = {k: v for k, v in params.items() if k not in adv_keys}
-      grads = {k: v for k, v in grads.items() if k not in adv_keys}
-    else:
-      main = params
+    # The main optimiser owns the other parameters only.
+    main, _ = split_adversary(params, adv_keys)
+    grads, _ = split_adversary(grads, adv_keys)
     with jax.named_scope("optimizer"):
       updates, opt_state = tx.update(grads, state["opt_state"], main)
       params = {**params, **optax.apply_updates(main, updates)}
@@ -211,7 +214,7 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
   # so one optimiser built from their shapes serves both the initial state and the step.
   param_shapes = jax.eval_shape(method.init_variables, prng, dummy)["params"]
   adv_keys = tuple(getattr(method, "adversary_keys", ()) or ())
-  main_shapes = {k: v for k, v in param_shapes.items() if k not in adv_keys}
+  main_shapes, adv_shapes = split_adversary(param_shapes, adv_keys)
   spe = max(1, steps_per_epoch)
   try:
     tx = optim.make_optimizer(config.optim, schedule, method.decay_mask(main_shapes), total_steps,
@@ -220,9 +223,8 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
     if adv_keys:
       adv_cfg = method.adversary_optim_config()
       adv_schedule = optim.make_schedule(adv_cfg, config.input.batch_size, spe, total_steps or 0)
-      adversary_tx = optim.make_optimizer(
-          adv_cfg, adv_schedule, method.decay_mask({k: param_shapes[k] for k in adv_keys}),
-          total_steps, steps_per_epoch=spe)
+      adversary_tx = optim.make_optimizer(adv_cfg, adv_schedule, method.decay_mask(adv_shapes),
+                                          total_steps, steps_per_epoch=spe)
   except ValueError as e:
     raise TrainingError(str(e)) from None
 
@@ -236,11 +238,11 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
     params = variables["params"]
     mstate = {**method.initial_state(variables),
               **jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), external)}
-    state = dict(step=jnp.zeros((), jnp.int32), params=params,
-                 opt_state=tx.init({k: v for k, v in params.items() if k not in adv_keys}),
+    main, adv = split_adversary(params, adv_keys)
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(main),
                  method_state=mstate, rng=srng)
     if adv_keys:
-      state["adversary_opt_state"] = adversary_tx.init({k: params[k] for k in adv_keys})
+      state["adversary_opt_state"] = adversary_tx.init(adv)
     return state
 
   shapes = jax.eval_shape(init_fn, prng, srng)
@@ -361,9 +363,12 @@ class Trainer:
     chunk = int(math.ceil(256 / ndev) * ndev)
     rep = sharding.replicated(mesh)
     prep = lambda x: method.eval_preprocess(x, cfg.input)  # noqa: E731
-    feat_fn = jax.jit(lambda p, s, x: method.features(p, s, prep(x)),
-                      in_shardings=(self.state_shardings["params"], self.state_shardings["method_state"],
-                                    self.batch_sharding), out_shardings=rep)
+
+    def jit_eval(fn):
+      return jax.jit(fn, in_shardings=(self.state_shardings["params"], self.state_shardings["method_state"],
+                                       self.batch_sharding), out_shardings=rep)
+
+    feat_fn = jit_eval(lambda p, s, x: method.features(p, s, prep(x)))
     params, mstate = self.state["params"], self.state["method_state"]
 
     def run_padded(fn, images):
@@ -374,10 +379,6 @@ class Trainer:
 
     def encode(images):
       return run_padded(lambda x: feat_fn(params, mstate, x), images)
-
-    def jit_eval(fn):
-      return jax.jit(fn, in_shardings=(self.state_shardings["params"], self.state_shardings["method_state"],
-                                       self.batch_sharding), out_shardings=rep)
 
     layer_fns, token_fn, loss_fns = {}, [], {}
 
@@ -563,10 +564,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         raise Preempted(step, ckpt.directory)
       if config.eval_every and step % config.eval_every == 0 and step < tr.total_steps:
         res = tr.evaluate(workdir)
+        flat = _flat_numbers(res)
         if bar is not None:
-          bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in
-                                                 sorted(_flat_numbers(res).items())))
-        writer.write({"step": step, "eval": _flat_numbers(res)})
+          bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(flat.items())))
+        writer.write({"step": step, "eval": flat})
         writer.eval_results(step, res)
   except BaseException:
     writer.close()

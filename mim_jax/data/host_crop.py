@@ -58,12 +58,19 @@ class HostRandomResizedCropFlip:
     self.hflip = bool(hflip)
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image = element["image"]
-    box = sample_crop_box_np(rng, image.shape[0], image.shape[1], self.scale, self.ratio)
-    out = _resize_box(image, box, self.size)
-    if self.hflip and rng.uniform() < 0.5:
-      out = np.ascontiguousarray(out[:, ::-1])
-    return {**element, "image": out}
+    return {**element, "image": crop_flip(element["image"], rng, self.size, self.scale,
+                                          self.ratio, self.hflip)}
+
+
+def crop_flip(image: np.ndarray, rng: np.random.Generator, size: int, scale: Sequence[float],
+              ratio: Sequence[float], hflip: bool) -> np.ndarray:
+  """One RandomResizedCrop (`sample_crop_box_np`, bicubic) of a decoded image to size x size,
+  then a horizontal flip with probability 1/2 when `hflip`: the draws in that order."""
+  out = _resize_box(image, sample_crop_box_np(rng, image.shape[0], image.shape[1], scale, ratio),
+                    size)
+  if hflip and rng.uniform() < 0.5:
+    out = np.ascontiguousarray(out[:, ::-1])
+  return out
 
 
 _JPEG_REDUCTIONS = (8, 4, 2)
@@ -256,14 +263,7 @@ class HostMultiCrop:
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     image = element["image"]
-    views = {}
-    for spec in self.specs:
-      crops = []
-      for _ in range(spec.count):
-        box = sample_crop_box_np(rng, image.shape[0], image.shape[1], spec.scale, spec.ratio)
-        out = _resize_box(image, box, spec.size)
-        if spec.hflip and rng.uniform() < 0.5:
-          out = np.ascontiguousarray(out[:, ::-1])
-        crops.append(out)
-      views[spec.name] = np.stack(crops)
+    views = {spec.name: np.stack([crop_flip(image, rng, spec.size, spec.scale, spec.ratio,
+                                            spec.hflip) for _ in range(spec.count)])
+             for spec in self.specs}
     return {**element, "image": views}

@@ -57,6 +57,13 @@ def cosine_momentum(step, total_steps: int, base: float, final: float = 1.0) -> 
   return final + 0.5 * (base - final) * (1.0 + jnp.cos(jnp.pi * s / max(int(total_steps), 1)))
 
 
+def module_entries(collections: Optional[dict], name: str) -> dict:
+  """{collection: tree[name]} of the collections ({'batch_stats': {module: tree}}) that hold
+  an entry for module `name`: its non-param Flax variables."""
+  return {col: tree[name] for col, tree in (collections or {}).items()
+          if isinstance(tree, dict) and name in tree}
+
+
 def path_names(path) -> tuple[str, ...]:
   return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
 
@@ -182,8 +189,8 @@ class Method:
     if collections:
       state["collections"] = collections
       if "ema_encoder" in state:
-        ema = {k: {"encoder": jax.tree.map(jnp.copy, v["encoder"])}
-               for k, v in collections.items() if "encoder" in v}
+        ema = {k: {"encoder": jax.tree.map(jnp.copy, t)}
+               for k, t in module_entries(collections, "encoder").items()}
         if ema:
           state["ema_collections"] = ema
     return state
@@ -214,11 +221,7 @@ class Method:
   def variables(params: PyTree, state: PyTree, name: str = "encoder") -> dict:
     """The Flax variables of the trained module `name`: {'params': params[name]} plus its
     entry of every collection in state['collections'] (BatchNorm's 'batch_stats')."""
-    out = {"params": params[name]}
-    for col, tree in (state or {}).get("collections", {}).items():
-      if name in tree:
-        out[col] = tree[name]
-    return out
+    return {"params": params[name], **module_entries((state or {}).get("collections"), name)}
 
   def features(self, params: PyTree, state: PyTree, images: jax.Array) -> dict[str, jax.Array]:
     """Pooled, frozen-encoder features of un-masked images, for kNN and the linear probe."""
@@ -242,15 +245,9 @@ class Method:
   def encoder_variables(self, params: PyTree, state: PyTree) -> dict[str, dict]:
     """`_encoders` as Flax variables: the online encoder with its collections, the EMA with
     the EMA of them, any other encoder (a teacher) with its parameters."""
-    out = {}
-    for name, p in self._encoders(params, state).items():
-      v = {"params": p}
-      source = {"online": "collections", "ema": "ema_collections"}.get(name)
-      for col, tree in (state or {}).get(source, {}).items() if source else ():
-        if "encoder" in tree:
-          v[col] = tree["encoder"]
-      out[name] = v
-    return out
+    sources = {"online": "collections", "ema": "ema_collections"}
+    return {name: {"params": p, **module_entries((state or {}).get(sources.get(name, "")), "encoder")}
+            for name, p in self._encoders(params, state).items()}
 
   def layer_features(self, params: PyTree, state: PyTree, images: jax.Array,
                      pooling: str) -> dict[str, list]:

@@ -48,7 +48,7 @@ from mim_jax import config_lib, models
 from mim_jax.checkpointing import CheckpointMismatchError
 from mim_jax.errors import TrainingError
 from mim_jax.data import finetune_aug
-from mim_jax.methods.base import Method
+from mim_jax.methods.base import Method, module_entries
 from mim_jax.models import vit
 
 
@@ -157,8 +157,7 @@ def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int
     # The encoder's other collections (BatchNorm statistics), online or EMA.
     mstate = saved.get("method_state", {}) if isinstance(saved.get("method_state"), dict) else {}
     col_key = {"online": "collections", "ema": "ema_collections"}[which]
-    cols = {c: t["encoder"] for c, t in (mstate.get(col_key) or {}).items()
-            if isinstance(t, dict) and "encoder" in t}
+    cols = module_entries(mstate.get(col_key), "encoder")
     if cols:
       item.setdefault("method_state", {})[col_key] = {c: {"encoder": shapes(t)} for c, t in cols.items()}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)

@@ -374,20 +374,28 @@ def outputs(model: ResNet, variables, images, *, pooling: str, layers: bool = Fa
   when the model has a head; `pooling` 'mean' or 'avg'), 'stride' (32, or 8 with the CIFAR
   stem), 'grid' (h, w), and with `layers` the global average pool of each stage's output,
   layer1 first, the last being 'pooled'."""
-  if pooling not in POOLINGS:
-    raise ValueError(f"pooling={pooling!r}: a ResNet pools with 'mean' (the global average pool)")
+  _check_pooling(pooling)
   if layers:
     fmap, state = model.apply(variables, images, features_only=True, mutable=["intermediates"])
     stages = list(state["intermediates"]["stage_outputs"])
   else:
     fmap = model.apply(variables, images, features_only=True)
-  b, h, w, c = fmap.shape
-  pooled = global_pool(fmap)
-  out = {"tokens": fmap.reshape(b, h * w, c).astype(jnp.float32), "pooled": pooled,
-         "stride": model.stride, "grid": (h, w)}
+  out = _named(model, fmap)
   if layers:
-    out["layers"] = [global_pool(s) for s in stages[:-1]] + [pooled]
+    out["layers"] = [global_pool(s) for s in stages[:-1]] + [out["pooled"]]
   return out
+
+
+def _check_pooling(pooling: str) -> None:
+  if pooling not in POOLINGS:
+    raise ValueError(f"pooling={pooling!r}: a ResNet pools with 'mean' (the global average pool)")
+
+
+def _named(model: ResNet, fmap: jax.Array) -> dict:
+  """'tokens', 'pooled', 'stride', 'grid' of the last feature map [B, h, w, C]."""
+  b, h, w, c = fmap.shape
+  return {"tokens": fmap.reshape(b, h * w, c).astype(jnp.float32), "pooled": global_pool(fmap),
+          "stride": model.stride, "grid": (h, w)}
 
 
 def forward(model: ResNet, variables, images, *, train: bool, rng=None,
@@ -396,16 +404,13 @@ def forward(model: ResNet, variables, images, *, train: bool, rng=None,
   'stride', 'grid' as `outputs`; the BatchNorm statistics updated by a training-mode pass,
   {'batch_stats': ...}, or {} in evaluation). `rng` is unused (no dropout)."""
   del rng
-  if pooling not in POOLINGS:
-    raise ValueError(f"pooling={pooling!r}: a ResNet pools with 'mean' (the global average pool)")
+  _check_pooling(pooling)
   if train:
     fmap, new = model.apply(variables, images, train=True, features_only=True,
                             mutable=["batch_stats"])
   else:
     fmap, new = model.apply(variables, images, features_only=True), {}
-  b, h, w, c = fmap.shape
-  return ({"tokens": fmap.reshape(b, h * w, c).astype(jnp.float32), "pooled": global_pool(fmap),
-           "stride": model.stride, "grid": (h, w)}, dict(new))
+  return _named(model, fmap), dict(new)
 
 
 def param_count(model: ResNet, image_size: int = 32) -> int:

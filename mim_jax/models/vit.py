@@ -861,10 +861,8 @@ def outputs(model: ViT, variables, images, *, pooling: str, layers: bool = False
     blocks = list(inter["intermediates"]["encoder"]["block_outputs"])
   else:
     tokens = model.apply(variables, images)
-  pooled = pool(tokens, pooling).astype(jnp.float32)
-  p = model.patch_size
-  out = {"tokens": tokens.astype(jnp.float32), "pooled": pooled, "stride": p,
-         "grid": (images.shape[1] // p, images.shape[2] // p)}
+  out = _named(model, tokens, images, pooling)
+  pooled = out["pooled"]
   if layers:
     if model.class_attention_layers:
       out["layers"] = [t.mean(axis=1).astype(jnp.float32) for t in blocks] + [pooled]
@@ -886,9 +884,14 @@ def forward(model: ViT, variables, images, *, train: bool, rng=None,
   In training, `rng` drives drop path (needed when model.drop_path > 0)."""
   rngs = {"dropout": rng} if train and rng is not None else None
   tokens = model.apply(variables, images, deterministic=not train, rngs=rngs)
+  return _named(model, tokens, images, pooling), {}
+
+
+def _named(model: ViT, tokens: jax.Array, images: jax.Array, pooling: str) -> dict:
+  """'tokens', 'pooled', 'stride', 'grid' of the final-norm tokens."""
   p = model.patch_size
-  return ({"tokens": tokens.astype(jnp.float32), "pooled": pool(tokens, pooling).astype(jnp.float32),
-           "stride": p, "grid": (images.shape[1] // p, images.shape[2] // p)}, {})
+  return {"tokens": tokens.astype(jnp.float32), "pooled": pool(tokens, pooling).astype(jnp.float32),
+          "stride": p, "grid": (images.shape[1] // p, images.shape[2] // p)}
 
 
 def summary(model_cfg, image_size: int) -> str:
