@@ -273,6 +273,49 @@ def cpu_preset(c: ml_collections.ConfigDict, preset: str, *, epochs: tuple[float
   c.ckpt_every = ckpt_every[i]
 
 
+def joint_embedding_preset(c: ml_collections.ConfigDict, preset: str, *,
+                           epochs: tuple[float, float] = (10, 15),
+                           batch: tuple[int, int] = (128, 256)) -> None:
+  """The CPU presets of the joint-embedding methods ('', 'cifar10'; see `cpu_preset`): a
+  ResNet-18 with the CIFAR stem (3x3 conv, no max-pool) at width 0.25 / 0.5 (16 / 32 stem
+  channels), 32 px, mean-pooled, and kNN at k=200, T=0.1 (`knn_200`, the protocol lightly
+  and solo-learn publish) beside mim_jax's k=20, T=0.07.
+  preset 'cifar10_full': lightly's CIFAR-10 benchmark setting, for a GPU: the full-width
+  ResNet-18 (CIFAR stem), batch 512, 200 epochs, the held-out split as 'cifar10'."""
+  from mim_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  full = preset == "cifar10_full"
+  cpu_preset(c, "cifar10" if full else preset, epochs=epochs, batch=batch, pixels=False)
+  c.model = resnet.default_config(depth=18, stem="cifar",
+                                  width={"default": 0.25, "cifar10": 0.5}.get(preset, 1.0))
+  c.pooling = "mean"
+  if full:
+    c.input.batch_size = 512
+    c.total_epochs = 200
+    c.log_every, c.ckpt_every = 50, 2000
+  knn_200(c)
+
+
+def joint_embedding_imagenet(c: ml_collections.ConfigDict, *, batch_size: int,
+                             total_epochs: int, depth: int = 50) -> None:
+  """`imagenet_preset` with a torchvision ResNet (50 by default, bf16 compute) and
+  mean-pooled features; kNN at k=200, T=0.1 beside k=20."""
+  from mim_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  imagenet_preset(c, batch_size=batch_size, variant="base", total_epochs=total_epochs)
+  c.model = resnet.default_config(depth=depth, dtype="bfloat16")
+  c.pooling = "mean"
+  for name in c.evals:
+    if "pooling" in c.evals[name]:
+      c.evals[name].pooling = "mean"
+  c.evals.reconstruction.enabled = False
+  knn_200(c)
+
+
+def knn_200(c: ml_collections.ConfigDict) -> None:
+  """Adds `knn_200` to config.evals: the kNN of `knn` at k=200, T=0.1 (InstDisc's protocol as
+  lightly's and solo-learn's benchmarks run it)."""
+  c.evals.knn_200 = ml_collections.ConfigDict(dict(c.evals.knn.to_dict(), k=200, temperature=0.1))
+
+
 def imagenet_preset(c: ml_collections.ConfigDict, *, batch_size: int, variant: str,
                     total_epochs: int) -> None:
   """The shared part of the ImageNet-1k presets: tfds imagenet2012 streamed through grain

@@ -11,7 +11,7 @@ import shutil
 import jax
 import pytest
 
-from helpers import ROOT, losses, tiny_config
+from helpers import ROOT, load_config, losses, tiny_config
 from mim_jax import config_lib, methods, teachers, train
 
 CONFIG_DIR = str(ROOT / "configs")
@@ -37,6 +37,13 @@ def teacher_run(tmp_path_factory):
 
 
 def shrink(config_name: str, teacher: str):
+  if config_lib.load(config_name, "", CONFIG_DIR).model.get("name") == "resnet":
+    from je_helpers import tiny_je_config   # the joint-embedding methods' tiny ResNet
+    c = tiny_je_config(config_name)
+    c.input.batch_size = 8
+    c.total_steps, c.ckpt_every, c.log_every, c.keep_ckpts = 2, 1, 1, 3
+    c.evals = {}
+    return c
   c = tiny_config(config_name)
   c.model.depth = 1
   c.input.batch_size = 8
@@ -81,4 +88,4 @@ def test_every_method_trains_resumes_and_names_its_model(method, teacher_run, tm
   assert sorted(got) == [2] and got[2] == want[2], (method, got, want)
   d = methods.get(c).describe()
   assert d["method"] == method
-  assert d["model"]["name"] == c.model.name == "vit"
+  assert d["model"]["name"] == c.model.name == load_config(config_for(method)).model.name

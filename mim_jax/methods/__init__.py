@@ -21,6 +21,7 @@ REGISTRY = {
     "pcae": "mim_jax.methods.pcae:PCAE",
     "extrema": "mim_jax.methods.extrema:ExtreMA",
     "tinymim": "mim_jax.methods.tinymim:TinyMIM",
+    "simclr": "mim_jax.methods.simclr:SimCLR",
 }
 
 
@@ -28,7 +29,8 @@ REGISTRY = {
 TITLES = {"mae": "MAE", "simmim": "SimMIM", "finetune": "fine-tune", "maskfeat": "MaskFeat",
           "tokenizer": "tokenizer", "beit": "BEiT", "cae": "CAE", "ibot": "iBOT",
           "data2vec": "data2vec", "deepmim": "DeepMIM", "feature_mim": "teacher-feature MIM",
-          "tinymim": "TinyMIM", "latent_mim": "Latent MIM", "pcae": "PCAE", "extrema": "ExtreMA"}
+          "tinymim": "TinyMIM", "latent_mim": "Latent MIM", "pcae": "PCAE", "extrema": "ExtreMA",
+          "simclr": "SimCLR"}
 
 
 def get(config):

@@ -109,14 +109,15 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   groups: int = 1
   scale_init: Callable = nn.initializers.ones
+  # affine=False (torch) is use_scale=use_bias=False; TF's center=False is use_bias=False.
+  use_scale: bool = True
+  use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
-    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
     running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (c,), stats_dtype)
     running_var = self.variable("batch_stats", "running_var", jnp.ones, (c,), stats_dtype)
@@ -143,7 +144,10 @@ class BatchNorm(nn.Module):
         running_var.value = (1 - m) * running_var.value + m * batch_var
     else:
       y = (xf - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon)
-    y = y * scale.astype(xf.dtype) + bias.astype(xf.dtype)
+    if self.use_scale:
+      y = y * self.param("scale", self.scale_init, (c,), self.param_dtype).astype(xf.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(xf.dtype)
     return y.astype(self.dtype)
 
 
