@@ -52,13 +52,15 @@ def test_no_gradient_reaches_the_teacher_and_constant_inputs_are_flagged(method)
   c = tiny_je_config(method)
   m, params, state, views = method_and_state(c)
   rng = jax.random.PRNGKey(3)
+  fields = {"index": jnp.arange(8, dtype=jnp.int32)} if "index" in m.batch_fields else {}
   if "teacher" in state:
-    g = jax.grad(lambda s: m.loss(params, s, views, rng, jnp.int32(0))[0], allow_int=True)(state)
+    g = jax.grad(lambda s: m.loss(params, s, views, rng, jnp.int32(0), **fields)[0],
+                 allow_int=True)(state)
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g["teacher"]))
-  _, aux = m.loss(params, state, views, rng, jnp.int32(0))
+  _, aux = m.loss(params, state, views, rng, jnp.int32(0), **fields)
   assert float(aux["collapsed"]) == 0.0, aux["collapse_ratio"]
   const = jax.tree.map(jnp.zeros_like, views)
-  _, aux = m.loss(params, state, const, rng, jnp.int32(0))
+  _, aux = m.loss(params, state, const, rng, jnp.int32(0), **fields)
   assert float(aux["collapsed"]) == 1.0 and float(aux["collapse_std"]) < 1e-3, aux["collapse_std"]
 
 
