@@ -234,6 +234,14 @@ class JointEmbedding(Method):
       state = {**state, "teacher": ema_update(state["teacher"], online, m)}
     return state
 
+  def decay_mask(self, params):
+    """The base mask (no decay on 1-D parameters: LARS methods exclude biases and BatchNorm),
+    or every parameter with config.<name>.decay_all (PyTorch SGD's weight_decay, as the
+    official MoCo v1/v2, SimSiam and InstDisc apply it)."""
+    if bool(self.c.get("decay_all", False)):
+      return jax.tree.map(lambda _: True, params)
+    return super().decay_mask(params)
+
   # -- forward --------------------------------------------------------------------------------
   def embed(self, params: PyTree, collections: Optional[dict], images: jax.Array, *,
             heads: Sequence[str], train: bool = True, rng=None) -> tuple[dict, dict]:
