@@ -351,11 +351,11 @@ def test_ablation_runner_dry_run_gives_valid_commands(tmp_path, capsys):
   lines = [l for l in capsys.readouterr().out.splitlines() if "mim_jax.main" in l]
   # The six rows that restate the recipe (momentum target, PatchDisc, ratio 0.9 gap 1,
   # cross-attention with cues, MLP head, depth 3) are one run, in <root>/recipe.
-  recipe_rows = [(t, r.label) for t, rows in ab.TABLES.items() for r in rows if ab.is_recipe(r)]
+  recipe_rows = [(t, r.label) for t, tab in ab.TABLES.items() for r in tab.rows if ab.is_recipe(r)]
   assert recipe_rows == [("target", "momentum (EMA) target"), ("loss", "PatchDisc"),
                          ("masking", "ratio 0.9, gap 1"), ("decoder", "cross-attention, visual cues"),
                          ("decoder", "MLP projection head"), ("decoder", "decoder depth 3")]
-  assert len(lines) == sum(len(rows) for rows in ab.TABLES.values()) - 5
+  assert len(lines) == sum(len(tab.rows) for tab in ab.TABLES.values()) - 5
   assert sum(f"--workdir={tmp_path / 'recipe'} " in l for l in lines) == 1
   for line in lines:
     assert "--config=configs/latent_mim.py:cifar10" in line and "--config.total_steps=5" in line
@@ -374,7 +374,7 @@ def test_ablation_runner_dry_run_gives_valid_commands(tmp_path, capsys):
   for table in ab.TABLES:
     assert os.path.exists(tmp_path / f"{table}.md")
   # A finished row is read back into its table and skipped.
-  row = ab.TABLES["target"][0]
+  row = ab.TABLES["target"].rows[0]
   wd = ab.workdir(str(tmp_path), "target", row)
   os.makedirs(wd)
   with open(os.path.join(wd, "metrics.jsonl"), "w") as f:

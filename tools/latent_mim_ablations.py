@@ -28,25 +28,16 @@ The gap is in pixels (the official code); at 32 px with 4-pixel patches 1 pixel 
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import json
 import os
-import re
-import subprocess
 import sys
-from typing import NamedTuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ablations import Row, Table  # noqa: E402  pylint: disable=g-import-not-at-top
+import ablations  # noqa: E402  pylint: disable=g-import-not-at-top
+
 BASE_CONFIG = "configs/latent_mim.py:cifar10"
 
-
-class Row(NamedTuple):
-  label: str
-  overrides: dict
-
-
-TABLES = {
+ROWS = {
     # 1. Target encoder (collapse study).
     "target": [
         Row("naive (shared, gradients through both)", {"latent_mim.target": "naive"}),
@@ -94,128 +85,20 @@ TABLES = {
         Row("decoder depth 8", {"latent_mim.decoder.depth": 8}),
     ],
 }
-
-
-def slug(label: str) -> str:
-  return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-
-
-@functools.lru_cache(maxsize=None)
-def recipe():
-  """configs/latent_mim.py:cifar10, the config every row starts from (read once: every
-  workdir() and table line asks)."""
-  from mim_jax import config_lib
-  return config_lib.load("latent_mim", BASE_CONFIG.split(":")[1], os.path.join(ROOT, "configs"))
-
-
-def _value(config, key: str):
-  for part in key.split("."):
-    config = config[part]
-  return config
+TABLES = {name: Table(f"Latent MIM ablation: {name}", BASE_CONFIG, rows)
+          for name, rows in ROWS.items()}
 
 
 def is_recipe(row: Row) -> bool:
-  """Whether the row's overrides only restate the recipe's values (the same run)."""
-  base = recipe()
-  return all(_value(base, k) == v for k, v in row.overrides.items())
+  return ablations.is_recipe(TABLES["target"], row)
 
 
 def workdir(root: str, table: str, row: Row) -> str:
-  if is_recipe(row):
-    return os.path.join(root, "recipe")
-  return os.path.join(root, f"{table}_{slug(row.label)}")
-
-
-def command(table: str, row: Row, root: str, data: str, steps: int = 0,
-            batch: int = 0) -> list[str]:
-  cmd = [sys.executable, "-m", "mim_jax.main", f"--config={BASE_CONFIG}",
-         f"--workdir={workdir(root, table, row)}", f"--config.input.data.dir={data}"]
-  if steps:
-    cmd.append(f"--config.total_steps={int(steps)}")
-  if batch:      # the learning rate follows: base_lr is per 256 images
-    cmd.append(f"--config.input.batch_size={int(batch)}")
-  cmd += [f"--config.{k}={v}" for k, v in row.overrides.items()]
-  return cmd
-
-
-def records(wd: str) -> list[dict]:
-  path = os.path.join(wd, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def finished(wd: str) -> bool:
-  return any("summary" in r for r in records(wd))
-
-
-def _metric(summary: dict, evaluator: str):
-  for key in (f"{evaluator}/online/top1", f"{evaluator}/top1"):
-    if key in summary:
-      return summary[key]
-  hits = [v for k, v in summary.items() if k.startswith(evaluator + "/") and k.endswith("/top1")]
-  return hits[0] if hits else None
-
-
-def row_results(wd: str) -> dict:
-  """{'sim', 'knn', 'linear'} of a run (None where missing)."""
-  recs = records(wd)
-  sims = [r["aux/sim"] for r in recs if "aux/sim" in r]
-  summary = next((r["summary"] for r in reversed(recs) if "summary" in r), {})
-  return {"sim": sims[-1] if sims else None, "knn": _metric(summary, "knn"),
-          "linear": _metric(summary, "linear")}
-
-
-def markdown(table: str, root: str) -> str:
-  fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-  lines = [f"## Latent MIM ablation: {table}", "",
-           f"configs/latent_mim.py:cifar10 + the row's overrides; workdirs {root}/{table}_* and "
-           f"{root}/recipe.", "",
-           "| row | overrides | Sim | kNN top-1 | linear top-1 |", "|---|---|---|---|---|"]
-  for row in TABLES[table]:
-    r = row_results(workdir(root, table, row))
-    ov = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in row.overrides.items())
-    ov += " (the recipe)" if is_recipe(row) else ""
-    lines.append(f"| {row.label} | {ov} | {fmt(r['sim'], '.2f')} | {fmt(r['knn'], '.1f')} | "
-                 f"{fmt(r['linear'], '.1f')} |")
-  return "\n".join(lines) + "\n"
+  return ablations.workdir(root, table, TABLES[table], row)
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--table", default="all", choices=sorted(TABLES) + ["all"])
-  parser.add_argument("--workdir_root", default="runs/latent_mim")
-  parser.add_argument("--data", default="../shared/data/cifar10/train",
-                      help="the CIFAR-10 image folder (config.input.data.dir)")
-  parser.add_argument("--steps", type=int, default=0, help="config.total_steps (0: the preset's)")
-  parser.add_argument("--batch", type=int, default=0,
-                      help="config.input.batch_size (0: the preset's; the lr scales with it)")
-  parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-  args = parser.parse_args(argv)
-  tables = sorted(TABLES) if args.table == "all" else [args.table]
-  # The runs start in the repository root: make the caller's relative paths absolute.
-  args.workdir_root, args.data = os.path.abspath(args.workdir_root), os.path.abspath(args.data)
-  os.makedirs(args.workdir_root, exist_ok=True)
-  started = set()
-  for table in tables:
-    for row in TABLES[table]:
-      wd = workdir(args.workdir_root, table, row)
-      cmd = command(table, row, args.workdir_root, args.data, args.steps, args.batch)
-      if wd in started:                 # the recipe, already run (or printed) above
-        continue
-      started.add(wd)
-      if finished(wd):
-        print(f"# done, skipped: {wd}")
-        continue
-      print(" ".join(cmd), flush=True)
-      if not args.dry_run:
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    out = os.path.join(args.workdir_root, f"{table}.md")
-    with open(out, "w") as f:
-      f.write(markdown(table, args.workdir_root))
-    print(f"# wrote {out}")
-  return 0
+  return ablations.main(TABLES, argv, __doc__.split("\n\n")[0], "runs/latent_mim")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""tools/joint_embedding_tables.py: every row of every seed table is a command whose overrides
+are declared keys of the method's cifar10 preset and build the method; recipe rows share one
+run; finished rows are read back into the table."""
+import importlib.util
+import os
+
+from helpers import ROOT, load_config
+from mim_jax import methods
+
+
+def _tool():
+  spec = importlib.util.spec_from_file_location("joint_embedding_tables",
+                                                ROOT / "tools" / "joint_embedding_tables.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _apply(config, key, value):
+  node = config
+  *path, last = key.split(".")
+  for part in path:
+    node = node[part]
+  assert last in node, key                                    # a declared key
+  old = node[last]
+  node[last] = (value == "True") if isinstance(old, bool) else type(old)(value)
+
+
+def test_every_row_is_a_valid_override_and_recipes_are_shared(tmp_path, capsys):
+  tool = _tool()
+  assert tool.main(["--table", "all", "--workdir_root", str(tmp_path), "--data", "/data/c10",
+                    "--steps", "3", "--dry_run"]) == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if "mim_jax.main" in l]
+  rows = [(name, t, r) for name, t in tool.TABLES.items() for r in t.rows]
+  assert len(lines) == len({tool.ablations.workdir(str(tmp_path), n, t, r) for n, t, r in rows})
+  for line in lines:
+    base = line.split("--config=")[1].split(" ")[0]
+    name, preset = os.path.splitext(os.path.basename(base.split(":")[0]))[0], base.split(":")[1]
+    assert preset == "cifar10" and "--config.total_steps=3" in line
+    c = load_config(name, preset)
+    for arg in line.split(" --config.")[1:]:
+      key, value = arg.split("=", 1)
+      if key in ("input.data.dir", "total_steps"):
+        continue
+      _apply(c, key, value)
+    methods.get(c)                                            # the values build the method
+  for name in tool.TABLES:
+    assert os.path.exists(tmp_path / f"{name}.md")
+  # The recipe row of SimCLR's head table is the preset's own run, shared.
+  head = tool.TABLES["simclr_head"]
+  assert [tool.ablations.is_recipe(head, r) for r in head.rows] == [False, False, False, True]
+  wd = tool.ablations.workdir(str(tmp_path), "simclr_head", head, head.rows[0])
+  os.makedirs(wd)
+  with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+    f.write('{"step": 3, "loss": 1.0, "aux/collapse_ratio": 0.5}\n')
+    f.write('{"step": 3, "summary": {"knn/online/top1": 12.5, "knn_200/online/top1": 13.0, '
+            '"linear/online/top1": 20.0}}\n')
+  tool.main(["--table", "simclr_head", "--workdir_root", str(tmp_path), "--dry_run"])
+  assert "done, skipped" in capsys.readouterr().out
+  md = open(tmp_path / "simclr_head.md").read()
+  assert "| no head | proj_head_mode=none | 0.50 | 12.5 | 13.0 | 20.0 |" in md
