@@ -39,6 +39,8 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, batch_size: int, steps_p
   """Per-step schedule: linear warm-up from `warmup_lr`, then
     * 'cosine': half-cycle cosine to `min_lr` at `total_steps` (MAE's adjust_learning_rate,
       applied per iteration), or
+    * 'cosine_epoch': the same cosine held constant through each epoch (read at the epoch's
+      first step: SimSiam's and MoCo's adjust_learning_rate, set once per epoch), or
     * 'multistep': constant, multiplied by `gamma` at each of `milestones_epochs` (SimMIM ViT),
     * 'constant'.
   warmup_lr and min_lr are scaled by the batch like the peak (as SimMIM does; MAE's are 0).
@@ -50,8 +52,11 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, batch_size: int, steps_p
   warmup = int(round(float(optim_cfg.get("warmup_epochs", 0.0)) * steps_per_epoch))
   warmup = min(warmup, total_steps)
   kind = optim_cfg.get("schedule", "cosine")
-  if kind == "cosine":
+  if kind in ("cosine", "cosine_epoch"):
     after = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=min_lr / peak if peak else 0.0)
+    if kind == "cosine_epoch":
+      spe, smooth = max(int(steps_per_epoch), 1), after
+      after = lambda count: smooth((jnp.asarray(count) // spe) * spe)  # noqa: E731
   elif kind == "multistep":
     bounds = {int(round(e * steps_per_epoch)) - warmup: float(optim_cfg.get("gamma", 0.1))
               for e in optim_cfg.get("milestones_epochs", ())}
@@ -59,7 +64,8 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, batch_size: int, steps_p
   elif kind == "constant":
     after = optax.constant_schedule(peak)
   else:
-    raise ValueError(f"unknown schedule {kind!r}: set config.optim.schedule to 'cosine', 'multistep' or 'constant'")
+    raise ValueError(f"unknown schedule {kind!r}: set config.optim.schedule to 'cosine', "
+                     "'cosine_epoch', 'multistep' or 'constant'")
   if warmup == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(warm_lr, peak, warmup), after], [warmup])
@@ -172,8 +178,11 @@ def _base_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable, de
 # config.optim.param_groups (and a method's `param_groups()`): ((regex, spec), ...), matched
 # in order against each parameter's path ('encoder/block11/mlp/fc1/kernel', re.search); the
 # first match wins, the config's groups before the method's. A spec is 'frozen' or a dict of
-GROUP_KEYS = ("lr_scale", "weight_decay", "frozen", "frozen_until_step", "frozen_until_epoch")
+GROUP_KEYS = ("lr_scale", "weight_decay", "frozen", "frozen_until_step", "frozen_until_epoch",
+              "constant_lr")
 # lr_scale: the group's learning rate is lr_scale x the schedule (warm-up and decay included);
+# constant_lr=True: the group's learning rate is lr_scale x the peak learning rate at every step,
+#   no warm-up, no decay (SimSiam's fix_pred_lr: the predictor keeps the initial lr);
 # weight_decay: its own decay (where the decay mask allows it);
 # frozen=True: never updated, never decayed, no optimiser state advances (PyTorch's AdamW
 #   skipping a parameter whose grad is None);
@@ -245,7 +254,7 @@ def freeze_until(inner: optax.GradientTransformation, until: int) -> optax.Gradi
 
 
 def _group_optimizer(optim_cfg, schedule: Callable, decay_mask: Any, wd, spec: dict,
-                     steps_per_epoch: int) -> optax.GradientTransformation:
+                     steps_per_epoch: int, peak: Optional[float] = None) -> optax.GradientTransformation:
   if spec.get("frozen", False):
     return optax.set_to_zero()
   until = int(spec.get("frozen_until_step", 0))
@@ -257,6 +266,10 @@ def _group_optimizer(optim_cfg, schedule: Callable, decay_mask: Any, wd, spec: d
   # A frozen-then-trained group's inner optimiser counts from the unfreezing: its schedules
   # read count + until, the global step.
   group_schedule = lambda count: scale * schedule(count + until)  # noqa: E731
+  if spec.get("constant_lr", False):
+    if peak is None:
+      raise ValueError("a constant_lr parameter group needs the peak learning rate")
+    group_schedule = lambda count: scale * peak  # noqa: E731
   group_wd = (lambda count: wd(count + until)) if callable(wd) else wd  # noqa: E731
   tx = _base_optimizer(optim_cfg, group_schedule, decay_mask, group_wd)
   return freeze_until(tx, until) if until > 0 else tx
@@ -264,7 +277,8 @@ def _group_optimizer(optim_cfg, schedule: Callable, decay_mask: Any, wd, spec: d
 
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
                    decay_mask: Any, total_steps: Optional[int] = None, *,
-                   groups: Sequence = (), steps_per_epoch: int = 1) -> optax.GradientTransformation:
+                   groups: Sequence = (), steps_per_epoch: int = 1,
+                   peak_lr: Optional[float] = None) -> optax.GradientTransformation:
   """AdamW / LAMB / LARS / SGD with weight decay only where `decay_mask` is True (constant or
   on a cosine schedule, see `weight_decay_schedule`), and layer-wise lr decay when
   `optim_cfg.layer_decay` < 1 (read from the mask's tree paths, so `decay_mask` must then be
@@ -285,7 +299,8 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
     specs["default"] = {}
     used = set(jax.tree.leaves(labels))
     tx = optax.multi_transform(
-        {label: _group_optimizer(optim_cfg, schedule, decay_mask, wd, specs[label], steps_per_epoch)
+        {label: _group_optimizer(optim_cfg, schedule, decay_mask, wd, specs[label], steps_per_epoch,
+                                 peak_lr)
          for label in sorted(used)}, labels)
   else:
     tx = _base_optimizer(optim_cfg, schedule, decay_mask, wd)

@@ -123,3 +123,33 @@ def test_peak_lr_scaling_rule():
   assert optim.peak_lr(cfg(base_lr=1.5e-4, lr_batch_divisor=256), 4096) == 1.5e-4 * 16
   base = config_lib.base_config()
   assert base.optim.lr_batch_divisor == 256
+
+
+def test_cosine_epoch_holds_each_epoch_and_a_constant_lr_group_keeps_the_peak():
+  """SimSiam's adjust_learning_rate (once per epoch) and its fix_pred_lr group."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  import optax
+  from mim_jax import optim
+  cfg = ml_collections.ConfigDict(dict(name="sgd", base_lr=0.05, lr_batch_divisor=256, momentum=0.0,
+                                       weight_decay=0.0, schedule="cosine_epoch", warmup_epochs=0.0,
+                                       min_lr=0.0))
+  s = optim.make_schedule(cfg, 512, 10, 100)
+  peak = 0.05 * 2
+  for step in (0, 9, 10, 19, 55, 99):
+    epoch = step // 10
+    np.testing.assert_allclose(float(s(step)), peak * 0.5 * (1 + np.cos(np.pi * epoch / 10)), rtol=1e-5)
+  params = {"encoder": {"w": jnp.ones((2, 2))}, "predictor": {"w": jnp.ones((2, 2))}}
+  tx = optim.make_optimizer(cfg, s, jax.tree.map(lambda _: False, params), 100,
+                            groups=((r"^predictor/", {"constant_lr": True}),), steps_per_epoch=10,
+                            peak_lr=peak)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for step in range(60):
+    updates, state = tx.update(grads, state, params)
+  # At step 59 (epoch 5) the encoder's lr is the cosine's, the predictor's the peak.
+  np.testing.assert_allclose(float(updates["predictor"]["w"][0, 0]), -peak, rtol=1e-6)
+  np.testing.assert_allclose(float(updates["encoder"]["w"][0, 0]),
+                             -peak * 0.5 * (1 + np.cos(np.pi * 5 / 10)), rtol=1e-5)
