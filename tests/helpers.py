@@ -40,6 +40,11 @@ def tiny_config(method: str = "mae", **overrides):
   c.evals.linear.max_train = 500
   c.evals.linear.max_eval = 200
   c.evals.reconstruction.num_images = 2
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(c, overrides: dict):
+  """c with each dotted key of `overrides` ('optim.grad_accum') set to its value."""
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")

@@ -2,18 +2,21 @@
 runs them for every method in JE_METHODS; each method's own file tests its loss by hand)."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from helpers import load_config
+from helpers import apply_overrides, load_config
 
 # Every joint-embedding method with a config: the shared tests run for each.
-JE_METHODS = ("simclr",)
+JE_METHODS = ("simclr", "moco", "mocov3", "byol", "simsiam", "barlow_twins", "vicreg", "dino",
+              "instdisc")
 
 
-def tiny_je_config(method: str, **overrides):
-  """The default preset of configs/<method>.py with a ResNet-18 (CIFAR stem) at width 0.125 (8 stem
-  channels), 16 px crops, batch 16, 4 steps, small heads and no evaluators."""
-  c = load_config(method)
+def tiny_je_config(method: str, preset: str = "", **overrides):
+  """configs/<method>.py's `preset` (default: the embedded-data one; another preset is put on
+  the embedded data) with a ResNet-18 (CIFAR stem) at width 0.125 (8 stem channels), 16 px
+  crops, batch 16, 4 steps, small heads and no evaluators."""
+  c = load_config(method, preset)
+  if preset:
+    c.input.data.update(name="embedded", dir="", holdout_per_class=100)
   c.model.width = 0.125
   c.input.image_size = 16
   c.input.batch_size = 16
@@ -22,13 +25,7 @@ def tiny_je_config(method: str, **overrides):
   for name in c.evals:
     c.evals[name].enabled = False
   shrink_heads(c[c.method])
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return apply_overrides(c, overrides)
 
 
 def shrink_heads(block) -> None:

@@ -22,6 +22,14 @@ REGISTRY = {
     "extrema": "mim_jax.methods.extrema:ExtreMA",
     "tinymim": "mim_jax.methods.tinymim:TinyMIM",
     "simclr": "mim_jax.methods.simclr:SimCLR",
+    "moco": "mim_jax.methods.moco:MoCo",
+    "mocov3": "mim_jax.methods.mocov3:MoCoV3",
+    "byol": "mim_jax.methods.byol:BYOL",
+    "simsiam": "mim_jax.methods.simsiam:SimSiam",
+    "barlow_twins": "mim_jax.methods.barlow_twins:BarlowTwins",
+    "vicreg": "mim_jax.methods.vicreg:VICReg",
+    "dino": "mim_jax.methods.dino:DINO",
+    "instdisc": "mim_jax.methods.instdisc:InstDisc",
 }
 
 
@@ -30,7 +38,9 @@ TITLES = {"mae": "MAE", "simmim": "SimMIM", "finetune": "fine-tune", "maskfeat":
           "tokenizer": "tokenizer", "beit": "BEiT", "cae": "CAE", "ibot": "iBOT",
           "data2vec": "data2vec", "deepmim": "DeepMIM", "feature_mim": "teacher-feature MIM",
           "tinymim": "TinyMIM", "latent_mim": "Latent MIM", "pcae": "PCAE", "extrema": "ExtreMA",
-          "simclr": "SimCLR"}
+          "simclr": "SimCLR", "moco": "MoCo", "mocov3": "MoCo v3", "byol": "BYOL",
+          "simsiam": "SimSiam", "barlow_twins": "Barlow Twins", "vicreg": "VICReg", "dino": "DINO",
+          "instdisc": "InstDisc"}
 
 
 def get(config):

@@ -73,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax.methods.base import Method, cosine_momentum, ema_update, path_names
-from mim_jax.models import vit
+from mim_jax.models import resnet, vit
 
 PyTree = Any
 
@@ -173,6 +173,25 @@ def ibot_masks(rng: jax.Array, ratios: jax.Array, height: int, width: int,
 # ---------------------------------------------------------------------------------------------
 # The loss (main_ibot.py iBOTLoss.forward) as a pure function.
 
+def dino_loss(student_cls: jax.Array, teacher_cls: jax.Array, center: jax.Array, temp,
+              student_temp: float = 0.1) -> tuple[jax.Array, dict]:
+  """DINO's loss (facebookresearch/dino main_dino.py `DINOLoss.forward`; iBOT's cls term):
+  student_cls [V, B, K] (the G global views first, then the local ones), teacher_cls [G, B, K]
+  (the teacher's global views), center [1, K] -> (mean over the (teacher view q, student view
+  v != q) pairs of the batch-mean cross-entropy between softmax((t_q - center) / temp) and
+  log_softmax(s_v / student_temp), parts). The teacher term gets no gradient."""
+  g, v = teacher_cls.shape[0], student_cls.shape[0]
+  if v < 2:
+    raise ValueError("the cls loss needs at least two views: set views.num_global >= 2 or add "
+                     "local views")
+  t = jax.lax.stop_gradient(jax.nn.softmax((teacher_cls.astype(jnp.float32) - center) / temp, axis=-1))
+  s = jax.nn.log_softmax(student_cls.astype(jnp.float32) / student_temp, axis=-1)
+  # ce[q, v]: batch mean of the cross-entropy of teacher view q against student view v.
+  ce = -jnp.einsum("qbk,vbk->qv", t, s) / t.shape[1]
+  pairs = 1.0 - np.eye(g, v, dtype=np.float32)                 # v != q
+  return jnp.sum(ce * pairs) / pairs.sum(), {"teacher_probs": t, "student_log_probs": s}
+
+
 def ibot_loss(student_cls: jax.Array, student_patch: jax.Array, teacher_cls: jax.Array,
               teacher_patch: jax.Array, masks: jax.Array, center: jax.Array, center2: jax.Array,
               temp, temp2, student_temp: float = 0.1, lambda1: float = 1.0,
@@ -180,32 +199,50 @@ def ibot_loss(student_cls: jax.Array, student_patch: jax.Array, teacher_cls: jax
   """student_cls [V, B, K] (the G global views first, then the local ones), student_patch
   [G, B, L, K2], teacher_cls [G, B, K], teacher_patch [G, B, L, K2], masks [G, B, L] (1 =
   masked), center [1, K], center2 [1, 1, K2] -> (loss, parts). The teacher terms get no
-  gradient."""
-  g, v = teacher_cls.shape[0], student_cls.shape[0]
-  if v < 2:
+  gradient; the cls term is `dino_loss`."""
+  if student_cls.shape[0] < 2:
     raise ValueError("iBOT's cls loss needs at least two views: set ibot.views.num_global >= 2 "
                      "or add local views")
-  t = jax.lax.stop_gradient(jax.nn.softmax((teacher_cls.astype(jnp.float32) - center) / temp, axis=-1))
+  loss_cls, cls_parts = dino_loss(student_cls, teacher_cls, center, temp, student_temp)
   t2 = jax.lax.stop_gradient(
       jax.nn.softmax((teacher_patch.astype(jnp.float32) - center2) / temp2, axis=-1))
-  s = jax.nn.log_softmax(student_cls.astype(jnp.float32) / student_temp, axis=-1)
   s2 = jax.nn.log_softmax(student_patch.astype(jnp.float32) / student_temp, axis=-1)
-  # ce[q, v]: batch mean of the cross-entropy of teacher view q against student view v.
-  ce = -jnp.einsum("qbk,vbk->qv", t, s) / t.shape[1]
-  pairs = 1.0 - np.eye(g, v, dtype=np.float32)                 # v != q
-  loss_cls = jnp.sum(ce * pairs) / pairs.sum()
   per_patch = -jnp.sum(t2 * s2, axis=-1)                       # [G, B, L]
   m = masks.astype(jnp.float32)
   per_image = jnp.sum(per_patch * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
   loss_patch = jnp.mean(jnp.mean(per_image, axis=1))
   total = lambda1 * loss_cls + lambda2 * loss_patch
-  return total, {"loss_cls": loss_cls, "loss_patch": loss_patch, "teacher_probs": t,
-                 "teacher_patch_probs": t2, "student_log_probs": s}
+  return total, {"loss_cls": loss_cls, "loss_patch": loss_patch, **cls_parts,
+                 "teacher_patch_probs": t2}
 
 
 def entropy(p: jax.Array) -> jax.Array:
   """Mean over all leading axes of -sum_k p log p (0 log 0 = 0)."""
   return jnp.mean(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules shared with DINO (methods/dino.py).
+
+def teacher_temperature(epoch: jax.Array, warmup: float, final: float, warmup_epochs: int) -> jax.Array:
+  """DINOLoss / iBOTLoss `teacher_temp_schedule[epoch]`: np.linspace(warmup, final,
+  warmup_epochs) for the first warmup_epochs epochs, then final (float `epoch`)."""
+  n = int(warmup_epochs)
+  frac = epoch / max(n - 1, 1)
+  return jnp.where(epoch < n, warmup + (final - warmup) * frac, final)
+
+
+def freeze_steps(freeze_last_layer: float, steps_per_epoch: int) -> int:
+  """Steps during which the last layers are frozen (freeze_last_layer epochs)."""
+  return int(round(float(freeze_last_layer) * steps_per_epoch))
+
+
+def last_layer_groups(until: int, head: str = "head") -> tuple:
+  """`cancel_gradients_last_layer` as optimiser groups: every `<head>/last_layer*` parameter
+  is untouched (no update, no decay, no optimiser state) until step `until`, then trained with
+  fresh optimiser state at the global learning rate, as PyTorch skips a grad-None
+  parameter."""
+  return ((rf"^{head}/last_layer", {"frozen_until_step": until}),) if until > 0 else ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,17 +320,24 @@ class IBOTHead(nn.Module):
   norm_last_layer: bool = True
   shared: bool = False
   dtype: Any = jnp.float32
+  # DINOHead(use_bn=True) (--use_bn_in_head, DINO's ResNet recipe): BatchNorm1d (torch
+  # semantics, `resnet.BatchNorm`, module 'bn<i>') after every hidden Linear, before the GELU.
+  use_bn: bool = False
+  bn_groups: int = 1
 
   @nn.compact
-  def __call__(self, x, patches: bool = True):
+  def __call__(self, x, patches: bool = True, train: bool = False):
     """x: tokens [B, 1 + L, D] (cls first) with `patches`, else cls tokens [B, D].
-    Returns (cls logits [B, out_dim], patch logits [B, L, patch_out_dim] or None)."""
+    Returns (cls logits [B, out_dim], patch logits [B, L, patch_out_dim] or None). `train`:
+    BatchNorm (use_bn) with batch statistics, updating its running ones."""
     dims = [self.hidden_dim] * (max(self.nlayers, 1) - 1) + [self.bottleneck_dim]
     h = x
     for i, d in enumerate(dims):
       h = nn.Dense(d, dtype=self.dtype, kernel_init=_trunc02, bias_init=nn.initializers.zeros,
                    name=f"fc{i}")(h)
       if i < len(dims) - 1:
+        if self.use_bn:
+          h = resnet.BatchNorm(groups=self.bn_groups, name=f"bn{i}")(h, train)
         h = vit.gelu_exact(h)
     h = h.astype(jnp.float32)
     h = h / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(h), axis=-1, keepdims=True)), 1e-12)
@@ -368,15 +412,14 @@ class IBOT(Method):
 
   def freeze_steps(self) -> int:
     """Steps during which the last layers are frozen (freeze_last_layer epochs)."""
-    return int(round(float(self.c.freeze_last_layer) * self.run_steps()[0]))
+    return freeze_steps(self.c.freeze_last_layer, self.run_steps()[0])
 
   def param_groups(self):
     """`cancel_gradients_last_layer`: every head `last_layer*` parameter is untouched (no
     update, no decay, no optimiser state) for the first freeze_last_layer epochs, then trained
     with fresh AdamW state at the global learning rate, as PyTorch skips a grad-None
     parameter."""
-    until = self.freeze_steps()
-    return ((r"^head/last_layer", {"frozen_until_step": until}),) if until > 0 else ()
+    return last_layer_groups(self.freeze_steps())
 
   # -- run length (schedules are per epoch / per iteration, as the official ones) -------------
   def epoch(self, step) -> jax.Array:
@@ -387,14 +430,10 @@ class IBOT(Method):
     c = self.c
     e = self.epoch(step).astype(jnp.float32)
     n = int(c.warmup_teacher_temp_epochs)
-
-    def ramp(x, lo, hi):
-      frac = x / max(n - 1, 1)
-      return jnp.where(x < n, lo + (hi - lo) * frac, hi)
-
-    t1 = ramp(e, float(c.warmup_teacher_temp), float(c.teacher_temp))
+    t1 = teacher_temperature(e, float(c.warmup_teacher_temp), float(c.teacher_temp), n)
     start = float(c.pred_start_epoch)
-    t2 = ramp(e - start, float(c.warmup_teacher_patch_temp), float(c.teacher_patch_temp))
+    t2 = teacher_temperature(e - start, float(c.warmup_teacher_patch_temp),
+                             float(c.teacher_patch_temp), n)
     t2 = jnp.where(e < start, float(c.warmup_teacher_patch_temp), t2)
     return t1, t2
 
