@@ -12,12 +12,13 @@ deviation of the L2-normalised output times sqrt(d) (1 healthy, 0 collapsed). Ta
                     with m = 1 / 10 / 512 / 4096 noise samples
   moco_momentum     MoCo's key-encoder momentum 0 / 0.9 / 0.99 / 0.999 / 0.9999 (0 is expected
                     to fail to learn)
-  moco_v2           MoCo v2's MLP head / aug+ / cosine switches
+  moco_v2           MoCo v2's MLP head / aug+ / cosine switches (the rows without cosine keep
+                    the lr constant: the CPU runs are too short for the official step drops)
   moco_temperature  the temperature sweep with and without the MLP head
   simclr_batch      SimCLR's batch size
   simclr_head       SimCLR's projection head: none / linear / non-linear
-  collapse          SimSiam without stop-gradient (expected to collapse) and BYOL without its
-                    predictor, beside both recipes
+  simsiam_stopgrad  SimSiam without stop-gradient (expected to collapse) beside its recipe
+  byol_predictor    BYOL without its predictor beside its recipe
 
 The papers' own numbers (ImageNet, ResNet-50) are not reproduced here: this is a CPU-scale
 rerun on a narrow ResNet-18.
@@ -46,6 +47,30 @@ TABLES = {
         Row("NCE, m = 10", {"instdisc.nce_k": 10}),
         Row("NCE, m = 512", {"instdisc.nce_k": 512}),
         Row("NCE, m = 4096", {"instdisc.nce_k": 4096}),
+    ]),
+    "moco_momentum": _table("MoCo: key-encoder momentum", "moco", [
+        Row(f"m = {m}", {"moco.momentum": m}) for m in (0.0, 0.9, 0.99, 0.999, 0.9999)
+    ]),
+    "moco_v2": _table("MoCo v2: MLP head, aug+, cosine", "moco", [
+        Row("none (constant lr)", {"moco.mlp": False, "moco.aug_plus": False,
+                                   "optim.schedule": "constant"}),
+        Row("MLP", {"moco.mlp": True, "moco.aug_plus": False, "optim.schedule": "constant"}),
+        Row("aug+", {"moco.mlp": False, "moco.aug_plus": True, "optim.schedule": "constant"}),
+        Row("MLP + aug+", {"moco.mlp": True, "moco.aug_plus": True, "optim.schedule": "constant"}),
+        Row("MLP + aug+ + cosine", {"moco.mlp": True, "moco.aug_plus": True,
+                                    "optim.schedule": "cosine_epoch"}),
+    ]),
+    "moco_temperature": _table("MoCo: temperature with and without the MLP head", "moco", [
+        Row(f"T = {t}{', MLP' if mlp else ''}", {"moco.temperature": t, "moco.mlp": mlp})
+        for mlp in (False, True) for t in (0.07, 0.1, 0.2, 0.5)
+    ]),
+    "simsiam_stopgrad": _table("SimSiam: stop-gradient", "simsiam", [
+        Row("with stop-gradient", {"simsiam.stop_gradient": True}),
+        Row("without stop-gradient", {"simsiam.stop_gradient": False}),
+    ]),
+    "byol_predictor": _table("BYOL: predictor", "byol", [
+        Row("with predictor", {"byol.predictor": True}),
+        Row("without predictor", {"byol.predictor": False}),
     ]),
     "simclr_batch": _table("SimCLR: batch size", "simclr", [
         Row(f"batch {b}", {"input.batch_size": b}) for b in (64, 128, 256, 512)
