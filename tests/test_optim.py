@@ -131,7 +131,6 @@ def test_cosine_epoch_holds_each_epoch_and_a_constant_lr_group_keeps_the_peak():
   import jax.numpy as jnp
   import ml_collections
   import numpy as np
-  import optax
   from mim_jax import optim
   cfg = ml_collections.ConfigDict(dict(name="sgd", base_lr=0.05, lr_batch_divisor=256, momentum=0.0,
                                        weight_decay=0.0, schedule="cosine_epoch", warmup_epochs=0.0,
