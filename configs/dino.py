@@ -7,11 +7,11 @@ Presets (`--config=configs/dino.py:<preset>`):
                   crops of 16 px (4 x 4 patches of 4 px), CPU-sized (minutes on 2 cores).
                     python -m mim_jax.main --config=configs/dino.py --workdir=/tmp/dino
   cifar10         The same ViT on the CIFAR-10 image folder, 500 images per class held out,
-                  about a CPU hour.
+                  8 epochs (benchmarks/joint_embedding_cpu.py prints its time).
                     python -m mim_jax.main --config=configs/dino.py:cifar10 --workdir=/tmp/dino_c10 \
                       --config.input.data.dir=../shared/data/cifar10/train
-  cifar10_resnet  DINO's ResNet recipe (below) on a half-width ResNet-18 with the CIFAR stem
-                  (config_lib.joint_embedding_preset 'cifar10'), about a CPU hour.
+  cifar10_resnet  DINO's ResNet recipe (below) on a quarter-width ResNet-18 with the CIFAR stem
+                  (config_lib.joint_embedding_preset 'cifar10'), 8 epochs (benchmarks/joint_embedding_cpu.py prints its time).
   cifar10_full    DINO's ResNet recipe at lightly's CIFAR-10 benchmark setting (full ResNet-18,
                   CIFAR stem, batch 512, 200 epochs; kNN k=200, T=0.1), for a GPU.
   imagenet        The README's ViT-S/16 command (300 epochs, 16 GPUs x 64 images; published kNN

@@ -274,11 +274,12 @@ def cpu_preset(c: ml_collections.ConfigDict, preset: str, *, epochs: tuple[float
 
 
 def joint_embedding_preset(c: ml_collections.ConfigDict, preset: str, *,
-                           epochs: tuple[float, float] = (10, 15),
+                           epochs: tuple[float, float] = (5, 8),
                            batch: tuple[int, int] = (128, 256)) -> None:
   """The CPU presets of the joint-embedding methods ('', 'cifar10'; see `cpu_preset`): a
-  ResNet-18 with the CIFAR stem (3x3 conv, no max-pool) at width 0.25 / 0.5 (16 / 32 stem
-  channels), 32 px, mean-pooled, and kNN at k=200, T=0.1 (`knn_200`, the protocol lightly
+  ResNet-18 with the CIFAR stem (3x3 conv, no max-pool) at width 0.25 (16 stem channels: a
+  step of a two-view method at batch 256 takes about 3.4 s on one core of the 2-core CPU,
+  benchmarks/joint_embedding_cpu.py), 32 px, mean-pooled, and kNN at k=200, T=0.1 (`knn_200`, the protocol lightly
   and solo-learn publish) beside mim_jax's k=20, T=0.07.
   preset 'cifar10_full': lightly's CIFAR-10 benchmark setting, for a GPU: the full-width
   ResNet-18 (CIFAR stem), batch 512, 200 epochs, the held-out split as 'cifar10'."""
@@ -286,7 +287,7 @@ def joint_embedding_preset(c: ml_collections.ConfigDict, preset: str, *,
   full = preset == "cifar10_full"
   cpu_preset(c, "cifar10" if full else preset, epochs=epochs, batch=batch, pixels=False)
   c.model = resnet.default_config(depth=18, stem="cifar",
-                                  width={"default": 0.25, "cifar10": 0.5}.get(preset, 1.0))
+                                  width=1.0 if full else 0.25)
   c.pooling = "mean"
   if full:
     c.input.batch_size = 512

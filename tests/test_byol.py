@@ -132,4 +132,4 @@ def test_presets_carry_the_official_and_solo_learn_settings():
   assert tuple(v.blur_probs)[:2] == (1.0, 0.1) and v.solarize_prob == 0.2 and v.gray_prob == 0.2
   c = load_config("byol", "cifar10")
   assert (c.optim.base_lr, c.optim.weight_decay, c.byol.momentum) == (1.0, 1e-5, 0.99)
-  assert tuple(c.byol.views.blur_probs) == (0.0, 0.0, 0.0) and c.model.width == 0.5
+  assert tuple(c.byol.views.blur_probs) == (0.0, 0.0, 0.0) and c.model.width == 0.25

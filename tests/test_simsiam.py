@@ -96,4 +96,4 @@ def test_presets_carry_the_official_and_solo_learn_settings():
   assert tuple(v.blur_probs)[:2] == (0.5, 0.5) and v.solarize_prob == 0.0
   c = load_config("simsiam", "cifar10")
   assert (c.optim.base_lr, c.optim.weight_decay, c.simsiam.proj_hidden_dim) == (0.5, 1e-5, 2048)
-  assert tuple(c.simsiam.views.global_scale) == (0.08, 1.0) and c.model.width == 0.5
+  assert tuple(c.simsiam.views.global_scale) == (0.08, 1.0) and c.model.width == 0.25
