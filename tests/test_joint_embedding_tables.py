@@ -59,3 +59,27 @@ def test_every_row_is_a_valid_override_and_recipes_are_shared(tmp_path, capsys):
   assert "done, skipped" in capsys.readouterr().out
   md = open(tmp_path / "simclr_head.md").read()
   assert "| no head | proj_head_mode=none | 0.50 | 12.5 | 13.0 | 20.0 |" in md
+
+
+def test_cpu_benchmark_times_a_preset_and_prints_its_table(monkeypatch, capsys):
+  """benchmarks/joint_embedding_cpu.py on a shrunk preset: one timed step, a table row whose
+  estimate is steps x seconds."""
+  from mim_jax import config_lib
+  spec = importlib.util.spec_from_file_location("joint_embedding_cpu",
+                                                ROOT / "benchmarks" / "joint_embedding_cpu.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  real = config_lib.load
+
+  def small(name, preset="", *a):
+    c = real(name, preset, *a)
+    c.model.width, c.input.batch_size, c.input.image_size = 0.125, 16, 16
+    return c
+
+  monkeypatch.setattr(config_lib, "load", small)
+  assert bench.main(["--methods", "instdisc", "--steps", "1", "--warmup", "1"]) == 0
+  row = capsys.readouterr().out.splitlines()[-1].split(" | ")
+  assert row[0] == "| instdisc" and row[2] == "16"
+  steps, sec, hours = int(row[3]), float(row[4]), float(row[5].rstrip(" |"))
+  assert steps == 8 * (45_000 // 16) and sec > 0
+  assert abs(hours - steps * sec / 3600) <= steps * 0.005 / 3600 + 0.005   # printed rounding
