@@ -36,8 +36,6 @@ Official settings (main_moco.py defaults, CONFIG.md commands):
     initialisation (mocov3.vit_init).
 
 Deviations:
-  * ViT-Small: MoCo v3's vit_small has 12 heads of 32 channels; mim_jax's 'small' variant has
-    6 heads of 64 (the DeiT / MAE ViT-S). Needs a `model.num_heads` override in models/vit.py.
   * The sin-cos table is MAE's layout (first half of the channels the column, second half the
     row); vits.py's torch.meshgrid ('ij' indexing) puts the row first: the same table for the
     image transposed. Needs a row-first option in models/vit.py `sincos_2d`.
@@ -93,6 +91,9 @@ def get_config(arg=None):
   elif preset == "imagenet_vit":
     config_lib.imagenet_preset(c, batch_size=4096, variant="small", total_epochs=300)
     c.model.update(pos_embed="sincos", qkv_bias="qkv", init_values=0.0, drop_path=0.0)
+    # vits.py's vit_small has 12 heads of 32 channels (DeiT's / MAE's ViT-S: 6 of 64); vit_base
+    # 12 as mim_jax's 'base'.
+    c.model.num_heads = 12
     c.evals.reconstruction.enabled = False
     config_lib.knn_200(c)
     c.mocov3.update(temperature=0.2, stop_grad_conv1=True, decay_all=True)

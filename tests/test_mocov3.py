@@ -194,3 +194,20 @@ def test_imagenet_presets_are_the_config_md_recipes():
   assert (v.optim.name, v.optim.base_lr, v.optim.weight_decay, v.optim.warmup_epochs) == ("adamw", 1.5e-4, 0.1, 40)
   assert (v.input.batch_size, v.total_epochs, v.mocov3.temperature, v.mocov3.stop_grad_conv1) == (4096, 300, 0.2, True)
   assert tuple(v.mocov3.views.global_scale) == (0.08, 1.0)
+
+
+def test_the_vit_s_preset_has_moco_v3s_12_heads():
+  """vits.py's vit_small: 12 heads of 32 channels (model.num_heads overrides the variant's 6)."""
+  from mim_jax import models
+  c = load_config("mocov3", "imagenet_vit")
+  assert c.model.num_heads == 12 and c.model.variant == "small"
+  c.model.update(depth=1, patch_size=16, dtype="float32")
+  enc = models.build(c.model, 32)
+  x = jnp.zeros((1, 32, 32, 3))
+  v = enc.init(jax.random.PRNGKey(0), x)
+  _, inter = enc.apply(v, x, mutable=["intermediates"])
+  maps = [a for a in jax.tree.leaves(inter) if a.ndim == 4]
+  assert maps and all(a.shape[1] == 12 for a in maps), [a.shape for a in maps]
+  c.model.num_heads = 5
+  with pytest.raises(ValueError, match="num_heads=5"):
+    models.build(c.model, 32).init(jax.random.PRNGKey(0), x)

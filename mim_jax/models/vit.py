@@ -738,6 +738,7 @@ class ViT(nn.Module):
   # default U(+-1/sqrt(fan_in)) (ExtreMA, which leaves the conv's bias as PyTorch made it).
   patch_bias_init: str = "zeros"
   drop_path_rule: str = "linear"         # the blocks' drop-path rates: see drop_path_rates
+  num_heads: int = 0                     # 0: the variant's (MoCo v3's ViT-S has 12, DeiT's 6)
 
   @property
   def grid(self) -> int:
@@ -752,6 +753,9 @@ class ViT(nn.Module):
                with_cls=True):
     width, depth, heads = variant(self.variant)
     depth = self.depth or depth
+    heads = self.num_heads or heads
+    if width % heads:
+      raise ValueError(f"config.model.num_heads={heads} does not divide the width {width}")
     beit = self.init_style == "beit"
     cait = self.class_attention_layers > 0
     if cait and not with_cls:
@@ -923,6 +927,7 @@ def from_config(model_cfg, image_size: int, **overrides) -> ViT:
       residual_dtype=jnp.dtype(model_cfg.get("residual_dtype", "float32")),
       ln_impl=model_cfg.get("layer_norm", "flax"),
       remat_policy=model_cfg.get("remat_policy", "full"),
+      num_heads=int(model_cfg.get("num_heads", 0) or 0),
   )
   kw.update(overrides)
   return ViT(**kw)
