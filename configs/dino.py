@@ -16,7 +16,7 @@ Presets (`--config=configs/dino.py:<preset>`):
                   CIFAR stem, batch 512, 200 epochs; kNN k=200, T=0.1), for a GPU.
   imagenet        The README's ViT-S/16 command (300 epochs, 16 GPUs x 64 images; published kNN
                   73.3, linear 76.0) on tfds imagenet2012.
-  imagenet_resnet The released ResNet-50 run (LARS, batch 4080; published linear 75.3).
+  imagenet_resnet The README's ResNet-50 command (SGD, 8 GPUs x 64 images, 100 epochs).
 
 Official settings (main_dino.py defaults, the `dino` block's own defaults here): out_dim 65536,
 DINOHead 3 layers (hidden 2048, bottleneck 256, GELU, no BatchNorm), weight-normalised last
@@ -34,12 +34,13 @@ embedding, the [CLS] token after the final norm. Evaluation (eval_knn.py / eval_
 the [CLS] of the last 4 blocks (configs/ibot.py `official_evaluation`, shared).
   * imagenet (README "boosting" command): 300 epochs, teacher temperature 0.04 -> 0.07 over
     30 epochs, norm_last_layer False, 16 x 64 = 1024 images.
-  * ResNet recipe (imagenet_resnet; the released rn50 args, batch 4080 = 80 GPUs x 51,
-    facebookresearch/dino#133): LARS (momentum 0.9, eta 0.001, no decay nor adaptation for
-    1-D parameters), lr 0.3 x batch / 256, min_lr 0.0048, weight decay 1e-6 constant, global
-    crops 0.14 - 1, local 0.05 - 0.14, --use_bn_in_head (BatchNorm1d after each hidden head
-    layer), teacher temperature 0.04 -> 0.07 over 50 epochs, momentum 0.996, SyncBatchNorm
-    (global statistics), 800 epochs; the other arguments at main_dino.py's defaults.
+  * ResNet recipe (imagenet_resnet: the README's "ResNet-50 and other convnets" command, 8 GPUs
+    x 64 images, the other arguments at main_dino.py's defaults): SGD (momentum 0.9; no decay
+    on biases and 1-D parameters, utils.get_params_groups), lr 0.03 x batch / 256, 10 warm-up
+    epochs, cosine to min_lr 1e-6, weight decay 1e-4 constant (--weight_decay_end 1e-4),
+    global crops 0.14 - 1, local 0.05 - 0.14, SyncBatchNorm (global statistics), 100 epochs.
+    The released 800-epoch ResNet-50's own args.txt (not read here) differs: use_bn_in_head
+    and LARS are options of this config (dino.use_bn_in_head, optim.name='lars').
 
 Switches (config.dino): out_dim, hidden_dim, bottleneck_dim, nlayers, norm_last_layer,
 use_bn_in_head, momentum (--momentum_teacher), momentum_schedule ('cosine'), teacher_temp,
@@ -56,17 +57,13 @@ Deviations:
   * The learning-rate warm-up is optax's linear ramp (reaching the peak one step later than
     utils.cosine_scheduler's np.linspace); min_lr is given x 256 / batch because
     config.optim scales it by the batch (the official min_lr is absolute).
-  * optax's LARS applies the learning rate before the momentum (mu = 0.9 mu + lr_t u_t); the
-    official utils.LARS accumulates the raw update and multiplies by the current lr. The two
-    differ while the learning rate changes.
+  * With optim.name='lars' (an option, not a preset's): optax's LARS applies the learning rate
+    before the momentum (mu = 0.9 mu + lr_t u_t); the official utils.LARS accumulates the raw
+    update and multiplies by the current lr. The two differ while the learning rate changes.
   * No fp16 loss scaling (use_fp16): the imagenet presets compute in bfloat16.
   * Gradient accumulation is refused (the ResNet's BatchNorm couples the batch; the
     per-parameter clipping would act per micro-batch).
   * The ResNet is torchvision's (mim_jax.models.resnet), BatchNorm momentum 0.1, eps 1e-5.
-  * imagenet_resnet: the released args.txt (dl.fbaipublicfiles.com) could not be read here;
-    the values above are those the lead's brief and issue #133 give; the number of local
-    crops (8), out_dim (65536), clip_grad (3.0), freeze_last_layer (1) and the 10 warm-up
-    epochs are main_dino.py's defaults and should be checked against that file.
 CPU presets (ViT '' / cifar10, after configs/ibot.py's): small ViT (tiny width, 4 blocks, patch
 4), head 192 -> 512 -> 512 -> 128 -> 1024 prototypes, 2 local crops of 16 px, no drop path,
 teacher momentum 0.99 (short runs), base lr 1e-3, teacher temperature 0.04 -> 0.07 over 2 / 1
@@ -93,14 +90,12 @@ def _official_evaluation(c) -> None:
   config_lib.config_module(path).official_evaluation(c)
 
 
-def resnet_recipe(c, *, warmup_epochs: float = 10, temp_warmup_epochs: int = 50) -> None:
-  """The released ResNet-50 run's settings (see the docstring) on config `c`."""
-  c.optim.update(name="lars", base_lr=0.3, lr_batch_divisor=256, momentum=0.9, weight_decay=1e-6,
-                 weight_decay_schedule="constant", weight_decay_end=1e-6, schedule="cosine",
+def resnet_recipe(c, *, warmup_epochs: float = 10) -> None:
+  """The README's ResNet-50 command (see the docstring) on config `c`."""
+  c.optim.update(name="sgd", base_lr=0.03, lr_batch_divisor=256, momentum=0.9, weight_decay=1e-4,
+                 weight_decay_schedule="constant", weight_decay_end=1e-4, schedule="cosine",
                  warmup_epochs=warmup_epochs, clip_grad=0.0,
-                 min_lr=0.0048 * 256 / c.input.batch_size)    # 0.0048 after the batch scaling
-  c.dino.update(use_bn_in_head=True, teacher_temp=0.07, warmup_teacher_temp=0.04,
-                warmup_teacher_temp_epochs=temp_warmup_epochs, momentum=0.996)
+                 min_lr=1e-6 * 256 / c.input.batch_size)      # 1e-6 after the batch scaling
   c.dino.views.update(global_scale=(0.14, 1.0), local_scale=(0.05, 0.14))
 
 
@@ -140,7 +135,7 @@ def get_config(arg=None):
     config_lib.knn_200(c)               # the joint-embedding presets' k=200, T=0.1 kNN too
   elif preset == "cifar10_resnet":
     config_lib.joint_embedding_preset(c, "cifar10", epochs=(8, 8), batch=(256, 256))
-    resnet_recipe(c, warmup_epochs=1, temp_warmup_epochs=2)
+    resnet_recipe(c, warmup_epochs=1)
     _small_head(c)
     c.dino.update(momentum=0.99, freeze_last_layer=0.1)
   elif preset == "cifar10_full":
@@ -154,7 +149,7 @@ def get_config(arg=None):
     c.evals.reconstruction.enabled = False
     _official_evaluation(c)
   elif preset == "imagenet_resnet":
-    config_lib.joint_embedding_imagenet(c, batch_size=4080, total_epochs=800, depth=50)
+    config_lib.joint_embedding_imagenet(c, batch_size=512, total_epochs=100, depth=50)
     resnet_recipe(c)
   else:
     raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(map(repr, PRESETS))}")

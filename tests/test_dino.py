@@ -77,8 +77,9 @@ def vit_config(**overrides):
 
 
 def resnet_config(**overrides):
-  """configs/dino.py:cifar10_resnet shrunk as je_helpers.tiny_je_config shrinks a ResNet."""
-  return tiny_je_config("dino", "cifar10_resnet", **overrides)
+  """configs/dino.py:cifar10_resnet shrunk as je_helpers.tiny_je_config shrinks a ResNet, with
+  BatchNorm in the head (--use_bn_in_head)."""
+  return tiny_je_config("dino", "cifar10_resnet", **{"dino.use_bn_in_head": True, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +229,12 @@ def test_presets_carry_the_official_recipes():
       "adamw", 5e-4, 0.04, 0.4)
   assert v.model.drop_path == 0.1 and v.pooling == "cls" and v.evals.knn.k == 20
   r = load_config("dino", "imagenet_resnet")
-  assert (r.model.name, r.model.depth, r.input.batch_size, r.optim.name, r.optim.base_lr) == (
-      "resnet", 50, 4080, "lars", 0.3)
-  np.testing.assert_allclose(r.optim.min_lr * r.input.batch_size / 256, 0.0048)
-  assert r.dino.use_bn_in_head and tuple(r.dino.views.global_scale) == (0.14, 1.0)
-  assert tuple(r.dino.views.local_scale) == (0.05, 0.14) and r.dino.warmup_teacher_temp_epochs == 50
+  # The README's ResNet-50 command: SGD 0.03, wd 1e-4 constant, crops 0.14-1 / 0.05-0.14.
+  assert (r.model.name, r.model.depth, r.input.batch_size, r.total_epochs, r.optim.name,
+          r.optim.base_lr, r.optim.momentum) == ("resnet", 50, 512, 100, "sgd", 0.03, 0.9)
+  assert (r.optim.weight_decay, r.optim.weight_decay_schedule) == (1e-4, "constant")
+  np.testing.assert_allclose(r.optim.min_lr * r.input.batch_size / 256, 1e-6)
+  assert not r.dino.use_bn_in_head and tuple(r.dino.views.global_scale) == (0.14, 1.0)
+  assert tuple(r.dino.views.local_scale) == (0.05, 0.14) and r.dino.teacher_temp == 0.04
   d = load_config("dino")
   assert (d.dino.views.num_global, d.dino.views.num_local, d.dino.views.local_size) == (2, 2, 16)
