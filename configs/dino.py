@@ -39,8 +39,9 @@ the [CLS] of the last 4 blocks (configs/ibot.py `official_evaluation`, shared).
     on biases and 1-D parameters, utils.get_params_groups), lr 0.03 x batch / 256, 10 warm-up
     epochs, cosine to min_lr 1e-6, weight decay 1e-4 constant (--weight_decay_end 1e-4),
     global crops 0.14 - 1, local 0.05 - 0.14, SyncBatchNorm (global statistics), 100 epochs.
-    The released 800-epoch ResNet-50's own args.txt was not read here (it may differ); use_bn_in_head
-    and LARS are options of this config (dino.use_bn_in_head, optim.name='lars').
+    The released 800-epoch ResNet-50's own args.txt was not read here (it may differ);
+    use_bn_in_head and LARS are options of this config (dino.use_bn_in_head,
+    optim.name='lars').
 
 Switches (config.dino): out_dim, hidden_dim, bottleneck_dim, nlayers, norm_last_layer,
 use_bn_in_head, momentum (--momentum_teacher), momentum_schedule ('cosine'), teacher_temp,
