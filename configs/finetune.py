@@ -77,6 +77,8 @@ def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
       num_classes=num_classes,
       pooling="mean",               # 'mean' (MAE global_pool + fc_norm) | 'cls'
       learn_pos_embed=True,         # MAE fine-tunes pos_embed (from the sin-cos table)
+      proj_layers=0,                # CNNs: keep the pretrained projector's first N layers
+                                    # (SimCLR v2 fine-tunes from its first: 1)
       aug=dict(
           rand_augment=True, ra_num_layers=2, ra_magnitude=9.0, ra_magnitude_std=0.5,
           ra_prob=0.5,              # timm 'rand-m9-mstd0.5-inc1'

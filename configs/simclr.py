@@ -38,8 +38,12 @@ Deviations:
     BatchNorm momentum 0.1 = TF's decay 0.9, eps 1e-5); TF's ResNet uses variance-scaling
     initialisers. The head's kernels are N(0, 0.01) as TF's LinearLayer.
   * The total steps are epochs x examples / batch (TF adds 1).
-  * Not built yet: v2's fine-tuning from the head's first layer and the distillation of the
-    semi-supervised stage.
+  * Not built yet: the distillation of v2's semi-supervised stage.
+Fine-tuning from the head's first layer (v2's ft_proj_selector=1): configs/finetune.py on the
+pretraining run's model, with the projector's first layer kept in front of the classifier:
+  python -m mim_jax.main --config=configs/finetune.py:resnet18_cifar10 --workdir=/tmp/simclr_ft \
+    --config.input.data.dir=../shared/data/cifar10/train --config.model.width=0.25 \
+    --config.finetune.pretrained=/tmp/simclr_c10 --config.finetune.proj_layers=1
 CPU presets: ResNet-18 at width 0.25, batch 128 / 256, 5 / 8 epochs with 1 / 0.5
 warm-up epochs, the official CIFAR-10 optimiser, temperature, colour strength and no blur.
 """

@@ -107,11 +107,14 @@ def _path(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int) -> dict:
+def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int,
+                            module: str = "encoder") -> dict:
   """The encoder parameters (numpy) of the latest checkpoint in pretraining `workdir`.
 
   which: 'online' (state.params.encoder) or 'ema' (state.method_state.ema_encoder). Only that
   subtree is read. Raises PretrainedMismatchError when the run's architecture differs.
+  module: another trained module of the run instead of the encoder ('projector': SimCLR v2's
+  fine-tuning from the projection head), online only, with its collections.
   """
   import orbax.checkpoint as ocp
   from etils import epath
@@ -144,7 +147,10 @@ def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int
     state_dir = os.path.join(ckpt.directory, str(step), "state")
     saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
     saved = getattr(saved, "tree", saved)
-    keys = {"online": ("params", "encoder"), "ema": ("method_state", "ema_encoder")}
+    keys = {"online": ("params", module), "ema": ("method_state", "ema_encoder")}
+    if module != "encoder" and which != "online":
+      raise PretrainedMismatchError(f"the {module!r} of {workdir} is read from the online "
+                                    f"weights: set config.finetune.pretrained_encoder='online'")
     if which not in keys:
       raise PretrainedMismatchError(f"config.finetune.pretrained_encoder={which!r}: use 'online' or 'ema'")
     outer, inner = keys[which]
@@ -157,9 +163,9 @@ def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int
     # The encoder's other collections (BatchNorm statistics), online or EMA.
     mstate = saved.get("method_state", {}) if isinstance(saved.get("method_state"), dict) else {}
     col_key = {"online": "collections", "ema": "ema_collections"}[which]
-    cols = module_entries(mstate.get(col_key), "encoder")
+    cols = module_entries(mstate.get(col_key), module)
     if cols:
-      item.setdefault("method_state", {})[col_key] = {c: {"encoder": shapes(t)} for c, t in cols.items()}
+      item.setdefault("method_state", {})[col_key] = {c: {module: shapes(t)} for c, t in cols.items()}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True)))
@@ -169,7 +175,7 @@ def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int
   if not cols:
     return params
   restored = out["state"]["method_state"][col_key]
-  return {"params": params, **{c: jax.tree.map(np.asarray, restored[c]["encoder"]) for c in cols}}
+  return {"params": params, **{c: jax.tree.map(np.asarray, restored[c][module]) for c in cols}}
 
 
 def merge_pretrained(init: dict, loaded: dict, workdir: str) -> dict:
@@ -237,6 +243,29 @@ class FineTune(Method):
     self.mean = tuple(config.input.mean)
     self.std = tuple(config.input.std)
     self._loaded = None                 # the pretrained encoder, read once (numpy)
+    # SimCLR v2 fine-tunes from the projection head's first layer (ft_proj_selector): the
+    # first proj_layers layers of the pretraining run's projector (each with its ReLU) stay
+    # between the pooled features and the classifier, initialised from that run.
+    self.proj_layers = int(f.get("proj_layers", 0) or 0)
+    self.proj = self._projector() if self.proj_layers else None
+
+  def _projector(self):
+    """The first proj_layers layers of the pretraining run's `projector` head."""
+    if self.is_vit or not self.pretrained:
+      raise ValueError("config.finetune.proj_layers > 0 needs a CNN backbone and "
+                       "config.finetune.pretrained (a run with a projector head, e.g. SimCLR)")
+    from mim_jax import methods  # pylint: disable=g-import-not-at-top
+    try:
+      pre = methods.get(config_lib.load_run_config(self.pretrained))
+      head = pre.heads["projector"]
+    except (TrainingError, AttributeError, KeyError):
+      raise ValueError(f"config.finetune.proj_layers: {self.pretrained} has no projector head "
+                       f"to fine-tune from: set config.finetune.proj_layers=0") from None
+    if self.proj_layers >= len(head.layers):
+      raise ValueError(f"config.finetune.proj_layers={self.proj_layers}: the projector of "
+                       f"{self.pretrained} has {len(head.layers)} layers; keep fewer (its "
+                       f"output layer is the contrastive embedding)")
+    return head.clone(layers=tuple(head.layers[:self.proj_layers]), parent=None)
 
   def encoder_overrides(self):
     # MAE fine-tunes the position embedding: a learnable table initialised to the sin-cos one.
@@ -265,9 +294,21 @@ class FineTune(Method):
       enc = {col: merge_pretrained(tree, loaded.get(col, {}), self.pretrained)
              for col, tree in enc.items()}
     fmap = jax.eval_shape(lambda: self.encoder.apply(enc, images, features_only=True))
-    tokens = jnp.zeros((1, 1, fmap.shape[-1]), jnp.float32)
-    return {"params": {"encoder": enc["params"], "head": self.head.init(r_head, tokens)["params"]},
-            **{col: {"encoder": tree} for col, tree in enc.items() if col != "params"}}
+    width = fmap.shape[-1]
+    out = {"params": {"encoder": enc["params"]},
+           **{col: {"encoder": tree} for col, tree in enc.items() if col != "params"}}
+    if self.proj is not None:
+      proj = dict(self.proj.init(r_head, jnp.zeros((2, width), jnp.float32)))
+      loaded = load_pretrained_encoder(self.pretrained, "online", self.config.model,
+                                       self.image_size, module="projector")
+      loaded = loaded if "params" in loaded else {"params": loaded}
+      for col, tree in proj.items():
+        kept = {k: v for k, v in loaded.get(col, {}).items() if k in tree}
+        out.setdefault(col, {})["projector"] = merge_pretrained(tree, kept, self.pretrained)
+      width = self.proj.layers[-1][0]
+    tokens = jnp.zeros((1, 1, width), jnp.float32)
+    out["params"]["head"] = self.head.init(r_head, tokens)["params"]
+    return out
 
   def init(self, rng, images):
     loaded = self.pretrained_encoder_params() if self.pretrained else None   # fails early
@@ -303,6 +344,15 @@ class FineTune(Method):
     else:
       fmap, new = self.encoder.apply(v, images, train=False, features_only=True), None
     tokens = fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])
+    if self.proj is not None:
+      pv = self.variables(params, state, "projector")
+      mutable = [c for c in pv if c != "params"] if train else []
+      if mutable:
+        x, upd = self.proj.apply(pv, tokens.mean(axis=1), train=True, mutable=mutable)
+        new = {**(new or {}), **{c: {**(new or {}).get(c, {}), "projector": t} for c, t in upd.items()}}
+      else:
+        x = self.proj.apply(pv, tokens.mean(axis=1), train=False)
+      tokens = nn.relu(x)[:, None, :]
     feats, logits = self.head.apply({"params": params["head"]}, tokens)
     return feats, logits, new
 

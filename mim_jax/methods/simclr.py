@@ -14,8 +14,9 @@ Chen et al., NeurIPS 2020), exact to google-research/simclr (tf2/).
     (v1: 2 layers, v2: 3); 'linear': one such last layer; 'none': the encoder output.
     Dense kernels N(0, 0.01).
   * The features for evaluation are the encoder output ('hidden'), as the official linear
-    evaluation; v2 fine-tunes from the head's first layer (ft_proj_selector=1: not built
-    here yet, see the config).
+    evaluation; v2 fine-tunes from the head's first layer (ft_proj_selector=1):
+    configs/finetune.py with finetune.proj_layers=1 keeps that layer (and its ReLU) in front
+    of the classifier, initialised from this run.
 """
 from __future__ import annotations
 
