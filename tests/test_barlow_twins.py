@@ -121,6 +121,15 @@ def test_biases_and_batchnorm_get_their_own_rate_without_decay_or_trust_ratio(ti
   assert methods.get(c2).param_groups() == ()
 
 
+def assert_official_schedule(c, spe: int = 20, total: int = 1000):
+  """The config's lr at batch 2048 equals adjust_learning_rate's (peak 0.2 x 8, 10 warm-up
+  epochs, cosine to 0.001 x peak) at a few steps."""
+  sched = optim.make_schedule(c.optim, 2048, spe, total)
+  for s in (0, 7, 200, 201, 600, 999):
+    np.testing.assert_allclose(float(sched(s)), official_lr(s, total, 10 * spe, 0.2 * 8), rtol=1e-5,
+                               atol=1e-7)
+
+
 def official_lr(step, steps, warmup, peak):
   """main.py adjust_learning_rate (peak = batch / 256 x the group's base rate)."""
   if step < warmup:
@@ -141,11 +150,7 @@ def test_imagenet_preset_is_the_official_recipe():
   assert tuple(v.global_scale) == (0.08, 1.0) and tuple(v.jitter) == (0.4, 0.4, 0.2, 0.1)
   assert (v.jitter_prob, v.gray_prob, v.solarize_prob) == (0.8, 0.2, 0.2)
   assert tuple(v.blur_probs[:2]) == (1.0, 0.1) and tuple(v.blur_radius) == (0.1, 2.0)
-  spe, total = 20, 1000
-  sched = optim.make_schedule(c.optim, 2048, spe, total)
-  for s in (0, 7, 200, 201, 600, 999):
-    np.testing.assert_allclose(float(sched(s)), official_lr(s, total, 10 * spe, 0.2 * 8), rtol=1e-5,
-                               atol=1e-7)
+  assert_official_schedule(c)
 
 
 @pytest.mark.parametrize("preset", ["", "cifar10"])

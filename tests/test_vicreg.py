@@ -8,10 +8,9 @@ import pytest
 
 from helpers import load_config
 from je_helpers import method_and_state, tiny_je_config
-from mim_jax import optim
 from mim_jax.methods import barlow_twins as bt
 from mim_jax.methods import vicreg
-from test_barlow_twins import official_lr
+from test_barlow_twins import assert_official_schedule
 
 
 def ref_terms(x, y):
@@ -103,11 +102,7 @@ def test_imagenet_preset_is_the_official_recipe():
   assert tuple(w.global_scale) == (0.08, 1.0) and tuple(w.jitter) == (0.4, 0.4, 0.2, 0.1)
   assert (w.jitter_prob, w.gray_prob, w.solarize_prob) == (0.8, 0.2, 0.2)
   assert tuple(w.blur_probs[:2]) == (1.0, 0.1)
-  spe, total = 20, 1000
-  sched = optim.make_schedule(c.optim, 2048, spe, total)
-  for s in (0, 7, 200, 201, 600, 999):
-    np.testing.assert_allclose(float(sched(s)), official_lr(s, total, 10 * spe, 0.2 * 8), rtol=1e-5,
-                               atol=1e-7)
+  assert_official_schedule(c)
 
 
 @pytest.mark.parametrize("preset", ["", "cifar10"])
