@@ -60,6 +60,7 @@ def get_config(arg=None):
       mask_ratio=0.8, num_masks=5, disjoint=True,
       proj_dim=256, mlp_dim=4096,
       ema_momentum=0.996,
+      head_norm="layernorm",    # 'batchnorm': BYOL-style heads, a control (not official)
       class_attention_layers=2, layer_scale_init_value=0.1,
       color_aug=True, jitter_prob=0.8, jitter=(0.4, 0.4, 0.2, 0.1), gray_prob=0.2,
   )

@@ -98,12 +98,20 @@ def np_dense(x, p):
   return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
 
 
-def np_mlp(x, p, layers):
-  """_build_proj / _build_pred: Linear, then (LayerNorm eps 1e-5, GELU, Linear) repeated."""
+def np_bn(x, p, eps=1e-5):
+  """BatchNorm1d in training mode over the rows of x [N, C] (biased variance)."""
+  mu = x.mean(0)
+  var = x.var(0)
+  return (x - mu) / np.sqrt(var + eps) * np.asarray(p["scale"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def np_mlp(x, p, layers, norm="layernorm"):
+  """_build_proj / _build_pred: Linear, then (LayerNorm eps 1e-5, GELU, Linear) repeated;
+  norm='batchnorm' (the control) normalises each feature over the rows instead."""
   for i in range(layers):
     x = np_dense(x, p[f"linear{i}"])
     if i < layers - 1:
-      x = np_gelu(np_ln(x, p[f"norm{i}"], 1e-5))
+      x = np_gelu(np_bn(x, p[f"norm{i}"]) if norm == "batchnorm" else np_ln(x, p[f"norm{i}"], 1e-5))
   return x
 
 
@@ -166,6 +174,35 @@ def test_loss_equals_hand_computation():
   # The student and teacher views are not interchangeable (the loss is not symmetrised).
   swapped = {"student": views["teacher"], "teacher": views["student"]}
   assert abs(hand_loss(m, swapped, params, state, fixed_keep_ids()) - want) > 1e-4
+
+
+def test_batchnorm_head_control_normalises_over_all_masked_copies():
+  """head_norm='batchnorm' (not official): the student's heads normalise over all M x B masked
+  copies of one step at once, the teacher's over its B images, with batch statistics."""
+  m = methods.get(small_config(head_norm="batchnorm"))
+  _, views, _, _ = arrays()
+  params = jax.jit(m.init)(jax.random.PRNGKey(5), views["student"])
+  assert set(params["projector"]["norm0"]) == {"scale", "bias"}
+  params = jax.tree.map(lambda a: a + 0.1 * jnp.cos(jnp.arange(a.size).reshape(a.shape)), params)
+  state = {"teacher": {"encoder": params["encoder"], "projector": params["projector"]}}
+  ids = fixed_keep_ids()
+  loss, _ = jax.jit(lambda p, s, i: m.loss_with_keep_ids(p, s, views, i))(params, state, jnp.asarray(ids))
+  p = to64(params)
+  cls = np.concatenate([np.asarray(encoder_fn()(params["encoder"], views["student"],
+                                                jnp.asarray(ids[i]))[0], np.float64)[:, 0]
+                        for i in range(M)])                   # [M * B, D], mask-major
+  q = np_mlp(np_mlp(cls, p["projector"], 3, "batchnorm"), p["predictor"], 2, "batchnorm")
+  tok = np.asarray(encoder_fn()(params["encoder"], views["teacher"], None)[0], np.float64)[:, 0]
+  k = np_normalize(np_mlp(tok, p["projector"], 3, "batchnorm"))
+  want = np.mean(np.sum((np_normalize(q).reshape(M, B, -1) - k) ** 2, -1))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  # per-mask statistics would give another loss, so the test tells the two apart
+  q_per_mask = np.concatenate([np_mlp(np_mlp(c, p["projector"], 3, "batchnorm"), p["predictor"], 2,
+                                      "batchnorm") for c in np.split(cls, M)])
+  other = np.mean(np.sum((np_normalize(q_per_mask).reshape(M, B, -1) - k) ** 2, -1))
+  assert abs(other - want) > 1e-3
+  with pytest.raises(ValueError, match="head_norm"):
+    methods.get(small_config(head_norm="groupnorm"))
 
 
 def test_encoder_is_vits_class_attention_model():

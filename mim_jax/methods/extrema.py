@@ -21,7 +21,8 @@ Exact to microsoft/ExtreMA (`lib/builder.py`, `vits.py`, `main.py`, `lib/augment
   * projector (the encoders' `head`): Linear(D, mlp_dim) LN GELU Linear(mlp_dim, mlp_dim) LN GELU
     Linear(mlp_dim, proj_dim); predictor: Linear(proj_dim, mlp_dim) LN GELU
     Linear(mlp_dim, proj_dim). LayerNorm (eps 1e-5), not BatchNorm, in both; xavier-uniform
-    weights, zero biases.
+    weights, zero biases. (`head_norm='batchnorm'`, not official, swaps each LayerNorm for a
+    training-mode BatchNorm over the call's rows: the control of the collapse study.)
   * masks (`generate_mask`): per image one argsort of uniform noise over the L patches; with
     `disjoint` (the default) mask i keeps the slice [i v, (i + 1) v) of that order, v =
     int(L (1 - mask_ratio)), so the masks of one image never share a token; otherwise each
@@ -66,13 +67,34 @@ Dtype = Any
 # ---------------------------------------------------------------------------------------------
 # Heads (builder._build_proj / _build_pred) and the loss.
 
+class BatchStatNorm(nn.Module):
+  """BatchNorm1d in training mode (eps 1e-5, affine): each call normalises by the statistics
+  of its own rows (all leading axes), as BYOL's heads do at every forward. No running averages
+  are kept: the heads are never evaluated (the probes read the encoder's cls token), so they
+  would only be dead state. For the `head_norm='batchnorm'` control only (not official)."""
+  epsilon: float = 1e-5
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.mean(jnp.square(x - mean), axis=axes)     # biased, as torch normalises
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
 class MLPHead(nn.Module):
-  """Linear layers with LayerNorm (eps 1e-5) + exact GELU between them."""
+  """Linear layers with LayerNorm (eps 1e-5) + exact GELU between them; `norm='batchnorm'`
+  puts `BatchStatNorm` where the LayerNorms are (a control, not the official heads)."""
   num_layers: int
   hidden: int
   out: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm: str = "layernorm"
 
   @nn.compact
   def __call__(self, x):
@@ -81,8 +103,11 @@ class MLPHead(nn.Module):
       x = nn.Dense(self.out if last else self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=vit.xavier_uniform, name=f"linear{i}")(x)
       if not last:
-        x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype,
-                         name=f"norm{i}")(x)
+        if self.norm == "batchnorm":
+          x = BatchStatNorm(param_dtype=self.param_dtype, name=f"norm{i}")(x)
+        else:
+          x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype,
+                           name=f"norm{i}")(x)
         x = vit.gelu_exact(x)
     return x.astype(jnp.float32)
 
@@ -150,8 +175,12 @@ class ExtreMA(Method):
     self.num_kept = int(self.num_patches * (1 - self.mask_ratio))
     sample_keep_ids(jax.random.PRNGKey(0), 1, self.num_patches, self.mask_ratio, self.num_masks,
                     self.disjoint)   # checks the settings now, with a message
-    self.projector = MLPHead(3, int(c.mlp_dim), int(c.proj_dim), dtype, param_dtype)
-    self.predictor = MLPHead(2, int(c.mlp_dim), int(c.proj_dim), dtype, param_dtype)
+    norm = str(c.get("head_norm", "layernorm"))
+    if norm not in ("layernorm", "batchnorm"):
+      raise ValueError(f"extrema.head_norm={norm!r}: use 'layernorm' (official) or 'batchnorm' "
+                       "(the BYOL-style control)")
+    self.projector = MLPHead(3, int(c.mlp_dim), int(c.proj_dim), dtype, param_dtype, norm)
+    self.predictor = MLPHead(2, int(c.mlp_dim), int(c.proj_dim), dtype, param_dtype, norm)
 
   def encoder_overrides(self) -> dict:
     """vits.py's model as `vit.ViT` options: the class-attention blocks that build the cls
