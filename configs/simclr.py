@@ -26,7 +26,21 @@ Official settings (tf2/run.py defaults; README's CIFAR-10 command for the cifar 
 
 Switches: simclr.proj_head_mode 'nonlinear' | 'linear' | 'none' (the paper's head study),
 simclr.num_proj_layers (v1 2, v2 3), simclr.color_strength s (the jitter is (0.8 s, 0.8 s,
-0.8 s, 0.2 s); views.jitter is not read), simclr.temperature.
+0.8 s, 0.2 s); views.jitter is not read), simclr.temperature, simclr.aug_study (the paper's
+augmentation study, Sec. 3 / Fig. 5: '' is the recipe; 'op' or 'op1+op2' with ops crop, color,
+rotate, cutout, noise, blur, sobel leaves one branch as the image and gives the other those
+operators in order; tools/joint_embedding_tables.py --table simclr_aug runs every single op
+and pair).
+
+The study's operators (data/views.py): crop, colour and blur are the recipe's (crop
+RandomResizedCrop views.global_scale + flip; colour the jitter of color_strength with p 0.8
+then greyscale p 0.2; blur radius U(0.1, 2) always). The paper gives no parameters for the
+other four, nor does the official code hold them; mim_jax's choice: rotate 90 / 180 / 270
+uniformly; cutout one black square of side U(1/4, 1/2) of the image, centre uniform (clipped
+at the borders); noise additive Gaussian, sigma U(0, 25.5) levels per image; Sobel the
+gradient magnitude of the luma (3x3 kernels) in all three channels. Both branches start from
+the image at the input size (in-memory data as stored, resized if needed; streamed data the
+centre square); the paper first takes one random crop for both (ImageNet's sizes differ).
 
 Deviations:
   * The colour ops are torchvision's on PIL levels (data/views.py): brightness, contrast and
@@ -59,6 +73,7 @@ def get_config(arg=None):
   c.method = "simclr"
   c.simclr = dict(temperature=0.1, proj_head_mode="nonlinear", num_proj_layers=3,
                   proj_out_dim=128, head_init="normal_0.01", color_strength=1.0,
+                  aug_study="",      # the augmentation study: 'crop+color' etc. ('' = recipe)
                   # views.jitter is (0.8 s, 0.8 s, 0.8 s, 0.2 s) of color_strength s.
                   views=views_config(blur_probs=(0.5, 0.5), solarize_prob=0.0))
   c.optim.update(name="lars", base_lr=0.3, lr_batch_divisor=256, momentum=0.9, weight_decay=1e-6,

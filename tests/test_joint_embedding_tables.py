@@ -46,6 +46,11 @@ def test_every_row_is_a_valid_override_and_recipes_are_shared(tmp_path, capsys):
     methods.get(c)                                            # the values build the method
   for name in tool.TABLES:
     assert os.path.exists(tmp_path / f"{name}.md")
+  # SimCLR's augmentation study: the recipe, the 7 single operators and their 21 pairs.
+  aug = tool.TABLES["simclr_aug"]
+  studies = [r.overrides["simclr.aug_study"] for r in aug.rows]
+  assert len(studies) == 29 and len(set(studies)) == 29 and tool.ablations.is_recipe(aug, aug.rows[0])
+  assert sum("+" in s for s in studies) == 21 and "crop+color" in studies
   # The recipe row of SimCLR's head table is the preset's own run, shared.
   head = tool.TABLES["simclr_head"]
   assert [tool.ablations.is_recipe(head, r) for r in head.rows] == [False, False, False, True]

@@ -17,6 +17,10 @@ deviation of the L2-normalised output times sqrt(d) (1 healthy, 0 collapsed). Ta
   moco_temperature  the temperature sweep with and without the MLP head
   simclr_batch      SimCLR's batch size
   simclr_head       SimCLR's projection head: none / linear / non-linear
+  simclr_aug        SimCLR's augmentation study (Fig. 5): one branch the image, the other
+                    each single operator of crop, color, rotate, cutout, noise, blur, sobel and
+                    each pair of them (in that order), beside the recipe (both branches crop +
+                    colour)
   simsiam_stopgrad  SimSiam without stop-gradient (expected to collapse) beside its recipe
   byol_predictor    BYOL without its predictor beside its recipe
 
@@ -84,6 +88,19 @@ TABLES = {
                                           "simclr.num_proj_layers": 3}),
     ]),
 }
+
+
+def _aug_rows() -> list:
+  from mim_jax.data.views import STUDY_OPS  # pylint: disable=g-import-not-at-top
+  ops = list(STUDY_OPS)
+  pairs = [(a,) for a in ops] + [(a, b) for i, a in enumerate(ops) for b in ops[i + 1:]]
+  return ([Row("recipe: both branches crop + colour", {"simclr.aug_study": ""})]
+          + [Row("one branch: " + " then ".join(p), {"simclr.aug_study": "+".join(p)})
+             for p in pairs])
+
+
+TABLES["simclr_aug"] = _table("SimCLR: augmentations on one branch (the other the image)",
+                              "simclr", _aug_rows())
 
 
 def main(argv: list[str]) -> int:

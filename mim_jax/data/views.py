@@ -248,6 +248,104 @@ def gaussian_blur(x: jax.Array, radius: jax.Array, max_radius: float = 2.0,
 
 
 # ---------------------------------------------------------------------------------------------
+# SimCLR's augmentation study (Chen et al. 2020, Sec. 3 and Fig. 4-5): the seven operators,
+# each random per image, on 8-bit levels [B, S, S, 3]. The paper names rotate {90, 180, 270},
+# cutout, Gaussian noise and Sobel filtering without their parameters (they are not in
+# google-research/simclr either); the ranges below are mim_jax's choice, stated in
+# configs/simclr.py. crop, colour and blur are the recipe's own operators.
+
+STUDY_OPS = ("crop", "color", "rotate", "cutout", "noise", "blur", "sobel")
+
+
+def rotate90(rng: jax.Array, x: jax.Array) -> jax.Array:
+  """Each square image rotated by 90, 180 or 270 degrees (uniform; never 0)."""
+  k = jax.random.randint(rng, (x.shape[0],), 1, 4)
+  out = x
+  for i in (1, 2, 3):
+    out = jnp.where((k == i)[:, None, None, None], jnp.rot90(x, i, axes=(1, 2)), out)
+  return out
+
+
+def cutout(rng: jax.Array, x: jax.Array, side: Sequence[float] = (0.25, 0.5)) -> jax.Array:
+  """One square per image set to 0 (black): side ~ U(side) x the image side (whole pixels,
+  at least 1), centre uniform over the image, the square clipped at the borders."""
+  b, h, w = x.shape[:3]
+  k_s, k_y, k_x = jax.random.split(rng, 3)
+  size = jnp.maximum(1.0, jnp.round(jax.random.uniform(k_s, (b,), minval=side[0], maxval=side[1])
+                                    * min(h, w)))
+  cy = jax.random.randint(k_y, (b,), 0, h).astype(jnp.float32)
+  cx = jax.random.randint(k_x, (b,), 0, w).astype(jnp.float32)
+  y0 = cy - jnp.floor(size / 2)
+  x0 = cx - jnp.floor(size / 2)
+  rows = jnp.arange(h, dtype=jnp.float32)[None, :]
+  cols = jnp.arange(w, dtype=jnp.float32)[None, :]
+  in_r = (rows >= y0[:, None]) & (rows < (y0 + size)[:, None])
+  in_c = (cols >= x0[:, None]) & (cols < (x0 + size)[:, None])
+  hole = in_r[:, :, None] & in_c[:, None, :]
+  return jnp.where(hole[..., None], 0.0, x)
+
+
+def gaussian_noise(rng: jax.Array, x: jax.Array, max_sigma: float = 25.5) -> jax.Array:
+  """Additive N(0, sigma^2) per pixel and channel, sigma ~ U(0, max_sigma) levels per image
+  (at most a tenth of the 8-bit range), rounded and clipped to 0..255."""
+  k_s, k_n = jax.random.split(rng)
+  sigma = jax.random.uniform(k_s, (x.shape[0], 1, 1, 1), maxval=max_sigma)
+  return jnp.round(jnp.clip(x + sigma * jax.random.normal(k_n, x.shape), 0.0, 255.0))
+
+
+def sobel(x: jax.Array) -> jax.Array:
+  """Sobel filtering: the gradient magnitude sqrt(gx^2 + gy^2) of the image's luma (3x3 Sobel
+  kernels, edges replicated), clipped to 0..255, rounded and copied to the three channels."""
+  l = finetune_aug.luma(jnp.round(jnp.clip(x, 0.0, 255.0)))[..., 0]
+  p = jnp.pad(l, ((0, 0), (1, 1), (1, 1)), mode="edge")
+  h, w = l.shape[1:]
+
+  def at(dy, dx):
+    return p[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+  gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
+  gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
+  mag = jnp.round(jnp.clip(jnp.sqrt(gx * gx + gy * gy), 0.0, 255.0))
+  return jnp.broadcast_to(mag[..., None], x.shape)
+
+
+def study_view(rng: jax.Array, x: jax.Array, ops: Sequence[str], views_cfg) -> jax.Array:
+  """The study's transformed branch: `ops` (of STUDY_OPS) applied in that order to levels
+  x [B, S, S, 3]. crop: RandomResizedCrop(views_cfg.global_scale, ratio) + flip at the same
+  size; color: the views' jitter with its probability, then greyscale with its probability;
+  blur: PIL's Gaussian blur of radius ~ U(views_cfg.blur_radius), always; rotate, cutout,
+  noise, sobel: the functions above, always."""
+  v = views_cfg
+  b, size = x.shape[0], x.shape[1]
+  x = jnp.round(jnp.clip(x.astype(jnp.float32), 0.0, 255.0))
+  for op, key in zip(ops, jax.random.split(rng, max(1, len(ops)))):
+    if op == "crop":
+      x = jnp.round(jnp.clip(augment.random_resized_crop_flip(
+          key, x, out_size=size, scale=tuple(v.global_scale), ratio=tuple(v.ratio),
+          hflip=bool(v.hflip)), 0.0, 255.0))
+    elif op == "color":
+      k_p, k_j, k_g = jax.random.split(key, 3)
+      x = _where(jax.random.uniform(k_p, (b,)) < float(v.jitter_prob),
+                 color_jitter(k_j, x, *tuple(v.jitter)), x)
+      x = _where(jax.random.uniform(k_g, (b,)) < float(v.gray_prob), grayscale(x), x)
+    elif op == "blur":
+      k_r, _ = jax.random.split(key)
+      lo, hi = (float(r) for r in v.blur_radius)
+      x = gaussian_blur(x, jax.random.uniform(k_r, (b,), minval=lo, maxval=hi), max_radius=hi)
+    elif op == "rotate":
+      x = rotate90(key, x)
+    elif op == "cutout":
+      x = cutout(key, x)
+    elif op == "noise":
+      x = gaussian_noise(key, x)
+    elif op == "sobel":
+      x = sobel(x)
+    else:
+      raise ValueError(f"unknown augmentation {op!r}: use {', '.join(STUDY_OPS)}")
+  return x
+
+
+# ---------------------------------------------------------------------------------------------
 # Views.
 
 

@@ -13,6 +13,9 @@ Chen et al., NeurIPS 2020), exact to google-research/simclr (tf2/).
     ReLU; the last proj_out_dim wide with BN without centre (scale only) and no ReLU
     (v1: 2 layers, v2: 3); 'linear': one such last layer; 'none': the encoder output.
     Dense kernels N(0, 0.01).
+  * The augmentation study (Sec. 3, Fig. 5; `simclr.aug_study`, e.g. 'crop+color'): both
+    branches start from the same image at the input size; one branch is left as it is (the
+    identity) and the other gets the named operators in that order (`data.views.study_view`).
   * The features for evaluation are the encoder output ('hidden'), as the official linear
     evaluation; v2 fine-tunes from the head's first layer (ft_proj_selector=1):
     configs/finetune.py with finetune.proj_layers=1 keeps that layer (and its ReLU) in front
@@ -67,15 +70,52 @@ def projection_layers(mode: str, num_layers: int, in_dim: int, out_dim: int) -> 
   raise ValueError(f"simclr.proj_head_mode={mode!r}: use 'nonlinear', 'linear' or 'none'")
 
 
+def study_ops(spec: str) -> tuple[str, ...]:
+  """simclr.aug_study ('crop+color', say; '' = off) as the operators in their order."""
+  from mim_jax.data.views import STUDY_OPS
+  ops = tuple(o.strip() for o in str(spec or "").split("+") if o.strip())
+  bad = [o for o in ops if o not in STUDY_OPS]
+  if bad:
+    raise ValueError(f"simclr.aug_study={spec!r}: unknown {bad[0]!r}; join operators of "
+                     f"{', '.join(STUDY_OPS)} with '+' (e.g. 'crop+color'), or '' for the recipe")
+  return ops
+
+
 class SimCLR(JointEmbedding):
   name = "simclr"
   concat_views = True
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.study = study_ops(self.c.get("aug_study", ""))
 
   def views_cfg(self):
     """The config's views with the colour jitter of simclr.color_strength."""
     v = self.c.views.copy_and_resolve_references()
     v.jitter = color_strength_jitter(float(self.c.color_strength))
     return v
+
+  def train_views(self):
+    """The study's streamed base image: the centre square, resized, unflipped (a crop of the
+    whole area at aspect 1 falls back to torchvision's centre crop); else the two views."""
+    if not self.study:
+      return super().train_views()
+    from mim_jax.data.host_crop import CropSpec
+    return (CropSpec("global", 1, int(self.config.input.image_size), (1.0, 1.0), (1.0, 1.0),
+                     hflip=False),)
+
+  def preprocess(self, rng, images, input_cfg, on_device_aug):
+    if not self.study:
+      return super().preprocess(rng, images, input_cfg, on_device_aug)
+    from mim_jax.data import augment, preprocess, views
+    if isinstance(images, dict):
+      base = images["global"][:, 0].astype(jnp.float32)
+    else:
+      base = preprocess.crop_or_resize(rng, images, input_cfg, on_device_aug=False)
+    base = jnp.round(jnp.clip(base, 0.0, 255.0))
+    other = views.study_view(rng, base, self.study, self.views_cfg())
+    pair = jnp.stack([base, other], axis=1)                  # [B, 2, S, S, 3]: identity first
+    return {"global": augment.normalize(pair, input_cfg.mean, input_cfg.std)}
 
   def head_modules(self):
     c = self.c
