@@ -79,6 +79,14 @@ def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
       learn_pos_embed=True,         # MAE fine-tunes pos_embed (from the sin-cos table)
       proj_layers=0,                # CNNs: keep the pretrained projector's first N layers
                                     # (SimCLR v2 fine-tunes from its first: 1)
+      # SimCLR v2's distillation stage: a fine-tuned run (teacher) labels every training
+      # image; the student (this run's model) learns its soft targets at `temperature`.
+      distill=dict(teacher="",      # the fine-tuned teacher's workdir; '' = plain fine-tuning
+                   temperature=0.1,   # paper: 0.1 self-distillation, 1.0 big-to-small
+                   alpha=1.0,       # 1: distillation only (the paper's default); < 1 adds
+                                    # (1 - alpha) x the labelled images' cross-entropy
+                   labeled_subset=0.0,  # the teacher's input.data.train_subset (for alpha < 1)
+                   scale_t2=True),  # x T^2, as the official colab's add_kd_loss
       aug=dict(
           rand_augment=True, ra_num_layers=2, ra_magnitude=9.0, ra_magnitude_std=0.5,
           ra_prob=0.5,              # timm 'rand-m9-mstd0.5-inc1'

@@ -52,12 +52,20 @@ Deviations:
     BatchNorm momentum 0.1 = TF's decay 0.9, eps 1e-5); TF's ResNet uses variance-scaling
     initialisers. The head's kernels are N(0, 0.01) as TF's LinearLayer.
   * The total steps are epochs x examples / batch (TF adds 1).
-  * Not built yet: the distillation of v2's semi-supervised stage.
 Fine-tuning from the head's first layer (v2's ft_proj_selector=1): configs/finetune.py on the
 pretraining run's model, with the projector's first layer kept in front of the classifier:
   python -m mim_jax.main --config=configs/finetune.py:resnet18_cifar10 --workdir=/tmp/simclr_ft \
     --config.input.data.dir=../shared/data/cifar10/train --config.model.width=0.25 \
     --config.finetune.pretrained=/tmp/simclr_c10 --config.finetune.proj_layers=1
+v2's semi-supervised stage: fine-tune on a labelled subset (add
+--config.input.data.train_subset=0.1 above, workdir /tmp/simclr_ft10), then distil it into a
+student on every training image with its soft labels (finetune.distill, no labels used; the
+student here the same ResNet without the head, from scratch: self-distillation):
+  python -m mim_jax.main --config=configs/finetune.py:resnet18_cifar10 --workdir=/tmp/simclr_kd \
+    --config.input.data.dir=../shared/data/cifar10/train --config.model.width=0.25 \
+    --config.finetune.distill.teacher=/tmp/simclr_ft10
+The teacher's runs (the fine-tune and its pretraining run) must stay where they are while the
+student starts.
 CPU presets: ResNet-18 at width 0.25, batch 128 / 256, 5 / 8 epochs with 1 / 0.5
 warm-up epochs, the official CIFAR-10 optimiser, temperature, colour strength and no blur.
 """

@@ -140,9 +140,9 @@ def _abstract_state(method, config) -> tuple:
   size = int(config.input.image_size)
   dummy = jax.ShapeDtypeStruct((2, size, size, 3), np.float32)
 
-  def init(rng, images):
-    params = method.init(rng, images)
-    return params, method.init_state(params)
+  def init(rng, images):     # as the trainer builds them (a CNN's BatchNorm state included)
+    variables = method.init_variables(rng, images)
+    return variables["params"], method.initial_state(variables)
 
   params, mstate = jax.eval_shape(init, jax.random.PRNGKey(0), dummy)
   external = method.external_state()   # shapes too: the caller's restoring context is active

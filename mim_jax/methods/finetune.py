@@ -28,6 +28,17 @@ encoder in `init`, after a check that the architecture and every parameter shape
 '' trains from scratch (the same initialisation as pretraining). Resuming and --mode=eval
 restore the fine-tune checkpoint over the initialisation, so they work with '' as well.
 
+SimCLR v2's distillation stage (`config.finetune.distill`, Chen et al. 2020b, Sec. 2.3): with
+`distill.teacher` = a fine-tuned run's workdir, the loss is alpha x mean_i sum_y
+-P_T(y | x_i; T) log P_S(y | x_i; T) with P(y | x; T) = softmax(logits / T), times T^2 as the
+official colab's `add_kd_loss` (scale_t2), plus (1 - alpha) x the cross-entropy of the images
+in the teacher's labelled subset (`distill.labeled_subset`, by the batch's dataset indices)
+summed over the batch / B: the batch estimate of the paper's sums. The teacher (its
+parameters and BatchNorm statistics, frozen in the method state and checkpointed with the run)
+runs in evaluation mode on the student's very input, as the colab calls it with
+trainable=False. Paper: T = 0.1 for self-distillation, 1.0 big-to-small, alpha = 1 (the
+unlabelled images only) unless stated.
+
 Deviations: the encoder's final norm stays in the parameters (unused with mean pooling, so
 its gradient is zero and AdamW leaves it untouched) so the tree matches the pretrained one;
 one mixup lam per global batch (per micro-batch with grad_accum) where the official code draws
@@ -248,6 +259,23 @@ class FineTune(Method):
     # between the pooled features and the classifier, initialised from that run.
     self.proj_layers = int(f.get("proj_layers", 0) or 0)
     self.proj = self._projector() if self.proj_layers else None
+    # SimCLR v2's distillation stage: a fine-tuned run's logits as soft targets.
+    d = f.get("distill", None)
+    self.distill_teacher = str((d or {}).get("teacher", "") or "")
+    if self.distill_teacher:
+      self.kd_temperature = float(d.temperature)
+      self.kd_alpha = float(d.alpha)
+      self.kd_scale = bool(d.get("scale_t2", True))
+      self.kd_labeled = d.get("labeled_subset", 0)
+      if self.kd_temperature <= 0 or not 0.0 <= self.kd_alpha <= 1.0:
+        raise ValueError(f"config.finetune.distill: temperature {self.kd_temperature} must be "
+                         f"> 0 and alpha {self.kd_alpha} in [0, 1] (1: distillation only)")
+      if self.kd_alpha < 1.0 and not float(self.kd_labeled or 0):
+        raise ValueError("config.finetune.distill.alpha < 1 weights the labelled images' "
+                         "cross-entropy: set config.finetune.distill.labeled_subset to the "
+                         "teacher's --config.input.data.train_subset")
+      self.batch_fields = ("label", "index")
+      self._teacher_run = None
 
   def _projector(self):
     """The first proj_layers layers of the pretraining run's `projector` head."""
@@ -274,6 +302,81 @@ class FineTune(Method):
     if self.config.model.get("pos_embed", "sincos") == "sincos" and self.config.finetune.get("learn_pos_embed", True):
       return {"pos_embed": "learned"}
     return {}
+
+  # -- SimCLR v2's distillation --------------------------------------------------------------
+  @property
+  def distill_run(self):
+    """(config, method) of the fine-tuned teacher run (its config.json; no checkpoint read)."""
+    if self._teacher_run is None:
+      from mim_jax import methods, teachers  # pylint: disable=g-import-not-at-top
+      key = "finetune.distill.teacher"
+      with teachers.entered(self.frozen_context):
+        try:
+          tcfg = teachers.run_config(self.distill_teacher, key)
+        except teachers.TeacherError:
+          raise TrainingError(f"config.{key}={self.distill_teacher!r} is not a mim_jax workdir: "
+                              f"fine-tune a teacher first (configs/finetune.py) and name its "
+                              f"workdir") from None
+        if tcfg.method != "finetune" or int(tcfg.finetune.num_classes) != self.num_classes:
+          raise TrainingError(f"config.{key}: {self.distill_teacher} is a {tcfg.method!r} run; "
+                              f"the teacher must be a fine-tuned classifier (configs/finetune.py) "
+                              f"with {self.num_classes} classes")
+        if int(tcfg.input.image_size) != self.image_size:
+          raise TrainingError(f"config.{key}: the teacher classifies {tcfg.input.image_size}px "
+                              f"images, this run {self.image_size}px: set "
+                              f"--config.input.image_size={tcfg.input.image_size}")
+        self._teacher_run = (tcfg, methods.get(tcfg))
+    return self._teacher_run
+
+  def external_state(self):
+    if not self.distill_teacher:
+      return {}
+    from mim_jax import teachers  # pylint: disable=g-import-not-at-top
+    self.distill_run  # noqa: B018 (the checks above before the checkpoint is read)
+    with teachers.entered(self.frozen_context):
+      try:
+        run = teachers.load(self.distill_teacher, key="finetune.distill.teacher")
+      except teachers.TeacherError as e:
+        raise TrainingError(f"config.finetune.distill.teacher: {e}") from None
+    keep = {k: v for k, v in (run.method_state or {}).items() if k == "collections"}
+    return {"distill_teacher": {"params": run.params, "state": keep}}
+
+  def labeled_mask(self) -> np.ndarray:
+    """bool [training images]: the teacher's labelled subset (`sources.subset_positions` of
+    the training split with distill.labeled_subset and the data's subset_seed)."""
+    from mim_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+    n = int(pipeline.num_examples(self.config.input, "pretrain"))
+    mask = np.zeros(n, bool)
+    mask[sources.subset_positions(n, self.kd_labeled,
+                                  int(self.config.input.data.get("subset_seed", 0)))] = True
+    return mask
+
+  def distill_loss(self, logits, images, state, targets, index):
+    """SimCLR v2 (Sec. 2.3): alpha x mean_i CE(softmax(teacher_i / T), softmax(student_i / T))
+    (times T^2 with scale_t2, as the official colab's add_kd_loss) + (1 - alpha) x the
+    labelled images' cross-entropy summed over the batch / B; the teacher in evaluation mode
+    on the student's very input."""
+    from mim_jax import teachers  # pylint: disable=g-import-not-at-top
+    tcfg, tmethod = self.distill_run
+    t = state["distill_teacher"]
+    t_logits = tmethod.features(t["params"], t["state"],
+                                teachers.renormalize(images, self.config, tcfg))["logits"]
+    t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
+    tau = self.kd_temperature
+    s_logp = jax.nn.log_softmax(logits.astype(jnp.float32) / tau, axis=-1)
+    kd = jnp.mean(jnp.sum(-jax.nn.softmax(t_logits / tau, axis=-1) * s_logp, axis=-1))
+    if self.kd_scale:
+      kd = kd * tau * tau
+    aux = {"distill": kd,
+           "agree_with_teacher": jnp.mean((jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1))
+                                          .astype(jnp.float32))}
+    if self.kd_alpha == 1.0:
+      return kd, aux
+    labeled = jnp.asarray(self.labeled_mask())[index].astype(jnp.float32)
+    ce = jnp.sum(-targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+    sup = jnp.sum(ce * labeled) / ce.shape[0]
+    aux.update(supervised=sup, labeled_fraction=jnp.mean(labeled))
+    return self.kd_alpha * kd + (1.0 - self.kd_alpha) * sup, aux
 
   # -- parameters -----------------------------------------------------------------------------
   def pretrained_encoder_params(self) -> dict:
@@ -381,7 +484,7 @@ class FineTune(Method):
                                      prob=float(a.mixup_prob), switch_prob=float(a.mixup_switch_prob),
                                      smoothing=float(a.smoothing))
 
-  def loss(self, params, state, images, rng, step, label=None):
+  def loss(self, params, state, images, rng, step, label=None, index=None):
     if label is None:
       raise ValueError("the finetune method needs labels: the trainer passes them as it reads "
                        "batch_fields ('label',)")
@@ -394,7 +497,11 @@ class FineTune(Method):
       _, logits, new = self.cnn_classify(params, state, x, train=True)
       if new:
         aux = {**aux, "collections": new}
-    loss = soft_target_cross_entropy(logits, targets)
+    if self.distill_teacher:
+      loss, extra = self.distill_loss(logits, x, state, targets, index)
+      aux = {**aux, **extra}
+    else:
+      loss = soft_target_cross_entropy(logits, targets)
     acc = jnp.mean((jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32))
     return loss, {**aux, "top1_vs_major_target": acc}
 
