@@ -85,10 +85,14 @@ PRESETS = ('', 'cifar10', 'cifar10_resnet', 'cifar10_full', 'imagenet', 'imagene
 _BLUR_32 = (0.1 * 32 / 224, 2.0 * 32 / 224)
 
 
+def _ibot_config():
+  """configs/ibot.py as a module (DINO and iBOT share their ViT recipe and evaluation)."""
+  return config_lib.config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ibot.py"))
+
+
 def _official_evaluation(c) -> None:
   """configs/ibot.py `official_evaluation` (iBOT's protocol is DINO's eval_knn / eval_linear)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ibot.py")
-  config_lib.config_module(path).official_evaluation(c)
+  _ibot_config().official_evaluation(c)
 
 
 def resnet_recipe(c, *, warmup_epochs: float = 10) -> None:
@@ -116,11 +120,7 @@ def get_config(arg=None):
       views=views_config(scale=(0.4, 1.0), num_local=8, local_size=96, local_scale=(0.05, 0.4),
                          local_blur_prob=0.5),
   )
-  c.model.update(pos_embed="learned", qkv_bias="qkv", init_values=0.0, drop_path=0.1)
-  c.optim.update(name="adamw", base_lr=5e-4, lr_batch_divisor=256, b1=0.9, b2=0.999, eps=1e-8,
-                 weight_decay=0.04, weight_decay_schedule="cosine", weight_decay_end=0.4,
-                 schedule="cosine", warmup_epochs=10, clip_grad=0.0)
-  c.pooling = "cls"
+  _ibot_config().vit_recipe(c)        # the same ViT and AdamW settings as iBOT's
 
   if preset in ("default", "cifar10"):
     config_lib.cpu_preset(c, preset, epochs=(2, 2), batch=(64, 128), warmup_epochs=(0.25, 0.1),

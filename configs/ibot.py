@@ -77,11 +77,7 @@ def get_config(arg=None):
                  jitter=(0.4, 0.4, 0.2, 0.1), gray_prob=0.2, blur_probs=(1.0, 0.1, 0.5),
                  blur_radius=(0.1, 2.0), solarize_prob=0.2),
   )
-  c.model.update(pos_embed="learned", qkv_bias="qkv", init_values=0.0, drop_path=0.1)
-  c.optim.update(name="adamw", base_lr=5e-4, lr_batch_divisor=256, b1=0.9, b2=0.999, eps=1e-8,
-                 weight_decay=0.04, weight_decay_schedule="cosine", weight_decay_end=0.4,
-                 schedule="cosine", warmup_epochs=10, clip_grad=0.0)
-  c.pooling = "cls"
+  vit_recipe(c)
 
   if preset in ("default", "cifar10"):
     # 124 steps (about 2 s each on 2 idle cores) / 351 steps (about 4.5 s each).
@@ -110,6 +106,18 @@ def get_config(arg=None):
     raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10' or 'imagenet'")
   official_evaluation(c)
   return c
+
+
+def vit_recipe(c) -> None:
+  """The ViT and optimiser settings iBOT and DINO share (their main_*.py defaults for ViT-S/16):
+  learned position embedding, qkv bias, no layer scale, drop path 0.1; AdamW (0.9, 0.999),
+  lr 5e-4 x batch / 256 after 10 warm-up epochs, cosine; weight decay cosine 0.04 -> 0.4;
+  the [CLS] token is the image's embedding."""
+  c.model.update(pos_embed="learned", qkv_bias="qkv", init_values=0.0, drop_path=0.1)
+  c.optim.update(name="adamw", base_lr=5e-4, lr_batch_divisor=256, b1=0.9, b2=0.999, eps=1e-8,
+                 weight_decay=0.04, weight_decay_schedule="cosine", weight_decay_end=0.4,
+                 schedule="cosine", warmup_epochs=10, clip_grad=0.0)
+  c.pooling = "cls"
 
 
 def official_evaluation(c) -> None:

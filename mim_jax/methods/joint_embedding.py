@@ -202,9 +202,14 @@ class JointEmbedding(Method):
   def teacher_names(self) -> tuple[str, ...]:
     return ("encoder",) + tuple(self.teacher_heads)
 
+  def has_teacher(self) -> bool:
+    """Whether the method keeps a teacher (an EMA copy of the encoder and teacher_heads): with
+    a momentum > 0; MoCo always (its key encoder at momentum 0 copies the query encoder)."""
+    return self.momentum_base > 0
+
   def init_state(self, params):
     state = dict(super().init_state(params))
-    if self.momentum_base > 0:
+    if self.has_teacher():
       state["teacher"] = {n: jax.tree.map(jnp.copy, params[n]) for n in self.teacher_names()}
     return state
 

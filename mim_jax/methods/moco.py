@@ -71,13 +71,18 @@ def initial_queue(rng: jax.Array, size: int, dim: int) -> jax.Array:
   return l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32), axis=1)
 
 
+def check_queue_size(size: int, keys_per_step: int, batch_note: str = "") -> None:
+  """The official assertion K % keys == 0, as a one-line error that names the fix."""
+  if size <= 0 or size % keys_per_step:
+    raise ValueError(f"moco.k={size} is not a multiple of the {keys_per_step} keys of a step"
+                     f"{batch_note}: set moco.k to a multiple of {keys_per_step}")
+
+
 def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`_dequeue_and_enqueue`: keys [n, d] written at rows ptr .. ptr + n - 1 of the queue [K, d],
   the pointer moved to (ptr + n) % K; K must be a multiple of n (the official assertion)."""
   size, n = queue.shape[0], keys.shape[0]
-  if size % n:
-    raise ValueError(f"moco.k={size} is not a multiple of the {n} keys of a step: set moco.k to a "
-                     f"multiple of the global batch (x2 with moco.symmetric)")
+  check_queue_size(size, n)
   queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, jnp.int32(0)))
   return queue, ((ptr + n) % size).astype(ptr.dtype)
 
@@ -117,11 +122,9 @@ class MoCo(JointEmbedding):
     self.dim = int(self.c.dim)
     self.symmetric = bool(self.c.get("symmetric", False))
     per_step = int(config.input.batch_size) * (2 if self.symmetric else 1)
-    if self.queue_size <= 0 or self.queue_size % per_step:
-      raise ValueError(f"moco.k={self.queue_size} is not a multiple of the {per_step} keys of a "
-                       f"step (global batch {config.input.batch_size}"
-                       f"{' x2, symmetric' if self.symmetric else ''}): set moco.k to a multiple "
-                       f"of {per_step}")
+    check_queue_size(self.queue_size, per_step,
+                     f" (global batch {config.input.batch_size}"
+                     f"{' x2, symmetric' if self.symmetric else ''})")
 
   # -- heads and views ------------------------------------------------------------------------
   def head_modules(self):
@@ -131,10 +134,11 @@ class MoCo(JointEmbedding):
     return self.c.views if bool(self.c.get("aug_plus", True)) else v1_views(self.c.views)
 
   # -- state ----------------------------------------------------------------------------------
+  def has_teacher(self) -> bool:
+    return True          # moco.momentum = 0: the key encoder copies the query encoder
+
   def init_state(self, params):
     state = dict(super().init_state(params))
-    if "teacher" not in state:      # moco.momentum = 0: the key encoder copies the query encoder
-      state["teacher"] = {n: jax.tree.map(jnp.copy, params[n]) for n in self.teacher_names()}
     rng = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), 0x30C0)
     state["queue"] = initial_queue(rng, self.queue_size, self.dim)
     state["queue_ptr"] = jnp.zeros((), jnp.int32)
