@@ -8,11 +8,14 @@ step (`config.input.batch_size`; gradient accumulation splits it, it does not gr
 Layer-wise learning-rate decay (`optim.layer_decay` < 1, fine-tuning; ELECTRA / BEiT / MAE's
 `util/lr_decay.py: param_groups_lrd`) multiplies each parameter's whole update (the Adam step
 and its decoupled weight decay, as a torch param group's `lr_scale` does) by
-decay^(L + 1 - layer_id), L the number of encoder blocks; see `layer_ids`.
+decay^(L + 1 - layer_id), L the number of encoder blocks; see `layer_ids`. A backbone with
+its own rule (Swin's stages) defines `layer_ids(tree)` in its model module; see
+`backbone_layer_ids`.
 """
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -91,13 +94,35 @@ def num_encoder_blocks(tree: Any) -> int:
   return max(found) + 1 if found else 0
 
 
-def layer_ids(tree: Any) -> Any:
-  """MAE's layer id of every leaf of a parameter tree whose 'encoder' entry is a mim_jax ViT.
+def backbone_layer_ids(tree: Any) -> Optional[tuple[Any, int]]:
+  """(layer id of every leaf, the largest id) from the model module that claims `tree`, else
+  None (the ViT rule of `layer_ids`).
 
-  0 for the patch embedding, cls token, position embedding (and mask token); i + 1 for
+  The hook: a module of `mim_jax.models.REGISTRY` may define `layer_ids(tree)` returning
+  (ids, largest id) for a parameter tree whose 'encoder' is its backbone and None for any
+  other tree (mim_jax/models/swin.py: the official get_swin_layer). Only modules already
+  imported are asked: a tree's backbone was imported to build its parameters."""
+  from mim_jax import models  # pylint: disable=g-import-not-at-top
+  for module_name in models.REGISTRY.values():
+    rule = getattr(sys.modules.get(module_name), "layer_ids", None)
+    claimed = rule(tree) if rule is not None else None
+    if claimed is not None:
+      return claimed
+  return None
+
+
+def layer_ids(tree: Any) -> Any:
+  """The layer id of every leaf of a parameter tree: the backbone's own rule where its model
+  module has one (`backbone_layer_ids`), else MAE's for a tree whose 'encoder' entry is a
+  mim_jax ViT.
+
+  MAE's: 0 for the patch embedding, cls token, position embedding (and mask token); i + 1 for
   encoder block i; L + 1 for everything else (the encoder's final norm, fc_norm, the head),
   L = number of blocks. MAE writes the last one as `num_layers` with num_layers = L + 1.
   """
+  claimed = backbone_layer_ids(tree)
+  if claimed is not None:
+    return claimed[0]
   depth = num_encoder_blocks(tree)
 
   def layer(path, _):
@@ -113,9 +138,14 @@ def layer_ids(tree: Any) -> Any:
 
 
 def layer_decay_factors(tree: Any, decay: float) -> Any:
-  """decay ** (L + 1 - layer_id) per leaf (MAE's `layer_scales[layer_id]`)."""
-  depth = num_encoder_blocks(tree)
-  return jax.tree.map(lambda i: float(decay) ** (depth + 1 - i), layer_ids(tree))
+  """decay ** (largest id - layer_id) per leaf: MAE's `layer_scales[layer_id]` with largest
+  id L + 1, or the backbone's own rule (Swin: sum(depths) + 1)."""
+  claimed = backbone_layer_ids(tree)
+  if claimed is not None:
+    ids, top = claimed
+  else:
+    ids, top = layer_ids(tree), num_encoder_blocks(tree) + 1
+  return jax.tree.map(lambda i: float(decay) ** (top - i), ids)
 
 
 def scale_by_tree(factors: Any) -> optax.GradientTransformation:

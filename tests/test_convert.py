@@ -599,3 +599,42 @@ def test_official_mae_checkpoint_gives_the_torch_reference_outputs_when_installe
   np.testing.assert_allclose(np.asarray(latent), want_latent, atol=1e-4)
   np.testing.assert_allclose(np.asarray(pred), want_pred, atol=1e-4)
   np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line's Swin and MViT v2 imports (their name maps: tests/test_swin.py, test_mvit.py).
+
+def test_cli_imports_an_official_swin_into_a_workdir(tmp_path, monkeypatch, capsys):
+  from mim_jax import train
+  from mim_jax.convert import __main__ as cli
+  from mim_jax.convert import swin as swin_conv
+  from mim_jax.models import swin
+  model = swin.from_config(swin.default_config(embed_dim=8, depths=(2, 2), num_heads=(2, 4),
+                                               window_size=4, patch_size=2), 32)
+  params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(3), np.zeros((1, 32, 32, 3)))["params"])
+  spec = swin_conv.SwinSpec(1, 8, (2, 2), (2, 4), 2, 4, 32)
+  pth = tmp_path / "swin.pth"
+  save_state_dict(pth, swin_conv.params_to_torch(params, spec), monkeypatch,
+                  wrap=lambda t: {"model": t})
+  out = tmp_path / "run"
+  assert cli.main(["--from=torch", "--arch=swin", str(pth), str(out)]) == 0
+  said = capsys.readouterr().out
+  assert "method simmim, Swin v1 embed 8 depths (2, 2) window 4 at 32px" in said
+  tr = train.Trainer.from_workdir(str(out), devices=jax.devices()[:1])
+  enc = jax.device_get(tr.state["params"]["encoder"])
+  assert sorted(enc) == sorted([*params, "mask_token"])      # a SimMIM run: its seeded token
+  jax.tree.map(np.testing.assert_array_equal, {k: enc[k] for k in params}, params)
+  assert cli.main(["--from=torch", "--arch=swinv2", str(pth), str(tmp_path / "v2")]) == 1
+  assert "use --arch=swin" in capsys.readouterr().err
+  assert cli.main(["--from=torch", "--arch=mvitv2", "--variant=base", str(pth), str(tmp_path / "m")]) == 1
+  assert "--arch=mvitv2 takes no --variant" in capsys.readouterr().err
+
+
+def test_cli_routes_mvitv2_to_its_converter(tmp_path, monkeypatch):
+  from mim_jax.convert import mvit as mvit_conv
+  seen = {}
+  monkeypatch.setattr(mvit_conv, "convert_checkpoint",
+                      lambda path, out, **kw: seen.update(path=path, out=out, **kw) or {})
+  convert.convert_torch_checkpoint("in.pth", "OUT", "mvitv2", image_size=224, preset="p")
+  assert seen == dict(path="in.pth", out="OUT", image_size=224, preset="p", config_dir="",
+                      reader="pure")

@@ -32,7 +32,8 @@ from mim_jax.models import vit
 
 PyTree = Any
 
-ARCHS = ("timm_vit", "mae", "beit", "beitv2", "dino", "ibot", "vqkd", "dalle", "torchvision_resnet")
+ARCHS = ("timm_vit", "mae", "beit", "beitv2", "dino", "ibot", "vqkd", "dalle", "torchvision_resnet",
+         "swin", "swinv2", "mvitv2")
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # The normalisation each family was trained with (timm's pretrained_cfg for timm ViT and BEiT
@@ -479,6 +480,18 @@ def convert_torch_checkpoint(path: str, out_dir: str, arch: str, *, which: str =
     from mim_jax.convert import resnet as resnet_conv
     return resnet_conv.convert_checkpoint(path, out_dir, image_size=image_size, preset=preset,
                                           config_dir=config_dir, reader=reader)
+  if arch in ("swin", "swinv2", "mvitv2"):
+    given = [f"--{k}" for k, v in (("variant", variant), ("patch_size", patch_size), ("norm", norm)) if v]
+    if given:
+      raise ConversionError(f"--arch={arch} takes no {', '.join(given)} (the weights give the "
+                            f"architecture; its input is ImageNet-normalised): drop them")
+    if arch == "mvitv2":
+      from mim_jax.convert import mvit as mvit_conv
+      return mvit_conv.convert_checkpoint(path, out_dir, image_size=image_size, preset=preset,
+                                          config_dir=config_dir, reader=reader)
+    from mim_jax.convert import swin as swin_conv
+    return swin_conv.convert_checkpoint(path, out_dir, arch, image_size=image_size, preset=preset,
+                                        config_dir=config_dir, reader=reader)
   if arch == "vqkd":
     from mim_jax.convert import vqkd
     return vqkd.convert_checkpoint(path, out_dir, variant=variant, patch_size=patch_size,

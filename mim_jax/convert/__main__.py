@@ -8,8 +8,9 @@ r"""PyTorch weights in and out of mim_jax.
 pretraining run does (Trainer.from_workdir, config.finetune.pretrained, teacher keys,
 python -m mim_jax.analysis). --arch=vqkd (BEiT v2's VQ-KD tokenizer) and --arch=dalle (DALL-E's
 dVAE encoder, BEiT's) write a frozen tokenizer for --config.beit.tokenizer; --arch=torchvision_resnet
-(a torchvision ResNet, running statistics included) a configs/finetune.py ResNet workdir. See
-docs/convert.md.
+(a torchvision ResNet, running statistics included) a configs/finetune.py ResNet workdir;
+--arch=swin | swinv2 (microsoft/Swin-Transformer and SimMIM weights) and --arch=mvitv2
+(facebookresearch/mvit weights) a Swin or MViT v2 workdir. See docs/convert.md.
 """
 from __future__ import annotations
 
@@ -65,7 +66,14 @@ def main(argv=None) -> int:
           preset=args.preset, norm=args.norm, config_dir=args.config_dir, reader=args.reader)
       spec = info.get("spec", {})
       size = spec.get("grid", 0) * spec.get("patch", 0)
-      if info.get("arch") == "torchvision_resnet":
+      if info.get("arch") in ("swin", "swinv2"):
+        print(f"wrote {args.output}: method {info.get('method')}, Swin v{spec.get('version')} "
+              f"embed {spec.get('embed_dim')} depths {spec.get('depths')} window "
+              f"{spec.get('window_size')} at {spec.get('image_size')}px")
+      elif info.get("arch") == "mvitv2":
+        print(f"wrote {args.output}: method {info.get('method')}, MViT v2 blocks "
+              f"{spec.get('stage_blocks')} width {spec.get('embed_dim')}")
+      elif info.get("arch") == "torchvision_resnet":
         print(f"wrote {args.output}: method {info.get('method')}, ResNet-{spec.get('depth')} "
               f"width {spec.get('width')} ({spec.get('stem')} stem, {spec.get('num_classes')} "
               f"classes)")

@@ -39,6 +39,17 @@ runs in evaluation mode on the student's very input, as the colab calls it with
 trainable=False. Paper: T = 0.1 for self-distillation, 1.0 big-to-small, alpha = 1 (the
 unlabelled images only) unless stated.
 
+A Swin (`model.name='swin'`) is fine-tuned as microsoft/SimMIM `main_finetune.py` does:
+the head reads the mean of the final normed tokens (`pooling='avg'`), Linear weight
+trunc_normal_(std .02) and bias 0 (Swin's _init_weights); drop path in training (rng
+'dropout'); weight decay by the official fine-tuning rule (`swin.decays`); layer-wise lr
+decay over the blocks and stages (`swin.layer_ids`, get_swin_layer, through mim_jax.optim's
+hook). The pretraining run may use another image size and window size (the official 192 px,
+window 6 -> 224 px, window 7): v1 bias tables that differ are resized with
+`finetune.table_interp` ('geometric', SimMIM's utils.remap_pretrained_keys_swin, default; or
+'bicubic', Swin-Transformer's load_pretrained), an absolute position embedding bicubically;
+v2 needs `model.pretrained_window_sizes` set to the pretraining windows.
+
 Deviations: the encoder's final norm stays in the parameters (unused with mean pooling, so
 its gradient is zero and AdamW leaves it untouched) so the tree matches the pretrained one;
 one mixup lam per global batch (per micro-batch with grad_accum) where the official code draws
@@ -59,7 +70,7 @@ from mim_jax import config_lib, models
 from mim_jax.checkpointing import CheckpointMismatchError
 from mim_jax.errors import TrainingError
 from mim_jax.data import finetune_aug
-from mim_jax.methods.base import Method, module_entries
+from mim_jax.methods.base import Method, module_entries, path_names
 from mim_jax.models import vit
 
 
@@ -70,10 +81,12 @@ class PretrainedMismatchError(CheckpointMismatchError):
 
 class ClassifierHead(nn.Module):
   """MAE's head: fc_norm(mean of patch tokens) or the cls token, then a linear classifier;
-  'avg' (CNN backbones): the global average pool of the last feature map, then the linear
-  layer, weight ~ N(0, 0.01) and bias 0 as MoCo's / torchvision-style classifiers."""
+  'avg' (CNN and Swin backbones): the global average pool of the last feature map, then the
+  linear layer, weight ~ N(0, avg_init_std^2) and bias 0: 0.01 as MoCo's / torchvision-style
+  classifiers, 0.02 for a Swin (its _init_weights: timm trunc_normal_(std=.02), bounds +-2)."""
   num_classes: int
   pooling: str = "mean"
+  avg_init_std: float = 0.01
 
   @nn.compact
   def __call__(self, tokens):
@@ -86,7 +99,7 @@ class ClassifierHead(nn.Module):
     elif self.pooling == "cls":
       feats = tokens[:, 0]
     elif self.pooling == "avg":
-      feats, init = tokens.mean(axis=1), nn.initializers.normal(0.01)
+      feats, init = tokens.mean(axis=1), nn.initializers.normal(self.avg_init_std)
     else:
       raise ValueError(f"config.finetune.pooling must be 'mean', 'cls' or 'avg' (CNNs), got {self.pooling!r}")
     logits = nn.Dense(self.num_classes, kernel_init=init, bias_init=nn.initializers.zeros,
@@ -110,8 +123,29 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
 
 
 # Model settings that change what a parameter means; they must equal the pretraining run's.
+# A Swin's window size (and v2's pretrained_window_sizes) may differ: its tables are resized.
+# Other backbones' model modules declare theirs, and their fine-tuning rules, by these names
+# (mim_jax/models/swin.py, mvit.py):
+#   FINETUNE_ARCH_KEYS   the config keys that must equal the pretraining run's;
+#   FINETUNE_HEAD_STD    the 'avg' head's weight init std (default 0.01);
+#   finetune_adapt(loaded, init, finetune_cfg)  the pretrained parameters resized where the
+#       fine-tuning model differs (position tables at another image or window size): with it,
+#       the image size may differ from the pretraining run's;
+#   finetune_decays(names, ndim)  whether an encoder parameter (path below 'encoder') is
+#       weight-decayed, the official fine-tuning rule.
 _ARCH_KEYS = {"vit": ("variant", "depth", "patch_size", "pos_embed", "rel_pos_bias", "qkv_bias"),
               "resnet": ("depth", "width", "stem")}
+
+
+def _arch_keys(model_cfg) -> tuple:
+  return getattr(models.module_for(model_cfg), "FINETUNE_ARCH_KEYS",
+                 _ARCH_KEYS.get(models.name_of(model_cfg), ()))
+
+
+def _same(a, b) -> bool:
+  """Config values equal, a JSON list and a tuple alike (config.json holds lists)."""
+  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+  return norm(a) == norm(b)
 
 
 def _path(path) -> str:
@@ -136,14 +170,15 @@ def load_pretrained_encoder(workdir: str, which: str, model_cfg, image_size: int
   except TrainingError as e:
     raise PretrainedMismatchError(f"config.finetune.pretrained={workdir!r}: {e}, or set it to '' "
                                   f"to train from scratch") from None
-  arch_keys = _ARCH_KEYS.get(models.name_of(model_cfg), ())
+  arch_keys = _arch_keys(model_cfg)
   diffs = [f"model.name: {models.name_of(pre.model)!r} vs {models.name_of(model_cfg)!r}"
            ] if models.name_of(pre.model) != models.name_of(model_cfg) else []
   diffs += [f"model.{k}: {pre.model.get(k)!r} vs {model_cfg.get(k)!r}" for k in arch_keys
-            if pre.model.get(k) != model_cfg.get(k)]
+            if not _same(pre.model.get(k), model_cfg.get(k))]
   if bool(pre.model.get("init_values", 0.0)) != bool(model_cfg.get("init_values", 0.0)):
     diffs.append("model.init_values (layer scale on/off)")
-  if int(pre.input.image_size) != int(image_size):
+  if (int(pre.input.image_size) != int(image_size)
+      and not hasattr(models.module_for(model_cfg), "finetune_adapt")):
     diffs.append(f"input.image_size: {pre.input.image_size} vs {image_size}")
   if diffs:
     raise PretrainedMismatchError(
@@ -240,14 +275,16 @@ class FineTune(Method):
     f = config.finetune
     self.num_classes = int(f.num_classes)
     self.head_pooling = str(f.pooling)
-    # A ViT as MAE fine-tunes it; any other backbone (a ResNet) through its feature map, its
-    # BatchNorm statistics updated in training mode and read at evaluation.
+    # A ViT as MAE fine-tunes it; any other backbone (a ResNet, a Swin) through its feature
+    # map, a ResNet's BatchNorm statistics updated in training mode and read at evaluation.
     self.is_vit = models.name_of(config.model) == "vit"
+    self.backbone = models.module_for(config.model)
     allowed = ("mean", "cls") if self.is_vit else ("avg",)
     if self.head_pooling not in allowed:
       raise ValueError(f"config.finetune.pooling must be {' or '.join(map(repr, allowed))} for "
                        f"model.name={models.name_of(config.model)!r}, got {self.head_pooling!r}")
-    self.head = ClassifierHead(self.num_classes, self.head_pooling)
+    self.head = ClassifierHead(self.num_classes, self.head_pooling,
+                              avg_init_std=getattr(self.backbone, "FINETUNE_HEAD_STD", 0.01))
     self.pretrained = str(f.get("pretrained", "") or "")
     self.pretrained_encoder = str(f.get("pretrained_encoder", "online"))
     self.aug = f.aug
@@ -394,6 +431,9 @@ class FineTune(Method):
     enc = dict(self.encoder.init(r_enc, images))
     if loaded is not None:
       loaded = loaded if "params" in loaded else {"params": loaded}
+      if hasattr(self.backbone, "finetune_adapt"):
+        loaded = {**loaded, "params": self.backbone.finetune_adapt(loaded["params"], enc["params"],
+                                                                   self.config.finetune)}
       enc = {col: merge_pretrained(tree, loaded.get(col, {}), self.pretrained)
              for col, tree in enc.items()}
     fmap = jax.eval_shape(lambda: self.encoder.apply(enc, images, features_only=True))
@@ -437,12 +477,14 @@ class FineTune(Method):
         return self.encoder.apply({"params": encoder_params}, images, **kw)
     return self.encoder.apply({"params": encoder_params}, images, **kw)
 
-  def cnn_classify(self, params, state, images, train: bool = False):
-    """A CNN backbone: (features [B, C], logits, the updated collections when `train`)."""
+  def cnn_classify(self, params, state, images, train: bool = False, rng=None):
+    """A CNN (or Swin) backbone: (features [B, C], logits, the updated collections when
+    `train`); `rng` drives a Swin's drop path in training."""
     v = self.variables(params, state)
     if train:
       fmap, new = self.encoder.apply(v, images, train=True, features_only=True,
-                                     mutable=[c for c in v if c != "params"])
+                                     mutable=[c for c in v if c != "params"],
+                                     rngs={"dropout": rng} if rng is not None else None)
       new = {c: {"encoder": t} for c, t in new.items()}
     else:
       fmap, new = self.encoder.apply(v, images, train=False, features_only=True), None
@@ -494,7 +536,7 @@ class FineTune(Method):
     if self.is_vit:
       _, logits = self.classify(params, x, train=True, rng=k_drop)
     else:
-      _, logits, new = self.cnn_classify(params, state, x, train=True)
+      _, logits, new = self.cnn_classify(params, state, x, train=True, rng=k_drop)
       if new:
         aux = {**aux, "collections": new}
     if self.distill_teacher:
@@ -514,6 +556,20 @@ class FineTune(Method):
     else:
       feats, logits, _ = self.cnn_classify(params, state, images)
     return {"online": feats.astype(jnp.float32), "logits": logits.astype(jnp.float32)}
+
+  def decay_mask(self, params):
+    """The encoder of a backbone with its own official fine-tuning rule (`finetune_decays`:
+    a Swin's, an MViT's) by that rule; anything else (and other backbones) the base rule."""
+    rule = getattr(self.backbone, "finetune_decays", None)
+    if rule is None:
+      return super().decay_mask(params)
+
+    def decays(path, p):
+      names = path_names(path)
+      if names[0] == "encoder":
+        return rule(names[1:], p.ndim)
+      return p.ndim > 1 and names[-1] not in self.no_decay_names
+    return jax.tree_util.tree_map_with_path(decays, params)
 
   def describe(self) -> dict:
     return {**super().describe(), "num_classes": self.num_classes, "pooling": self.head_pooling}

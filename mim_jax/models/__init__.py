@@ -43,6 +43,8 @@ from typing import Any
 REGISTRY = {
     "vit": "mim_jax.models.vit",
     "resnet": "mim_jax.models.resnet",
+    "swin": "mim_jax.models.swin",
+    "mvit": "mim_jax.models.mvit",
 }
 
 DEFAULT = "vit"
