@@ -24,6 +24,33 @@ operators.py` HOGLayerC, `slowfast/datasets/imagenet.py` + `transform.py` Maskin
     Linear ~ N(0, 0.02) with zero bias (MSSeparateHead._init_weights);
   * weight decay on every parameter of 2 or more dims (ZERO_WD_1D_PARAM; ZERO_DECAY_POS_CLS is
     False, so the cls token, position embedding and mask token are decayed).
+
+On an MViTv2 (config.model.name='mvit'), exact to SlowFast's MaskMViT (`_maskfeat_forward`,
+`_get_multiscale_mask`, `_get_hog_label_2d`) with `calc_mvit_feature_geometry` and
+`datasets/imagenet.py` `_prepare_im_masked`:
+  * the prediction comes from the last block (MASK.PRETRAIN_DEPTH [15] of MViTv2-S: MaskMViT
+    deletes the blocks after it; one pretrain depth, as every released MaskFeat config), at
+    that block's feature grid and stride (14x14, stride 16 at 224 px for MViTv2-S with the
+    query stride of its last stage transition set to 1, as k400_MVITv2_S_16x4_MaskFeat_PT.yaml
+    does "for 14x14 output");
+  * the block mask is drawn on that feature grid (mask_window_size = feat_size, num =
+    round(h * w * MASK_RATIO), at least num // 5 per block, no cap per block:
+    MAX_MASK_PATCHES_PER_BLOCK None), the same generator as above;
+  * the mask token replaces the patch embeddings (MViT's 56x56 grid at 224 px) where the mask,
+    upsampled by nearest neighbour (F.interpolate) to the patch grid, is 1: after the patch
+    embedding, before the cls token and any absolute position embedding
+    (models.mvit.MViT's `mask`);
+  * the target: HOG of the normalised input, 8-pixel cells unfolded in blocks of
+    (H / 8) / feat_size cells per output token (2x2 at stride 16: 108 values);
+  * the head (MSSeparateHead): LayerNorm (eps 1e-6) on the block output (here the MViT's final
+    norm, which MaskMViT deletes and the head's replaces), the cls token dropped when there is
+    one, one Linear to the HOG size per token, the same MSE over the masked tokens;
+  * initialisation (`official_init_mvit`): SlowFast MViT._init_weights (Linear and Conv
+    weights, the pooling convolutions included, ~ N(0, .02), Linear and LayerNorm biases 0.02,
+    LayerNorm weights 1; the patch Conv2d bias keeps PyTorch's default U(+-1/sqrt(3 k^2))),
+    cls and mask tokens, position table and relative position tables ~ N(0, .02), the head as
+    above. (The MViT's own initialisation, without official_init, is facebookresearch/mvit's:
+    zero biases, default-initialised convolutions.)
 There is no `reconstruct`: the model predicts HOG, not pixels, so the configs turn the
 reconstruction picture off.
 """
@@ -33,7 +60,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax import masking
+from mim_jax import masking, models
 from mim_jax.methods.base import Method, path_names
 from mim_jax.models import vit
 from mim_jax.targets import hog
@@ -44,17 +71,20 @@ _NORMAL_02 = vit.timm_trunc_normal(0.02)
 
 
 class MaskFeatHead(nn.Module):
-  """MSSeparateHead without a decoder: drop the cls token, one Linear to the target size.
-  (Its LayerNorm is the encoder's final norm, applied before the tokens reach the head.)"""
+  """MSSeparateHead without a decoder: drop the cls token (when the encoder has one), one
+  Linear to the target size. (Its LayerNorm is the encoder's final norm, applied before the
+  tokens reach the head.)"""
   out_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  has_cls: bool = True
 
   @nn.compact
   def __call__(self, tokens):
-    """tokens [B, 1+L, D] (cls first, after the final norm) -> predictions [B, L, out_dim]."""
+    """tokens [B, (1+)L, D] (cls first, after the final norm) -> predictions [B, L, out_dim]."""
+    x = tokens[:, 1:] if self.has_cls else tokens
     x = nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_NORMAL_02, bias_init=nn.initializers.zeros, name="proj")(tokens[:, 1:])
+                 kernel_init=_NORMAL_02, bias_init=nn.initializers.zeros, name="proj")(x)
     return x.astype(jnp.float32)
 
 
@@ -104,6 +134,40 @@ def official_init(rng: jax.Array, params: dict, patch: int, in_channels: int = 3
   return jax.tree_util.tree_unflatten(treedef, new)
 
 
+def official_init_mvit(rng: jax.Array, params: dict, patch_kernel: int,
+                       in_channels: int = 3) -> dict:
+  """Re-draws an MViT encoder and the head as SlowFast's MaskMViT initialises them (see the
+  module docstring); the relative position tables keep the MViT's own N(0, .02) draw (the
+  same rule: trunc_normal_(std=.02) in MultiScaleAttention, untouched by _init_weights)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(rng, len(leaves))
+  conv_bias = vit.torch_default_uniform(in_channels * patch_kernel * patch_kernel)
+
+  def draw(names, key, p):
+    leaf = names[-1]
+    if names[0] == "head":
+      return _NORMAL_02(key, p.shape, p.dtype) if leaf == "kernel" else jnp.zeros_like(p)
+    if names[0] != "encoder":
+      return p
+    if names[1] == "patch_embed":
+      return _NORMAL_02(key, p.shape, p.dtype) if leaf == "kernel" else conv_bias(key, p.shape, p.dtype)
+    if leaf in ("cls_token", "pos_embed", "mask_token"):
+      return _NORMAL_02(key, p.shape, p.dtype)
+    if names[1] == "norm":                              # the head's LayerNorm
+      return jnp.ones_like(p) if leaf == "scale" else jnp.zeros_like(p)
+    if names[1].startswith("block"):
+      if leaf == "kernel":                              # Linear and pooling Conv weights
+        return _NORMAL_02(key, p.shape, p.dtype)
+      if leaf == "bias":                                # Linear and LayerNorm biases
+        return jnp.full_like(p, 0.02)
+      if leaf == "scale":
+        return jnp.ones_like(p)
+    return p
+
+  new = [draw(path_names(path), k, p) for (path, p), k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
 class MaskFeat(Method):
   name = "maskfeat"
   # ZERO_WD_1D_PARAM only: 1-D parameters are not decayed (the base class's rule), every
@@ -113,12 +177,26 @@ class MaskFeat(Method):
   def __init__(self, config):
     super().__init__(config)
     c = config.maskfeat
-    self.patch = config.model.patch_size
-    self.grid = self.image_size // self.patch
+    self.backbone = models.name_of(config.model)
+    if self.backbone == "vit":
+      self.patch = config.model.patch_size
+      self.grid = self.image_size // self.patch
+      has_cls = True
+    elif self.backbone == "mvit":
+      # MaskMViT predicts at the last block's feature grid (its stride plays the patch's part).
+      self.grid = self.encoder.grid
+      self.patch = self.encoder.stride
+      has_cls = self.encoder.cls_token
+      if self.patch * self.grid != self.image_size:
+        raise ValueError(f"the MViT's {self.grid}x{self.grid} output grid does not tile the "
+                         f"{self.image_size}px input: use an image size its strides divide")
+    else:
+      raise ValueError(f"MaskFeat runs on model.name 'vit' or 'mvit', got {self.backbone!r}")
     self.nbins = int(c.hog_bins)
     self.cell = int(c.hog_cell)
     if self.patch % self.cell:
-      raise ValueError(f"config.maskfeat.hog_cell={self.cell} must divide the patch size {self.patch}")
+      what = "patch size" if self.backbone == "vit" else "MViT's output stride"
+      raise ValueError(f"config.maskfeat.hog_cell={self.cell} must divide the {what} {self.patch}")
     self.mask_ratio = float(c.mask_ratio)
     self.num_masking = num_masking_patches(self.grid, self.mask_ratio)
     self.min_block = self.num_masking // 5
@@ -126,13 +204,14 @@ class MaskFeat(Method):
     m = config.model
     self.head = MaskFeatHead(hog.target_dim(self.patch, self.cell, self.nbins),
                              jnp.dtype(m.get("dtype", "float32")),
-                             jnp.dtype(m.get("param_dtype", "float32")))
+                             jnp.dtype(m.get("param_dtype", "float32")), has_cls)
 
   def encoder_overrides(self):
     return {"use_mask_token": True}
 
   def make_mask(self, rng, batch):
-    """[B, G*G] int32 block-wise masks, 1 = masked, at most `num_masking` per image."""
+    """[B, G*G] int32 block-wise masks, 1 = masked, at most `num_masking` per image (G: the
+    ViT's patch grid, the MViT's output grid)."""
     return masking.block_mask(rng, batch, self.grid, self.grid, self.num_masking,
                               min_num=self.min_block)
 
@@ -145,15 +224,22 @@ class MaskFeat(Method):
     tokens = self.encoder.apply({"params": enc}, images)
     params = {"encoder": enc, "head": self.head.init(r2, tokens)["params"]}
     if self.use_official_init:
-      params = official_init(r3, params, self.patch)
+      if self.backbone == "vit":
+        params = official_init(r3, params, self.patch)
+      else:
+        params = official_init_mvit(r3, params, self.encoder.patch_kernel)
     return params
 
   def forward(self, params, images, mask, rng=None, train=True):
-    """Predicted HOG features [B, L, target size] of every patch, masked ones replaced by the
-    mask token at the input."""
-    tokens = self.encoder.apply({"params": params["encoder"]}, images, mask=mask,
-                                deterministic=not train,
-                                rngs={"dropout": rng} if train and rng is not None else None)
+    """Predicted HOG features [B, L, target size] of every patch (MViT: output token), masked
+    ones replaced by the mask token at the input."""
+    rngs = {"dropout": rng} if train and rng is not None else None
+    if self.backbone == "vit":
+      tokens = self.encoder.apply({"params": params["encoder"]}, images, mask=mask,
+                                  deterministic=not train, rngs=rngs)
+    else:
+      tokens = self.encoder.apply({"params": params["encoder"]}, images, mask=mask, train=train,
+                                  rngs=rngs)
     return self.head.apply({"params": params["head"]}, tokens)
 
   def loss(self, params, state, images, rng, step):

@@ -1,0 +1,270 @@
+"""Official MViTv2 state dicts <-> mim_jax.models.mvit parameters.
+
+`official_to_params(sd)` reads a facebookresearch/mvit `MViT` state dict (numpy arrays under
+its names, e.g. the released MViTv2_{T,S,B,L}_in1k.pyth's 'model_state'; SlowFast's image MViT
+with Conv3d pooling kernels [C, 1, 1, k, k] is read too, its time axis of size 1 dropped as
+TEST.CHECKPOINT_SQUEEZE_TEMPORAL does) into `{'encoder': ..., ['head': ...]}` and the
+`config.model` it describes, inferred from the shapes: width (patch_embed), heads (head dim of
+the relative position tables, or the width when there are none), blocks per stage (where the
+width changes: in the transition block's attention with DIM_MUL_IN_ATT, in the block before it
+otherwise), patch and pooling kernels, cls token, absolute position table. Query strides
+(2 at each transition), the patch stride and padding (4, 3) and the adaptive kv stride (4)
+leave no parameters: they are the official values unless given, and the relative position
+tables' sizes must agree with them at `image_size` (ConversionError otherwise).
+`params_to_official` writes the same names back.
+
+Layouts: Conv2d weight [O, I, kh, kw] <-> flax kernel [kh, kw, I, O] (the depthwise pooling
+kernels [C, 1, k, k] <-> [k, k, 1, C]); Linear weight [out, in] <-> Dense kernel [in, out];
+LayerNorm weight / bias -> scale / bias; cls_token, pos_embed, rel_pos_h, rel_pos_w unchanged.
+The classifier `head.projection` becomes the 'head' entry {'fc': kernel, bias} of
+configs/finetune.py's ClassifierHead.
+
+`convert_checkpoint` (`--arch=mvitv2`) writes a configs/finetune.py workdir; the convert
+package registers it in ARCHS and `convert_torch_checkpoint`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from mim_jax.convert.names import ConversionError
+from mim_jax.models import mvit
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """torch key <-> mim_jax path (top-level entry first); `kind` 'conv', 'linear' or 'same';
+  `shape` the torch shape."""
+  torch_key: str
+  path: tuple[str, ...]
+  kind: str
+  shape: tuple[int, ...]
+
+
+def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(x, (3, 2, 0, 1))
+  if kind == "linear":
+    return np.transpose(x)
+  return x
+
+
+def from_torch(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(x, (2, 3, 1, 0))
+  if kind == "linear":
+    return np.transpose(x)
+  return x
+
+
+def _linear(t: str, path: tuple, n_in: int, n_out: int, bias: bool = True) -> list[Entry]:
+  out = [Entry(f"{t}.weight", (*path, "kernel"), "linear", (n_out, n_in))]
+  return out + ([Entry(f"{t}.bias", (*path, "bias"), "same", (n_out,))] if bias else [])
+
+
+def _norm(t: str, path: tuple, n: int) -> list[Entry]:
+  return [Entry(f"{t}.weight", (*path, "scale"), "same", (n,)),
+          Entry(f"{t}.bias", (*path, "bias"), "same", (n,))]
+
+
+def entries(model: mvit.MViT, num_classes: int = 0) -> list[Entry]:
+  """Every official key of `model` (and of a `num_classes` head), with its mim_jax path and
+  torch shape, in the official module order."""
+  c, k = model.embed_dim, model.patch_kernel
+  enc = ("encoder",)
+  out = [Entry("patch_embed.proj.weight", (*enc, "patch_embed", "proj", "kernel"), "conv", (c, 3, k, k)),
+         Entry("patch_embed.proj.bias", (*enc, "patch_embed", "proj", "bias"), "same", (c,))]
+  grid = model.specs[0].grid_in
+  if model.cls_token:
+    out.append(Entry("cls_token", (*enc, "cls_token"), "same", (1, 1, c)))
+  if model.abs_pos:
+    out.append(Entry("pos_embed", (*enc, "pos_embed"), "same",
+                     (1, grid * grid + int(model.cls_token), c)))
+  for i, sp in enumerate(model.specs):
+    t, b = f"blocks.{i}", (*enc, f"block{i:02d}")
+    d = sp.head_dim
+    out += _norm(f"{t}.norm1", (*b, "norm1"), sp.dim)
+    out += _linear(f"{t}.attn.qkv", (*b, "attn", "qkv"), sp.dim, 3 * sp.att_dim, model.qkv_bias)
+    out += _linear(f"{t}.attn.proj", (*b, "attn", "proj"), sp.att_dim, sp.att_dim)
+    for name, kernel in (("q", sp.q_kernel), ("k", sp.kv_kernel), ("v", sp.kv_kernel)):
+      if kernel:
+        out.append(Entry(f"{t}.attn.pool_{name}.weight", (*b, "attn", f"pool_{name}", "kernel"),
+                         "conv", (d, 1, kernel, kernel)))
+        out += _norm(f"{t}.attn.norm_{name}", (*b, "attn", f"norm_{name}"), d)
+    if model.rel_pos:
+      for name in ("rel_pos_h", "rel_pos_w"):
+        out.append(Entry(f"{t}.attn.{name}", (*b, "attn", name), "same", (sp.rel_pos_size, d)))
+    out += _norm(f"{t}.norm2", (*b, "norm2"), sp.att_dim)
+    hidden = int(sp.att_dim * model.mlp_ratio)
+    out += _linear(f"{t}.mlp.fc1", (*b, "mlp", "fc1"), sp.att_dim, hidden)
+    out += _linear(f"{t}.mlp.fc2", (*b, "mlp", "fc2"), hidden, sp.dim_out)
+    if sp.dim != sp.dim_out:
+      out += _linear(f"{t}.proj", (*b, "proj"), sp.dim, sp.dim_out)
+  out += _norm("norm", (*enc, "norm"), model.num_features)
+  if num_classes:
+    out += _linear("head.projection", ("head", "fc"), model.num_features, num_classes)
+  return out
+
+
+def _fmt(keys, n: int = 4) -> str:
+  keys = list(keys)
+  more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+  return ", ".join(keys[:n]) + more
+
+
+def _squeezed(key: str, x: np.ndarray) -> np.ndarray:
+  """SlowFast's Conv3d pooling kernels [C, 1, 1, k, k] (and patch kernels [C, 3, 1, k, k]) as
+  2-D ones; anything else unchanged."""
+  if x.ndim == 5 and re.search(r"(pool_[qkv]|patch_embed\.proj)\.weight$", key):
+    if x.shape[2] != 1:
+      raise ConversionError(f"{key} {list(x.shape)} pools over time (a video MViT): only image "
+                            f"MViTs (temporal kernel 1) convert")
+    return x[:, :, 0]
+  return x
+
+
+def unwrap(obj: Any) -> dict:
+  """The state dict inside an official checkpoint ({'model_state': sd} as mvit / SlowFast save
+  it), with a 'module.' (DDP) prefix removed, Conv3d kernels squeezed to 2-D."""
+  if not isinstance(obj, dict):
+    raise ConversionError(f"the checkpoint holds a {type(obj).__name__}, not a state dict")
+  sd = obj.get("model_state", obj)
+  if not isinstance(sd, dict):
+    raise ConversionError("the checkpoint's 'model_state' is not a state dict")
+  sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+  return {k: _squeezed(k, np.asarray(v)) for k, v in sd.items()}
+
+
+def config_from_official(sd: dict, *, image_size: int = 224, stage_strides: tuple = (),
+                         patch_stride: int = 4, patch_padding: int = 3,
+                         kv_stride: int = 4) -> tuple[ml_collections.ConfigDict, int]:
+  """(`config.model`, number of classes: 0 without head) of an official state dict."""
+  if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
+    raise ConversionError(f"not an official MViT state dict: no patch_embed.proj.weight / "
+                          f"blocks.0.attn.qkv.weight (keys: {_fmt(sorted(sd))})")
+  pw = np.shape(sd["patch_embed.proj.weight"])
+  if len(pw) != 4 or pw[1] != 3 or pw[2] != pw[3]:
+    raise ConversionError(f"patch_embed.proj.weight {list(pw)} is not a square RGB convolution")
+  depth = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
+  embed = int(pw[0])
+  width = lambda i: int(np.shape(sd[f"blocks.{i}.mlp.fc2.weight"])[0])  # noqa: E731
+  att = lambda i: int(np.shape(sd[f"blocks.{i}.attn.qkv.weight"])[0]) // 3  # noqa: E731
+  dims_in = [embed] + [width(i) for i in range(depth - 1)]
+  changes = [i for i in range(depth) if width(i) != dims_in[i]]
+  in_att = all(att(i) == width(i) for i in changes) if changes else True
+  starts = changes if in_att else [i + 1 for i in changes]
+  bounds = [0, *starts, depth]
+  stage_blocks = tuple(bounds[j + 1] - bounds[j] for j in range(len(bounds) - 1))
+  if "blocks.0.attn.rel_pos_h" in sd:
+    heads = att(0) // int(np.shape(sd["blocks.0.attn.rel_pos_h"])[1])
+  elif "blocks.0.attn.pool_q.weight" in sd:
+    heads = att(0) // int(np.shape(sd["blocks.0.attn.pool_q.weight"])[0])
+  else:
+    raise ConversionError("no relative position table or pooling kernel in block 0: the head "
+                          "count cannot be read from the weights")
+  pool = next((int(np.shape(v)[-1]) for k, v in sd.items() if k.endswith("attn.pool_q.weight")), 1)
+  cfg = mvit.default_config(
+      embed_dim=embed, num_heads=heads, stage_blocks=stage_blocks,
+      stage_strides=tuple(stage_strides) or (2,) * (len(stage_blocks) - 1),
+      patch_kernel=int(pw[2]), patch_stride=patch_stride, patch_padding=patch_padding,
+      pool_kernel=pool, kv_stride=kv_stride, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+      cls_token="cls_token" in sd, abs_pos="pos_embed" in sd,
+      rel_pos="blocks.0.attn.rel_pos_h" in sd, dim_mul_in_att=in_att)
+  num_classes = int(np.shape(sd["head.projection.weight"])[0]) if "head.projection.weight" in sd else 0
+  try:
+    mvit.from_config(cfg, image_size)
+  except ValueError as e:
+    raise ConversionError(f"the weights give an MViT that does not build at {image_size}px: {e}") from None
+  return cfg, num_classes
+
+
+def official_to_params(sd: dict, *, image_size: int = 224, **geometry) -> tuple[dict, ml_collections.ConfigDict, int]:
+  """({'encoder': ..., ['head': {'fc': ...}]} float32 numpy, `config.model`, classes) of an
+  official MViT state dict; `geometry` (stage_strides, patch_stride, patch_padding,
+  kv_stride) where they are not the official values. ConversionError, one line, for missing,
+  unknown or misshapen keys."""
+  cfg, num_classes = config_from_official(sd, image_size=image_size, **geometry)
+  ents = entries(mvit.from_config(cfg, image_size), num_classes)
+  known = {e.torch_key for e in ents}
+  missing = [e.torch_key for e in ents if e.torch_key not in sd]
+  if missing:
+    raise ConversionError(f"the state dict lacks {_fmt(missing)} of the MViT its shapes describe")
+  unknown = [k for k in sd if k not in known]
+  if unknown:
+    raise ConversionError(f"keys that are not an image MViT's: {_fmt(unknown)} (drop them, or "
+                          f"strip a prefix, before converting)")
+  bad = [f"{e.torch_key} {list(np.shape(sd[e.torch_key]))} (expected {list(e.shape)})"
+         for e in ents if tuple(np.shape(sd[e.torch_key])) != e.shape]
+  if bad:
+    raise ConversionError(f"shapes that do not fit the MViT at {image_size}px with query strides "
+                          f"{tuple(cfg.stage_strides)}, kv stride {cfg.kv_stride}: {_fmt(bad, 3)} "
+                          f"(the relative position tables fix the strides and the image size)")
+  params: dict = {}
+  for e in ents:
+    node = params
+    for k in e.path[:-1]:
+      node = node.setdefault(k, {})
+    node[e.path[-1]] = np.ascontiguousarray(from_torch(e.kind, np.asarray(sd[e.torch_key], np.float32)))
+  return params, cfg, num_classes
+
+
+def params_to_official(params: PyTree, model_cfg, image_size: int = 224,
+                       dtype: Any = np.float32) -> dict:
+  """{official key: numpy array in torch layout} of `params` ({'encoder': ..., ['head':
+  {'fc': ...}]}) of the MViT `model_cfg` describes."""
+  fc = params.get("head", {}).get("fc") if isinstance(params.get("head"), dict) else None
+  num_classes = int(np.shape(fc["kernel"])[1]) if fc is not None else 0
+  out = {}
+  for e in entries(mvit.from_config(model_cfg, image_size), num_classes):
+    node = params
+    try:
+      for k in e.path:
+        node = node[k]
+    except (KeyError, TypeError):
+      raise ConversionError(f"the parameters lack {'/'.join(e.path)} (for {e.torch_key})") from None
+    x = np.ascontiguousarray(to_torch(e.kind, np.asarray(node, dtype)))
+    if x.shape != e.shape:
+      raise ConversionError(f"{'/'.join(e.path)} {list(x.shape)} does not fit {e.torch_key} "
+                            f"{list(e.shape)}")
+    out[e.torch_key] = x
+  return out
+
+
+def make_config(model_cfg, num_classes: int, *, image_size: int = 224, preset: str = "",
+                config_dir: str = "") -> ml_collections.ConfigDict:
+  """The run config of a converted MViT: configs/finetune.py (`preset`, default '') with the
+  model set from the weights, the classifier on the mean of the final-norm tokens ('avg', the
+  official head's input without a cls token), its classes from the head, ImageNet's mean and
+  std and `image_size`."""
+  from mim_jax import config_lib
+  try:
+    c = config_lib.load("finetune", preset, config_dir)
+  except FileNotFoundError as e:
+    raise ConversionError(str(e)) from None
+  c.model = model_cfg
+  c.finetune.pooling = "avg"
+  if num_classes:
+    c.finetune.num_classes = num_classes
+  c.input.image_size = int(image_size)
+  c.input.mean, c.input.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  return c
+
+
+def convert_checkpoint(path: str, out_dir: str, *, image_size: int = 0, preset: str = "",
+                       config_dir: str = "", reader: str = "pure") -> dict:
+  """`--arch=mvitv2`: an official MViTv2 checkpoint -> a configs/finetune.py workdir (the
+  backbone as the encoder, head.projection as the classifier)."""
+  from mim_jax import convert
+  sd = unwrap(convert.read_checkpoint(path, reader))
+  size = int(image_size or 224)
+  params, model_cfg, num_classes = official_to_params(sd, image_size=size)
+  config = make_config(model_cfg, num_classes, image_size=size, preset=preset,
+                       config_dir=config_dir)
+  prov = dict(source=path, arch="mvitv2", spec=model_cfg.to_dict())
+  return convert.write_workdir(out_dir, config, params, prov)
