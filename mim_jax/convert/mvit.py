@@ -24,43 +24,17 @@ package registers it in ARCHS and `convert_torch_checkpoint`.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from mim_jax.convert.names import ConversionError
+from mim_jax.convert.names import ConversionError, from_torch, to_torch
+from mim_jax.convert.names import ShapedEntry as Entry
 from mim_jax.models import mvit
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """torch key <-> mim_jax path (top-level entry first); `kind` 'conv', 'linear' or 'same';
-  `shape` the torch shape."""
-  torch_key: str
-  path: tuple[str, ...]
-  kind: str
-  shape: tuple[int, ...]
-
-
-def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind == "conv":
-    return np.transpose(x, (3, 2, 0, 1))
-  if kind == "linear":
-    return np.transpose(x)
-  return x
-
-
-def from_torch(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind == "conv":
-    return np.transpose(x, (2, 3, 1, 0))
-  if kind == "linear":
-    return np.transpose(x)
-  return x
 
 
 def _linear(t: str, path: tuple, n_in: int, n_out: int, bias: bool = True) -> list[Entry]:

@@ -65,10 +65,25 @@ class Entry:
   kind: str = "same"
 
 
+@dataclasses.dataclass(frozen=True)
+class ShapedEntry:
+  """An `Entry` that also holds the torch tensor's shape (the CNN, Swin and MViT maps, which
+  check every tensor against the architecture read from the state dict)."""
+  torch_key: str
+  path: tuple
+  kind: str
+  shape: tuple
+
+
 def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
+  """A mim_jax array in torch's layout: 'linear' [in, out] -> [out, in]; 'conv' HWIO -> OIHW;
+  'conv1x1' [in, out] -> [out, in, 1, 1]; 'patch' a flattened patch embedding -> OIHW;
+  'token2' [1, 1, D] -> [1, D]; 'same' as it is."""
   x = np.asarray(x)
   if kind == "linear":
     return x.T
+  if kind == "conv":
+    return x.transpose(3, 2, 0, 1)
   if kind == "patch":
     kp, d = x.shape
     c = 3
@@ -82,9 +97,12 @@ def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
 
 
 def from_torch(kind: str, x: np.ndarray) -> np.ndarray:
+  """The inverse of `to_torch`."""
   x = np.asarray(x)
   if kind == "linear":
     return x.T
+  if kind == "conv":
+    return x.transpose(2, 3, 1, 0)
   if kind == "patch":
     d, c, p, _ = x.shape
     return x.transpose(2, 3, 1, 0).reshape(p * p * c, d)

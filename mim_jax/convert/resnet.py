@@ -22,7 +22,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mim_jax.convert.names import ConversionError
+from mim_jax.convert.names import ConversionError, from_torch, to_torch
+from mim_jax.convert.names import ShapedEntry as Entry
 from mim_jax.models import resnet
 
 PyTree = Any
@@ -51,32 +52,6 @@ class ResNetSpec:
   def build(self, **kw) -> resnet.ResNet:
     return resnet.ResNet(depth=self.depth, width=self.width, stem=self.stem,
                          num_classes=self.num_classes, **kw)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """torch key <-> (collection, *module path, leaf); `kind` 'conv', 'linear' or 'same';
-  `shape` the torch shape."""
-  torch_key: str
-  path: tuple[str, ...]
-  kind: str
-  shape: tuple[int, ...]
-
-
-def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind == "conv":
-    return np.transpose(x, (3, 2, 0, 1))
-  if kind == "linear":
-    return np.transpose(x)
-  return x
-
-
-def from_torch(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind == "conv":
-    return np.transpose(x, (2, 3, 1, 0))
-  if kind == "linear":
-    return np.transpose(x)
-  return x
 
 
 def _conv_bn(t_conv: str, t_bn: str, path: tuple, conv: str, bn: str, cin: int, cout: int,

@@ -37,7 +37,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mim_jax.convert.names import ConversionError
+from mim_jax.convert.names import ConversionError, from_torch, to_torch
+from mim_jax.convert.names import ShapedEntry as Entry
 from mim_jax.models import swin
 
 PyTree = Any
@@ -82,35 +83,6 @@ class SwinSpec:
       out.append(swin.window_and_shift((r, r), self.window_size, False)[0])
       r //= 2
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """torch key <-> mim_jax path; kind 'conv', 'linear', 'conv1x1' or 'same'; torch shape."""
-  torch_key: str
-  path: tuple
-  kind: str
-  shape: tuple
-
-
-def from_torch(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind == "conv":
-    return np.transpose(x, (2, 3, 1, 0))
-  if kind == "linear":
-    return np.transpose(x)
-  if kind == "conv1x1":
-    return np.transpose(x[:, :, 0, 0])
-  return x
-
-
-def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind == "conv":
-    return np.transpose(x, (3, 2, 0, 1))
-  if kind == "linear":
-    return np.transpose(x)
-  if kind == "conv1x1":
-    return np.transpose(x)[:, :, None, None]
-  return x
 
 
 def _linear(tkey: str, path: tuple, cin: int, cout: int, bias: bool = True) -> list[Entry]:
