@@ -52,9 +52,14 @@ MODELS = {
     "mae_l": ("mae", "imagenet_large", "large", 16),
     "mae_h": ("mae", "imagenet_large", "huge", 14),
     "simmim_b": ("simmim", "imagenet", "base", 16),
+    "simmim_swin_b": ("simmim", "imagenet_swin_b", "base", 4),   # Swin-B, 192 px, window 6
     "mae_t": ("mae", "imagenet", "tiny", 16),   # not in a group: small enough for a CPU run
 }
 WIDTH_DEPTH = {"tiny": (192, 12), "base": (768, 12), "large": (1024, 24), "huge": (1280, 32)}
+# The image size of a model's official pretraining where it is not 224.
+IMAGE_SIZE = {"simmim_swin_b": 192}
+# Swin variants: (embed dim, depths, window at 192 px) of configs/simmim.py:imagenet_swin_b.
+SWIN = {"base": (128, (2, 2, 18, 2), 6)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,10 +72,35 @@ def vit_forward_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.
   return depth * per_block
 
 
+def swin_forward_flops(image_size: int, embed: int, depths: tuple, window: int,
+                       patch: int = 4, mlp_ratio: float = 4.0) -> float:
+  """Matmul FLOPs of a Swin's forward (2 per multiply-add): the patch embedding, per block
+  qkv, attention within windows of window^2 tokens (a window never larger than the map),
+  projection and MLP, and each stage's patch merging (4C -> 2C)."""
+  side = image_size // patch
+  flops = 2 * side * side * patch * patch * 3 * embed
+  c = embed
+  for i, depth in enumerate(depths):
+    n, m = side * side, min(window, side) ** 2
+    per_block = 2 * n * c * 3 * c + 2 * 2 * n * m * c + 2 * n * c * c + 2 * 2 * n * mlp_ratio * c * c
+    flops += depth * per_block
+    if i < len(depths) - 1:
+      side //= 2
+      flops += 2 * side * side * 4 * c * 2 * c
+      c *= 2
+  return flops
+
+
 def train_flops(model: str, image_size: int = 224, mask_ratio: float = 0.75,
                 dec_width: int = 512, dec_depth: int = 8) -> float:
   """Model FLOPs of one training image: 3 x forward (the backward pass is twice the forward)."""
   method, _, variant, patch = MODELS[model]
+  if model in ("simmim_swin_b",):
+    embed, depths, window = SWIN[variant]
+    final = embed * 2 ** (len(depths) - 1)
+    stride = patch * 2 ** (len(depths) - 1)
+    decoder = 2 * (image_size // stride) ** 2 * final * stride * stride * 3   # 1x1 conv
+    return 3.0 * (swin_forward_flops(image_size, embed, depths, window, patch) + decoder)
   width, depth = WIDTH_DEPTH[variant]
   length = (image_size // patch) ** 2
   pix = patch * patch * 3
@@ -128,7 +158,7 @@ def case_config(case: dict):
   c.model.variant = variant
   c.model.patch_size = patch
   c.input.batch_size = case["batch"]
-  c.input.image_size = case.get("image_size", 224)
+  c.input.image_size = case.get("image_size", IMAGE_SIZE.get(case["model"], 224))
   c.model.dtype = case.get("dtype", "bfloat16")
   c.model.attn_impl = case.get("attn", "cudnn")
   c.model.attn_pad = int(case.get("attn_pad", -1))
@@ -459,12 +489,15 @@ GROUPS = {
     "base": dict(jax=[("mae_b", 256), ("simmim_b", 256)], torch=[("base", 256)]),
     "large": dict(jax=[("mae_l", 256), ("mae_h", 256)], torch=[("large", 256)]),
     "mae": dict(jax=[("mae_b", 256), ("mae_l", 256)], torch=[("large", 256)]),
+    "swin": dict(jax=[("simmim_swin_b", 128)], torch=[]),   # SimMIM's Swin-B, 192 px
 }
 
 
 def model_label(model: str) -> str:
   """'ViT-B/16' for 'mae_b'."""
-  _, _, variant, patch = MODELS[model]
+  _, preset, variant, patch = MODELS[model]
+  if "swin" in preset:
+    return f"Swin-{variant[0].upper()}"
   return f"ViT-{variant[0].upper()}/{patch}"
 
 
@@ -493,7 +526,7 @@ def table(rows: list[dict], peak: float) -> str:
       impl, dtype, attn, remat = r["impl"], "bf16 autocast", "SDPA", False
       model_name = {"base": "mae_b", "large": "mae_l", "huge": "mae_h"}[variant]
     model = model_label(model_name)
-    size = r.get("image_size", 224)
+    size = r.get("image_size", IMAGE_SIZE.get(model_name, 224))
     if "img_s" not in r:
       lines.append(f"| {impl} | {method} | {model} | {r.get('batch')} | {size} | {dtype} | {attn} | "
                    f"{remat} | {r.get('error', 'failed')} | | | | | | |")

@@ -149,3 +149,18 @@ def test_variants_set_config_keys_and_environment(speed, capsys, monkeypatch):
   assert (plain["remat"], plain["attn_pad"]) == (False, -1) and (padded["remat"], padded["attn_pad"]) == (True, 4)
   assert "| mim_jax (pad4) | mae | ViT-T/16 | 4 | 32 | float32 | xla (pad 4) | True |" in speed.table(
       [plain, padded], peak=0.0)
+
+
+def test_swin_case_counts_the_paper_flops_and_times_a_step(speed, capsys):
+  # Swin-B at 224 px, window 7: the paper's 15.4 G multiply-adds (the 1000-way head aside).
+  assert speed.swin_forward_flops(224, 128, (2, 2, 18, 2), 7) / 2e9 == pytest.approx(15.43, abs=0.01)
+  assert speed.model_label("simmim_swin_b") == "Swin-B"
+  case = {"model": "simmim_swin_b", "batch": 2, "image_size": 64, "attn": "xla",
+          "dtype": "float32", "overrides": {"model.embed_dim": "8", "model.depths": "(1, 1, 1, 1)",
+                                            "model.num_heads": "(1, 1, 1, 1)",
+                                            "model.window_size": "2"}}
+  speed.worker_jax(argparse.Namespace(case=json.dumps(case), steps=2, repeats=1, profile="",
+                                      dump=""))
+  (row,) = _results(capsys.readouterr().out)
+  assert row["kind"] == "jax" and row["loss"] > 0 and row["img_s"] > 0
+  assert "| mim_jax | simmim | Swin-B | 2 | 64 |" in speed.table([row], peak=0.0)
