@@ -45,7 +45,7 @@ On an MViTv2 (config.model.name='mvit'), exact to SlowFast's MaskMViT (`_maskfea
   * the head (MSSeparateHead): LayerNorm (eps 1e-6) on the block output (here the MViT's final
     norm, which MaskMViT deletes and the head's replaces), the cls token dropped when there is
     one, one Linear to the HOG size per token, the same MSE over the masked tokens;
-  * initialisation (`official_init_mvit`): SlowFast MViT._init_weights (Linear and Conv
+  * initialisation (`official_init`): SlowFast MViT._init_weights (Linear and Conv
     weights, the pooling convolutions included, ~ N(0, .02), Linear and LayerNorm biases 0.02,
     LayerNorm weights 1; the patch Conv2d bias keeps PyTorch's default U(+-1/sqrt(3 k^2))),
     cls and mask tokens, position table and relative position tables ~ N(0, .02), the head as
@@ -101,44 +101,16 @@ def num_masking_patches(grid: int, mask_ratio: float) -> int:
   return int(round(grid * grid * mask_ratio))
 
 
-def official_init(rng: jax.Array, params: dict, patch: int, in_channels: int = 3) -> dict:
-  """Re-draws the encoder and head parameters as the official MaskFeat ViT initialises them
-  (see the module docstring). Parameters it has no rule for (a relative position bias table,
-  layer-scale gammas) keep their Flax initialisation."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  keys = jax.random.split(rng, len(leaves))
-  conv_bias = vit.torch_default_uniform(in_channels * patch * patch)
-
-  def draw(names, key, p):
-    leaf = names[-1]
-    if names[0] == "head":
-      return _NORMAL_02(key, p.shape, p.dtype) if leaf == "kernel" else jnp.zeros_like(p)
-    if names[0] != "encoder":
-      return p
-    if names[1] == "patch_embed":
-      return _NORMAL_02(key, p.shape, p.dtype) if leaf == "kernel" else conv_bias(key, p.shape, p.dtype)
-    if leaf in ("cls_token", "pos_embed", "mask_token"):
-      return _NORMAL_02(key, p.shape, p.dtype)
-    if len(names) == 4 and names[2] == "norm":          # encoder/encoder/norm: the head's norm
-      return jnp.ones_like(p) if leaf == "scale" else jnp.zeros_like(p)
-    if any(n.startswith("block") for n in names):
-      if leaf in ("kernel", "qkv_kernel"):
-        return _NORMAL_02(key, p.shape, p.dtype)
-      if leaf in ("bias", "qkv_bias", "q_bias", "v_bias"):
-        return jnp.full_like(p, 0.02)
-      if leaf == "scale":
-        return jnp.ones_like(p)
-    return p
-
-  new = [draw(path_names(path), k, p) for (path, p), k in zip(leaves, keys)]
-  return jax.tree_util.tree_unflatten(treedef, new)
-
-
-def official_init_mvit(rng: jax.Array, params: dict, patch_kernel: int,
-                       in_channels: int = 3) -> dict:
-  """Re-draws an MViT encoder and the head as SlowFast's MaskMViT initialises them (see the
-  module docstring); the relative position tables keep the MViT's own N(0, .02) draw (the
-  same rule: trunc_normal_(std=.02) in MultiScaleAttention, untouched by _init_weights)."""
+def official_init(rng: jax.Array, params: dict, patch_kernel: int, in_channels: int = 3) -> dict:
+  """Re-draws the encoder and head parameters as the official MaskFeat initialises them (see
+  the module docstring), for the ViT (`patch_kernel` = the patch size) and the MViT
+  (SlowFast's MaskMViT, `patch_kernel` = its patch-embedding kernel) alike: every Linear and
+  pooling Conv weight N(0, .02), biases .02, LayerNorms 1 / 0 inside the blocks; the head N(0,
+  .02) / 0; the patch embedding N(0, .02) with torch's default conv bias; cls, position and
+  mask tokens N(0, .02); the final norm ('norm' outside the blocks) 1 / 0. Parameters it has
+  no rule for (a relative position table, layer-scale gammas) keep their own initialisation
+  (the MViT's relative tables: its own N(0, .02), which MultiScaleAttention draws and
+  _init_weights leaves alone)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   keys = jax.random.split(rng, len(leaves))
   conv_bias = vit.torch_default_uniform(in_channels * patch_kernel * patch_kernel)
@@ -153,12 +125,13 @@ def official_init_mvit(rng: jax.Array, params: dict, patch_kernel: int,
       return _NORMAL_02(key, p.shape, p.dtype) if leaf == "kernel" else conv_bias(key, p.shape, p.dtype)
     if leaf in ("cls_token", "pos_embed", "mask_token"):
       return _NORMAL_02(key, p.shape, p.dtype)
-    if names[1] == "norm":                              # the head's LayerNorm
+    in_block = any(n.startswith("block") for n in names)
+    if not in_block and names[-2] == "norm":           # the final norm before the head
       return jnp.ones_like(p) if leaf == "scale" else jnp.zeros_like(p)
-    if names[1].startswith("block"):
-      if leaf == "kernel":                              # Linear and pooling Conv weights
+    if in_block:
+      if leaf in ("kernel", "qkv_kernel"):             # Linear and pooling Conv weights
         return _NORMAL_02(key, p.shape, p.dtype)
-      if leaf == "bias":                                # Linear and LayerNorm biases
+      if leaf in ("bias", "qkv_bias", "q_bias", "v_bias"):   # Linear and LayerNorm biases
         return jnp.full_like(p, 0.02)
       if leaf == "scale":
         return jnp.ones_like(p)
@@ -224,10 +197,8 @@ class MaskFeat(Method):
     tokens = self.encoder.apply({"params": enc}, images)
     params = {"encoder": enc, "head": self.head.init(r2, tokens)["params"]}
     if self.use_official_init:
-      if self.backbone == "vit":
-        params = official_init(r3, params, self.patch)
-      else:
-        params = official_init_mvit(r3, params, self.encoder.patch_kernel)
+      kernel = self.patch if self.backbone == "vit" else self.encoder.patch_kernel
+      params = official_init(r3, params, kernel)
     return params
 
   def forward(self, params, images, mask, rng=None, train=True):
