@@ -311,6 +311,40 @@ def joint_embedding_imagenet(c: ml_collections.ConfigDict, *, batch_size: int,
   knn_200(c)
 
 
+def pretext_preset(c: ml_collections.ConfigDict, preset: str, *, model: str = "alexnet",
+                   epochs: tuple[float, float] = (5, 15), batch: tuple[int, int] = (128, 256),
+                   width: float = 0.5, pixels: bool = False) -> None:
+  """The CPU presets of the classic pretext tasks ('', 'cifar10'; see `cpu_preset`): the
+  CIFAR-sized AlexNet (BN, torch widths, `width` 0.5: 32, 96, 192, 128, 128 channels) or
+  RotNet's NIN (`model='nin'`), 32 px, mean-pooled kNN, and the per-layer linear probe of the
+  split-brain protocol (`layer_probe`, classifier 'linear': each conv layer pooled to about
+  9,216 values, one SGD probe per layer, 30 epochs) on the kNN's training subset."""
+  from mim_jax.models import convnet  # pylint: disable=g-import-not-at-top
+  cpu_preset(c, preset, epochs=epochs, batch=batch, pixels=pixels)
+  c.model = (convnet.default_config("alexnet", stem="cifar", width=width) if model == "alexnet"
+             else convnet.default_config("nin", width=width))
+  c.pooling = "mean"
+  lp = c.evals.layer_probe
+  lp.update(enabled=True, classifier="linear", pooling="mean",
+            max_train=c.evals.knn.max_train or 0, optimizer="sgd", base_lr=0.1, epochs=30,
+            warmup_epochs=3)
+
+
+def pretext_imagenet(c: ml_collections.ConfigDict, *, batch_size: int, total_epochs: int,
+                     widths: str = "caffe") -> None:
+  """`imagenet_preset` with the BN AlexNet at 224 px (conv1 11x11 / 4), mean-pooled features and
+  the per-layer linear probe (conv1..conv5 pooled to about 9,216 values each)."""
+  from mim_jax.models import convnet  # pylint: disable=g-import-not-at-top
+  imagenet_preset(c, batch_size=batch_size, variant="base", total_epochs=total_epochs)
+  c.model = convnet.default_config("alexnet", widths=widths)
+  c.pooling = "mean"
+  for name in c.evals:
+    if "pooling" in c.evals[name]:
+      c.evals[name].pooling = "mean"
+  c.evals.reconstruction.enabled = False
+  c.evals.layer_probe.update(enabled=True, classifier="linear", max_train=100_000)
+
+
 def knn_200(c: ml_collections.ConfigDict) -> None:
   """Adds `knn_200` to config.evals: the kNN of `knn` at k=200, T=0.1 (InstDisc's protocol as
   lightly's and solo-learn's benchmarks run it)."""

@@ -2,7 +2,12 @@
 # The CIFAR-10 runs behind the tables of docs/results/: for each method given (mae, simmim), pretrain with
 # the cifar10 preset, then evaluate the same encoder at its random initialisation (0 epochs),
 # then write the table with its protocol notes (python -m mim_jax.report) to $OUT/table.md.
-#   bash tools/cifar10_table.sh mae simmim      (CIFAR_DIR, OUT_DIR override the paths)
+#   bash tools/cifar10_table.sh mae simmim      (CIFAR_DIR, OUT_DIR override the paths;
+#                                               METRICS the table's columns)
+# The pretext tasks' per-layer table (conv1..conv5 linear probes, then the global pool):
+#   METRICS=knn/top1,layer_probe/top1_block0,layer_probe/top1_block1,layer_probe/top1_block2,\
+#   layer_probe/top1_block3,layer_probe/top1_block4,layer_probe/top1_block5 \
+#     bash tools/cifar10_table.sh rotation jigsaw
 set -eux
 D=${CIFAR_DIR:-../shared/data/cifar10/train}
 OUT=${OUT_DIR:-runs}
@@ -17,4 +22,4 @@ for m in "$@"; do
   NAMES+=("pretrained" "random init")
 done
 python -m mim_jax.report "${WORKDIRS[@]}" --names "$(IFS=,; echo "${NAMES[*]}")" \
-  --metrics knn/top1,linear/top1 --out "$OUT/table.md"
+  --metrics "${METRICS:-knn/top1,linear/top1}" --out "$OUT/table.md"

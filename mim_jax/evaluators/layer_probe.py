@@ -117,8 +117,10 @@ class LayerProbeEvaluator(common.Evaluator):
         "classifier": classifier,
         "pooling": pooling,
         "depth": depth,
-        "layers": f"block0 .. block{depth - 1}: block outputs before the final norm; "
-                  f"block{depth}: final-norm output",
+        "layers": f"block0 .. block{depth}: the backbone's outputs(layers=True) entries (ViT: "
+                  f"block outputs before the final norm, then the final-norm output; ResNet: "
+                  f"stages; AlexNet / NIN: conv layers / blocks pooled to about "
+                  f"model.probe_dims values, then the global average pool)",
         "num_train": int(len(train_y)),
         "num_eval": int(len(eval_y)),
         "features": "frozen, no augmentation",

@@ -45,6 +45,8 @@ REGISTRY = {
     "resnet": "mim_jax.models.resnet",
     "swin": "mim_jax.models.swin",
     "mvit": "mim_jax.models.mvit",
+    "alexnet": "mim_jax.models.convnet",
+    "nin": "mim_jax.models.convnet",
 }
 
 DEFAULT = "vit"
