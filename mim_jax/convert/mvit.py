@@ -30,7 +30,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mim_jax.convert.names import ConversionError, from_torch, to_torch
+from mim_jax.convert.names import ConversionError, fmt_keys, put_shaped, take_shaped
 from mim_jax.convert.names import ShapedEntry as Entry
 from mim_jax.models import mvit
 
@@ -86,12 +86,6 @@ def entries(model: mvit.MViT, num_classes: int = 0) -> list[Entry]:
   return out
 
 
-def _fmt(keys, n: int = 4) -> str:
-  keys = list(keys)
-  more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-  return ", ".join(keys[:n]) + more
-
-
 def _squeezed(key: str, x: np.ndarray) -> np.ndarray:
   """SlowFast's Conv3d pooling kernels [C, 1, 1, k, k] (and patch kernels [C, 3, 1, k, k]) as
   2-D ones; anything else unchanged."""
@@ -121,7 +115,7 @@ def config_from_official(sd: dict, *, image_size: int = 224, stage_strides: tupl
   """(`config.model`, number of classes: 0 without head) of an official state dict."""
   if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
     raise ConversionError(f"not an official MViT state dict: no patch_embed.proj.weight / "
-                          f"blocks.0.attn.qkv.weight (keys: {_fmt(sorted(sd))})")
+                          f"blocks.0.attn.qkv.weight (keys: {fmt_keys(sorted(sd))})")
   pw = np.shape(sd["patch_embed.proj.weight"])
   if len(pw) != 4 or pw[1] != 3 or pw[2] != pw[3]:
     raise ConversionError(f"patch_embed.proj.weight {list(pw)} is not a square RGB convolution")
@@ -164,27 +158,13 @@ def official_to_params(sd: dict, *, image_size: int = 224, **geometry) -> tuple[
   kv_stride) where they are not the official values. ConversionError, one line, for missing,
   unknown or misshapen keys."""
   cfg, num_classes = config_from_official(sd, image_size=image_size, **geometry)
-  ents = entries(mvit.from_config(cfg, image_size), num_classes)
-  known = {e.torch_key for e in ents}
-  missing = [e.torch_key for e in ents if e.torch_key not in sd]
-  if missing:
-    raise ConversionError(f"the state dict lacks {_fmt(missing)} of the MViT its shapes describe")
-  unknown = [k for k in sd if k not in known]
-  if unknown:
-    raise ConversionError(f"keys that are not an image MViT's: {_fmt(unknown)} (drop them, or "
-                          f"strip a prefix, before converting)")
-  bad = [f"{e.torch_key} {list(np.shape(sd[e.torch_key]))} (expected {list(e.shape)})"
-         for e in ents if tuple(np.shape(sd[e.torch_key])) != e.shape]
-  if bad:
-    raise ConversionError(f"shapes that do not fit the MViT at {image_size}px with query strides "
-                          f"{tuple(cfg.stage_strides)}, kv stride {cfg.kv_stride}: {_fmt(bad, 3)} "
-                          f"(the relative position tables fix the strides and the image size)")
-  params: dict = {}
-  for e in ents:
-    node = params
-    for k in e.path[:-1]:
-      node = node.setdefault(k, {})
-    node[e.path[-1]] = np.ascontiguousarray(from_torch(e.kind, np.asarray(sd[e.torch_key], np.float32)))
+  params = take_shaped(
+      sd, entries(mvit.from_config(cfg, image_size), num_classes),
+      lacks="the state dict lacks, of the MViT its shapes describe,",
+      not_ours="an image MViT's",
+      misfit=f"the MViT at {image_size}px with query strides {tuple(cfg.stage_strides)}, kv "
+             f"stride {cfg.kv_stride} (the relative position tables fix the strides and the "
+             f"image size)")
   return params, cfg, num_classes
 
 
@@ -194,20 +174,7 @@ def params_to_official(params: PyTree, model_cfg, image_size: int = 224,
   {'fc': ...}]}) of the MViT `model_cfg` describes."""
   fc = params.get("head", {}).get("fc") if isinstance(params.get("head"), dict) else None
   num_classes = int(np.shape(fc["kernel"])[1]) if fc is not None else 0
-  out = {}
-  for e in entries(mvit.from_config(model_cfg, image_size), num_classes):
-    node = params
-    try:
-      for k in e.path:
-        node = node[k]
-    except (KeyError, TypeError):
-      raise ConversionError(f"the parameters lack {'/'.join(e.path)} (for {e.torch_key})") from None
-    x = np.ascontiguousarray(to_torch(e.kind, np.asarray(node, dtype)))
-    if x.shape != e.shape:
-      raise ConversionError(f"{'/'.join(e.path)} {list(x.shape)} does not fit {e.torch_key} "
-                            f"{list(e.shape)}")
-    out[e.torch_key] = x
-  return out
+  return put_shaped(params, entries(mvit.from_config(model_cfg, image_size), num_classes), dtype)
 
 
 def make_config(model_cfg, num_classes: int, *, image_size: int = 224, preset: str = "",

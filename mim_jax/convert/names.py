@@ -243,6 +243,57 @@ def put(tree: PyTree, entries: list[Entry]) -> dict:
   return out
 
 
+def fmt_keys(keys, n: int = 4) -> str:
+  """The first `n` of `keys`, comma-separated, with '(+k more)' for the rest."""
+  keys = list(keys)
+  more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+  return ", ".join(keys[:n]) + more
+
+
+def take_shaped(sd: dict, entries: list[ShapedEntry], *, lacks: str, not_ours: str,
+                misfit: str, ignored=()) -> dict:
+  """The float32 tree of `sd` read through `entries` (ShapedEntry: every tensor's torch shape
+  is known), for the CNN, Swin and MViT maps. ConversionError, one line, for a key the map
+  needs and `sd` lacks ('`lacks` k1, k2'), a key of `sd` outside the map and `ignored` ('keys
+  that are not `not_ours`: ...'), or a tensor of another shape ('shapes that do not fit
+  `misfit`: ...')."""
+  known = {e.torch_key for e in entries}
+  missing = [e.torch_key for e in entries if e.torch_key not in sd]
+  if missing:
+    raise ConversionError(f"{lacks} {fmt_keys(missing)}")
+  ignored = set(ignored)
+  unknown = [k for k in sd if k not in known and k not in ignored]
+  if unknown:
+    raise ConversionError(f"keys that are not {not_ours}: {fmt_keys(unknown)} (drop them, or "
+                          f"strip a prefix, before converting)")
+  bad = [f"{e.torch_key} {list(np.shape(sd[e.torch_key]))} (expected {list(e.shape)})"
+         for e in entries if tuple(np.shape(sd[e.torch_key])) != tuple(e.shape)]
+  if bad:
+    raise ConversionError(f"shapes that do not fit {misfit}: {fmt_keys(bad, 3)}")
+  tree: dict = {}
+  for e in entries:
+    _set(tree, e.path, np.ascontiguousarray(
+        from_torch(e.kind, np.asarray(sd[e.torch_key], np.float32))))
+  return tree
+
+
+def put_shaped(tree: PyTree, entries: list[ShapedEntry], dtype=np.float32) -> dict:
+  """{torch key: array in torch layout} of `tree` through `entries` (the inverse of
+  `take_shaped`); ConversionError for a path the tree lacks or a tensor of another shape."""
+  out = {}
+  for e in entries:
+    try:
+      x = _get(tree, e.path)
+    except (KeyError, TypeError):
+      raise ConversionError(f"the parameters lack {'/'.join(e.path)} (for {e.torch_key})") from None
+    x = np.ascontiguousarray(to_torch(e.kind, np.asarray(x, dtype)))
+    if x.shape != tuple(e.shape):
+      raise ConversionError(f"{'/'.join(e.path)} {list(x.shape)} does not fit {e.torch_key} "
+                            f"{list(e.shape)}")
+    out[e.torch_key] = x
+  return out
+
+
 def flat_paths(tree: PyTree, prefix: tuple = ()) -> dict:
   """{path tuple: leaf} of a nested dict."""
   out = {}

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mim_jax.convert.names import ConversionError, from_torch, to_torch
+from mim_jax.convert.names import ConversionError, fmt_keys, put_shaped, take_shaped
 from mim_jax.convert.names import ShapedEntry as Entry
 from mim_jax.models import resnet
 
@@ -91,12 +91,6 @@ def entries(spec: ResNetSpec) -> list[Entry]:
   return out
 
 
-def _fmt(keys, n: int = 4) -> str:
-  keys = list(keys)
-  more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-  return ", ".join(keys[:n]) + more
-
-
 def _depth(kind: str, counts: tuple[int, ...], what: str) -> int:
   depth = BLOCKS_TO_DEPTH.get((kind, counts))
   if depth is None:
@@ -120,7 +114,7 @@ def spec_from_torchvision(sd: dict) -> ResNetSpec:
     prefixed = [k[:-len("conv1.weight")] for k in sd if k.endswith(".conv1.weight")
                 and not k.startswith("layer") and ".layer" not in k]
     hint = (f"; its keys carry the prefix {prefixed[0]!r}: strip it first" if prefixed
-            else f" (keys: {_fmt(sorted(sd))})")
+            else f" (keys: {fmt_keys(sorted(sd))})")
     raise ConversionError(f"not a torchvision ResNet state dict: no conv1.weight{hint}")
   w = np.shape(sd["conv1.weight"])
   if len(w) != 4 or w[1] != 3 or w[2] != w[3]:
@@ -140,29 +134,12 @@ def torchvision_to_variables(sd: dict) -> tuple[dict, ResNetSpec]:
   torchvision ResNet state dict (numpy arrays or anything np.asarray reads). ConversionError,
   one line, for missing, unknown or misshapen keys."""
   spec = spec_from_torchvision(sd)
-  ents = entries(spec)
-  known = {e.torch_key for e in ents}
-  missing = [e.torch_key for e in ents if e.torch_key not in sd]
-  if missing:
-    raise ConversionError(f"the {spec.kind} ResNet-{spec.depth} state dict lacks "
-                          f"{_fmt(missing)}")
-  unknown = [k for k in sd if k not in known and not k.endswith(".num_batches_tracked")]
-  if unknown:
-    raise ConversionError(f"keys that are not torchvision ResNet-{spec.depth}'s: {_fmt(unknown)} "
-                          f"(drop them, or strip a prefix, before converting)")
-  bad = [f"{e.torch_key} {list(np.shape(sd[e.torch_key]))} (expected {list(e.shape)})"
-         for e in ents if tuple(np.shape(sd[e.torch_key])) != e.shape]
-  if bad:
-    raise ConversionError(f"shapes that do not fit a width-{spec.width} ResNet-{spec.depth} "
-                          f"(every stage scaled alike; torchvision's wide_resnet widens only "
-                          f"the bottlenecks): {_fmt(bad, 3)}")
-  variables: dict = {}
-  for e in ents:
-    node = variables
-    for k in e.path[:-1]:
-      node = node.setdefault(k, {})
-    node[e.path[-1]] = np.ascontiguousarray(
-        from_torch(e.kind, np.asarray(sd[e.torch_key], np.float32)))
+  ignored = [k for k in sd if k.endswith(".num_batches_tracked")]
+  variables = take_shaped(
+      sd, entries(spec), lacks=f"the {spec.kind} ResNet-{spec.depth} state dict lacks",
+      not_ours=f"torchvision ResNet-{spec.depth}'s", ignored=ignored,
+      misfit=f"a width-{spec.width} ResNet-{spec.depth} (every stage scaled alike; "
+             f"torchvision's wide_resnet widens only the bottlenecks)")
   return variables, spec
 
 
@@ -176,7 +153,7 @@ def spec_from_variables(variables: PyTree) -> ResNetSpec:
                    for i in range(1, 5))
   except (KeyError, TypeError):
     raise ConversionError(f"not mim_jax ResNet variables (params keys: "
-                          f"{_fmt(sorted(params))})") from None
+                          f"{fmt_keys(sorted(params))})") from None
   depth = _depth(kind, counts, "variables")
   num_classes = int(np.shape(params["fc"]["kernel"])[1]) if "fc" in params else 0
   width = k[3] / 64
@@ -191,20 +168,10 @@ def variables_to_torchvision(variables: PyTree, num_batches_tracked: bool = True
   `num_batches_tracked` as an int64 0, so that torch's strict load_state_dict takes it."""
   spec = spec_from_variables(variables)
   out = {}
-  for e in entries(spec):
-    node = variables
-    try:
-      for k in e.path:
-        node = node[k]
-    except (KeyError, TypeError):
-      raise ConversionError(f"the variables lack {'/'.join(e.path)} (for {e.torch_key})") from None
-    x = np.ascontiguousarray(to_torch(e.kind, np.asarray(node, dtype)))
-    if x.shape != e.shape:
-      raise ConversionError(f"{'/'.join(e.path)} {list(x.shape)} does not fit the ResNet-"
-                            f"{spec.depth}'s {e.torch_key} {list(e.shape)}")
-    out[e.torch_key] = x
-    if num_batches_tracked and e.torch_key.endswith(".running_var"):
-      out[e.torch_key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  for key, x in put_shaped(variables, entries(spec), dtype).items():
+    out[key] = x
+    if num_batches_tracked and key.endswith(".running_var"):
+      out[key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
   return out
 
 

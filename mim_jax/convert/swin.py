@@ -37,7 +37,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mim_jax.convert.names import ConversionError, from_torch, to_torch
+from mim_jax.convert.names import ConversionError, fmt_keys, from_torch, put_shaped, take_shaped
 from mim_jax.convert.names import ShapedEntry as Entry
 from mim_jax.models import swin
 
@@ -140,12 +140,6 @@ def encoder_entries(spec: SwinSpec, mask_token: bool = False) -> list[Entry]:
   return out + _norm("norm", ("norm",), c * 2 ** (len(spec.depths) - 1))
 
 
-def _fmt(keys, n: int = 4) -> str:
-  keys = list(keys)
-  more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-  return ", ".join(keys[:n]) + more
-
-
 def _blocks(sd: dict) -> list[int]:
   """Blocks per stage from the `layers.i.blocks.j.` keys."""
   found: dict = {}
@@ -170,7 +164,7 @@ def spec_from_state_dict(sd: dict, image_size: int = 0) -> SwinSpec:
   shifted stage-0 block's attn_mask gives it."""
   if "patch_embed.proj.weight" not in sd:
     raise ConversionError(f"not a Swin state dict: no patch_embed.proj.weight (keys: "
-                          f"{_fmt(sorted(sd))})")
+                          f"{fmt_keys(sorted(sd))})")
   c, _, p, _ = np.shape(sd["patch_embed.proj.weight"])
   depths = tuple(_blocks(sd))
   if not depths:
@@ -228,13 +222,6 @@ def _strip(sd: dict) -> tuple[dict, dict]:
   return sd, decoder
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-  node = tree
-  for k in path[:-1]:
-    node = node.setdefault(k, {})
-  node[path[-1]] = value
-
-
 def torch_to_params(sd: dict, image_size: int = 0) -> tuple[dict, SwinSpec, list[str]]:
   """({'encoder': tree[, 'decoder': SimMIM's conv][, 'head': {'fc': ...}]} of float32 numpy,
   SwinSpec, the keys left out (buffers)) of an official Swin state dict. ConversionError, one
@@ -246,31 +233,17 @@ def torch_to_params(sd: dict, image_size: int = 0) -> tuple[dict, SwinSpec, list
                 (int(np.shape(enc_sd["head.weight"])[0]), spec.embed_dim * 2 ** (len(spec.depths) - 1))),
           Entry("head.bias", ("head", "fc", "bias"), "same", (int(np.shape(enc_sd["head.weight"])[0]),))
           ] if "head.weight" in enc_sd else []
-  known = {e.torch_key for e in ents + head}
-  missing = [e.torch_key for e in ents if e.torch_key not in enc_sd]
-  if missing:
-    raise ConversionError(f"the Swin v{spec.version} state dict lacks {_fmt(missing)}")
   ignored = sorted(k for k in enc_sd if k.rsplit(".", 1)[-1] in BUFFERS)
-  unknown = [k for k in enc_sd if k not in known and k not in ignored]
-  if unknown:
-    raise ConversionError(f"keys that are not a Swin v{spec.version}'s: {_fmt(unknown)} (drop "
-                          f"them, or strip a prefix, before converting)")
-  bad = [f"{e.torch_key} {list(np.shape(enc_sd[e.torch_key]))} (expected {list(e.shape)})"
-         for e in ents + head if tuple(np.shape(enc_sd[e.torch_key])) != e.shape]
-  if bad:
-    raise ConversionError(f"shapes that do not fit the Swin read from the weights: {_fmt(bad, 3)}")
-  tree: dict = {}
-  for e in ents:
-    _set(tree, ("encoder", *e.path), np.ascontiguousarray(
-        from_torch(e.kind, np.asarray(enc_sd[e.torch_key], np.float32))))
-  for e in head:
-    _set(tree, e.path, np.ascontiguousarray(from_torch(e.kind, np.asarray(enc_sd[e.torch_key],
-                                                                          np.float32))))
+  tree = take_shaped(enc_sd, ents + head, lacks=f"the Swin v{spec.version} state dict lacks",
+                     not_ours=f"a Swin v{spec.version}'s", misfit="the Swin read from the weights",
+                     ignored=ignored)
+  tree = {"encoder": {k: v for k, v in tree.items() if k != "head"},
+          **({"head": tree["head"]} if "head" in tree else {})}
   if dec_sd:
     w = np.asarray(dec_sd.get("decoder.0.weight"), np.float32)
     if w.ndim != 4 or "decoder.0.bias" not in dec_sd or len(dec_sd) != 2:
       raise ConversionError(f"SimMIM's decoder is decoder.0.weight [s^2*3, C, 1, 1] and "
-                            f"decoder.0.bias; got {_fmt(sorted(dec_sd))}")
+                            f"decoder.0.bias; got {fmt_keys(sorted(dec_sd))}")
     tree["decoder"] = {"conv1x1": {"kernel": from_torch("conv1x1", w),
                                    "bias": np.asarray(dec_sd["decoder.0.bias"], np.float32)}}
   return tree, spec, ignored
@@ -299,20 +272,7 @@ def buffers(spec: SwinSpec) -> dict:
 def params_to_torch(encoder: PyTree, spec: SwinSpec, with_buffers: bool = True) -> dict:
   """{official key: numpy array in torch layout} of a mim_jax Swin encoder's parameters (a
   mask token included when present), with the buffers unless `with_buffers` is False."""
-  ents = encoder_entries(spec, mask_token="mask_token" in encoder)
-  out = {}
-  for e in ents:
-    node = encoder
-    try:
-      for k in e.path:
-        node = node[k]
-    except (KeyError, TypeError):
-      raise ConversionError(f"the parameters lack {'/'.join(e.path)} (for {e.torch_key})") from None
-    x = np.ascontiguousarray(to_torch(e.kind, np.asarray(node, np.float32)))
-    if x.shape != e.shape:
-      raise ConversionError(f"{'/'.join(e.path)} {list(x.shape)} does not fit {e.torch_key} "
-                            f"{list(e.shape)}")
-    out[e.torch_key] = x
+  out = put_shaped(encoder, encoder_entries(spec, mask_token="mask_token" in encoder))
   return {**out, **(buffers(spec) if with_buffers else {})}
 
 
