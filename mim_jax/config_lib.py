@@ -176,7 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
       # 'constant', or 'cosine' from weight_decay to weight_decay_end over the run, per step
       # (DINO / iBOT's cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_ep)).
       weight_decay_schedule="constant", weight_decay_end=0.0,
-      min_lr=0.0, milestones_epochs=(), gamma=0.1, clip_grad=0.0, grad_accum=1,
+      min_lr=0.0, milestones_epochs=(), gamma=0.1, lr_table=(), nesterov=False, clip_grad=0.0, grad_accum=1,
       # ((regex, spec), ...) on parameter paths, first match wins: spec 'frozen' or a dict of
       # lr_scale, weight_decay, frozen, frozen_until_step, frozen_until_epoch (optim.GROUP_KEYS).
       param_groups=(),

@@ -45,6 +45,10 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, batch_size: int, steps_p
     * 'cosine_epoch': the same cosine held constant through each epoch (read at the epoch's
       first step: SimSiam's and MoCo's adjust_learning_rate, set once per epoch), or
     * 'multistep': constant, multiplied by `gamma` at each of `milestones_epochs` (SimMIM ViT),
+    * 'table': RotNet's and FeatureDecoupling's LUT_lr, `lr_table` = ((until_epoch, lr), ...):
+      epoch e (whole epochs, set once per epoch) runs at the lr of the first entry with
+      e < until_epoch, past the last entry at the last lr (the lrs scaled by the batch like
+      `base_lr`; `base_lr` itself is then unused), or
     * 'constant'.
   warmup_lr and min_lr are scaled by the batch like the peak (as SimMIM does; MAE's are 0).
   """
@@ -64,11 +68,24 @@ def make_schedule(optim_cfg: ml_collections.ConfigDict, batch_size: int, steps_p
     bounds = {int(round(e * steps_per_epoch)) - warmup: float(optim_cfg.get("gamma", 0.1))
               for e in optim_cfg.get("milestones_epochs", ())}
     after = optax.piecewise_constant_schedule(peak, {k: v for k, v in bounds.items() if k > 0})
+  elif kind == "table":
+    table = [(float(e), float(lr) * scale) for e, lr in optim_cfg.get("lr_table", ())]
+    if not table:
+      raise ValueError("config.optim.schedule='table' needs config.optim.lr_table = "
+                       "((until_epoch, lr), ...), e.g. ((60, 0.1), (120, 0.02))")
+    spe = max(int(steps_per_epoch), 1)
+
+    def after(count):
+      epoch = (jnp.asarray(count) + warmup) // spe
+      lr = jnp.float32(table[-1][1])
+      for until, value in reversed(table):
+        lr = jnp.where(epoch < until, jnp.float32(value), lr)
+      return lr
   elif kind == "constant":
     after = optax.constant_schedule(peak)
   else:
     raise ValueError(f"unknown schedule {kind!r}: set config.optim.schedule to 'cosine', "
-                     "'cosine_epoch', 'multistep' or 'constant'")
+                     "'cosine_epoch', 'multistep', 'table' or 'constant'")
   if warmup == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(warm_lr, peak, warmup), after], [warmup])

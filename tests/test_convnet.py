@@ -115,3 +115,13 @@ def test_bad_keys_and_values_are_one_line_errors():
     convnet.default_config("nin", num_stages=7)
   with pytest.raises(ValueError, match="positive whole number"):
     convnet.default_config("alexnet", width=0.3)
+
+
+def test_initialisation_is_torchs_default_as_rotnet_runs():
+  model = models.build(convnet.default_config("alexnet", stem="cifar", width=0.5), 32)
+  p = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  k, b = p["conv2"]["conv"]["kernel"], p["conv2"]["conv"]["bias"]
+  bound = 1 / np.sqrt(32 * 5 * 5)                 # fan_in of conv2: 32 channels x 5 x 5
+  for w in (k, b):
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+  assert np.all(p["conv2"]["bn"]["scale"] == 1) and np.all(p["conv2"]["bn"]["bias"] == 0)

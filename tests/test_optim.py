@@ -38,6 +38,23 @@ def test_multistep_schedule_is_simmims():
   np.testing.assert_allclose(float(s(70)), 2e-5, rtol=1e-5)
 
 
+def test_table_schedule_is_rotnets_lut_per_epoch():
+  # FeatureDecoupling's ImageNet LUT_lr goes back up after epoch 210: a table, not a multistep.
+  table = ((90, 0.01), (130, 0.001), (190, 0.0001), (210, 0.00001), (230, 0.0001), (245, 0.00001))
+  c = cfg(base_lr=0.0, lr_batch_divisor=192, schedule="table", lr_table=table)
+  s = optim.make_schedule(c, 192, 10, 2450)
+  for epoch, want in ((0, 0.01), (89, 0.01), (90, 0.001), (209, 0.00001), (210, 0.0001),
+                      (229, 0.0001), (230, 0.00001), (300, 0.00001)):
+    for step in (epoch * 10, epoch * 10 + 9):     # constant through each epoch
+      np.testing.assert_allclose(float(s(step)), want, rtol=1e-6)
+  # The lrs scale with the batch like base_lr; a warm-up leaves the table's epochs in place.
+  s = optim.make_schedule(cfg(base_lr=0.0, lr_batch_divisor=192, schedule="table", lr_table=table,
+                              warmup_epochs=1), 384, 10, 2450)
+  np.testing.assert_allclose(float(s(905)), 0.002, rtol=1e-6)
+  with pytest.raises(ValueError, match="lr_table"):
+    optim.make_schedule(cfg(base_lr=0.1, schedule="table"), 192, 10, 100)
+
+
 def method_params(name, preset=""):
   import importlib.util
   import pathlib

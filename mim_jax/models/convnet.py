@@ -31,9 +31,12 @@
   RotNet's CIFAR default is 4 stages, use_avg_on_conv3=False; the classifier (global average
   pool + Linear) is the method's head.
 
-Both: `width` multiplies every channel count (CPU presets); initialisation as the official
-`weight_initialization`: convolutions N(0, 2 / (k * k * out_channels)), conv biases 0 (AlexNet),
-BatchNorm scale 1 and bias 0; BatchNorm is `resnet.BatchNorm` (torch's running statistics).
+Both: `width` multiplies every channel count (CPU presets); initialisation is PyTorch's
+default, as RotNet's: its NIN defines `weight_initialization` (N(0, 2 / (k k out))) but never
+calls it, and its AlexNet has none, so conv weights and biases are U(-1/sqrt(fan_in),
+1/sqrt(fan_in)) (kaiming_uniform_ with a = sqrt(5)), BatchNorm scale 1 and bias 0 (PyTorch
+>= 1.2; the 2018 code ran on a PyTorch whose BatchNorm drew its scale from U(0, 1)). BatchNorm
+is `resnet.BatchNorm` (torch's running statistics).
 
 The registry contract (mim_jax/models/__init__.py): `__call__` returns the last feature map
 [B, h, w, C] float32; `outputs(..., layers=True)` gives one entry per convolutional layer
@@ -53,7 +56,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mim_jax.models.resnet import BatchNorm, conv_init
+from mim_jax.models.resnet import BatchNorm, torch_linear_init
 
 Dtype = Any
 
@@ -121,9 +124,10 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     p = self.padding
+    init = torch_linear_init(x.shape[-1] * self.kernel * self.kernel)   # torch's Conv2d default
     x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
-                padding=((p, p), (p, p)), use_bias=self.use_bias, kernel_init=conv_init,
-                dtype=self.dtype, name="conv")(x)
+                padding=((p, p), (p, p)), use_bias=self.use_bias, kernel_init=init,
+                bias_init=init, dtype=self.dtype, name="conv")(x)
     return nn.relu(BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name="bn")(x, train))
 
 
