@@ -1,9 +1,10 @@
-r"""How long each joint-embedding method's CPU preset takes: the jitted training step of its
-`cifar10` preset (model, batch, views and heads as configured) timed on this machine, and the
-preset's whole run (steps x step time) estimated from it.
+r"""How long each joint-embedding (or pretext-task) method's CPU preset takes: the jitted
+training step of its `cifar10` preset (model, batch, views and heads as configured) timed on
+this machine, and the preset's whole run (steps x step time) estimated from it.
 
   python benchmarks/joint_embedding_cpu.py [--methods simclr,moco,...] [--preset cifar10] \
       [--steps 4] [--warmup 2]
+  python benchmarks/joint_embedding_cpu.py --methods pretext      (the classic pretext tasks)
 
 The batches come from the embedded CIFAR-10 subset (the step's cost does not depend on the
 images); the run length is the preset's over the 45,000-image training split of the CIFAR-10
@@ -18,6 +19,9 @@ import time
 
 METHODS = ("instdisc", "moco", "mocov3", "simclr", "byol", "simsiam", "barlow_twins", "vicreg",
            "dino")
+# The classic pretext tasks' configs (`--methods pretext`).
+PRETEXT = ("rotation", "feature_decoupling", "jigsaw", "context_prediction", "colorization",
+           "split_brain", "context_encoder", "limited_context", "igpt")
 TRAIN_IMAGES = 45_000   # the CIFAR-10 folder minus 500 held-out images per class
 
 
@@ -53,7 +57,8 @@ def main(argv) -> int:
   a = p.parse_args(argv)
   print("| method | model | batch | steps | s / step | est. training (h) |")
   print("| --- | --- | --- | --- | --- | --- |")
-  for m in a.methods.split(","):
+  names = PRETEXT if a.methods == "pretext" else a.methods.split(",")
+  for m in names:
     r = time_step(m, a.preset, a.steps, a.warmup)
     print(f"| {r['method']} | {r['model']} | {r['batch']} | {r['steps']} | {r['sec']:.2f} | "
           f"{r['hours']:.2f} |", flush=True)

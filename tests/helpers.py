@@ -43,6 +43,26 @@ def tiny_config(method: str = "mae", **overrides):
   return apply_overrides(c, overrides)
 
 
+def tiny_convnet_config(method: str, preset: str = "", block: dict = None, **overrides):
+  """configs/<method>.py's `preset` (another preset is put on the embedded data) on its ConvNet
+  at width 0.125 (AlexNet: 8 .. 32 channels), 16 px, batch 8, 4 steps with a checkpoint every
+  2, no warm-up, no evaluators; `block` updates the method's config block (head widths),
+  `overrides` are dotted keys."""
+  c = load_config(method, preset)
+  if preset:
+    c.input.data.update(name="embedded", dir="", holdout_per_class=100)
+  c.model.width = 0.125
+  c.input.image_size = 16
+  c.input.batch_size = 8
+  c.total_steps, c.ckpt_every, c.log_every, c.keep_ckpts = 4, 2, 1, 5
+  c.optim.warmup_epochs = 0.0
+  if block:
+    c[c.method].update(block)
+  for name in c.evals:
+    c.evals[name].enabled = False
+  return apply_overrides(c, overrides)
+
+
 def apply_overrides(c, overrides: dict):
   """c with each dotted key of `overrides` ('optim.grad_accum') set to its value."""
   for k, v in overrides.items():

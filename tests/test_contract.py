@@ -37,7 +37,22 @@ def teacher_run(tmp_path_factory):
 
 
 def shrink(config_name: str, teacher: str):
-  if config_lib.load(config_name, "", CONFIG_DIR).model.get("name") == "resnet":
+  model_name = config_lib.load(config_name, "", CONFIG_DIR).model.get("name")
+  if model_name in ("alexnet", "nin", "gpt"):   # the pretext tasks' ConvNets and iGPT's GPT
+    c = load_config(config_name)
+    if model_name == "gpt":
+      c.model.update(depth=1, width=32, num_heads=2)
+    else:
+      c.model.width = 0.125
+    if "colorization" in c:           # the rebalancing prior from 64 images, not the split
+      c.colorization.prior_images = 64
+    if "igpt" in c:                   # the palette from 64 images, in the test's own cache
+      c.igpt.update(palette_images=64, palette_cache=os.path.join(teacher, "igpt_palettes"))
+    c.input.batch_size = 8
+    c.total_steps, c.ckpt_every, c.log_every, c.keep_ckpts = 2, 1, 1, 3
+    c.evals = {}
+    return c
+  if model_name == "resnet":
     from je_helpers import tiny_je_config   # the joint-embedding methods' tiny ResNet
     c = tiny_je_config(config_name)
     c.input.batch_size = 8

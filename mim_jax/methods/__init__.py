@@ -30,6 +30,15 @@ REGISTRY = {
     "vicreg": "mim_jax.methods.vicreg:VICReg",
     "dino": "mim_jax.methods.dino:DINO",
     "instdisc": "mim_jax.methods.instdisc:InstDisc",
+    "rotation": "mim_jax.methods.rotation:Rotation",
+    "feature_decoupling": "mim_jax.methods.feature_decoupling:FeatureDecoupling",
+    "jigsaw": "mim_jax.methods.jigsaw:Jigsaw",
+    "context_prediction": "mim_jax.methods.context_prediction:ContextPrediction",
+    "colorization": "mim_jax.methods.colorization:Colorization",
+    "split_brain": "mim_jax.methods.split_brain:SplitBrain",
+    "context_encoder": "mim_jax.methods.context_encoder:ContextEncoder",
+    "limited_context": "mim_jax.methods.limited_context:LimitedContextInpainting",
+    "igpt": "mim_jax.methods.igpt:IGPT",
 }
 
 
@@ -40,7 +49,11 @@ TITLES = {"mae": "MAE", "simmim": "SimMIM", "finetune": "fine-tune", "maskfeat":
           "tinymim": "TinyMIM", "latent_mim": "Latent MIM", "pcae": "PCAE", "extrema": "ExtreMA",
           "simclr": "SimCLR", "moco": "MoCo", "mocov3": "MoCo v3", "byol": "BYOL",
           "simsiam": "SimSiam", "barlow_twins": "Barlow Twins", "vicreg": "VICReg", "dino": "DINO",
-          "instdisc": "InstDisc"}
+          "instdisc": "InstDisc", "rotation": "RotNet", "feature_decoupling": "FeatureDecoupling",
+          "jigsaw": "Jigsaw", "context_prediction": "context prediction",
+          "colorization": "colorization", "split_brain": "split-brain autoencoder",
+          "context_encoder": "context encoder", "limited_context": "limited-context inpainting",
+          "igpt": "iGPT"}
 
 
 def get(config):

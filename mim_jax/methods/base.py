@@ -218,6 +218,17 @@ class Method:
             **{col: {name: tree} for col, tree in variables.items() if col != "params"}}
 
   @staticmethod
+  def nest_modules(**modules: dict) -> dict:
+    """Several modules' Flax variables ({'params': ..., 'batch_stats': ...} each, by name) as
+    the trainer's tree: {'params': {name: ...}, <collection>: {name: ...}}, what
+    `init_variables` returns for an encoder and heads that keep BatchNorm statistics."""
+    out: dict = {"params": {}}
+    for name, variables in modules.items():
+      for col, tree in variables.items():
+        out.setdefault(col, {})[name] = tree
+    return out
+
+  @staticmethod
   def variables(params: PyTree, state: PyTree, name: str = "encoder") -> dict:
     """The Flax variables of the trained module `name`: {'params': params[name]} plus its
     entry of every collection in state['collections'] (BatchNorm's 'batch_stats')."""

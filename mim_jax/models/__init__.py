@@ -47,6 +47,7 @@ REGISTRY = {
     "mvit": "mim_jax.models.mvit",
     "alexnet": "mim_jax.models.convnet",
     "nin": "mim_jax.models.convnet",
+    "gpt": "mim_jax.models.gpt",
 }
 
 DEFAULT = "vit"
