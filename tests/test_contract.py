@@ -1,9 +1,10 @@
 """The method contract, over the whole registry: every registered method builds from its
-config's default preset (shrunk to a 1-block ViT), initialises, takes two steps, resumes from
+config's default preset (shrunk to a 1-block ViT or a narrow ConvNet), initialises, takes two steps, resumes from
 its step-1 checkpoint to the same step-2 loss, bit for bit, and names its model in
 `describe()`. A new method added to `mim_jax.methods.REGISTRY` is tested here without a line
 of test code; methods that read another run (a tokenizer, a teacher) get a real tiny teacher
-run or the fake tokenizer of test_beit.
+run or the fake tokenizer of test_beit. The methods on other backbones than the ViT run the
+same check from tests/test_contract_convnets.py.
 """
 import os
 import shutil
@@ -80,9 +81,21 @@ def shrink(config_name: str, teacher: str):
   return c
 
 
-@pytest.mark.parametrize("method", sorted(methods.REGISTRY))
+def methods_on_vit(vit: bool) -> list[str]:
+  """The registered methods whose default preset trains a ViT (`vit`), or another backbone
+  (ResNet, AlexNet, NIN, GPT: tests/test_contract_convnets.py). Two files, so that pytest-xdist
+  (--dist loadfile) runs the two halves of the registry on two workers."""
+  return sorted(m for m in methods.REGISTRY
+                if (load_config(config_for(m)).model.get("name", "vit") == "vit") == vit)
+
+
+@pytest.mark.parametrize("method", methods_on_vit(True))
 def test_every_method_trains_resumes_and_names_its_model(method, teacher_run, tmp_path,
                                                          monkeypatch, compilation_cache):
+  check_contract(method, teacher_run, tmp_path, monkeypatch)
+
+
+def check_contract(method, teacher_run, tmp_path, monkeypatch):
   from test_beit import fake_run
   real_load = teachers.load
   fake = fake_run()
