@@ -246,8 +246,9 @@ def _layer_probe_note(p: dict) -> str:
     how = f"kNN (k={_fmt(p['k'])}, T={_fmt(p['temperature'])})"
   else:
     how = f"linear probe ({p['optimizer']}, base lr {_fmt(p['base_lr'])}, {p['epochs']} epochs)"
-  return (f"per-layer probe: {how} on each of the {p['depth']} blocks' frozen outputs and the "
-          f"final norm's, pooling={p.get('pooling')}, fit on {p['num_train']} train images, "
+  return (f"per-layer probe: {how} on block0 .. block{p['depth']} (ViT: blocks, final norm; "
+          f"ConvNets: layers pooled to ~9,216 values, global pool), "
+          f"pooling={p.get('pooling')}, fit on {p['num_train']} train images, "
           f"split=eval ({p['num_eval']} held-out)")
 
 
@@ -308,9 +309,31 @@ def _variant_depth(variant: str) -> Optional[int]:
     return None
 
 
+def _convnet_label(config: dict) -> str:
+  """'ResNet-18, width 0.25', 'AlexNet (BN, torch widths), width 0.5', 'NIN, 4 blocks, width
+  0.25', 'GPT, 4 layers, width 128' or '' from config.model (without importing the model)."""
+  name = _get(config, "model.name", "vit") or "vit"
+  width = _get(config, "model.width")
+  if name == "resnet":
+    head = f"ResNet-{_get(config, 'model.depth', 50)}"
+  elif name == "alexnet":
+    head = f"AlexNet (BN, {_get(config, 'model.widths', 'torch')} widths)"
+  elif name == "nin":
+    head = f"NIN, {_get(config, 'model.num_stages', 4)} blocks"
+  elif name == "gpt":
+    return f"GPT, {_get(config, 'model.depth', '?')} layers, width {width}"
+  else:
+    return ""
+  return f"{head}, width {_fmt(width)}" if width is not None else head
+
+
 def model_label(config: dict) -> str:
   """e.g. 'ViT-tiny, 6 blocks, patch 4, 32 px' from a run's config."""
   variant = _get(config, "model.variant")
+  convnet = _convnet_label(config)
+  if convnet:
+    size = _get(config, "input.image_size")
+    return f"{convnet}, {size} px" if size else convnet
   if not variant:
     return NO_VALUE
   depth = int(_get(config, "model.depth", 0) or 0) or _variant_depth(variant)

@@ -212,3 +212,16 @@ def test_a_teacher_is_a_row_named_as_such():
                                         "protocol": {}}})
   assert metrics == {("online", "knn/top1"): 30.0, ("teacher", "knn/top1"): 33.0}
   assert report._encoders(metrics) == ["online", "teacher"]
+
+
+def test_the_model_column_names_convnets_and_gpt_from_their_config():
+  assert report.model_label({"model": {"name": "nin", "num_stages": 4, "width": 0.25},
+                             "input": {"image_size": 32}}) == "NIN, 4 blocks, width 0.25, 32 px"
+  assert report.model_label({"model": {"name": "alexnet", "widths": "caffe", "width": 1.0}}) == \
+      "AlexNet (BN, caffe widths), width 1"
+  assert report.model_label({"model": {"name": "resnet", "depth": 18, "width": 0.25}}) == \
+      "ResNet-18, width 0.25"
+  assert report.model_label({"model": {"name": "gpt", "depth": 4, "width": 128}}) == \
+      "GPT, 4 layers, width 128"
+  assert report.model_label({"model": {"variant": "tiny", "depth": 4, "patch_size": 4}}) == \
+      "ViT-tiny, 4 blocks, patch 4"
