@@ -218,15 +218,21 @@ class Method:
             **{col: {name: tree} for col, tree in variables.items() if col != "params"}}
 
   @staticmethod
+  def nest_collections(**modules: dict) -> dict:
+    """{collection: {name: tree}} of several modules' {collection: tree} (their updated
+    collections after a training-mode forward, say), what aux['collections'] carries."""
+    out: dict = {}
+    for name, variables in modules.items():
+      for col, tree in dict(variables or {}).items():
+        out.setdefault(col, {})[name] = tree
+    return out
+
+  @staticmethod
   def nest_modules(**modules: dict) -> dict:
     """Several modules' Flax variables ({'params': ..., 'batch_stats': ...} each, by name) as
     the trainer's tree: {'params': {name: ...}, <collection>: {name: ...}}, what
     `init_variables` returns for an encoder and heads that keep BatchNorm statistics."""
-    out: dict = {"params": {}}
-    for name, variables in modules.items():
-      for col, tree in variables.items():
-        out.setdefault(col, {})[name] = tree
-    return out
+    return {"params": {}, **Method.nest_collections(**modules)}
 
   @staticmethod
   def variables(params: PyTree, state: PyTree, name: str = "encoder") -> dict:

@@ -364,10 +364,7 @@ class ContextEncoder(Method):
       pred, dec_new = self.decoder().apply(dvars, fmap, True, drop, mutable=["batch_stats"])
     else:
       pred, dec_new = self.decoder().apply(dvars, fmap, False), {}
-    new = {}
-    for name, tree in (("encoder", enc_new), ("decoder", dec_new)):
-      for col, t in dict(tree).items():
-        new.setdefault(col, {})[name] = t
+    new = self.nest_collections(encoder=enc_new, decoder=dec_new)
     return pred, self.targets(unit), erased, new
 
   def discriminate(self, params, state, images, train: bool = True, stats=None):

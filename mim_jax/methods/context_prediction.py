@@ -231,10 +231,7 @@ class ContextPrediction(Method):
     hv = {"params": params["head"], **module_entries((state or {}).get("collections"), "head")}
     if train:
       logits, upd = self.head.apply(hv, fmap, train=True, mutable=["batch_stats"])
-      new = {col: {"encoder": t} for col, t in new.items()}
-      for col, t in upd.items():
-        new.setdefault(col, {})["head"] = t
-      return logits, new
+      return logits, self.nest_collections(encoder=new, head=upd)
     return self.head.apply(hv, fmap, train=False), {}
 
   def loss(self, params, state, images, rng, step):

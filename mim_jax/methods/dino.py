@@ -135,14 +135,10 @@ class DINO(JointEmbedding):
     enc = dict(self.encoder.init(k_enc, images))
     if self.vit and bool(self.c.get("official_init", True)):
       enc["params"] = ibot.official_init(k_init, enc["params"])
-    out = self.nest("encoder", enc)
     feats = jax.eval_shape(lambda: models.outputs(self.encoder, enc, images,
                                                   pooling=self.train_pooling)["pooled"])
-    v = dict(self.head.init(k_head, jnp.zeros((2, feats.shape[-1]), jnp.float32), patches=False))
-    out["params"]["head"] = v.pop("params")
-    for col, tree in v.items():
-      out.setdefault(col, {})["head"] = tree
-    return out
+    head = self.head.init(k_head, jnp.zeros((2, feats.shape[-1]), jnp.float32), patches=False)
+    return self.nest_modules(encoder=enc, head=head)
 
   def init_state(self, params):
     return {**super().init_state(params),

@@ -180,9 +180,7 @@ class FeatureDecoupling(Method):
            "loss_mse": loss_mse, "loss_nce": loss_nce, "nce_z": z,
            "state_stats": {"z": z_batch},
            "state_append": {"v": jax.lax.stop_gradient(v), "index": index}}
-    cols = {col: {"encoder": t} for col, t in new.items()}
-    for col, t in fc_new.items():
-      cols.setdefault(col, {})["fc"] = t
+    cols = self.nest_collections(encoder=new, fc=fc_new)
     if cols:
       aux["collections"] = cols
     return loss, aux

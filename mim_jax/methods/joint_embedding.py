@@ -187,17 +187,14 @@ class JointEmbedding(Method):
   def init_variables(self, rng, images):
     keys = jax.random.split(rng, len(self.heads) + 1)
     enc = dict(self.encoder.init(keys[0], images))
-    out = self.nest("encoder", enc)
     feats = jax.eval_shape(lambda: models.outputs(self.encoder, enc, images,
                                                   pooling=self.pooling)["pooled"])
     x = jnp.zeros((2, feats.shape[-1]), jnp.float32)
+    heads = {}
     for k, (name, head) in zip(keys[1:], self.heads.items()):
-      v = dict(head.init(k, x))
-      out["params"][name] = v.pop("params")
-      for col, tree in v.items():
-        out.setdefault(col, {})[name] = tree
+      heads[name] = head.init(k, x)
       x = jnp.zeros((2, head.layers[-1][0]), jnp.float32)
-    return out
+    return self.nest_modules(encoder=enc, **heads)
 
   def teacher_names(self) -> tuple[str, ...]:
     return ("encoder",) + tuple(self.teacher_heads)

@@ -365,11 +365,7 @@ class LimitedContextInpainting(Method):
                                   pooling=self.pooling)
     logits, head_new = self.head().apply(self.variables(params, state, "head"), out["tokens"], True,
                                          mutable=["batch_stats"])
-    new = {}
-    for name, tree in (("encoder", enc_new), ("head", head_new)):
-      for col, t in dict(tree).items():
-        new.setdefault(col, {})[name] = t
-    return logits, new
+    return logits, self.nest_collections(encoder=enc_new, head=head_new)
 
   def class_loss(self, params, state, batch):
     unit = to_unit(batch["image"], self.mean, self.std)

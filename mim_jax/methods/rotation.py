@@ -185,10 +185,8 @@ class Rotation(Method):
     head_vars = self.variables(params, state, "head")
     logits, head_new = self.head.apply(head_vars, self.head_input(out), train=True,
                                        mutable=["batch_stats"])
-    cols = {c: {"encoder": t} for c, t in new.items()}
-    for c, t in head_new.items():
-      cols.setdefault(c, {})["head"] = t
-    return logits, rotation_labels(images.shape[0]), cols
+    return (logits, rotation_labels(images.shape[0]),
+            self.nest_collections(encoder=new, head=head_new))
 
   def loss(self, params, state, images, rng, step):
     logits, labels, cols = self.logits(params, state, images, rng)
