@@ -49,19 +49,7 @@ def get_config(arg=None):
   c.method = "split_brain"
   c.split_brain = dict(neighbors=5, sigma=5.0, l_bins=100, fc_dim=4096, bn_momentum=0.1,
                        temperature=0.38)
-  c.optim.update(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-3,
-                 schedule="cosine", warmup_epochs=0.0, warmup_lr=0.0, min_lr=0.0)
-  if preset in ("default", "cifar10"):
-    config_lib.pretext_preset(c, preset, model="alexnet", epochs=(10, 10), batch=(128, 128),
-                              width=0.5, pixels=True)
-    c.model.pool5 = False
+  config_lib.lab_colorization_preset(c, preset, epochs=(10, 10))
+  if preset != "imagenet":
     c.split_brain.fc_dim = 256
-    c.optim.update(base_lr=1e-3, lr_batch_divisor=128, warmup_epochs=0.5)
-  elif preset == "imagenet":
-    config_lib.pretext_imagenet(c, batch_size=80, total_epochs=15, widths="caffe")
-    c.model.pool5 = False
-    c.evals.reconstruction.enabled = True
-    c.optim.update(base_lr=3e-5, lr_batch_divisor=80, schedule="constant")
-  else:
-    raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10' or 'imagenet'")
   return c

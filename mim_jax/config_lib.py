@@ -345,6 +345,28 @@ def pretext_imagenet(c: ml_collections.ConfigDict, *, batch_size: int, total_epo
   c.evals.layer_probe.update(enabled=True, classifier="linear", max_train=100_000)
 
 
+def lab_colorization_preset(c: ml_collections.ConfigDict, preset: str,
+                            epochs: tuple[float, float]) -> None:
+  """What colorization and split-brain share: AdamW at colorization's solver0 betas and decay,
+  the AlexNet without pool5 (conv5 keeps its map for the per-pixel head), and the presets:
+  '' / 'cifar10' (`pretext_preset` at half width, lr 1e-3 per 128, half an epoch of warm-up)
+  or 'imagenet' (CaffeNet widths, batch 80, solver0's fixed lr 3e-5, the colourisation
+  pictures on)."""
+  c.optim.update(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-3,
+                 schedule="cosine", warmup_epochs=0.0, warmup_lr=0.0, min_lr=0.0)
+  if preset in ("default", "cifar10"):
+    pretext_preset(c, preset, model="alexnet", epochs=epochs, batch=(128, 128), width=0.5,
+                   pixels=True)
+    c.optim.update(base_lr=1e-3, lr_batch_divisor=128, warmup_epochs=0.5)
+  elif preset == "imagenet":
+    pretext_imagenet(c, batch_size=80, total_epochs=15, widths="caffe")
+    c.evals.reconstruction.enabled = True
+    c.optim.update(base_lr=3e-5, lr_batch_divisor=80, schedule="constant")
+  else:
+    raise ValueError(f"unknown preset {preset!r}: use '', 'cifar10' or 'imagenet'")
+  c.model.pool5 = False
+
+
 def knn_200(c: ml_collections.ConfigDict) -> None:
   """Adds `knn_200` to config.evals: the kNN of `knn` at k=200, T=0.1 (InstDisc's protocol as
   lightly's and solo-learn's benchmarks run it)."""
