@@ -36,6 +36,16 @@ Presets (`--config=configs/finetune.py:<preset>`):
              resized on SimMIM's geometric grid); published 84.0 top-1.
   imagenet_swinv2_b  Swin V2-B at 224 px, window 14, pretrained_window_sizes (12, 12, 12, 6),
              from configs/simmim.py:imagenet_swinv2_b.
+  mvit_cifar10    The narrow MViT of configs/maskfeat.py:mvit_cifar10 (same geometry: the
+             pretraining's query strides are kept), SlowFast's MaskFeat fine-tuning head
+             (USE_MEAN_POOLING: the mean of the last block's patch tokens, then the final
+             norm; HEAD_INIT_SCALE 0.001: head std 2e-5), MViT layer ids for the layer decay,
+             drop path 0.1, otherwise the 'cifar10' recipe (3 epochs):
+               python -m mim_jax.main --config=configs/maskfeat.py:mvit_cifar10 \
+                 --workdir=/tmp/maskfeat_mvit_c10 --config.input.data.dir=../shared/data/cifar10/train
+               python -m mim_jax.main --config=configs/finetune.py:mvit_cifar10 \
+                 --workdir=/tmp/maskfeat_mvit_c10_ft --config.finetune.pretrained=/tmp/maskfeat_mvit_c10 \
+                 --config.input.data.dir=../shared/data/cifar10/train
   imagenet_base   MAE ViT-B/16 on ImageNet-1k (tfds imagenet2012), the official recipe.
   imagenet_large  MAE ViT-L/16, the official recipe.
                python -m mim_jax.main --config=configs/finetune.py:imagenet_base --workdir=W \
@@ -80,7 +90,7 @@ from mim_jax import config_lib
 
 # The presets get_config takes ('' = the default, embedded data), for tests and tools.
 PRESETS = ('', 'cifar10', 'imagenet_base', 'imagenet_large', 'resnet18', 'resnet18_cifar10',
-           'swin_cifar10', 'imagenet_swin_b', 'imagenet_swinv2_b')
+           'swin_cifar10', 'imagenet_swin_b', 'imagenet_swinv2_b', 'mvit_cifar10')
 
 
 def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
@@ -207,10 +217,17 @@ def get_config(arg=None):
   c.ema.enabled = False
   c.pooling = "mean"
 
-  if preset in ("default", "cifar10"):
+  if preset in ("default", "cifar10", "mvit_cifar10"):
     # The ViT of configs/mae.py's CPU presets, so their workdirs load.
     c.input.image_size = 32
     c.model.update(variant="tiny", depth=6, patch_size=4)
+    if preset == "mvit_cifar10":        # the MViT of configs/maskfeat.py:mvit_cifar10
+      from mim_jax.models import mvit  # pylint: disable=g-import-not-at-top
+      c.model = mvit.default_config(variant="small", embed_dim=32, num_heads=1,
+                                    stage_blocks=(1, 1, 2, 1), stage_strides=(2, 1, 1),
+                                    patch_kernel=3, patch_stride=2, patch_padding=1,
+                                    kv_stride=2, cls_token=True, drop_path=0.1)
+      c.finetune.pooling = "mean"
     if preset == "default":
       c.input.data.update(name="embedded", holdout_per_class=100)
       c.input.batch_size = 128
@@ -218,7 +235,7 @@ def get_config(arg=None):
       c.total_epochs = 6                # 186 steps
       c.log_every = 10
       c.ckpt_every = 200
-    else:
+    else:                               # 'cifar10', 'mvit_cifar10'
       c.input.data.update(name="image_folder", dir="", holdout_per_class=500)
       c.input.batch_size = 256
       c.optim.warmup_epochs = 0.5

@@ -9,13 +9,13 @@ Layer-wise learning-rate decay (`optim.layer_decay` < 1, fine-tuning; ELECTRA / 
 `util/lr_decay.py: param_groups_lrd`) multiplies each parameter's whole update (the Adam step
 and its decoupled weight decay, as a torch param group's `lr_scale` does) by
 decay^(L + 1 - layer_id), L the number of encoder blocks; see `layer_ids`. A backbone with
-its own rule (Swin's stages) defines `layer_ids(tree)` in its model module; see
+its own rule (Swin's stages) defines `layer_ids(tree)` in its model module, asked for the
+backbone config.model names; see
 `backbone_layer_ids`.
 """
 from __future__ import annotations
 
 import re
-import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -111,33 +111,30 @@ def num_encoder_blocks(tree: Any) -> int:
   return max(found) + 1 if found else 0
 
 
-def backbone_layer_ids(tree: Any) -> Optional[tuple[Any, int]]:
-  """(layer id of every leaf, the largest id) from the model module that claims `tree`, else
-  None (the ViT rule of `layer_ids`).
+def backbone_layer_ids(tree: Any, model_cfg: Any = None) -> Optional[tuple[Any, int]]:
+  """(layer id of every leaf, the largest id) by the rule of the backbone `model_cfg` names
+  (`config.model`), else None (the ViT rule of `layer_ids`).
 
   The hook: a module of `mim_jax.models.REGISTRY` may define `layer_ids(tree)` returning
   (ids, largest id) for a parameter tree whose 'encoder' is its backbone and None for any
-  other tree (mim_jax/models/swin.py: the official get_swin_layer). Only modules already
-  imported are asked: a tree's backbone was imported to build its parameters."""
+  other tree (mim_jax/models/swin.py: the official get_swin_layer; mvit.py)."""
+  if model_cfg is None:
+    return None
   from mim_jax import models  # pylint: disable=g-import-not-at-top
-  for module_name in models.REGISTRY.values():
-    rule = getattr(sys.modules.get(module_name), "layer_ids", None)
-    claimed = rule(tree) if rule is not None else None
-    if claimed is not None:
-      return claimed
-  return None
+  rule = getattr(models.module_for(model_cfg), "layer_ids", None)
+  return rule(tree) if rule is not None else None
 
 
-def layer_ids(tree: Any) -> Any:
-  """The layer id of every leaf of a parameter tree: the backbone's own rule where its model
-  module has one (`backbone_layer_ids`), else MAE's for a tree whose 'encoder' entry is a
-  mim_jax ViT.
+def layer_ids(tree: Any, model_cfg: Any = None) -> Any:
+  """The layer id of every leaf of a parameter tree: the rule of the backbone `model_cfg`
+  names where its model module has one (`backbone_layer_ids`), else MAE's for a tree whose
+  'encoder' entry is a mim_jax ViT.
 
   MAE's: 0 for the patch embedding, cls token, position embedding (and mask token); i + 1 for
   encoder block i; L + 1 for everything else (the encoder's final norm, fc_norm, the head),
   L = number of blocks. MAE writes the last one as `num_layers` with num_layers = L + 1.
   """
-  claimed = backbone_layer_ids(tree)
+  claimed = backbone_layer_ids(tree, model_cfg)
   if claimed is not None:
     return claimed[0]
   depth = num_encoder_blocks(tree)
@@ -154,10 +151,10 @@ def layer_ids(tree: Any) -> Any:
   return jax.tree_util.tree_map_with_path(layer, tree)
 
 
-def layer_decay_factors(tree: Any, decay: float) -> Any:
+def layer_decay_factors(tree: Any, decay: float, model_cfg: Any = None) -> Any:
   """decay ** (largest id - layer_id) per leaf: MAE's `layer_scales[layer_id]` with largest
-  id L + 1, or the backbone's own rule (Swin: sum(depths) + 1)."""
-  claimed = backbone_layer_ids(tree)
+  id L + 1, or the rule of the backbone `model_cfg` names (Swin: sum(depths) + 1)."""
+  claimed = backbone_layer_ids(tree, model_cfg)
   if claimed is not None:
     ids, top = claimed
   else:
@@ -325,11 +322,13 @@ def _group_optimizer(optim_cfg, schedule: Callable, decay_mask: Any, wd, spec: d
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
                    decay_mask: Any, total_steps: Optional[int] = None, *,
                    groups: Sequence = (), steps_per_epoch: int = 1,
-                   peak_lr: Optional[float] = None) -> optax.GradientTransformation:
+                   peak_lr: Optional[float] = None,
+                   model_cfg: Any = None) -> optax.GradientTransformation:
   """AdamW / LAMB / LARS / SGD with weight decay only where `decay_mask` is True (constant or
   on a cosine schedule, see `weight_decay_schedule`), and layer-wise lr decay when
   `optim_cfg.layer_decay` < 1 (read from the mask's tree paths, so `decay_mask` must then be
-  a pytree shaped like the parameters).
+  a pytree shaped like the parameters), by the layer rule of the backbone `model_cfg`
+  (config.model) names.
 
   Parameter groups (`optim_cfg.param_groups`, then the method's `groups`; see GROUP_KEYS) make
   it an `optax.multi_transform` over the groups, each its own optimiser; without any the
@@ -357,7 +356,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, schedule: Callable,
   if layer_decay < 1.0:
     if callable(decay_mask):
       raise ValueError("layer decay needs the weight-decay mask as a pytree shaped like the params, not a function")
-    tx = optax.chain(tx, scale_by_tree(layer_decay_factors(decay_mask, layer_decay)))
+    tx = optax.chain(tx, scale_by_tree(layer_decay_factors(decay_mask, layer_decay, model_cfg)))
   clip = float(optim_cfg.get("clip_grad", 0.0))
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)

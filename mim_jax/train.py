@@ -219,7 +219,8 @@ def build_state_and_step(config, method, mesh, schedule, on_device_aug: bool,
   try:
     tx = optim.make_optimizer(config.optim, schedule, method.decay_mask(main_shapes), total_steps,
                               groups=method.param_groups(), steps_per_epoch=spe,
-                              peak_lr=optim.peak_lr(config.optim, config.input.batch_size))
+                              peak_lr=optim.peak_lr(config.optim, config.input.batch_size),
+                              model_cfg=config.model)
     adversary_tx = None
     if adv_keys:
       adv_cfg = method.adversary_optim_config()

@@ -356,6 +356,43 @@ def test_drop_path_in_training_only():
   assert out.shape == (4, 17, 16) and cols == {}
 
 
+
+def test_mean_pooling_is_slowfasts_use_mean_pooling_and_finetunes():
+  """pooled='mean' (SlowFast MViT.forward, USE_MEAN_POOLING): the last block's patch tokens
+  averaged (cls dropped), then the final norm; the finetune method reads it through
+  finetune.pooling='mean' with the head at HEAD_INIT_SCALE 0.001 (std 2e-5, bias 0)."""
+  from helpers import load_config
+  from mim_jax import methods
+  m = mvit.from_config(tiny_cfg(), 16)
+  x = jnp.asarray(np.random.RandomState(5).randn(2, 16, 16, 3), jnp.float32)
+  v = init(m, x)
+  got = m.apply(v, x, pooled="mean")
+  _, inter = m.apply(v, x, mutable=["intermediates"])
+  last = np.asarray(inter["intermediates"]["block_outputs"][-1], np.float64)
+  u = last[:, 1:].mean(axis=1)
+  n = v["params"]["norm"]
+  want = (u - u.mean(-1, keepdims=True)) / np.sqrt(u.var(-1, keepdims=True) + 1e-6) * n["scale"] + n["bias"]
+  assert got.shape == (2, 16)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="pooled="):
+    m.apply(v, x, pooled="max")
+  c = load_config("finetune", "resnet18")
+  c.model = tiny_cfg()
+  c.input.image_size = 16
+  c.finetune.pooling = "mean"
+  ft = methods.get(c)
+  fv = ft.init_variables(jax.random.PRNGKey(0), x)
+  head = fv["params"]["head"]["fc"]
+  assert 1e-5 < float(np.std(np.asarray(head["kernel"]))) < 3e-5 and not np.any(head["bias"])
+  feats, logits, _ = ft.cnn_classify(fv["params"], {}, x)
+  enc = {"params": fv["params"]["encoder"]}
+  np.testing.assert_allclose(np.asarray(feats), np.asarray(m.apply(enc, x, pooled="mean")), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(feats) @ np.asarray(head["kernel"]),
+                             rtol=1e-5, atol=1e-9)
+  c.finetune.pooling = "cls"
+  with pytest.raises(ValueError, match="'avg' or 'mean'"):
+    methods.get(c)
+
 def test_official_initialisation():
   m = mvit.from_config(tiny_cfg(embed_dim=64, abs_pos=True, patch_kernel=7, patch_padding=3), 16)
   p = init(m, jnp.zeros((1, 16, 16, 3)))["params"]
@@ -432,12 +469,11 @@ def test_layer_ids_follow_get_ld_param_groups():
 
 
 def test_layer_decay_factors_through_the_optim_hook():
-  if not hasattr(optim, "backbone_layer_ids"):
-    pytest.skip("mim_jax.optim has no backbone_layer_ids hook (it asks model modules for layer_ids)")
-  m = mvit.from_config(tiny_cfg(), 16)
+  cfg = tiny_cfg()
+  m = mvit.from_config(cfg, 16)
   shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
   tree = {"encoder": shapes, "head": {"proj": {"kernel": 0}}}
-  factors = optim.layer_decay_factors(tree, 0.75)      # LAYER_DECAY ** (DEPTH + 1 - id)
+  factors = optim.layer_decay_factors(tree, 0.75, cfg)      # LAYER_DECAY ** (DEPTH + 1 - id)
   assert factors["encoder"]["cls_token"] == pytest.approx(0.75 ** 3)
   assert factors["encoder"]["block01"]["attn"]["qkv"]["kernel"] == pytest.approx(0.75)
   assert factors["head"]["proj"]["kernel"] == 1.0

@@ -509,7 +509,7 @@ def test_layer_decay_is_official_get_swin_layer(version):
   c = swin_finetune_config(version)
   m = methods.get(c)
   p = jax.eval_shape(m.init_variables, KEY, jnp.zeros((1, 32, 32, 3)))["params"]
-  factors = optim.layer_decay_factors(m.decay_mask(p), 0.8)
+  factors = optim.layer_decay_factors(m.decay_mask(p), 0.8, c.model)
   depths = [2, 3]
   seen = set()
   for path, f in jax.tree_util.tree_flatten_with_path(factors)[0]:
@@ -519,8 +519,27 @@ def test_layer_decay_is_official_get_swin_layer(version):
     assert f == pytest.approx(0.8 ** (sum(depths) + 1 - lid), rel=1e-12), name
     seen.add(lid)
   assert seen == set(range(sum(depths) + 2))
-  assert optim.layer_ids(m.decay_mask(p))["head"]["fc"]["kernel"] == sum(depths) + 1
+  assert optim.layer_ids(m.decay_mask(p), c.model)["head"]["fc"]["kernel"] == sum(depths) + 1
 
+
+
+def test_the_trainer_decays_swin_by_the_swin_rule(monkeypatch):
+  """train.build_state_and_step hands config.model to the optimiser, whose layer decay then
+  follows get_swin_layer rather than MAE's ViT rule."""
+  from mim_jax import sharding, train
+  c = swin_finetune_config()
+  c.input.image_size = 32
+  m = methods.get(c)
+  seen = []
+  scale = optim.scale_by_tree
+  monkeypatch.setattr(optim, "scale_by_tree", lambda f: seen.append(f) or scale(f))
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  schedule = optim.make_schedule(c.optim, c.input.batch_size, 10, 10)
+  train.build_state_and_step(c, m, mesh, schedule, False, total_steps=10)
+  p = jax.eval_shape(m.init_variables, KEY, jnp.zeros((1, 32, 32, 3)))["params"]
+  want = optim.layer_decay_factors(m.decay_mask(p), c.optim.layer_decay, c.model)
+  assert len(seen) == 1 and seen[0] == want
+  assert seen[0] != optim.layer_decay_factors(m.decay_mask(p), c.optim.layer_decay)
 
 def official_decays(name, shape, prefix, keywords):
   """get_pretrain_param_groups / get_finetune_param_groups' no-decay test, transcribed."""

@@ -50,6 +50,12 @@ window 6 -> 224 px, window 7): v1 bias tables that differ are resized with
 'bicubic', Swin-Transformer's load_pretrained), an absolute position embedding bicubically;
 v2 needs `model.pretrained_window_sizes` set to the pretraining windows.
 
+An MViT (`model.name='mvit'`) is fine-tuned as SlowFast's MaskFeat fine-tuning yamls do with
+`pooling='mean'` (USE_MEAN_POOLING: the backbone averages the last block's patch tokens and
+applies its final norm; the Linear head starts at HEAD_INIT_SCALE 0.001 of trunc_normal_(.02),
+std 2e-5, bias 0), or with 'avg' (SlowFast's default: the mean of the final-norm tokens, head
+std .02); the MViT's layer ids for the layer decay and its weight-decay rule (models/mvit.py).
+
 Deviations: the encoder's final norm stays in the parameters (unused with mean pooling, so
 its gradient is zero and AdamW leaves it untouched) so the tree matches the pretrained one;
 one mixup lam per global batch (per micro-batch with grad_accum) where the official code draws
@@ -83,7 +89,9 @@ class ClassifierHead(nn.Module):
   """MAE's head: fc_norm(mean of patch tokens) or the cls token, then a linear classifier;
   'avg' (CNN and Swin backbones): the global average pool of the last feature map, then the
   linear layer, weight ~ N(0, avg_init_std^2) and bias 0: 0.01 as MoCo's / torchvision-style
-  classifiers, 0.02 for a Swin (its _init_weights: timm trunc_normal_(std=.02), bounds +-2)."""
+  classifiers, 0.02 for a Swin (its _init_weights: timm trunc_normal_(std=.02), bounds +-2);
+  'pooled': features the backbone pooled and normed itself ([B, 1, D]: an MViT's 'mean'),
+  weight ~ N(0, 2e-5^2)."""
   num_classes: int
   pooling: str = "mean"
   avg_init_std: float = 0.01
@@ -100,6 +108,8 @@ class ClassifierHead(nn.Module):
       feats = tokens[:, 0]
     elif self.pooling == "avg":
       feats, init = tokens.mean(axis=1), nn.initializers.normal(self.avg_init_std)
+    elif self.pooling == "pooled":      # features the backbone pooled and normed: [B, 1, D]
+      feats = tokens[:, 0]
     else:
       raise ValueError(f"config.finetune.pooling must be 'mean', 'cls' or 'avg' (CNNs), got {self.pooling!r}")
     logits = nn.Dense(self.num_classes, kernel_init=init, bias_init=nn.initializers.zeros,
@@ -279,11 +289,16 @@ class FineTune(Method):
     # map, a ResNet's BatchNorm statistics updated in training mode and read at evaluation.
     self.is_vit = models.name_of(config.model) == "vit"
     self.backbone = models.module_for(config.model)
-    allowed = ("mean", "cls") if self.is_vit else ("avg",)
+    allowed = (("mean", "cls") if self.is_vit
+               else tuple(getattr(self.backbone, "FINETUNE_POOLINGS", ("avg",))))
     if self.head_pooling not in allowed:
       raise ValueError(f"config.finetune.pooling must be {' or '.join(map(repr, allowed))} for "
                        f"model.name={models.name_of(config.model)!r}, got {self.head_pooling!r}")
-    self.head = ClassifierHead(self.num_classes, self.head_pooling,
+    # A backbone's own pooling other than 'avg' (an MViT's 'mean'): it returns the pooled,
+    # normed features and the head is only the classifier.
+    self.backbone_pools = not self.is_vit and self.head_pooling != "avg"
+    self.head = ClassifierHead(self.num_classes,
+                              "pooled" if self.backbone_pools else self.head_pooling,
                               avg_init_std=getattr(self.backbone, "FINETUNE_HEAD_STD", 0.01))
     self.pretrained = str(f.get("pretrained", "") or "")
     self.pretrained_encoder = str(f.get("pretrained_encoder", "online"))
@@ -481,13 +496,14 @@ class FineTune(Method):
     """A CNN (or Swin) backbone: (features [B, C], logits, the updated collections when
     `train`); `rng` drives a Swin's drop path in training."""
     v = self.variables(params, state)
+    kw = {"pooled": self.head_pooling} if self.backbone_pools else {}
     if train:
       fmap, new = self.encoder.apply(v, images, train=True, features_only=True,
                                      mutable=[c for c in v if c != "params"],
-                                     rngs={"dropout": rng} if rng is not None else None)
+                                     rngs={"dropout": rng} if rng is not None else None, **kw)
       new = {c: {"encoder": t} for c, t in new.items()}
     else:
-      fmap, new = self.encoder.apply(v, images, train=False, features_only=True), None
+      fmap, new = self.encoder.apply(v, images, train=False, features_only=True, **kw), None
     tokens = fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])
     if self.proj is not None:
       pv = self.variables(params, state, "projector")

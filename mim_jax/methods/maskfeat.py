@@ -204,14 +204,9 @@ class MaskFeat(Method):
   def forward(self, params, images, mask, rng=None, train=True):
     """Predicted HOG features [B, L, target size] of every patch (MViT: output token), masked
     ones replaced by the mask token at the input."""
-    rngs = {"dropout": rng} if train and rng is not None else None
-    if self.backbone == "vit":
-      tokens = self.encoder.apply({"params": params["encoder"]}, images, mask=mask,
-                                  deterministic=not train, rngs=rngs)
-    else:
-      tokens = self.encoder.apply({"params": params["encoder"]}, images, mask=mask, train=train,
-                                  rngs=rngs)
-    return self.head.apply({"params": params["head"]}, tokens)
+    out, _ = models.forward(self.encoder, {"params": params["encoder"]}, images, train=train,
+                            rng=rng, pooling=self.pooling, mask=mask)
+    return self.head.apply({"params": params["head"]}, out["tokens"])
 
   def loss(self, params, state, images, rng, step):
     images = images.astype(jnp.float32)

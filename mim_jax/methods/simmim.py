@@ -52,18 +52,11 @@ class SimMIMDecoder(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, features):
-    """A ViT's tokens [B, 1+L, D] (cls first, dropped; the L patches a square grid) or a
-    feature map [B, h, w, D] (a Swin's) -> image [B, h*stride, w*stride, 3]."""
-    if features.ndim == 3:
-      x = features[:, 1:]
-      b, n, d = x.shape
-      g = int(round(n ** 0.5))
-      grid = (g, g)
-    else:
-      b, h, w, d = features.shape
-      x = features.reshape(b, h * w, d)
-      grid = (h, w)
+  def __call__(self, tokens, grid):
+    """The encoder's output tokens [B, (1 +) h w, D] (a ViT's cls first, dropped) on its
+    (h, w) output grid -> image [B, h*stride, w*stride, 3]."""
+    x = tokens[:, tokens.shape[1] - grid[0] * grid[1]:]
+    b, _, d = x.shape
     # nn.Conv2d(d, stride^2*3, 1) keeps PyTorch's default init: U(+-1/sqrt(fan_in)).
     init = vit.torch_default_uniform(d)
     x = nn.Dense(self.stride ** 2 * 3, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -138,29 +131,24 @@ class SimMIM(Method):
     return masking.simmim_mask(rng, batch, self.image_size, self.mask_patch, self.patch,
                                self.mask_ratio)
 
+  def encode(self, encoder_params, images, mask, rng=None, train=False):
+    """The encoder's named outputs with the masked patches swapped for the mask token."""
+    out, _ = models.forward(self.encoder, {"params": encoder_params}, images, train=train,
+                            rng=rng, pooling=self.pooling, mask=mask)
+    return out
+
   def init(self, rng, images):
     r1, r2 = jax.random.split(rng)
-    if self.backbone == "swin":
-      mask = self.make_mask(r2, images.shape[0])
-      enc = self.encoder.init(r1, images, mask=mask)["params"]
-      fmap = self.encoder.apply({"params": enc}, images, mask=mask)
-      return {"encoder": enc, "decoder": self.decoder.init(r2, fmap)["params"]}
-    enc = self.encoder.init(r1, images, mask=self.make_mask(r2, images.shape[0]).reshape(images.shape[0], -1))["params"]
-    tokens = self.encoder.apply({"params": enc}, images)
-    return {"encoder": enc, "decoder": self.decoder.init(r2, tokens)["params"]}
+    mask = self.make_mask(r2, images.shape[0])
+    enc = self.encoder.init(r1, images, mask=mask)["params"]
+    out = self.encode(enc, images, mask)
+    return {"encoder": enc, "decoder": self.decoder.init(r2, out["tokens"], out["grid"])["params"]}
 
   def forward(self, params, images, rng, train):
     mrng, drng = jax.random.split(rng)
     mask = self.make_mask(mrng, images.shape[0])
-    rngs = {"dropout": drng} if train else None
-    if self.backbone == "swin":
-      features = self.encoder.apply({"params": params["encoder"]}, images, mask=mask,
-                                    train=train, rngs=rngs)
-    else:
-      features = self.encoder.apply({"params": params["encoder"]}, images,
-                                    mask=mask.reshape(images.shape[0], -1), deterministic=not train,
-                                    rngs=rngs)
-    rec = self.decoder.apply({"params": params["decoder"]}, features)
+    out = self.encode(params["encoder"], images, mask, drng, train)
+    rec = self.decoder.apply({"params": params["decoder"]}, out["tokens"], out["grid"])
     pixel_mask = jnp.repeat(jnp.repeat(mask, self.patch, axis=1), self.patch, axis=2)
     return rec, pixel_mask
 

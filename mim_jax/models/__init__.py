@@ -15,7 +15,9 @@ provides
   forward(model, variables, images, *, train, rng=None, pooling) -> (dict, dict)
       the same named outputs (no 'layers') in training or evaluation mode, and the updated
       mutable collections ({'batch_stats': ...} after a ResNet's training pass, else {}): what
-      a backbone-agnostic loss calls (`models.forward`).
+      a backbone-agnostic loss calls (`models.forward`). Backbones that can carry a mask token
+      (ViT, Swin, MViT, built with `use_mask_token`) also take `mask=` [B, h, w] (or [B, h w])
+      on their patch grid, 1 = the patch embedding replaced by the mask token.
 
 The backbone's `__call__` is its one forward pass (the tokens of a ViT, the last feature map
 of a ResNet); methods call it for their losses. `outputs` is what evaluators and
@@ -106,8 +108,10 @@ def outputs(model: Any, variables: Any, images: Any, *, pooling: str, layers: bo
 
 
 def forward(model: Any, variables: Any, images: Any, *, train: bool, rng: Any = None,
-            pooling: str) -> tuple[dict, dict]:
+            pooling: str, mask: Any = None) -> tuple[dict, dict]:
   """(named outputs, updated collections) of a registered backbone in training (`train`) or
-  evaluation mode: the backbone-agnostic forward a method's loss calls."""
+  evaluation mode: the backbone-agnostic forward a method's loss calls; `mask` (the masked
+  patches, for a backbone with a mask token) is passed on only when given."""
+  kw = {} if mask is None else {"mask": mask}
   return _module_of_model(model, "forward").forward(model, variables, images, train=train,
-                                                    rng=rng, pooling=pooling)
+                                                    rng=rng, pooling=pooling, **kw)

@@ -516,8 +516,13 @@ class MViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, mask: Optional[jax.Array] = None, train: bool = False,
-               features_only: bool = False) -> jax.Array:
+               features_only: bool = False, pooled: str = "") -> jax.Array:
+    """The final-norm tokens [B, (1 +) N, D]; with pooled='mean', SlowFast's MViT.forward
+    under USE_MEAN_POOLING (MaskFeat's fine-tuning): the mean of the last block's patch
+    tokens (the cls token dropped), then the final norm, [B, D]."""
     del features_only                   # no head: the tokens either way
+    if pooled not in ("", "mean"):
+      raise ValueError(f"MViT pooled={pooled!r}: use '' (the tokens) or 'mean'")
     if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
       raise ValueError(f"this MViT is built for {self.image_size}px images, got "
                        f"{images.shape[1]}x{images.shape[2]}: set input.image_size")
@@ -546,6 +551,8 @@ class MViT(nn.Module):
                 self.dtype, self.param_dtype, name=f"block{i:02d}")(x, train)
       if record:
         self.sow("intermediates", "block_outputs", x)
+    if pooled == "mean":
+      x = x[:, int(self.cls_token):].mean(axis=1)
     return vit.layer_norm("norm", self.param_dtype)(x).astype(jnp.float32)
 
 
@@ -703,13 +710,14 @@ def outputs(model: MViT, variables, images, *, pooling: str, layers: bool = Fals
 
 
 def forward(model: MViT, variables, images, *, train: bool, rng=None,
-            pooling: str = "cls") -> tuple[dict, dict]:
+            pooling: str = "cls", mask=None) -> tuple[dict, dict]:
   """The training-or-evaluation forward of the registry contract: ('tokens', 'pooled',
   'stride', 'grid' as `outputs`; {} — no collection besides the parameters). In training,
-  `rng` drives drop path (needed when model.drop_path > 0)."""
+  `rng` drives drop path (needed when model.drop_path > 0); `mask` swaps the masked patch
+  embeddings for the mask token (MaskFeat, see MViT's `mask`)."""
   check_pooling(pooling, model.cls_token)
   rngs = {"dropout": rng} if train and rng is not None else None
-  tokens = model.apply(variables, images, train=train, rngs=rngs)
+  tokens = model.apply(variables, images, mask=mask, train=train, rngs=rngs)
   return _named(model, tokens, pooling), {}
 
 
@@ -776,7 +784,8 @@ def is_mvit_tree(tree: Any) -> bool:
 
 def layer_ids(tree: Any) -> Optional[tuple[Any, int]]:
   """(layer id of every leaf, the largest id) for a parameter tree whose 'encoder' entry is an
-  MViT, else None: the hook `mim_jax.optim` asks each model module (`backbone_layer_ids`).
+  MViT, else None: the hook `mim_jax.optim` asks the module config.model names
+  (`backbone_layer_ids`).
 
   The ids of mvit/models/optimizer.py `get_ld_param_groups` (`_get_layer_decay`): 0 for
   cls_token, mask_token, pos_embed and patch_embed; i + 1 for block i; DEPTH + 1 (the largest
@@ -806,6 +815,10 @@ FINETUNE_ARCH_KEYS = ("variant", "embed_dim", "num_heads", "stage_blocks", "patc
                       "patch_stride", "patch_padding", "pool_kernel", "mlp_ratio", "qkv_bias",
                       "cls_token", "abs_pos", "rel_pos", "dim_mul_in_att")
 FINETUNE_HEAD_STD = 0.02        # the official head's trunc_normal_(std=.02), bias 0
+# finetune.pooling: 'avg' (the mean of the final-norm tokens, SlowFast's default [norm->mean])
+# or 'mean' (USE_MEAN_POOLING, MaskFeat's fine-tuning yamls: the backbone's `pooled='mean'`,
+# and the head at HEAD_INIT_SCALE 0.001 of its trunc_normal_(std=.02): std 2e-5, bias 0).
+FINETUNE_POOLINGS = ("avg", "mean")
 
 
 def finetune_adapt(loaded: dict, init: dict, finetune_cfg) -> dict:

@@ -705,13 +705,14 @@ def outputs(model: SwinTransformer, variables, images, *, pooling: str,
 
 
 def forward(model: SwinTransformer, variables, images, *, train: bool, rng=None,
-            pooling: str = "mean") -> tuple[dict, dict]:
+            pooling: str = "mean", mask=None) -> tuple[dict, dict]:
   """The training-or-evaluation forward of the registry contract ('tokens', 'pooled',
   'stride', 'grid' as `outputs`; {}: a Swin keeps no collection besides its parameters). In
-  training, `rng` drives drop path (needed when model.drop_path > 0)."""
+  training, `rng` drives drop path (needed when model.drop_path > 0); `mask` [B, h, w] swaps
+  the masked patch embeddings for the mask token (SimMIM)."""
   _check_pooling(pooling)
   rngs = {"dropout": rng} if train and rng is not None else None
-  fmap = model.apply(variables, images, train=train, rngs=rngs)
+  fmap = model.apply(variables, images, train=train, mask=mask, rngs=rngs)
   return _named(model, fmap), {}
 
 

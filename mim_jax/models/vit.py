@@ -882,12 +882,13 @@ def outputs(model: ViT, variables, images, *, pooling: str, layers: bool = False
 
 
 def forward(model: ViT, variables, images, *, train: bool, rng=None,
-            pooling: str = "cls") -> tuple[dict, dict]:
+            pooling: str = "cls", mask=None) -> tuple[dict, dict]:
   """The training-or-evaluation forward of the registry contract: ('tokens', 'pooled',
   'stride', 'grid' as `outputs`; {} — a ViT keeps no collection besides its parameters).
-  In training, `rng` drives drop path (needed when model.drop_path > 0)."""
+  In training, `rng` drives drop path (needed when model.drop_path > 0); `mask` [B, h, w]
+  or [B, L] swaps the masked patch embeddings for the mask token."""
   rngs = {"dropout": rng} if train and rng is not None else None
-  tokens = model.apply(variables, images, deterministic=not train, rngs=rngs)
+  tokens = model.apply(variables, images, mask=mask, deterministic=not train, rngs=rngs)
   return _named(model, tokens, images, pooling), {}
 
 
