@@ -115,3 +115,43 @@ def assert_same_losses(expected: dict, got: dict, steps: int) -> None:
   assert sorted(got) == list(range(1, steps + 1)), sorted(got)
   for s in range(1, steps + 1):
     assert expected[s] == got[s], (s, expected[s], got[s])
+
+
+def lab_setup(c, u8, heads=("head",), seed: int = 0):
+  """A colourisation method on a uint8 batch: (method, preprocessed x, params with each head's
+  fc8 drawn N(0, 1) rather than Caffe's zeros, state with the BatchNorm collections, the rng)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mim_jax import methods
+  m = methods.get(c)
+  rng = np.random.default_rng(seed)
+  x = m.eval_preprocess(jnp.asarray(u8), c.input)
+  v = m.init_variables(jax.random.PRNGKey(0), x)
+  params = v["params"]
+  for head in heads:
+    k = params[head]["fc8"]["kernel"]
+    params[head]["fc8"]["kernel"] = jnp.asarray(rng.normal(size=k.shape), jnp.float32)
+  return m, x, params, {"collections": {k: t for k, t in v.items() if k != "params"}}
+
+
+def numpy_ab_soft_encoding(ab):
+  """(soft targets [..., 313], squared distances [..., 313]) of ab values: the 5 nearest of the
+  313 bins weighted by a Gaussian of sigma 5, normalised (colorization's NNEncLayer), in NumPy."""
+  import numpy as np
+  from mim_jax.targets import ab_bins
+  centers = ab_bins.hull_points().astype(np.float64)
+  d2 = ((np.asarray(ab, np.float64)[..., None, :] - centers) ** 2).sum(-1)
+  soft = np.zeros_like(d2)
+  for idx in np.ndindex(d2.shape[:-1]):
+    near = np.argsort(d2[idx])[:5]
+    g = np.exp(-d2[idx][near] / 50.0)
+    soft[idx + (near,)] = g / g.sum()
+  return soft, d2
+
+
+def numpy_log_softmax(z):
+  import numpy as np
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))

@@ -12,11 +12,13 @@ JE_METHODS = ("simclr", "moco", "mocov3", "byol", "simsiam", "barlow_twins", "vi
 
 def tiny_je_config(method: str, preset: str = "", **overrides):
   """configs/<method>.py's `preset` (default: the embedded-data one; another preset is put on
-  the embedded data) with a ResNet-18 (CIFAR stem) at width 0.125 (8 stem channels), 16 px
-  crops, batch 16, 4 steps, small heads and no evaluators."""
+  the embedded data) with a ResNet-10 (one BasicBlock per stage, CIFAR stem) at width 0.125
+  (8 stem channels), 16 px crops, batch 16, 4 steps, small heads and no evaluators."""
   c = load_config(method, preset)
   if preset:
     c.input.data.update(name="embedded", dir="", holdout_per_class=100)
+  if c.model.get("name") == "resnet":
+    c.model.depth = 10
   c.model.width = 0.125
   c.input.image_size = 16
   c.input.batch_size = 16
@@ -38,14 +40,16 @@ def shrink_heads(block) -> None:
       block[k] = tuple((min(int(w), 32), b, n) for w, b, n in v)
 
 
-def method_and_state(config, batch: int = 8, seed: int = 0):
-  """(method, params, method state, preprocessed views of a random uint8 batch)."""
+def method_and_state(config, batch: int = 8, seed: int = 0, jit: bool = False):
+  """(method, params, method state, preprocessed views of a random uint8 batch); `jit`
+  compiles the initialisation and the preprocessing (faster for the larger methods)."""
   from mim_jax import methods
   m = methods.get(config)
   size = config.input.image_size
   rng = jax.random.PRNGKey(seed)
-  variables = m.init_variables(rng, jnp.zeros((2, size, size, 3)))
+  wrap = jax.jit if jit else (lambda f: f)
+  variables = wrap(m.init_variables)(rng, jnp.zeros((2, size, size, 3)))
   state = m.initial_state(variables)
   images = jax.random.randint(jax.random.fold_in(rng, 1), (batch, size, size, 3), 0, 256).astype(jnp.uint8)
-  views = m.preprocess(jax.random.fold_in(rng, 2), images, config.input, True)
+  views = wrap(lambda r, x: m.preprocess(r, x, config.input, True))(jax.random.fold_in(rng, 2), images)
   return m, variables["params"], state, views

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import load_config, tiny_convnet_config
+from je_helpers import method_and_state
 from mim_jax import methods, train
 from mim_jax.methods import limited_context as lc
 
@@ -90,13 +91,7 @@ def test_losses_by_hand():
 
 @pytest.fixture(scope="module")
 def built():
-  c = tiny_config()
-  m = methods.get(c)
-  v = jax.jit(m.init_variables)(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)))
-  state = m.initial_state(v)
-  imgs = jax.random.randint(jax.random.PRNGKey(1), (4, 16, 16, 3), 0, 256).astype(jnp.uint8)
-  batch = jax.jit(lambda r, x: m.preprocess(r, x, c.input, True))(jax.random.PRNGKey(2), imgs)
-  return m, v["params"], state, batch
+  return method_and_state(tiny_config(), batch=4, jit=True)
 
 
 def test_method_losses_equal_hand_computations(built):

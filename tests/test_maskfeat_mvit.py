@@ -1,13 +1,13 @@
 """MaskFeat on an MViTv2 (SlowFast's MaskMViT): the loss against a hand computation (mask token
 at the patch grid, HOG of 2x2 cells per output token, head on the last block's tokens), the
-official initialisation, the presets' geometry and recipe, an exactly resumed run and a
-sharded step equal to one device's."""
+official initialisation, the presets' geometry and recipe, a sharded run equal to one device's
+and the fine-tuning hooks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import apply_overrides, assert_same_losses, load_config, losses, resumed_losses
+from helpers import apply_overrides, load_config, losses
 from mim_jax import methods, train
 from test_maskfeat import numpy_patch_targets
 
@@ -120,19 +120,19 @@ def test_imagenet_mvitv2_s_recipe_and_weight_decay():
   assert dm["head"]["proj"]["kernel"] and not dm["head"]["proj"]["bias"]
 
 
-def test_sharded_run_resumes_exactly_and_equals_one_device(tmp_path):
-  # One run on 8 fake devices (data 2 x fsdp 4, parameters sharded), whose loss must fall; the
-  # same run preempted at step 4 and resumed, which must continue it bit for bit; and the run
-  # on one device, which must give the same losses up to float summation order.
+def test_sharded_run_learns_and_equals_one_device(tmp_path):
+  # One run on 8 fake devices (data 2 x fsdp 4, parameters sharded), whose loss must fall, and
+  # the run on one device, which must give the same losses up to float summation order. (Exact
+  # resume is backbone-agnostic: tests/test_contract.py; test_multiprocess_resume.py restores a
+  # checkpoint onto another device layout.)
   c = tiny_mvit_config(total_steps=8, ckpt_every=4, mesh=(("data", 2), ("fsdp", 4)),
                        sharding_rules=((".*", "fsdp"),))
   c.optim.update(base_lr=5e-3, warmup_epochs=0.1)
   eight = jax.devices()[:8]
-  a, b, one = (str(tmp_path / n) for n in ("a", "b", "one"))
+  a, one = str(tmp_path / "a"), str(tmp_path / "one")
   train.train_and_evaluate(c, a, devices=eight, progress=False)
   la = losses(a)
   assert np.mean([la[7], la[8]]) < 0.98 * np.mean([la[1], la[2]]), la
-  assert_same_losses(la, resumed_losses(c, b, stop_after=4, devices=eight), 8)
   c.mesh, c.sharding_rules = (("data", -1), ("fsdp", 1)), ((".*", "replicate"),)
   train.train_and_evaluate(c, one, devices=jax.devices()[:1], progress=False)
   l1 = losses(one)

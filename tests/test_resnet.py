@@ -32,7 +32,7 @@ def count(tree):
 
 def hand_count(depth, width=1, stem="imagenet", num_classes=1000):
   """Parameters of torchvision's ResNet with every channel count times `width`, by hand."""
-  blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
+  blocks = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
             152: [3, 8, 36, 3]}[depth]
   bottleneck = depth >= 50
   c0 = int(64 * width)
@@ -88,6 +88,9 @@ def test_cifar_stem_and_width_counts():
   assert resnet.param_count(resnet.ResNet(depth=18, stem="cifar", num_classes=1000)) == 11_681_832
   assert resnet.param_count(resnet.ResNet(depth=18, stem="cifar", num_classes=10)) == \
       hand_count(18, stem="cifar", num_classes=10)
+  # depth 10 (the tests' tiny ResNet): resnet18's stem and stages with one block each
+  assert resnet.param_count(resnet.ResNet(depth=10, stem="cifar", width=0.125)) == \
+      hand_count(10, width=0.125, stem="cifar", num_classes=0)
   r50x2 = resnet.param_count(resnet.ResNet(depth=50, width=2))
   assert r50x2 == hand_count(50, width=2, num_classes=0)
   assert round(r50x2 / 1e6) == 94          # SimCLR, Table 8 (headless): ResNet-50 (2x) 94M
@@ -152,7 +155,7 @@ def test_config_registry_and_errors():
   assert (model.depth, model.stem, model.width, model.num_classes) == (18, "cifar", 0.5, 0)
   assert models.execution_keys(cfg) == ("model.dtype",)
   assert models.build(cfg, 32, num_classes=10).num_classes == 10
-  cases = [({"depth": 20}, "depth=20: use one of 18, 34, 50, 101, 152"),
+  cases = [({"depth": 20}, "depth=20: use one of 10, 18, 34, 50, 101, 152"),
            ({"stem": "tiny"}, "stem='tiny': use 'imagenet' or 'cifar'"),
            ({"width": 0}, "width=0"), ({"width": 0.3}, "64 \\* width"),
            ({"bn_groups": 0}, "bn_groups=0: use an integer >= 1"),

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, tiny_convnet_config
+from helpers import (lab_setup, load_config, numpy_ab_soft_encoding, numpy_log_softmax,
+                     tiny_convnet_config)
 from mim_jax import methods
 from mim_jax.methods import colorization, split_brain
 from mim_jax.models import convnet
-from mim_jax.targets import ab_bins, lab
+from mim_jax.targets import lab
 
 
 def tiny_config(preset="", **overrides):
@@ -19,15 +20,8 @@ def tiny_config(preset="", **overrides):
 @pytest.fixture(scope="module")
 def setup():
   c = tiny_config()
-  m = methods.get(c)
-  rng = np.random.default_rng(0)
-  x = m.eval_preprocess(jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)), c.input)
-  v = m.init_variables(jax.random.PRNGKey(0), x)
-  params = v["params"]
-  for head in ("head_l", "head_ab"):          # non-zero fc8 (zero-initialised as Caffe's)
-    k = params[head]["fc8"]["kernel"]
-    params[head]["fc8"]["kernel"] = jnp.asarray(rng.normal(size=k.shape), jnp.float32)
-  state = {"collections": {k: t for k, t in v.items() if k != "params"}}
+  u8 = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  m, x, params, state = lab_setup(c, u8, heads=("head_l", "head_ab"))
   return c, m, x, params, state
 
 
@@ -37,12 +31,6 @@ def test_halves_have_half_the_channels(setup):
   assert m.encoder.channels == tuple(ch // 2 for ch in full)
   assert set(params) == {"encoder_l", "encoder_ab", "head_l", "head_ab"}
   assert params["encoder_l"]["conv5"]["conv"]["kernel"].shape[-1] == full[-1] // 2
-
-
-def log_softmax(z):
-  z = np.asarray(z, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def test_each_half_loss_by_hand(setup):
@@ -56,19 +44,12 @@ def test_each_half_loss_by_hand(setup):
   h, w = logits_l.shape[1:3]
   s = 16 // h
   # L -> ab: soft-encoded ab (5 nearest of the 313 bins, sigma 5) at every s-th pixel
-  ab = lab_img[:, ::s, ::s, 1:].astype(np.float64)
-  centers = ab_bins.hull_points().astype(np.float64)
-  d2 = ((ab[..., None, :] - centers) ** 2).sum(-1)
-  soft = np.zeros_like(d2)
-  for idx in np.ndindex(d2.shape[:-1]):
-    near = np.argsort(d2[idx])[:5]
-    g = np.exp(-d2[idx][near] / 50.0)
-    soft[idx + (near,)] = g / g.sum()
-  want_ab = -(soft * log_softmax(logits_l)).sum(-1).mean()
+  soft, _ = numpy_ab_soft_encoding(lab_img[:, ::s, ::s, 1:])
+  want_ab = -(soft * numpy_log_softmax(logits_l)).sum(-1).mean()
   # ab -> L: 100 unit bins of L, one-hot
   lightness = lab_img[:, ::s, ::s, 0]
   bins = np.clip(np.floor(lightness), 0, 99).astype(int)
-  lp = log_softmax(logits_ab)
+  lp = numpy_log_softmax(logits_ab)
   want_l = -np.take_along_axis(lp, bins[..., None], -1).mean()
   np.testing.assert_allclose(float(aux["loss_l_to_ab"]), want_ab, rtol=1e-4)
   np.testing.assert_allclose(float(aux["loss_ab_to_l"]), want_l, rtol=1e-4)

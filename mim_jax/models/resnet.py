@@ -22,7 +22,10 @@ Options beyond torchvision, each off by default:
                 (2x), (4x) do (`width_multiplier` in google-research/simclr, also solo-learn's
                 wide ResNets); torchvision's wide_resnet50_2 widens only the bottleneck's inner
                 convolutions and is a different network;
-  bn_groups     per-group batch statistics (see `BatchNorm`).
+  bn_groups     per-group batch statistics (see `BatchNorm`);
+  depth=10      one BasicBlock per stage (the same stem, stages and widths as resnet18 with
+                half its blocks; no torchvision model): the tests' tiny ResNet, which keeps
+                every stage, stride and BatchNorm of the family at half the compile time.
 
 Layout is NHWC. `__call__(images, train=False)` returns the logits [B, num_classes] with a head
 (num_classes > 0), else the last feature map [B, h, w, C], float32 either way (float64 for a
@@ -44,8 +47,9 @@ import ml_collections
 
 Dtype = Any
 
-# depth -> (block type, blocks per stage), as torchvision's resnet18 ... resnet152.
+# depth -> (block type, blocks per stage), as torchvision's resnet18 ... resnet152 (10: see above).
 DEPTHS = {
+    10: ("basic", (1, 1, 1, 1)),
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
