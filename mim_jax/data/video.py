@@ -1,0 +1,630 @@
+"""Video data: temporal sampling, PyAV decoding, clip listings and readers, clip-consistent
+spatial augmentation, the embedded synthetic clip set, and the video masks (issue 29).
+
+Everything here is a pure NumPy (masks: JAX) function or a small class; nothing is wired into
+the pipeline yet. Each piece names the official code it equals, and every deviation:
+
+* temporal sampling: SlowFast ``slowfast/datasets/decoder.py`` (`get_start_end_idx` +
+  `temporal_sampling`) for Kinetics-style clips, VideoMAE ``ssv2.py``
+  (`SSVideoClsDataset.loadvideo_decord`) for Something-Something-style segments;
+* spatial augmentation: the image host path's RandomResizedCrop (`host_crop.sample_crop_box_np`,
+  bicubic) with one box and one flip per clip; SlowFast's `uniform_crop` multi-view test crops;
+* masks: VideoMAE ``masking_generator.py`` `TubeMaskingGenerator` and VideoMAE V2's
+  `RunningCellMaskingGenerator`.
+
+Clips are uint8 [T, H, W, 3] (a batch: [N, T, H, W, 3]). `av` (PyAV) is imported inside the
+decoding functions, so importing this module needs neither PyAV nor a video.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from mim_jax.data import sources
+from mim_jax.data.host_crop import _resize_box, sample_crop_box_np
+from mim_jax.data.sources import DataConfigError, DataError, DataNotFoundError
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+# Unreadable files in a row before `ClipReader.read` gives up (as records._SkippingSource).
+_MAX_CONSECUTIVE_BAD = 64
+
+
+class VideoDecodeError(DataError):
+  """A video file cannot be opened or does not hold the frames asked for."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporal sampling.
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  """``torch.linspace(start, end, steps)`` (float32) as PyTorch's CPU kernel computes it: the
+  first half stepped up from ``start``, the second half stepped down from ``end``."""
+  start32, end32 = np.float32(start), np.float32(end)
+  if steps == 1:
+    return np.asarray([start32], np.float32)
+  step = np.float32((end32 - start32) / np.float32(steps - 1))
+  i = np.arange(steps)
+  up = start32 + step * i.astype(np.float32)
+  down = end32 - step * (steps - i - 1).astype(np.float32)
+  return np.where(i < steps // 2, up, down).astype(np.float32)
+
+
+def clip_indices(num_video_frames: int, num_frames: int, sampling_rate: int,
+                 rng: Optional[np.random.Generator] = None, clip_idx: int = -1,
+                 num_clips: int = 1, use_offset: bool = False) -> np.ndarray:
+  """Frame indices of one clip of ``num_frames`` frames, ``sampling_rate`` frames apart.
+
+  Equals SlowFast's `get_start_end_idx` followed by `temporal_sampling`
+  (``slowfast/datasets/decoder.py``) for a video already at the target frame rate
+  (``fps == target_fps``), so the clip spans ``clip_size = num_frames * sampling_rate`` frames:
+
+  * ``clip_idx == -1`` (training): start uniform in [0, max(n - clip_size, 0)] drawn from
+    ``rng`` (SlowFast: Python's ``random.uniform``);
+  * ``clip_idx >= 0`` (multi-view test): start ``delta * clip_idx / num_clips``, or with
+    ``use_offset`` SlowFast's offset variant (centre for one clip, else
+    ``clip_idx * floor(delta / (num_clips - 1))``);
+  * then ``num_frames`` points from start to ``start + clip_size - 1`` by torch's float32
+    ``linspace`` (reproduced, so the truncation agrees), clamped into [0, n - 1] and truncated
+    to int: a video shorter than the clip repeats its last frame.
+
+  Returns:
+    int64 [num_frames].
+  """
+  n, t = int(num_video_frames), int(num_frames)
+  if n < 1 or t < 1 or int(sampling_rate) < 1:
+    raise DataConfigError(f"clip of {t} frames at rate {sampling_rate} from a video of {n} "
+                          "frames: num_frames, sampling_rate and the video length must be >= 1")
+  clip_size = max(1.0, float(t * int(sampling_rate)))
+  delta = max(n - clip_size, 0.0)
+  if clip_idx == -1:
+    if rng is None:
+      raise DataConfigError("clip_idx=-1 (random training clip) needs an rng: pass a "
+                            "np.random.Generator, or a clip_idx >= 0 for a test clip")
+    start = float(rng.uniform(0.0, delta))
+  elif not 0 <= clip_idx < num_clips:
+    raise DataConfigError(f"clip_idx={clip_idx} is not in [0, num_clips={num_clips}): pick "
+                          "-1 (random) or a test clip index below num_clips")
+  elif use_offset:
+    start = (math.floor(delta / 2) if num_clips == 1
+             else clip_idx * math.floor(delta / (num_clips - 1)))
+  else:
+    start = delta * clip_idx / num_clips
+  index = _torch_linspace_f32(start, start + clip_size - 1, t)
+  return np.clip(index, 0, n - 1).astype(np.int64)
+
+
+def segment_indices(num_video_frames: int, num_segments: int,
+                    rng: Optional[np.random.Generator] = None, test_chunk: int = 1) -> np.ndarray:
+  """One frame per segment: Something-Something-style sampling.
+
+  Equals VideoMAE's ``ssv2.py`` `SSVideoClsDataset.loadvideo_decord` (TSN sampling; the brief's
+  `_get_seq_frames` is SlowFast's differently-rounded version, not this one):
+
+  * training (``rng`` given): the video is cut into ``num_segments`` segments of
+    ``n // num_segments`` frames and one frame is drawn uniformly inside each; a video shorter
+    than that but longer than ``num_segments`` gets ``num_segments`` sorted uniform draws from
+    the whole video, a shorter one frame 0 throughout;
+  * test (``rng`` None): with ``tick = n / num_segments`` the official code gathers the segment
+    starts ``int(tick * x)`` and middles ``int(tick / 2 + tick * x)``, sorts them and keeps
+    every other one from ``chunk_nb`` (its ``test_num_segment = 2`` views): ``test_chunk=1``
+    gives the middles (the single-view default), ``test_chunk=0`` the starts.
+
+  Returns:
+    int64 [num_segments].
+  """
+  n, s = int(num_video_frames), int(num_segments)
+  if n < 1 or s < 1:
+    raise DataConfigError(f"{s} segments from a video of {n} frames: both must be >= 1")
+  if rng is None:
+    if test_chunk not in (0, 1):
+      raise DataConfigError(f"test_chunk={test_chunk}: VideoMAE's SSv2 test views are 0 "
+                            "(segment starts) and 1 (segment middles)")
+    tick = n / float(s)
+    if test_chunk == 1:
+      return np.asarray([int(tick / 2.0 + tick * x) for x in range(s)], np.int64)
+    return np.asarray([int(tick * x) for x in range(s)], np.int64)
+  average = n // s
+  if average > 0:
+    return np.arange(s, dtype=np.int64) * average + rng.integers(average, size=s)
+  if n > s:
+    return np.sort(rng.integers(n, size=s)).astype(np.int64)
+  return np.zeros(s, np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding (PyAV).
+
+
+def _av():
+  try:
+    import av  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataConfigError("reading videos needs PyAV: pip install 'av>=14,<19' "
+                          "(or mim_jax[video])") from e
+  return av
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).splitlines()
+  return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def num_frames(path: str | os.PathLike) -> int:
+  """Frames in the first video stream of ``path``: the container's count when it has one, else
+  counted by decoding.
+
+  Raises:
+    VideoDecodeError: the file cannot be opened or has no video stream.
+  """
+  av = _av()
+  try:
+    with av.open(os.fspath(path)) as container:
+      if not container.streams.video:
+        raise VideoDecodeError(f"{path} has no video stream")
+      stream = container.streams.video[0]
+      count = int(stream.frames) if stream.frames > 0 else sum(1 for _ in container.decode(stream))
+  except VideoDecodeError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise VideoDecodeError(f"cannot read video {path} ({_first_line(e)})") from e
+  if count < 1:
+    raise VideoDecodeError(f"video {path} has no frames")
+  return count
+
+
+def decode_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
+  """Decodes the frames ``indices`` (any order, repeats allowed) of ``path``'s first video
+  stream, from its start (no seeking, so every index is exact).
+
+  Returns:
+    uint8 [len(indices), H, W, 3] RGB.
+
+  Raises:
+    VideoDecodeError: the file cannot be opened or decoded, or ends before an index
+      (a truncated file).
+  """
+  av = _av()
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  if indices.size == 0 or indices.min() < 0:
+    raise VideoDecodeError(f"bad frame indices {indices.tolist()} for {path}")
+  wanted = set(indices.tolist())
+  last = int(indices.max())
+  got: dict[int, np.ndarray] = {}
+  try:
+    with av.open(os.fspath(path)) as container:
+      if not container.streams.video:
+        raise VideoDecodeError(f"{path} has no video stream")
+      stream = container.streams.video[0]
+      stream.thread_type = "AUTO"
+      for i, frame in enumerate(container.decode(stream)):
+        if i in wanted:
+          got[i] = frame.to_ndarray(format="rgb24")
+        if i >= last:
+          break
+  except VideoDecodeError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise VideoDecodeError(f"cannot decode video {path} ({_first_line(e)})") from e
+  if last not in got:
+    raise VideoDecodeError(f"video {path} ends after {len(got) and max(got) + 1} of the wanted "
+                           f"frames (frame {last} asked): the file is truncated or its frame "
+                           "count is wrong")
+  return np.stack([got[i] for i in indices.tolist()])
+
+
+# ----------------------------------------------------------------------------------------------
+# Listings.
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoListing:
+  """Videos and labels: ``paths`` (absolute), ``labels`` int32 [N], ``class_names`` (folder
+  listings; a CSV listing names its classes by number)."""
+  paths: tuple[str, ...]
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+
+  def __iter__(self):  # paths, labels = listing
+    return iter((list(self.paths), self.labels))
+
+
+def list_video_csv(csv_path: str | os.PathLike, root: str | os.PathLike = "") -> VideoListing:
+  """Reads a Kinetics-style list: one ``path label`` per line, separated by a space (VideoMAE's
+  ``train.csv``/``val.csv``/``test.csv``, read there with pandas ``delimiter=' '``, no header)
+  or by a comma. A path is taken relative to ``root`` unless absolute; the label is the last
+  field, so a path may hold spaces when a comma separates. Blank lines are skipped.
+
+  Raises:
+    DataNotFoundError: the list does not exist.
+    DataConfigError: a line is not ``path label`` with an integer label, or the list is empty.
+  """
+  if not csv_path:
+    raise DataNotFoundError("no video list given: set --config.input.data.csv to a file of "
+                            "'path label' lines")
+  csv_path = os.path.abspath(os.path.expanduser(os.fspath(csv_path)))
+  if not os.path.isfile(csv_path):
+    raise DataNotFoundError(f"video list {csv_path} does not exist: set "
+                            "--config.input.data.csv to a file of 'path label' lines")
+  root = os.path.expanduser(os.fspath(root)) if root else ""
+  paths, labels = [], []
+  with open(csv_path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.strip()
+      if not line:
+        continue
+      sep = "," if "," in line else " "
+      path, _, label = line.rpartition(sep)
+      path = path.strip()
+      try:
+        label_int = int(label.strip())
+      except ValueError:
+        label_int = None
+      if not path or label_int is None:
+        raise DataConfigError(f"line {lineno} of {csv_path} is {line[:80]!r}, not 'path label' "
+                              "with an integer label: fix the list given by "
+                              "--config.input.data.csv")
+      paths.append(os.path.abspath(os.path.join(root, path)) if root else os.path.abspath(path))
+      labels.append(label_int)
+  if not paths:
+    raise DataConfigError(f"video list {csv_path} is empty: set --config.input.data.csv to a "
+                          "file of 'path label' lines")
+  num_classes = max(labels) + 1
+  return VideoListing(tuple(paths), np.asarray(labels, np.int32),
+                      tuple(str(c) for c in range(num_classes)))
+
+
+def list_video_folder(root: str | os.PathLike) -> VideoListing:
+  """Lists a folder of class sub-folders of videos (``root/<class>/<video>``, extensions
+  `VIDEO_EXTENSIONS`), classes sorted, videos sorted within a class: the layout and order of
+  `sources.list_image_folder`, so `sources.split_indices` splits it the same way.
+
+  Raises:
+    DataNotFoundError: the folder does not exist.
+    DataConfigError: it has no class sub-folders or no videos.
+  """
+  if not root:
+    raise DataNotFoundError("no video folder given: set --config.input.data.dir to a folder of "
+                            "class sub-folders")
+  root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+  if not os.path.isdir(root):
+    raise DataNotFoundError(f"video folder {root} does not exist: set --config.input.data.dir "
+                            "to a folder of class sub-folders")
+  with os.scandir(root) as it:
+    classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+  if not classes:
+    raise DataConfigError(f"video folder {root} has no class sub-folders: set "
+                          "--config.input.data.dir to a folder laid out as <dir>/<class>/<video>")
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    with os.scandir(os.path.join(root, name)) as it:
+      names = sorted(e.name for e in it if not e.name.startswith(".")
+                     and e.name.lower().endswith(VIDEO_EXTENSIONS) and e.is_file())
+    paths += [os.path.join(root, name, n) for n in names]
+    labels += [label] * len(names)
+  if not paths:
+    raise DataConfigError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) found in the class "
+                          f"sub-folders of {root}: set --config.input.data.dir to a folder of "
+                          "class sub-folders holding videos")
+  return VideoListing(tuple(paths), np.asarray(labels, np.int32), tuple(classes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-access clip reader.
+
+
+class ClipReader:
+  """Reads one clip per video: ``read(i, rng) -> {'video': uint8 [T,H,W,3], 'label', 'bad',
+  'index'}``.
+
+  Temporal sampling is `clip_indices` (``sampling='clip'``: ``num_frames`` frames
+  ``sampling_rate`` apart, random with an ``rng``, else test clip ``clip_idx`` of
+  ``num_clips``) or `segment_indices` (``sampling='segment'``: ``num_frames`` segments; random
+  with an ``rng``, else the segment middles).
+
+  An unreadable, undecodable or truncated video is replaced by the next readable one
+  (i+1, i+2, ..., wrapping around) and ``'bad'`` counts the videos skipped: the contract of
+  `records._SkippingSource`. More than 64 unreadable videos in a row raise `DataError`.
+  """
+
+  def __init__(self, paths: Sequence[str], labels: Sequence[int], num_frames: int,
+               sampling_rate: int = 1, sampling: str = "clip", num_clips: int = 1):
+    if sampling not in ("clip", "segment"):
+      raise DataConfigError(f"unknown temporal sampling {sampling!r}: use 'clip' or 'segment'")
+    if len(paths) != len(labels):
+      raise DataConfigError(f"{len(paths)} videos but {len(labels)} labels")
+    self.paths = [os.fspath(p) for p in paths]
+    self.labels = np.asarray(labels, np.int32)
+    self.num_frames = int(num_frames)
+    self.sampling_rate = int(sampling_rate)
+    self.sampling = sampling
+    self.num_clips = int(num_clips)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def indices(self, video_frames: int, rng: Optional[np.random.Generator],
+              clip_idx: int = 0) -> np.ndarray:
+    """The frame indices read from a video of ``video_frames`` frames."""
+    if self.sampling == "segment":
+      return segment_indices(video_frames, self.num_frames, rng)
+    return clip_indices(video_frames, self.num_frames, self.sampling_rate, rng,
+                        -1 if rng is not None else clip_idx, self.num_clips)
+
+  def _read(self, j: int, rng: Optional[np.random.Generator], clip_idx: int) -> np.ndarray:
+    path = self.paths[j]
+    return decode_frames(path, self.indices(num_frames(path), rng, clip_idx))
+
+  def read(self, i: int, rng: Optional[np.random.Generator] = None,
+           clip_idx: int = 0) -> dict[str, Any]:
+    n = len(self.paths)
+    i = int(i)
+    for skipped in range(min(_MAX_CONSECUTIVE_BAD, n)):
+      j = (i + skipped) % n
+      try:
+        video = self._read(j, rng, clip_idx)
+      except (VideoDecodeError, OSError):
+        continue
+      return {"video": video, "label": np.int32(self.labels[j]), "bad": np.int32(skipped),
+              "index": np.int32(j)}
+    raise DataError(f"{min(_MAX_CONSECUTIVE_BAD, n)} unreadable videos in a row from video {i} "
+                    f"({self.paths[i % n]}): check the video files")
+
+
+# ----------------------------------------------------------------------------------------------
+# Clip-consistent spatial augmentation.
+
+
+def random_resized_crop_flip_clip(video: np.ndarray, size: int, scale: Sequence[float],
+                                  ratio: Sequence[float], hflip: bool,
+                                  rng: np.random.Generator) -> np.ndarray:
+  """RandomResizedCrop + horizontal flip with ONE box and ONE flip decision for the whole clip.
+
+  The box is drawn by the image host path's `host_crop.sample_crop_box_np` (torchvision
+  RandomResizedCrop's rule, float box) and every frame is resampled from it with the host path's
+  bicubic (antialiased PIL) resize; then, when ``hflip``, one ``rng.uniform() < 0.5`` flips
+  every frame. The draws are those of `host_crop.crop_flip`, in that order, so a one-frame clip
+  equals `crop_flip` of its frame. (VideoMAE's pretraining uses GroupMultiScaleCrop instead and
+  its fine-tuning a torchvision-style per-clip RandomResizedCrop: this is the latter.)
+
+  Args:
+    video: uint8 [T, H, W, 3].
+
+  Returns:
+    uint8 [T, size, size, 3].
+  """
+  video = np.asarray(video)
+  box = sample_crop_box_np(rng, video.shape[1], video.shape[2], scale, ratio)
+  out = np.stack([_resize_box(frame, box, int(size)) for frame in video])
+  if hflip and rng.uniform() < 0.5:
+    out = np.ascontiguousarray(out[:, :, ::-1])
+  return out
+
+
+def _torch_bilinear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray]:
+  """Source rows (lo, hi) and weight of hi for ``F.interpolate(mode='bilinear',
+  align_corners=False)`` along one axis."""
+  scale = in_size / out_size
+  src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+  lo = src.astype(np.int64)
+  hi = np.minimum(lo + 1, in_size - 1)
+  return lo, hi, (src - lo).astype(np.float32)
+
+
+def short_side_resize(video: np.ndarray, size: int) -> np.ndarray:
+  """SlowFast's `random_short_side_scale_jitter` with min = max = ``size``: the short side to
+  ``size``, the long side to ``floor(long / short * size)``, torch bilinear
+  (``align_corners=False``, no antialias), reproduced in NumPy.
+
+  Returns:
+    float32 [T, h, w, 3], not rounded (SlowFast resizes float frames).
+  """
+  video = np.asarray(video, np.float32)
+  height, width = video.shape[1:3]
+  if width < height:
+    new_w, new_h = size, int(math.floor(height / width * size))
+  else:
+    new_h, new_w = size, int(math.floor(width / height * size))
+  if (new_h, new_w) == (height, width):
+    return video
+  y0, y1, wy = _torch_bilinear_weights(height, new_h)
+  x0, x1, wx = _torch_bilinear_weights(width, new_w)
+  rows = (video[:, y0] * (1 - wy)[None, :, None, None] + video[:, y1] * wy[None, :, None, None])
+  return (rows[:, :, x0] * (1 - wx)[None, None, :, None]
+          + rows[:, :, x1] * wx[None, None, :, None]).astype(np.float32)
+
+
+def center_crops_clip(video: np.ndarray, size: int, num_crops: int = 3) -> np.ndarray:
+  """SlowFast's multi-view test spatial crops (``NUM_SPATIAL_CROPS``): `short_side_resize` to
+  ``size``, then `uniform_crop` with ``spatial_idx`` 0, 1, 2 (left, centre, right of a wide
+  clip; top, centre, bottom of a tall one; offsets ``ceil((side - size) / 2)`` for the centre)
+  or, for ``num_crops=1``, the centre crop alone.
+
+  Returns:
+    float32 [num_crops, T, size, size, 3].
+  """
+  if num_crops not in (1, 3):
+    raise DataConfigError(f"num_crops={num_crops}: SlowFast's uniform crops are 1 (centre) "
+                          "or 3 (left/top, centre, right/bottom)")
+  frames = short_side_resize(video, int(size))
+  height, width = frames.shape[1:3]
+  crops = []
+  for spatial_idx in ((1,) if num_crops == 1 else (0, 1, 2)):
+    y = int(math.ceil((height - size) / 2))
+    x = int(math.ceil((width - size) / 2))
+    if height > width:
+      y = {0: 0, 1: y, 2: height - size}[spatial_idx]
+    else:
+      x = {0: 0, 1: x, 2: width - size}[spatial_idx]
+    crops.append(frames[:, y:y + size, x:x + size])
+  return np.stack(crops)
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded synthetic clip set.
+
+
+def _bilinear_view(image: np.ndarray, top: float, left: float, height: float, width: float,
+                   size: int) -> np.ndarray:
+  """The window (top, left, height, width) of ``image`` (source pixel units) resampled to
+  size x size by bilinear interpolation at the output pixel centres (edges clamped); float32."""
+  img = image.astype(np.float32)
+  h, w = img.shape[:2]
+  ys = np.clip(top + (np.arange(size) + 0.5) * height / size - 0.5, 0, h - 1)
+  xs = np.clip(left + (np.arange(size) + 0.5) * width / size - 0.5, 0, w - 1)
+  y0 = np.minimum(np.floor(ys).astype(np.int64), h - 1)
+  x0 = np.minimum(np.floor(xs).astype(np.int64), w - 1)
+  y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+  wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+  rows0 = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
+  rows1 = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
+  return rows0 * (1 - wy) + rows1 * wy
+
+
+def synth_windows(rng: np.random.Generator, height: int, width: int,
+                  num_frames: int) -> tuple[str, np.ndarray]:
+  """One clip's camera move over a height x width image: ``(kind, windows)``, windows float64
+  [num_frames, 4] = (top, left, h, w) in source pixels, square, inside the image.
+
+  * 'pan' (probability 1/2): a window of side ``s * min(H, W)``, s ~ U(0.5, 0.8), slides
+    linearly from one point to another, along a direction ~ U(0, 2 pi), covering a fraction
+    ~ U(0.5, 1) of the largest move in that direction that keeps it inside;
+  * 'zoom': the side goes linearly from s0 to s1 (one of U(0.45, 0.65), the other of
+    U(0.85, 1.0); in or out with probability 1/2) around a fixed point kept inside, drawn so
+    the largest window fits.
+  """
+  short = float(min(height, width))
+  t = np.linspace(0.0, 1.0, num_frames)
+  if rng.uniform() < 0.5:
+    side = short * rng.uniform(0.5, 0.8)
+    angle = rng.uniform(0.0, 2 * math.pi)
+    dy, dx = math.sin(angle), math.cos(angle)
+    room_y, room_x = height - side, width - side
+    # Longest move along (dy, dx) inside [0, room]^2, starting from the far corner side.
+    reach = min(room_y / abs(dy) if abs(dy) > 1e-9 else math.inf,
+                room_x / abs(dx) if abs(dx) > 1e-9 else math.inf)
+    length = reach * rng.uniform(0.5, 1.0)
+    y_start = (room_y - length * dy) / 2 + rng.uniform(-0.5, 0.5) * (room_y - length * abs(dy))
+    x_start = (room_x - length * dx) / 2 + rng.uniform(-0.5, 0.5) * (room_x - length * abs(dx))
+    tops = np.clip(y_start + t * length * dy, 0, room_y)
+    lefts = np.clip(x_start + t * length * dx, 0, room_x)
+    sides = np.full(num_frames, side)
+    kind = "pan"
+  else:
+    small, large = rng.uniform(0.45, 0.65) * short, rng.uniform(0.85, 1.0) * short
+    s0, s1 = (large, small) if rng.uniform() < 0.5 else (small, large)
+    cy = rng.uniform(large / 2, height - large / 2)
+    cx = rng.uniform(large / 2, width - large / 2)
+    sides = s0 + t * (s1 - s0)
+    tops, lefts = cy - sides / 2, cx - sides / 2
+    kind = "zoom"
+  return kind, np.stack([tops, lefts, sides, sides], axis=1)
+
+
+def synth_clips(images: np.ndarray, labels: np.ndarray, num_frames: int = 8, size: int = 32,
+                seed: int = 0, ids: Optional[np.ndarray] = None,
+                return_windows: bool = False) -> tuple[np.ndarray, ...]:
+  """Turns photographs into short clips by a camera move over each (`synth_windows`: a pan or a
+  zoom, drawn from ``np.random.Generator(PCG64([seed, id]))`` per clip). Every frame is a real
+  view of its image, bilinearly resampled to size x size (a window of an upsampled copy).
+
+  Args:
+    images: uint8 [N, H, W, 3].
+    labels: [N], returned as int32.
+    ids: [N] per-clip seed keys (default ``arange(N)``): a clip depends only on its image,
+      ``seed`` and its id, not on which other images are in the batch.
+    return_windows: also return the float64 [N, num_frames, 4] windows.
+
+  Returns:
+    (uint8 [N, num_frames, size, size, 3], int32 [N]) (+ windows).
+  """
+  images = np.asarray(images)
+  ids = np.arange(images.shape[0]) if ids is None else np.asarray(ids)
+  clips = np.empty((images.shape[0], num_frames, size, size, 3), np.uint8)
+  windows = np.empty((images.shape[0], num_frames, 4))
+  for n, (image, key) in enumerate(zip(images, ids)):
+    rng = np.random.Generator(np.random.PCG64([int(seed), int(key)]))
+    _, windows[n] = synth_windows(rng, image.shape[0], image.shape[1], num_frames)
+    for f, (top, left, h, w) in enumerate(windows[n]):
+      clips[n, f] = np.clip(np.round(_bilinear_view(image, top, left, h, w, size)), 0, 255)
+  out = (clips, np.asarray(labels, np.int32))
+  return out + (windows,) if return_windows else out
+
+
+def embedded_clips(split: str, holdout_per_class: int = 100, num_frames: int = 8,
+                   size: int = 32, holdout_seed: int = 0,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """The embedded clip set: `synth_clips` of the embedded CIFAR-10 photographs of ``split``,
+  split exactly as the embedded image set (`sources.split_indices`, same hold-out), each clip
+  keyed by its image's position in the embedded set.
+
+  Returns:
+    (uint8 [N, num_frames, size, size, 3], int32 [N], class names).
+  """
+  images, labels, class_names, ok = sources._decoded_embedded()  # pylint: disable=protected-access
+  select = sources.split_indices(labels, split, holdout_per_class, holdout_seed, class_names,
+                                 "the embedded set")
+  in_split = np.zeros(labels.shape[0], bool)
+  in_split[select] = True
+  rows = np.flatnonzero(in_split[ok])   # positions among the decodable images
+  ids = np.flatnonzero(ok)[rows]         # positions in the embedded set
+  clips, clip_labels = synth_clips(images[rows], labels[ok][rows], num_frames, size, seed, ids)
+  return clips, clip_labels, list(class_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks (JAX).
+
+
+def tube_mask(rng, batch: int, t_grid: int, h: int, w: int, ratio: float):
+  """VideoMAE's `TubeMaskingGenerator` (``masking_generator.py``): per sample, one spatial mask
+  of exactly ``int(ratio * h * w)`` of the h x w patches (a uniformly random subset: the ranks
+  of iid noise; the official code shuffles with NumPy) repeated over all ``t_grid`` time slices.
+
+  Returns:
+    bool [batch, t_grid, h, w], True = masked.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  count = int(ratio * h * w)
+  noise = jax.random.uniform(rng, (batch, h * w))
+  ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+  spatial = (ranks < count).reshape(batch, 1, h, w)
+  return jnp.broadcast_to(spatial, (batch, t_grid, h, w))
+
+
+def running_cell_mask(batch: int, t_grid: int, h: int, w: int, ratio: float = 0.5, rng=None):
+  """VideoMAE V2's decoder masking, `RunningCellMaskingGenerator` (``dataset/masking_generator.py``).
+
+  A 2x2 cell holds ``m = int(4 * ratio)`` masked positions (0 < m < 4) at the front of a queue
+  ``[1]*m + [0]*(4-m)``; the cell is read from a pointer ``p`` that advances by one each time
+  slice (read before slice 0 too, so slice t uses ``p + t + 1``), and tiled over the h x w grid:
+  ``mask[t, i, j] = queue[(2 * (i % 2) + j % 2 + p + t + 1) % 4]``. Every slice has exactly
+  ``m * h * w / 4`` masked patches and the pattern cycles with period 4. The official code draws
+  ``p`` uniformly from 0..3 per sample: so does ``rng`` here; without one ``p = 0``.
+
+  Returns:
+    bool [batch, t_grid, h, w], True = masked (VideoMAE V2 decodes only the False patches).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  m = int(4 * ratio)
+  if not 0 < m < 4:
+    raise ValueError(f"running-cell mask ratio {ratio} leaves {m} of 4 cell positions masked: "
+                     "use a ratio in [0.25, 1)")
+  if h % 2 or w % 2:
+    raise ValueError(f"running-cell masking tiles 2x2 cells: the patch grid {h}x{w} must be even")
+  if rng is None:
+    ptr = jnp.zeros((batch,), jnp.int32)
+  else:
+    ptr = jax.random.randint(rng, (batch,), 0, 4)
+  i = jnp.arange(h)[:, None] % 2
+  j = jnp.arange(w)[None, :] % 2
+  t = jnp.arange(t_grid)[:, None, None]
+  pos = (2 * i + j)[None] + t + 1                                     # [t, h, w]
+  return ((pos[None] + ptr[:, None, None, None]) % 4) < m
