@@ -256,6 +256,25 @@ def _class_dirs(root: str) -> list[str]:
     return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
+def class_files(root: str, cls: str, extensions: Sequence[str]) -> list[str]:
+  """The sorted file names with one of `extensions` (lower case) in `root/cls`, no hidden files."""
+  with os.scandir(os.path.join(root, cls)) as it:
+    return sorted(e.name for e in it if not e.name.startswith(".")
+                  and e.name.lower().endswith(tuple(extensions)) and e.is_file())
+
+
+def require_path(path: Any, what: str, key: str, expect: str, is_dir: bool = True) -> str:
+  """The absolute path of `path`, else a one-line DataNotFoundError naming the config key to
+  set: 'no <what> given' / '<what> <path> does not exist: set --config.input.data.<key> to
+  <expect>'."""
+  if not path:
+    raise DataNotFoundError(f"no {what} given: set --config.input.data.{key} to {expect}")
+  p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if not (os.path.isdir(p) if is_dir else os.path.isfile(p)):
+    raise DataNotFoundError(f"{what} {p} does not exist: set --config.input.data.{key} to {expect}")
+  return p
+
+
 def list_image_folder(directory: str | os.PathLike) -> FolderListing:
   """Lists an image folder of class sub-folders (one level, image extensions only).
 
@@ -266,13 +285,7 @@ def list_image_folder(directory: str | os.PathLike) -> FolderListing:
     DataNotFoundError: the folder does not exist.
     DataConfigError: it has no class sub-folders or no images.
   """
-  if not directory:
-    raise DataNotFoundError("no image folder given: set --config.input.data.dir to a folder "
-                            "of class sub-folders")
-  root = os.path.abspath(os.path.expanduser(os.fspath(directory)))
-  if not os.path.isdir(root):
-    raise DataNotFoundError(f"image folder {root} does not exist: set --config.input.data.dir "
-                            "to a folder of class sub-folders")
+  root = require_path(directory, "image folder", "dir", "a folder of class sub-folders")
   classes = _class_dirs(root)
   stamp = tuple([os.stat(root).st_mtime_ns]
                 + [os.stat(os.path.join(root, c)).st_mtime_ns for c in classes])
@@ -284,10 +297,7 @@ def list_image_folder(directory: str | os.PathLike) -> FolderListing:
   files, labels = [], []
   digest = hashlib.sha1(root.encode())
   for label, name in enumerate(classes):
-    with os.scandir(os.path.join(root, name)) as it:
-      names = sorted(e.name for e in it if not e.name.startswith(".")
-                     and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
-    for n in names:
+    for n in class_files(root, name, IMAGE_EXTENSIONS):
       rel = f"{name}/{n}"
       files.append(rel)
       labels.append(label)

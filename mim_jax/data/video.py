@@ -26,7 +26,7 @@ import numpy as np
 
 from mim_jax.data import sources
 from mim_jax.data.host_crop import _resize_box, sample_crop_box_np
-from mim_jax.data.sources import DataConfigError, DataError, DataNotFoundError
+from mim_jax.data.sources import DataConfigError, DataError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 # Unreadable files in a row before `ClipReader.read` gives up (as records._SkippingSource).
@@ -243,13 +243,8 @@ def list_video_csv(csv_path: str | os.PathLike, root: str | os.PathLike = "") ->
     DataNotFoundError: the list does not exist.
     DataConfigError: a line is not ``path label`` with an integer label, or the list is empty.
   """
-  if not csv_path:
-    raise DataNotFoundError("no video list given: set --config.input.data.csv to a file of "
-                            "'path label' lines")
-  csv_path = os.path.abspath(os.path.expanduser(os.fspath(csv_path)))
-  if not os.path.isfile(csv_path):
-    raise DataNotFoundError(f"video list {csv_path} does not exist: set "
-                            "--config.input.data.csv to a file of 'path label' lines")
+  csv_path = sources.require_path(csv_path, "video list", "csv", "a file of 'path label' lines",
+                                  is_dir=False)
   root = os.path.expanduser(os.fspath(root)) if root else ""
   paths, labels = [], []
   with open(csv_path, encoding="utf-8") as f:
@@ -287,23 +282,14 @@ def list_video_folder(root: str | os.PathLike) -> VideoListing:
     DataNotFoundError: the folder does not exist.
     DataConfigError: it has no class sub-folders or no videos.
   """
-  if not root:
-    raise DataNotFoundError("no video folder given: set --config.input.data.dir to a folder of "
-                            "class sub-folders")
-  root = os.path.abspath(os.path.expanduser(os.fspath(root)))
-  if not os.path.isdir(root):
-    raise DataNotFoundError(f"video folder {root} does not exist: set --config.input.data.dir "
-                            "to a folder of class sub-folders")
-  with os.scandir(root) as it:
-    classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+  root = sources.require_path(root, "video folder", "dir", "a folder of class sub-folders")
+  classes = sources._class_dirs(root)  # pylint: disable=protected-access
   if not classes:
     raise DataConfigError(f"video folder {root} has no class sub-folders: set "
                           "--config.input.data.dir to a folder laid out as <dir>/<class>/<video>")
   paths, labels = [], []
   for label, name in enumerate(classes):
-    with os.scandir(os.path.join(root, name)) as it:
-      names = sorted(e.name for e in it if not e.name.startswith(".")
-                     and e.name.lower().endswith(VIDEO_EXTENSIONS) and e.is_file())
+    names = sources.class_files(root, name, VIDEO_EXTENSIONS)
     paths += [os.path.join(root, name, n) for n in names]
     labels += [label] * len(names)
   if not paths:
