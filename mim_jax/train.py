@@ -543,7 +543,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                  "lr": float(fetched[-1]["lr"]), "grad_norm": float(fetched[-1]["grad_norm"]),
                  "images_per_sec": ips, "epoch": step / tr.steps_per_epoch,
                  "data/bad_images_total": bad_total}
-          rec.update({k: float(v) for k, v in fetched[-1].items() if k.startswith("aux/")})
+          rec.update({k: float(v) for k, v in fetched[-1].items()
+                      if k.startswith(("aux/", "adversary/"))})
           if config.log_every == 1:
             rec["loss"] = losses[-1]
           if peak is not None:

@@ -74,12 +74,13 @@ def apply_overrides(c, overrides: dict):
   return c
 
 
-def losses(workdir) -> dict:
-  """{step: training loss} from a run's metrics.jsonl."""
+def losses(workdir, key: str = "loss") -> dict:
+  """{step: training loss} (or another logged `key`, e.g. 'adversary/loss') from a run's
+  metrics.jsonl."""
   import json
   import os
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
 def train_with_frozen_run(config, workdir, run, **kwargs):

@@ -107,13 +107,18 @@ def check_contract(method, teacher_run, tmp_path, monkeypatch):
   # command resumes from step 1 and recomputes step 2.
   a = str(tmp_path / "run")
   train.train_and_evaluate(c, a, progress=False, devices=one)
-  want = losses(a)
+  want, want_adv = losses(a), losses(a, "adversary/loss")
   assert sorted(want) == [1, 2] and all(v == v for v in want.values()), want
+  if getattr(methods.get(c), "adversary_keys", ()):
+    assert sorted(want_adv) == [1, 2], want_adv
   shutil.rmtree(os.path.join(a, "checkpoints", "2"))
   os.remove(os.path.join(a, "metrics.jsonl"))
   train.train_and_evaluate(c, a, progress=False, devices=one)
   got = losses(a)
   assert sorted(got) == [2] and got[2] == want[2], (method, got, want)
+  # A discriminator stepped in the same step (context encoder, LCI) resumes exactly too.
+  got_adv = losses(a, "adversary/loss")
+  assert got_adv == {s: v for s, v in want_adv.items() if s == 2}, (method, got_adv, want_adv)
   d = methods.get(c).describe()
   assert d["method"] == method
   assert d["model"]["name"] == c.model.name == load_config(config_for(method)).model.name

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, tiny_config, resumed_losses, assert_same_losses
+from helpers import load_config, tiny_config
 from mim_jax import methods, optim, train
 from mim_jax.methods import extrema
 
@@ -313,7 +313,8 @@ def test_imagenet_preset_is_the_official_recipe():
   assert methods.get(c).num_kept == 39
 
 
-def test_training_moves_the_teacher_by_ema_only_resumes_exactly_and_learns(tmp_path, compilation_cache):
+def test_training_moves_the_teacher_by_ema_only_and_learns():
+  """(Its exact resume is tests/test_contract.py's.)"""
   c = small_config()
   c.extrema.color_aug = False          # the colour views have their own test
   c.input.batch_size = 8
@@ -334,6 +335,5 @@ def test_training_moves_the_teacher_by_ema_only_resumes_exactly_and_learns(tmp_p
   for s in range(2, 5):
     la[s] = float(tr.step()["loss"])
 
-  assert_same_losses(la, resumed_losses(c, str(tmp_path / "b"), stop_after=2, devices=one), 4)
   # A few steps on the embedded data lower the loss (the teacher moves slowly meanwhile).
   assert la[4] < 0.8 * la[1], la

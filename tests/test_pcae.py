@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, losses, tiny_config, resumed_losses, assert_same_losses
+from helpers import load_config, losses, tiny_config
 from mim_jax import methods, train
 from mim_jax.methods import pcae
 
@@ -279,13 +279,14 @@ def test_flop_count_equals_hand_value():
 
 # -- training ---------------------------------------------------------------------------------
 
-def test_training_learns_and_resumes_exactly(tmp_path, compilation_cache):
+def test_training_learns(tmp_path):
+  """(Its exact resume is tests/test_contract.py's.)"""
   c = tiny_config("pcae", total_steps=6, ckpt_every=2)
   c.pcae.drop_stage = 2                       # blocks 0 and 1 of the 2-block test encoder
   c.pcae.decoder = dict(width=32, depth=1, heads=2, drop_path=0.0)
   c.evals = {}
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  a = str(tmp_path / "a")
   train.train_and_evaluate(c, a, progress=False)
   la = losses(a)
-  assert_same_losses(la, resumed_losses(c, b, stop_after=3), 6)
+  assert sorted(la) == [1, 2, 3, 4, 5, 6]
   assert la[6] < la[1], la
