@@ -501,7 +501,7 @@ class FineTune(Method):
       fmap, new = self.encoder.apply(v, images, train=True, features_only=True,
                                      mutable=[c for c in v if c != "params"],
                                      rngs={"dropout": rng} if rng is not None else None, **kw)
-      new = {c: {"encoder": t} for c, t in new.items()}
+      new = self.nest_collections(encoder=new)
     else:
       fmap, new = self.encoder.apply(v, images, train=False, features_only=True, **kw), None
     tokens = fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])
