@@ -411,12 +411,13 @@ class Trainer:
       rec_fn = jax.jit(lambda p, s, x, r: method.reconstruct(p, s, prep(x), r),
                        out_shardings=rep)
 
-      def reconstruct(images, seed):
+      def reconstruct_images(images, seed):
         x = sharding.host_to_global(np.asarray(images), rep)
         out = rec_fn(params, mstate, x, jax.random.PRNGKey(seed))
         res = {k: denormalize_uint8(v, cfg.input) for k, v in out.items()}
         res["input"] = np.asarray(images, np.uint8)
         return res
+      reconstruct = reconstruct_images
 
     return evaluators.EvalContext(
         encode=encode,

@@ -331,7 +331,6 @@ def test_concat_last_blocks_and_normed_cls_features_as_dino_and_ibot(tmp_path):
   block's cls token (the last one is the final features); 'concat_last:N' concatenates the
   last N blocks."""
   import jax
-  import jax.numpy as jnp
   from mim_jax import methods
   from mim_jax.models import vit
   m = methods.get(tiny_config("mae"))

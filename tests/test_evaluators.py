@@ -264,7 +264,7 @@ def test_linear_probe_lars_steps_equal_mae_rule_by_hand():
   grads = [{"w": np.array([[1.0, 2.0], [2.0, 0.0]], np.float32), "b": np.array([0.5, -1.0], np.float32)},
            {"w": np.array([[0.0, -1.0], [3.0, 1.0]], np.float32), "b": np.array([2.0, 0.0], np.float32)}]
   state = tx.init(params)
-  w, b = params["w"].astype(np.float64), params["b"].astype(np.float64)
+  w = params["w"].astype(np.float64)
   buf_w, buf_b = np.zeros((2, 2)), np.zeros(2)
   for t, g in enumerate(grads):
     updates, state = tx.update(g, state, params)
@@ -279,7 +279,7 @@ def test_linear_probe_lars_steps_equal_mae_rule_by_hand():
           [[1.3, 2.0], [2.0, 0.4]]), rtol=1e-5)
       np.testing.assert_allclose(updates["b"], [-0.25, 0.5], rtol=1e-6)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
-    w, b = np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+    w = np.asarray(params["w"], np.float64)        # the bias has no decay: only w feeds d
   # optax.lars applies the rate inside the momentum (buf = 0.9 buf + lr_t u): with a changing
   # rate its second step differs from MAE's, which is why the probe builds its own chain.
   ref = optax.lars(schedule, weight_decay=0.1, weight_decay_mask=linear_probe._decay_mask,

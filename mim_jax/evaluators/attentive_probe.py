@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mim_jax.evaluators import common, knn
+from mim_jax.evaluators import common
 
 TOKEN_SETS = ("patches", "all")
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Mapping
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp

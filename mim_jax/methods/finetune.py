@@ -453,8 +453,7 @@ class FineTune(Method):
              for col, tree in enc.items()}
     fmap = jax.eval_shape(lambda: self.encoder.apply(enc, images, features_only=True))
     width = fmap.shape[-1]
-    out = {"params": {"encoder": enc["params"]},
-           **{col: {"encoder": tree} for col, tree in enc.items() if col != "params"}}
+    out = self.nest("encoder", enc)
     if self.proj is not None:
       proj = dict(self.proj.init(r_head, jnp.zeros((2, width), jnp.float32)))
       loaded = load_pretrained_encoder(self.pretrained, "online", self.config.model,
