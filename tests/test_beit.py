@@ -306,16 +306,19 @@ def test_resumed_run_equals_uninterrupted(uninterrupted, fake, tmp_path):
   assert_same_losses(losses(uninterrupted), lb, 8)
 
 
-def test_end_to_end_on_a_tokenizer_run(tmp_path):
-  """A 2-step tokenizer run (configs/tokenizer.py), then 2 BEiT steps reading its workdir."""
+def test_end_to_end_on_a_tokenizer_run(tmp_path, compilation_cache):
+  """A 2-step tokenizer run (configs/tokenizer.py), then 2 BEiT steps reading its workdir (a
+  3-step run preempted after 2, so that its resume below reuses the compiled step)."""
   tok = tiny_config("tokenizer", total_steps=2, ckpt_every=2)
   tok.tokenizer.conv.update(hidden=16, res_hidden=8, res_layers=1)
   tok.evals = {}
   train.train_and_evaluate(tok, str(tmp_path / "tok"), progress=False)
-  c = run_config(total_steps=2, ckpt_every=2)
+  c = run_config(total_steps=3, ckpt_every=2)
   c.beit.tokenizer = str(tmp_path / "tok")
-  summary = train.train_and_evaluate(c, str(tmp_path / "beit"), progress=False)
-  assert summary["step"] == 2 and all(math.isfinite(v) for v in losses(str(tmp_path / "beit")).values())
+  with pytest.raises(train.Preempted):
+    train.train_and_evaluate(c, str(tmp_path / "beit"), progress=False, stop_after=2)
+  ls = losses(str(tmp_path / "beit"))
+  assert sorted(ls) == [1, 2] and all(math.isfinite(v) for v in ls.values()), ls
   frozen, run = teachers.load(str(tmp_path / "tok")), teachers.load(str(tmp_path / "beit"))
   assert run.params["lm_head"]["kernel"].shape == (64, tok.tokenizer.codebook_size)
   jax.tree.map(np.testing.assert_array_equal, run.method_state["tokenizer"]["params"], frozen.params)
@@ -330,7 +333,6 @@ def test_end_to_end_on_a_tokenizer_run(tmp_path):
   np.testing.assert_array_equal(again.method.token_ids(again.method_state, x), ids)
   tr = train.Trainer.from_workdir(str(tmp_path / "beit"))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(tr.state["method_state"]), run.method_state)
-  c.total_steps = 3
   assert train.train_and_evaluate(c, str(tmp_path / "beit"), progress=False)["step"] == 3
 
 

@@ -6,6 +6,7 @@ of test code; methods that read another run (a tokenizer, a teacher) get a real 
 run or the fake tokenizer of test_beit. The methods on other backbones than the ViT run the
 same check from tests/test_contract_convnets.py.
 """
+import functools
 import os
 import shutil
 
@@ -18,6 +19,7 @@ from mim_jax import config_lib, methods, teachers, train
 CONFIG_DIR = str(ROOT / "configs")
 
 
+@functools.lru_cache(maxsize=None)   # each call loads every config: once per method is enough
 def config_for(method: str) -> str:
   """The config named like the method, else the first config that trains it."""
   names = config_lib.config_names(CONFIG_DIR)
@@ -69,7 +71,7 @@ def shrink(config_name: str, teacher: str):
                               ("feature_mim", "teacher", teacher), ("tinymim", "teacher", teacher)):
     if section in c and key in c[section]:
       c[section][key] = value
-  for section in ("cae", "pcae", "latent_mim", "deepmim"):
+  for section in ("cae", "pcae", "latent_mim", "deepmim", "videomae"):
     dec = c.get(section, {}).get("decoder") if section in c else None
     if dec is not None and "depth" in dec:
       dec.depth = 1

@@ -28,8 +28,9 @@ def run_steps(config, steps, devices):
 # quantity is a reduction over the global batch inside one jit, so sharding cannot change a
 # method's semantics, only XLA's partitioning of it. One method per kind of batch-wide
 # quantity is checked: global negatives (SimCLR), a queue and grouped shuffle-BN (MoCo),
-# cross-correlation (Barlow Twins), multi-crop with a batch-mean centre (DINO).
-SHARDED_CHECKS = ("simclr", "moco", "barlow_twins", "dino")
+# multi-crop with a batch-mean centre (DINO). Barlow Twins' cross-correlation is a batch mean
+# like SimCLR's similarity matrix and the BatchNorm statistics every method has.
+SHARDED_CHECKS = ("simclr", "moco", "dino")
 
 
 @pytest.mark.parametrize("method", SHARDED_CHECKS)
