@@ -292,6 +292,46 @@ def test_embedded_clips_split_like_the_images():
   np.testing.assert_array_equal(np.bincount(labels), [2] * 10)
 
 
+def test_clips_of_a_clip_set_are_the_frame_by_frame_views():
+  """synth_clips resamples all frames of many clips at once: the same arithmetic as
+  `_bilinear_view` frame by frame, bit for bit."""
+  images, labels, _, _ = sources._decoded_embedded()
+  clips, _, windows = V.synth_clips(images[:20], labels[:20], 5, 24, seed=3, return_windows=True)
+  for n in range(20):
+    for f, (top, left, h, w) in enumerate(windows[n]):
+      want = np.clip(np.round(V._bilinear_view(images[n], top, left, h, w, 24)), 0, 255)
+      np.testing.assert_array_equal(clips[n, f], want)
+
+
+def test_embedded_clips_through_the_pipeline():
+  """data.name='embedded_clips' is an in-memory source: the split sizes, labels and hold-out of
+  'embedded', training batches and evaluation batches of uint8 clips [B, T, 32, 32, 3]."""
+  import ml_collections
+  from mim_jax.data import pipeline
+  data = dict(name="embedded_clips", holdout_per_class=2, num_frames=4, train_subset=100)
+  cfg = ml_collections.ConfigDict(dict(data=data, batch_size=8, image_size=32, workers=0))
+  images = sources.load_in_memory(dict(data, name="embedded"), "eval")
+  clips = sources.load_in_memory(data, "eval")
+  assert clips.images.shape == (20, 4, 32, 32, 3) and not clips.images.flags.writeable
+  np.testing.assert_array_equal(clips.labels, images.labels)
+  assert sources.split_size(data, "pretrain") == 100 == len(sources.load_in_memory(data, "pretrain"))
+  assert sources.is_in_memory(data) and len(clips.class_names) == 10
+  loader = pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+  batch = next(loader)
+  assert loader.on_device_aug and loader.image_shape == (4, 32, 32, 3)
+  assert batch["image"].shape == (8, 4, 32, 32, 3) and batch["image"].dtype == np.uint8
+  pretrain = sources.load_in_memory(data, "pretrain")
+  np.testing.assert_array_equal(batch["image"], pretrain.images[batch["index"]])
+  x, y = next(pipeline.eval_batches(cfg, "eval", 16))
+  np.testing.assert_array_equal(x, clips.images[:16])
+  cfg.image_size = 16                     # evaluation resizes every frame
+  x16, _ = next(pipeline.eval_batches(cfg, "eval", 16))
+  assert x16.shape == (16, 4, 16, 16, 3)
+  np.testing.assert_array_equal(x16[:, 2], pipeline._resize_images(clips.images[:16, 2], 16))
+  with pytest.raises(sources.DataConfigError, match="not wired"):
+    sources.load_in_memory(dict(name="video_csv", csv="x.csv"), "train")
+
+
 # ----------------------------------------------------------------------------------------------
 # Masks.
 

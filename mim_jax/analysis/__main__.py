@@ -147,6 +147,9 @@ def _forward(run: Run, with_attention: bool, pooling: str) -> Callable:
   """The per-batch function of one run: one encoder pass giving the attention statistics
   [B, depth, H] and/or the blocks' representations for CKA."""
   grid, patch = run.encoder.grid, run.encoder.patch_size
+  if getattr(run.encoder, "tubelet", 0):
+    raise ValueError("the attention and CKA analyses read image ViTs: this run's encoder takes "
+                     "clips (model.tubelet > 0)")
 
   def fn(encoder, params, x):
     _, inter = encoder.apply({"params": params}, x, mutable=["intermediates"])
@@ -155,7 +158,7 @@ def _forward(run: Run, with_attention: bool, pooling: str) -> Callable:
     if with_attention:
       out["attention"] = attention.layer_statistics(attention.attention_maps(enc), grid, patch)
     if pooling:
-      out["cka"] = cka.pooled_blocks(enc["block_outputs"], pooling)
+      out["cka"] = cka.pooled_blocks(enc["block_outputs"], pooling, run.encoder.cls_token)
     return out
 
   return fn

@@ -78,21 +78,23 @@ def cka_matrix(a, b: Optional[np.ndarray] = None) -> np.ndarray:
   return out
 
 
-def pooled_blocks(block_outputs, pooling: str) -> jax.Array:
-  """The blocks' outputs [B, 1+L, D] each (cls first) -> [B, depth, D] pooled ('mean' |
-  'cls'), or [B, depth, L, D] patch tokens ('tokens'), float32."""
+def pooled_blocks(block_outputs, pooling: str, has_cls: bool = True) -> jax.Array:
+  """The blocks' outputs [B, 1+L, D] each (cls first; [B, L, D] without a cls token,
+  `has_cls=False`) -> [B, depth, D] pooled ('mean' | 'cls'), or [B, depth, L, D] patch tokens
+  ('tokens'), float32."""
   if pooling not in POOLINGS:
     raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
   if pooling == "tokens":
-    return jnp.stack([t[:, 1:] for t in block_outputs], axis=1).astype(jnp.float32)
-  return jnp.stack([vit.pool(t, pooling) for t in block_outputs], axis=1).astype(jnp.float32)
+    return jnp.stack([t[:, int(has_cls):] for t in block_outputs], axis=1).astype(jnp.float32)
+  return jnp.stack([vit.pool(t, pooling, has_cls) for t in block_outputs], axis=1).astype(jnp.float32)
 
 
 def layer_representations(encoder, params, images: jax.Array, pooling: str) -> jax.Array:
   """Every block's output (before the final norm) of a `vit.ViT` on un-masked images, pooled
   as `pooled_blocks` says."""
   _, inter = encoder.apply({"params": params}, images, mutable=["intermediates"])
-  return pooled_blocks(inter["intermediates"]["encoder"]["block_outputs"], pooling)
+  return pooled_blocks(inter["intermediates"]["encoder"]["block_outputs"], pooling,
+                       encoder.cls_token)
 
 
 def as_rows(features: np.ndarray) -> np.ndarray:

@@ -14,11 +14,12 @@ A batch's way from the source to the step, one module per stop:
 
 Two modes, chosen by the data config (`sources.is_in_memory`):
 
-* In memory (the embedded set, image folders with ``in_memory=True``): grain samples record
+* In memory (the embedded set, its clips, image folders with ``in_memory=True``): grain samples record
   indices (shuffled, checkpointable; every process slices its part of each global index
   batch, so batches do not depend on the process count) and the loader gathers the stored
-  images, e.g. 32x32. Augmentation happens on the device afterwards (`augment`):
-  ``loader.on_device_aug`` is True.
+  images, e.g. 32x32 (clips of 'embedded_clips': uint8 [T, 32, 32, 3] each, the batch
+  [B, T, 32, 32, 3] under the same 'image' key). Augmentation happens on the device afterwards
+  (`augment`, one crop and flip per clip): ``loader.on_device_aug`` is True.
 * Streaming (image folders with ``in_memory=False``, TFDS): grain worker processes read,
   decode, RandomResizedCrop (bicubic, antialiased) and flip each record on the host
   (`host_crop`), so batches already have ``image_size``; ``loader.on_device_aug`` is False.
@@ -104,7 +105,8 @@ class TrainLoader:
 
   Attributes:
     on_device_aug: True when images are the stored ones and must be augmented on the device.
-    image_shape: (H, W, 3) of the yielded images ({name: (count, S, S, 3)} for host views).
+    image_shape: (H, W, 3) of the yielded images ((T, H, W, 3) for clips; {name: (count, S,
+      S, 3)} for host views).
     local_batch_size, global_batch_size: per process / over all processes.
     num_records: records of the pretraining split (all processes): the training split or its
       ``data.train_subset``.
@@ -299,12 +301,15 @@ def checkpoint_args_restore(loader_iterator: Any) -> Any:
 
 
 def _resize_images(images: np.ndarray, size: int) -> np.ndarray:
-  """Resizes a batch of uint8 images to size x size (bicubic); unchanged if already that size."""
-  if images.shape[1] == size and images.shape[2] == size:
+  """Resizes a batch of uint8 images [B, H, W, 3] (or clips [B, T, H, W, 3], frame by frame)
+  to size x size (bicubic); unchanged if already that size."""
+  if images.shape[-3] == size and images.shape[-2] == size:
     return images
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
-                   for im in images])
+  frames = images.reshape((-1,) + images.shape[-3:])
+  out = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+                  for im in frames])
+  return out.reshape(images.shape[:-3] + out.shape[1:])
 
 
 def _eval_indices(num_records: int, max_examples: Optional[int]) -> np.ndarray:
@@ -318,8 +323,8 @@ def _eval_indices(num_records: int, max_examples: Optional[int]) -> np.ndarray:
 
 def eval_batches(input_cfg: Any, split: str, batch_size: int,
                  max_examples: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields ``(images uint8 [b, S, S, 3], labels int32 [b])`` once over ``split`` ('train',
-  'eval' or 'pretrain') in a fixed order; the last batch may be smaller.
+  """Yields ``(images uint8 [b, S, S, 3] (clips: [b, T, S, S, 3]), labels int32 [b])`` once
+  over ``split`` ('train', 'eval' or 'pretrain') in a fixed order; the last batch may be smaller.
   S = ``input_cfg.image_size``. With ``max_examples``, a fixed seeded subset of that many
   records (in stored order) is used.
 

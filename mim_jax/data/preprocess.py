@@ -18,7 +18,16 @@ def crop_or_resize(rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: 
                    train: bool = True) -> jax.Array:
   """uint8 [B,H,W,3] -> float32 levels [B,S,S,3]: the config's random resized crop + flip on
   the device (training on in-memory data), else a bilinear resize to `image_size` when needed.
-  Methods that build their own views (colour jitter, two views) start from this."""
+  Methods that build their own views (colour jitter, two views) start from this.
+
+  Clips [B,T,H,W,3] -> [B,T,S,S,3]: the frames are folded into the channels ([B,H,W,T*3]), so
+  each clip gets ONE crop box and ONE flip (every frame cut and mirrored alike, as a video
+  RandomResizedCrop does), then unfolded."""
+  if images.ndim == 5:
+    b, t, h, w, c = images.shape
+    folded = images.transpose(0, 2, 3, 1, 4).reshape(b, h, w, t * c)
+    out = crop_or_resize(rng, folded, input_cfg, on_device_aug, train)
+    return out.reshape(out.shape[:3] + (t, c)).transpose(0, 3, 1, 2, 4)
   size = input_cfg.image_size
   x = images.astype(jnp.float32)
   if train and on_device_aug:
@@ -32,7 +41,7 @@ def crop_or_resize(rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: 
 
 def preprocess(rng: jax.Array, images: jax.Array, input_cfg, on_device_aug: bool,
                train: bool = True) -> jax.Array:
-  """uint8 [B,H,W,3] -> normalised float32 [B,S,S,3]."""
+  """uint8 [B,H,W,3] -> normalised float32 [B,S,S,3] (clips [B,T,H,W,3] -> [B,T,S,S,3])."""
   return augment.normalize(crop_or_resize(rng, images, input_cfg, on_device_aug, train),
                            input_cfg.mean, input_cfg.std)
 

@@ -17,9 +17,14 @@ CVPR 2023). Evaluators keep reading 'train' whole, so a kNN bank or a linear pro
 same labelled images whatever fraction the encoder was pretrained on.
 
 Configuration keys read from ``data_cfg`` (an ``ml_collections.ConfigDict`` or a dict):
-``name`` ('embedded' | 'image_folder' | 'tfds'), ``dir``, ``holdout_per_class``,
-``holdout_seed``, ``cache_dir``, ``train_subset`` (0 = all), ``subset_seed`` and, for TFDS,
-``tfds_name``, ``train_split``, ``eval_split``.
+``name`` ('embedded' | 'embedded_clips' | 'image_folder' | 'tfds'), ``dir``,
+``holdout_per_class``, ``holdout_seed``, ``cache_dir``, ``train_subset`` (0 = all),
+``subset_seed``, for TFDS ``tfds_name``, ``train_split``, ``eval_split``, and for the embedded
+clips ``num_frames`` (default 8).
+
+'embedded_clips' is the in-memory video set (`video.embedded_clips`: pan and zoom clips over
+the embedded photographs, split as 'embedded'): its ``images`` are clips uint8
+[N, num_frames, 32, 32, 3]; everything downstream takes the stored shape as it comes.
 
 `tensorflow_datasets` and PIL are imported inside functions, so importing this module is cheap.
 """
@@ -65,7 +70,7 @@ class InMemoryData:
   """A split decoded into memory.
 
   Attributes:
-    images: uint8 [N, H, W, 3], read-only.
+    images: uint8 [N, H, W, 3] (clips: [N, T, H, W, 3]), read-only.
     labels: int32 [N], read-only.
     class_names: class index -> name.
     num_skipped: files of this split that could not be read or decoded and were left out.
@@ -215,7 +220,7 @@ def split_size(data_cfg: Any, split: str) -> int:
   """Records listed in ``split`` without decoding anything (unreadable files included)."""
   _check_split(split)
   name = _get(data_cfg, "name", "embedded")
-  if name == "embedded":
+  if name in ("embedded", "embedded_clips"):
     with np.load(EMBEDDED_PATH, allow_pickle=False) as z:
       labels = z["labels"].astype(np.int32)
     return int(_config_split_indices(data_cfg, labels, split, None, "the embedded set").size)
@@ -498,11 +503,26 @@ def _load_embedded(data_cfg: Any, split: str) -> InMemoryData:
   return InMemoryData(out_images, out_labels, list(class_names), int((in_split & ~ok).sum()))
 
 
+def _load_embedded_clips(data_cfg: Any, split: str) -> InMemoryData:
+  from mim_jax.data import video  # pylint: disable=g-import-not-at-top  (video imports this module)
+  num_frames = int(_get(data_cfg, "num_frames", 8))
+  if num_frames < 1:
+    raise DataConfigError(f"input.data.num_frames={num_frames}: set it to the clip length, >= 1")
+  clips, labels, class_names = video.embedded_clips(
+      split, holdout_per_class=_get(data_cfg, "holdout_per_class", 0),
+      holdout_seed=_get(data_cfg, "holdout_seed", 0), num_frames=num_frames,
+      **_subset_args(data_cfg))
+  _, all_labels, _, ok = _decoded_embedded()
+  select = _config_split_indices(data_cfg, all_labels, split, class_names, "the embedded clip set")
+  _readonly(clips, labels)
+  return InMemoryData(clips, labels, class_names, int((~ok[select]).sum()))
+
+
 def load_in_memory(data_cfg: Any, split: str) -> InMemoryData:
   """Decodes a whole split into memory.
 
   Args:
-    data_cfg: ``name`` 'embedded' or 'image_folder'; ``dir`` (image_folder);
+    data_cfg: ``name`` 'embedded', 'embedded_clips' or 'image_folder'; ``dir`` (image_folder);
       ``holdout_per_class``, ``holdout_seed``; optional ``cache_dir`` (default ~/.cache/mim_jax),
       where a decoded image folder is cached so that the next load is fast.
     split: 'train', 'eval' or 'pretrain' (``train_subset`` of 'train').
@@ -514,11 +534,21 @@ def load_in_memory(data_cfg: Any, split: str) -> InMemoryData:
   name = _get(data_cfg, "name", "embedded")
   if name == "embedded":
     return _load_embedded(data_cfg, split)
+  if name == "embedded_clips":
+    return _load_embedded_clips(data_cfg, split)
   if name == "image_folder":
     return _load_image_folder(data_cfg, split)
+  _no_video_stream(name)
   raise DataConfigError(f"data source {name!r} cannot be loaded into memory: set "
-                        "--config.input.data.name to 'embedded' or 'image_folder', or stream it "
-                        "with --config.input.data.in_memory=False")
+                        "--config.input.data.name to 'embedded', 'embedded_clips' or "
+                        "'image_folder', or stream it with --config.input.data.in_memory=False")
+
+
+def _no_video_stream(name: str) -> None:
+  if name in ("video_csv", "video_folder"):
+    raise DataConfigError(f"data.name={name!r}: streaming video files is not wired into the "
+                          "pipeline yet (issue 29); train on --config.input.data.name="
+                          "embedded_clips")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,6 +704,7 @@ def streaming_source(data_cfg: Any, split: str, *, decode: bool = False) -> Any:
     tfds_split = _get(data_cfg, "train_split" if split == "train" else "eval_split",
                       "train" if split == "train" else "validation")
     return tfds_source(tfds_name, tfds_split, _get(data_cfg, "dir"), decode=decode)
+  _no_video_stream(name)
   raise DataConfigError(f"data source {name!r} cannot be streamed: set "
                         "--config.input.data.name to 'image_folder' or 'tfds', or use "
                         "--config.input.data.in_memory=True")
@@ -682,8 +713,8 @@ def streaming_source(data_cfg: Any, split: str, *, decode: bool = False) -> Any:
 def is_in_memory(data_cfg: Any) -> bool:
   """Whether ``data_cfg`` selects in-memory data (embedded, or an image folder with in_memory)."""
   name = _get(data_cfg, "name", "embedded")
-  if name == "embedded":
+  if name in ("embedded", "embedded_clips"):
     return True
-  if name == "tfds":
+  if name in ("tfds", "video_csv", "video_folder"):
     return False
   return bool(_get(data_cfg, "in_memory", True))

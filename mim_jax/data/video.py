@@ -472,6 +472,30 @@ def _bilinear_view(image: np.ndarray, top: float, left: float, height: float, wi
   return rows0 * (1 - wy) + rows1 * wy
 
 
+def _bilinear_views(images: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
+  """`_bilinear_view` of window ``windows[n, f]`` of ``images[n]`` for every clip n and frame f
+  at once: images [N, H, W, C], windows [N, F, 4] -> float [N, F, size, size, C], the same
+  arithmetic element for element (so equal to the frame-by-frame loop bit for bit)."""
+  img = images.astype(np.float32)
+  num, h, w = img.shape[:3]
+  top, left, height, width = (windows[..., i:i + 1] for i in range(4))        # [N, F, 1]
+  ys = np.clip(top + (np.arange(size) + 0.5) * height / size - 0.5, 0, h - 1)   # [N, F, size]
+  xs = np.clip(left + (np.arange(size) + 0.5) * width / size - 0.5, 0, w - 1)
+  y0 = np.minimum(np.floor(ys).astype(np.int64), h - 1)
+  x0 = np.minimum(np.floor(xs).astype(np.int64), w - 1)
+  y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+  wy, wx = (ys - y0)[..., :, None, None], (xs - x0)[..., None, :, None]
+  flat = img.reshape(num * h * w, img.shape[3])
+  base = (np.arange(num) * h * w)[:, None, None, None]
+
+  def at(yy, xx):   # images[n][yy[n, f]][:, xx[n, f]]: [N, F, size, size, C]
+    return flat[base + yy[..., :, None] * w + xx[..., None, :]]
+
+  rows0 = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+  rows1 = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+  return rows0 * (1 - wy) + rows1 * wy
+
+
 def synth_windows(rng: np.random.Generator, height: int, width: int,
                   num_frames: int) -> tuple[str, np.ndarray]:
   """One clip's camera move over a height x width image: ``(kind, windows)``, windows float64
@@ -536,31 +560,57 @@ def synth_clips(images: np.ndarray, labels: np.ndarray, num_frames: int = 8, siz
   for n, (image, key) in enumerate(zip(images, ids)):
     rng = np.random.Generator(np.random.PCG64([int(seed), int(key)]))
     _, windows[n] = synth_windows(rng, image.shape[0], image.shape[1], num_frames)
-    for f, (top, left, h, w) in enumerate(windows[n]):
-      clips[n, f] = np.clip(np.round(_bilinear_view(image, top, left, h, w, size)), 0, 255)
+  for start in range(0, images.shape[0], 16):   # (one image shape: images is one array)
+    part = slice(start, start + 16)
+    clips[part] = np.clip(np.round(_bilinear_views(images[part], windows[part], size)), 0, 255)
   out = (clips, np.asarray(labels, np.int32))
   return out + (windows,) if return_windows else out
 
 
+_CLIP_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _embedded_clip_rows(rows: np.ndarray, num_frames: int, size: int, seed: int) -> np.ndarray:
+  """`synth_clips` of the decodable embedded images at positions ``rows`` (among the decodable
+  ones; each clip keyed by its image's position in the set), memoised per process clip by clip:
+  a clip is made the first time a split asks for it. uint8 [len(rows), num_frames, size, size, 3]."""
+  images, labels, _, ok = sources._decoded_embedded()  # pylint: disable=protected-access
+  key = (str(sources.EMBEDDED_PATH), sources.EMBEDDED_PATH.stat().st_mtime_ns, int(num_frames),
+         int(size), int(seed))
+  if key not in _CLIP_CACHE:
+    if len(_CLIP_CACHE) >= 2:
+      _CLIP_CACHE.clear()
+    _CLIP_CACHE[key] = (np.empty((images.shape[0], int(num_frames), int(size), int(size), 3),
+                                 np.uint8), np.zeros(images.shape[0], bool))
+  clips, done = _CLIP_CACHE[key]
+  missing = rows[~done[rows]]
+  if missing.size:
+    clips[missing] = synth_clips(images[missing], labels[ok][missing], int(num_frames), int(size),
+                                 int(seed), np.flatnonzero(ok)[missing])[0]
+    done[missing] = True
+  return clips[rows]
+
+
 def embedded_clips(split: str, holdout_per_class: int = 100, num_frames: int = 8,
-                   size: int = 32, holdout_seed: int = 0,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   size: int = 32, holdout_seed: int = 0, seed: int = 0, train_subset: Any = 0,
+                   subset_seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """The embedded clip set: `synth_clips` of the embedded CIFAR-10 photographs of ``split``,
-  split exactly as the embedded image set (`sources.split_indices`, same hold-out), each clip
-  keyed by its image's position in the embedded set.
+  split exactly as the embedded image set (`sources.split_indices`, same hold-out and
+  ``train_subset`` of 'pretrain'), each clip keyed by its image's position in the embedded set
+  (a clip is made once per process and kept).
 
   Returns:
     (uint8 [N, num_frames, size, size, 3], int32 [N], class names).
   """
-  images, labels, class_names, ok = sources._decoded_embedded()  # pylint: disable=protected-access
+  _, labels, class_names, ok = sources._decoded_embedded()  # pylint: disable=protected-access
   select = sources.split_indices(labels, split, holdout_per_class, holdout_seed, class_names,
-                                 "the embedded set")
+                                 "the embedded clip set", train_subset=train_subset,
+                                 subset_seed=subset_seed)
   in_split = np.zeros(labels.shape[0], bool)
   in_split[select] = True
   rows = np.flatnonzero(in_split[ok])   # positions among the decodable images
-  ids = np.flatnonzero(ok)[rows]         # positions in the embedded set
-  clips, clip_labels = synth_clips(images[rows], labels[ok][rows], num_frames, size, seed, ids)
-  return clips, clip_labels, list(class_names)
+  clips = _embedded_clip_rows(rows, num_frames, size, seed)
+  return clips, labels[ok][rows], list(class_names)
 
 
 # ----------------------------------------------------------------------------------------------

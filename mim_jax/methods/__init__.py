@@ -39,6 +39,7 @@ REGISTRY = {
     "context_encoder": "mim_jax.methods.context_encoder:ContextEncoder",
     "limited_context": "mim_jax.methods.limited_context:LimitedContextInpainting",
     "igpt": "mim_jax.methods.igpt:IGPT",
+    "videomae": "mim_jax.methods.videomae:VideoMAE",
 }
 
 
@@ -53,7 +54,7 @@ TITLES = {"mae": "MAE", "simmim": "SimMIM", "finetune": "fine-tune", "maskfeat":
           "jigsaw": "Jigsaw", "context_prediction": "context prediction",
           "colorization": "colorization", "split_brain": "split-brain autoencoder",
           "context_encoder": "context encoder", "limited_context": "limited-context inpainting",
-          "igpt": "iGPT"}
+          "igpt": "iGPT", "videomae": "VideoMAE"}
 
 
 def get(config):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_jax import masking
-from mim_jax.methods.mae import MAE, MAEDecoder, mae_loss
+from mim_jax.methods.mae import MAE, mae_loss
 from mim_jax.models import vit
 from mim_jax.targets import pixels
 
@@ -41,12 +41,8 @@ class DeepMIM(MAE):
     if len(self.weights) != len(self.blocks) + 1:
       raise ValueError(f"deepmim.loss_weights needs {len(self.blocks) + 1} entries (one per "
                        f"deepmim.blocks entry, then the final decoder), got {len(self.weights)}")
-    d = self.decoder
-    self.aux_decoders = {
-        self.aux_name(b): MAEDecoder(self.num_patches, self.patch, c.decoder.width, c.decoder.depth,
-                                     c.decoder.heads, d.remat, d.attn_impl, d.attn_pad, d.dtype,
-                                     d.param_dtype)
-        for b in self.blocks}
+    # Each extra decoder is the main one's twin (its own parameters, the same options).
+    self.aux_decoders = {self.aux_name(b): self.decoder.clone() for b in self.blocks}
 
   @staticmethod
   def aux_name(block: int) -> str:

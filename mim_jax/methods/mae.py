@@ -93,12 +93,7 @@ class MAE(Method):
     self.num_patches = (self.image_size // self.patch) ** 2
     m = config.model
     self.decoder = MAEDecoder(self.num_patches, self.patch, c.decoder.width, c.decoder.depth,
-                              c.decoder.heads, m.get("remat", False), m.get("attn_impl", "") or None,
-                              m.get("attn_pad", -1), jnp.dtype(m.get("dtype", "float32")),
-                              jnp.dtype(m.get("param_dtype", "float32")),
-                              m.get("qkv_proj", "fused"),
-                              jnp.dtype(m.get("residual_dtype", "float32")),
-                              m.get("layer_norm", "flax"), m.get("remat_policy", "full"))
+                              c.decoder.heads, **vit.execution_options(m))
 
   def init(self, rng, images):
     r1, r2, r3 = jax.random.split(rng, 3)

@@ -84,6 +84,21 @@ def sincos_2d(dim: int, grid_h: int, grid_w: Optional[int] = None, cls_token: bo
   return emb.astype(np.float32)
 
 
+def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
+  """The 1-D sinusoid table [num_positions, dim] of VideoMAE's `get_sinusoid_encoding_table`
+  (MCG-NJU/VideoMAE modeling_finetune.py; the Transformer's): position / 10000^(2 (j // 2) / dim)
+  in float64, sine in the even channels and cosine in the odd ones (interleaved, unlike
+  `sincos_1d`'s halves), returned as float32. VideoMAE numbers the T/t * h * w tokens of a clip
+  in (t, h, w) order and takes row i for token i: one table over space and time, not the
+  separable space + time tables of MAE-ST."""
+  j = np.arange(dim)
+  angle = np.arange(num_positions, dtype=np.float64)[:, None] / np.power(10000, 2 * (j // 2) / dim)[None]
+  table = angle.copy()
+  table[:, 0::2] = np.sin(angle[:, 0::2])
+  table[:, 1::2] = np.cos(angle[:, 1::2])
+  return table.astype(np.float32)
+
+
 def relative_position_index(grid: int) -> np.ndarray:
   """BEiT/SimMIM relative position index [(1+g*g), (1+g*g)] with three extra cls entries."""
   coords = np.stack(np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")).reshape(2, -1)
@@ -641,23 +656,42 @@ class ClassAttentionBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  """Non-overlapping patch projection, equal to a Conv2d with kernel = stride = patch."""
+  """Non-overlapping patch projection, equal to a Conv2d with kernel = stride = patch.
+
+  With `tubelet` > 0 it is VideoMAE's space-time patch embedding, a Conv3d with kernel =
+  stride = (tubelet, patch, patch) over clips [B, T, H, W, C]: the tokens come out in
+  (t, h, w) order (Conv3d's output [B, D, T/t, H/p, W/p] `.flatten(2)`), each the Dense of its
+  cube's pixels flattened in (t, p, p, c) order. So 'proj/kernel' [t*p*p*C, D] is a torch
+  Conv3d weight W [D, C, t, p, p] as W.permute(2, 3, 4, 1, 0).reshape(t*p*p*C, D), the same
+  rule as the 2-D case (W [D, C, p, p] -> W.permute(2, 3, 1, 0).reshape(p*p*C, D)).
+  """
   patch_size: int
   width: int
   kernel_init: Callable = xavier_uniform
   bias_init: Callable = nn.initializers.zeros
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  tubelet: int = 0
 
   @nn.compact
   def __call__(self, images):
     p = self.patch_size
-    b, hh, ww, c = images.shape
-    if hh % p or ww % p:
-      raise ValueError(f"image size {hh}x{ww} is not divisible by the patch size {p}")
-    # Rows of (p, p, c) like patchify() below, so a Dense over them is the conv.
-    x = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, (hh // p) * (ww // p), p * p * c)
+    if self.tubelet:
+      b, tt, hh, ww, c = images.shape
+      t = self.tubelet
+      if tt % t or hh % p or ww % p:
+        raise ValueError(f"clip {tt}x{hh}x{ww} is not divisible by the {t}x{p}x{p} tubelet "
+                         "patches: set input.data.num_frames to a multiple of model.tubelet and "
+                         "input.image_size to a multiple of model.patch_size")
+      x = images.reshape(b, tt // t, t, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+      x = x.reshape(b, (tt // t) * (hh // p) * (ww // p), t * p * p * c)
+    else:
+      b, hh, ww, c = images.shape
+      if hh % p or ww % p:
+        raise ValueError(f"image size {hh}x{ww} is not divisible by the patch size {p}")
+      # Rows of (p, p, c) like patchify() below, so a Dense over them is the conv.
+      x = images.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+      x = x.reshape(b, (hh // p) * (ww // p), p * p * c)
     return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=self.kernel_init, bias_init=self.bias_init, name="proj")(x)
 
@@ -706,6 +740,19 @@ class ViT(nn.Module):
   `ca_init_values`, no drop path) attending to [cls, tokens]; one LayerNorm over [cls,
   tokens] ends it. Its parameters: patch_embed, cls_token, encoder/blockNN, ca_blockNN, norm.
 
+  With `tubelet` > 0 it is VideoMAE's space-time ViT (MCG-NJU/VideoMAE modeling_pretrain.py,
+  modeling_finetune.py): `images` are clips [B, T, H, W, C], cut into tubelet x patch x patch
+  cubes (`PatchEmbed`, a Conv3d), T/t * h * w tokens in (t, h, w) order under joint space-time
+  attention; `keep_ids` and `mask` index that flattened token axis as they index an image's
+  patches. VideoMAE's position information is `pos_embed='sinusoid'`: the fixed 1-D table of
+  `sinusoid_table` over all T/t * h * w tokens (MAE-ST's separable space and time tables are not
+  VideoMAE's and are not here), and it has no cls token (`cls_token=False`). `num_frames` fixes
+  T (0: any T the tubelet divides; a 'learned' table needs it). A clip must come at
+  `image_size` (the official patch embed asserts it): no table is interpolated.
+
+  `cls_token=False` builds no cls token at all: the blocks carry the patch tokens alone and the
+  call returns [B, L', D] (VideoMAE; `pool`'s 'mean' then averages every token).
+
   Applied with `mutable=["intermediates"]` it also returns each block's output
   (`encoder/block_outputs`, before the final norm) and attention maps
   (`encoder/blockNN/attn/attention`, [B, heads, N, N]).
@@ -739,6 +786,12 @@ class ViT(nn.Module):
   patch_bias_init: str = "zeros"
   drop_path_rule: str = "linear"         # the blocks' drop-path rates: see drop_path_rates
   num_heads: int = 0                     # 0: the variant's (MoCo v3's ViT-S has 12, DeiT's 6)
+  # The patch projection's kernel init: 'xavier' (MAE; 'beit' init_style: trunc-normal .02) or
+  # 'torch', PyTorch's Conv default U(+-1/sqrt(fan_in)) (VideoMAE leaves its Conv3d as made).
+  patch_kernel_init: str = "default"
+  cls_token: bool = True                 # False: no cls token (VideoMAE)
+  tubelet: int = 0                       # > 0: clips [B, T, H, W, C] in t x p x p cubes (above)
+  num_frames: int = 0                    # with tubelet: T (0 = the input's)
 
   @property
   def grid(self) -> int:
@@ -758,46 +811,89 @@ class ViT(nn.Module):
       raise ValueError(f"config.model.num_heads={heads} does not divide the width {width}")
     beit = self.init_style == "beit"
     cait = self.class_attention_layers > 0
-    if cait and not with_cls:
+    has_cls = self.cls_token
+    if cait and not (with_cls and has_cls):
       raise ValueError("a class-attention ViT's output is built from its cls token: call it with "
-                       "with_cls=True")
+                       "with_cls=True (and model.cls_token=True)")
+    video = self.tubelet > 0
     p = self.patch_size
+    if images.ndim != (5 if video else 4):
+      raise ValueError(
+          f"model.tubelet={self.tubelet} takes clips [B, T, H, W, C], got shape {images.shape}: use "
+          "video data (input.data.name='embedded_clips')" if video else
+          f"the ViT takes images [B, H, W, C], got shape {images.shape}: for clips set "
+          "model.tubelet (2 in VideoMAE)")
+    cube = p * p * images.shape[-1] * (self.tubelet if video else 1)
     if self.patch_bias_init == "zeros":
       bias_init = nn.initializers.zeros
     elif self.patch_bias_init == "torch":
-      bias_init = torch_default_uniform(p * p * images.shape[-1])
+      bias_init = torch_default_uniform(cube)
     else:
       raise ValueError(f"patch_bias_init must be 'zeros' or 'torch', got {self.patch_bias_init!r}")
-    x = PatchEmbed(p, width, kernel_init=trunc_normal(0.02, cutoff=1.0) if beit else xavier_uniform,
-                   bias_init=bias_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="patch_embed")(images)
+    if self.patch_kernel_init == "default":
+      kernel_init = trunc_normal(0.02, cutoff=1.0) if beit else xavier_uniform
+    elif self.patch_kernel_init == "torch":
+      kernel_init = torch_default_uniform(cube)
+    else:
+      raise ValueError(f"patch_kernel_init must be 'default' or 'torch', got {self.patch_kernel_init!r}")
+    x = PatchEmbed(p, width, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype, tubelet=self.tubelet, name="patch_embed")(images)
     # Embeddings are summed in float32; the blocks carry the residual stream in `residual_dtype`
     # (float32 by default, as under torch autocast) and compute in `dtype`.
     x = x.astype(jnp.float32)
     b, n, _ = x.shape
-    grid_h, grid_w = images.shape[1] // p, images.shape[2] // p
+    grid_h, grid_w = images.shape[-3] // p, images.shape[-2] // p
+    if video:
+      frames = self.num_frames or images.shape[1]
+      if images.shape[1] != frames or (grid_h, grid_w) != (self.grid, self.grid):
+        raise ValueError(f"this video ViT is built for {frames}-frame clips at {self.image_size} "
+                         f"px, got {images.shape[1]} frames of {images.shape[2]}x{images.shape[3]}: "
+                         "resize the clips to input.image_size and set input.data.num_frames")
     if self.use_mask_token:
       # SimMIM: trunc_normal_(std=.02, a=-.02, b=.02), i.e. cut at one std.
       tok = self.param("mask_token", trunc_normal(0.02, cutoff=1.0), (1, 1, width), self.param_dtype)
       if mask is not None:
         w = mask.reshape(b, n, 1).astype(x.dtype)
         x = x * (1 - w) + tok.astype(x.dtype) * w
-    cls_init = trunc_normal(0.02, cutoff=1.0) if beit else nn.initializers.normal(0.02)
-    cls = self.param("cls_token", cls_init, (1, 1, width), self.param_dtype)
+    cls = None
+    if has_cls:
+      cls_init = trunc_normal(0.02, cutoff=1.0) if beit else nn.initializers.normal(0.02)
+      cls = self.param("cls_token", cls_init, (1, 1, width), self.param_dtype).astype(x.dtype)
+    # The position table of the model's own tokens, a cls row first when there is a cls token.
+    extra = int(has_cls)
+    own = n if video else self.grid ** 2
     if self.pos_embed == "sincos":
-      pe = jnp.asarray(sincos_2d(width, self.grid, cls_token=True))[None]
+      if video:
+        raise ValueError("pos_embed='sincos' is the 2-D image table: use 'sinusoid' (VideoMAE) "
+                         "or 'learned' for clips")
+      pe = jnp.asarray(sincos_2d(width, self.grid, cls_token=True))[None][:, 1 - extra:]
+    elif self.pos_embed == "sinusoid":
+      pe = jnp.asarray(np.concatenate([np.zeros((extra, width), np.float32),
+                                       sinusoid_table(own, width)]))[None]
     elif self.pos_embed == "learned":
+      if video and not self.num_frames:
+        raise ValueError("a learned position table for clips needs model.num_frames (the "
+                         "clip length it is built for)")
       pe = self.param("pos_embed", trunc_normal(0.02, cutoff=1.0 if beit else 2.0),
-                      (1, self.grid ** 2 + 1, width), self.param_dtype)
+                      (1, own + extra, width), self.param_dtype)
     elif self.pos_embed == "none":
       pe = None
     else:
-      raise ValueError(f"pos_embed must be 'sincos', 'learned' or 'none', got {self.pos_embed!r}")
-    cls = cls.astype(x.dtype)
+      raise ValueError(f"pos_embed must be 'sincos', 'sinusoid', 'learned' or 'none', got "
+                       f"{self.pos_embed!r}")
     if pe is not None:
-      pe = interpolate_pos_embed(pe, self.grid, grid_h, grid_w)   # the table itself at image_size
-      x = x + pe[:, 1:].astype(x.dtype)
-      if not cait:                     # CaiT: the cls token gets no position embedding
+      patch_pe = pe[:, extra:]
+      if not video and (grid_h, grid_w) != (self.grid, self.grid):
+        if self.pos_embed == "sinusoid":
+          raise ValueError(f"pos_embed='sinusoid' numbers the tokens of {self.image_size}px "
+                           f"inputs: resize the {images.shape[1]}x{images.shape[2]} images to "
+                           "input.image_size")
+        # Interpolated as DINO / iBOT do (a cls row in front, which interpolation keeps).
+        patch_pe = interpolate_pos_embed(
+            jnp.concatenate([jnp.zeros_like(patch_pe[:, :1]), patch_pe], axis=1),
+            self.grid, grid_h, grid_w)[:, 1:]
+      x = x + patch_pe.astype(x.dtype)
+      if has_cls and not cait:         # CaiT: the cls token gets no position embedding
         cls = cls + pe[:, :1].astype(x.dtype)
     if keep_ids is not None:
       if keep_ids.ndim == 3:           # M masked copies, mask-major
@@ -808,8 +904,9 @@ class ViT(nn.Module):
     ids = None
     if between_blocks is not None:
       ids = keep_ids if keep_ids is not None else jnp.broadcast_to(jnp.arange(n), (b, n))
-    cls = jnp.broadcast_to(cls, (x.shape[0], 1, width))
-    if with_cls and not cait:
+    if has_cls:
+      cls = jnp.broadcast_to(cls, (x.shape[0], 1, width))
+    if with_cls and has_cls and not cait:
       x = jnp.concatenate([cls, x], axis=1)
     bias = None
     if self.rel_pos_bias == "shared":
@@ -818,7 +915,7 @@ class ViT(nn.Module):
       if (grid_h, grid_w) != (self.grid, self.grid):
         raise ValueError(f"a shared relative position bias is built for image_size={self.image_size}: "
                          f"got {images.shape[1]}x{images.shape[2]} images (resize them)")
-      if cait or not with_cls:
+      if cait or not (with_cls and has_cls):
         raise ValueError("a shared relative position bias covers the cls token: use "
                          "rel_pos_bias='none' without a cls token in the blocks")
       bias = RelativePositionBias(self.grid, heads, self.param_dtype, name="rel_pos_bias")()
@@ -839,13 +936,17 @@ class ViT(nn.Module):
     return x if between_blocks is None else (x, ids)
 
 
-def pool(tokens: jax.Array, pooling: str) -> jax.Array:
+def pool(tokens: jax.Array, pooling: str, has_cls: bool = True) -> jax.Array:
   """Image features from ViT tokens: 'cls' token, or 'mean' over patch tokens ('cls_normed':
-  the cls token; of final-norm tokens it is 'cls')."""
+  the cls token; of final-norm tokens it is 'cls'). Without a cls token (`has_cls=False`,
+  VideoMAE) 'mean' averages every token and 'cls' is an error."""
   if pooling in ("cls", "cls_normed"):
+    if not has_cls:
+      raise ValueError(f"pooling={pooling!r} reads the cls token, and this ViT has none "
+                       "(model.cls_token=False): set config.pooling='mean'")
     return tokens[:, 0]
   if pooling == "mean":
-    return tokens[:, 1:].mean(axis=1)
+    return (tokens[:, 1:] if has_cls else tokens).mean(axis=1)
   raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
 
@@ -853,6 +954,12 @@ def check_config(model_cfg) -> None:
   """ValueError (one line) for an unknown variant or execution option value."""
   variant(model_cfg.get("variant", "tiny"))
   check_execution_options(model_cfg)
+  tubelet = int(model_cfg.get("tubelet", 0) or 0)
+  if tubelet < 0:
+    raise ValueError(f"config.model.tubelet={tubelet}: use 0 (images) or the frames per cube (2)")
+  if tubelet and model_cfg.get("pos_embed", "sincos") == "sincos":
+    raise ValueError("config.model.pos_embed='sincos' is the 2-D image table: use 'sinusoid' "
+                     "(VideoMAE) or 'learned' with model.tubelet > 0")
 
 
 def outputs(model: ViT, variables, images, *, pooling: str, layers: bool = False) -> dict:
@@ -870,14 +977,14 @@ def outputs(model: ViT, variables, images, *, pooling: str, layers: bool = False
   if layers:
     if model.class_attention_layers:
       out["layers"] = [t.mean(axis=1).astype(jnp.float32) for t in blocks] + [pooled]
-    elif pooling == "cls_normed":
+    elif pooling == "cls_normed" and model.cls_token:
       # Each block's cls token through the encoder's final LayerNorm (DINO / iBOT's
       # get_intermediate_layers): the last block's is 'pooled' itself.
       norm = layer_norm("norm", model.param_dtype, impl=model.ln_impl)
       norm_params = {"params": variables["params"]["encoder"]["norm"]}
       out["layers"] = [norm.apply(norm_params, t[:, 0]).astype(jnp.float32) for t in blocks] + [pooled]
     else:
-      out["layers"] = [pool(t, pooling).astype(jnp.float32) for t in blocks] + [pooled]
+      out["layers"] = [pool(t, pooling, model.cls_token).astype(jnp.float32) for t in blocks] + [pooled]
   return out
 
 
@@ -893,17 +1000,24 @@ def forward(model: ViT, variables, images, *, train: bool, rng=None,
 
 
 def _named(model: ViT, tokens: jax.Array, images: jax.Array, pooling: str) -> dict:
-  """'tokens', 'pooled', 'stride', 'grid' of the final-norm tokens."""
+  """'tokens', 'pooled', 'stride', 'grid' of the final-norm tokens ('grid' of a clip: (T/t, h,
+  w))."""
   p = model.patch_size
-  return {"tokens": tokens.astype(jnp.float32), "pooled": pool(tokens, pooling).astype(jnp.float32),
-          "stride": p, "grid": (images.shape[1] // p, images.shape[2] // p)}
+  grid = (images.shape[-3] // p, images.shape[-2] // p)
+  if model.tubelet:
+    grid = (images.shape[1] // model.tubelet,) + grid
+  return {"tokens": tokens.astype(jnp.float32),
+          "pooled": pool(tokens, pooling, model.cls_token).astype(jnp.float32),
+          "stride": p, "grid": grid}
 
 
 def summary(model_cfg, image_size: int) -> str:
   """'ViT-tiny, 6 blocks, patch 4, 32 px' (the run header)."""
   depth = int(model_cfg.get("depth", 0)) or variant(model_cfg.variant)[1]
-  return (f"ViT-{model_cfg.variant}, {depth} blocks, patch {model_cfg.patch_size}, "
-          f"{image_size} px")
+  tubelet = int(model_cfg.get("tubelet", 0) or 0)
+  cube = f"{tubelet}x{model_cfg.patch_size}x{model_cfg.patch_size} cubes" if tubelet else \
+      f"patch {model_cfg.patch_size}"
+  return f"ViT-{model_cfg.variant}, {depth} blocks, {cube}, {image_size} px"
 
 
 def from_config(model_cfg, image_size: int, **overrides) -> ViT:
@@ -919,6 +1033,20 @@ def from_config(model_cfg, image_size: int, **overrides) -> ViT:
       init_values=model_cfg.get("init_values", 0.0) or None,   # 0 = no layer scale
       init_style=model_cfg.get("init_style", "xavier"),
       drop_path=model_cfg.get("drop_path", 0.0),
+      **execution_options(model_cfg),
+      num_heads=int(model_cfg.get("num_heads", 0) or 0),
+      cls_token=bool(model_cfg.get("cls_token", True)),
+      tubelet=int(model_cfg.get("tubelet", 0) or 0),
+      num_frames=int(model_cfg.get("num_frames", 0) or 0),
+  )
+  kw.update(overrides)
+  return ViT(**kw)
+
+
+def execution_options(model_cfg) -> dict:
+  """The model config's execution options (how blocks run, not what they compute), as the
+  keyword arguments of `ViT`, `Encoder` and the decoders built on them (MAE's, VideoMAE's)."""
+  return dict(
       remat=model_cfg.get("remat", False),
       attn_impl=model_cfg.get("attn_impl", "") or None,         # '' = JAX's choice
       attn_pad=model_cfg.get("attn_pad", -1),
@@ -928,10 +1056,7 @@ def from_config(model_cfg, image_size: int, **overrides) -> ViT:
       residual_dtype=jnp.dtype(model_cfg.get("residual_dtype", "float32")),
       ln_impl=model_cfg.get("layer_norm", "flax"),
       remat_policy=model_cfg.get("remat_policy", "full"),
-      num_heads=int(model_cfg.get("num_heads", 0) or 0),
   )
-  kw.update(overrides)
-  return ViT(**kw)
 
 
 vit_from_config = from_config   # the name before the models registry
