@@ -613,11 +613,12 @@ def run_header(tr: "Trainer", workdir: str, start: int) -> list[str]:
   mesh = " x ".join(f"{n}={s}" for n, s in zip(tr.mesh.axis_names, tr.mesh.devices.shape))
   kinds = sorted({d.platform for d in tr.mesh.devices.flat})
   name = methods.TITLES.get(cfg.method, cfg.method)
+  clips = isinstance(tr.loader.image_shape, tuple) and len(tr.loader.image_shape) == 4
   lines = [
       f"{name} ({cfg.method}) on {models.summary(cfg.model, cfg.input.image_size)}: "
       f"{n_params / 1e6:.2f}M parameters",
       f"data: {data.name}{' ' + str(data.dir) if data.get('dir') else ''}: "
-      f"{tr.loader.num_records:,} training images{held_out}{classes}",
+      f"{tr.loader.num_records:,} training {'clips' if clips else 'images'}{held_out}{classes}",
       f"devices: {tr.mesh.devices.size} {'/'.join(kinds)} ({mesh}); batch {cfg.input.batch_size}, "
       f"{tr.steps_per_epoch} steps/epoch, {tr.total_steps} steps",
       f"workdir: {os.path.abspath(workdir)} (config.json has the full config; --verbosity=1 "

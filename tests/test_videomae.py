@@ -284,3 +284,5 @@ def test_sharded_steps_equal_one_device(two_step_run):
   got = [float(tr.step()["loss"]) for _ in range(2)]
   want = losses(two_step_run)
   np.testing.assert_allclose(got, [want[1], want[2]], rtol=2e-5)
+  data_line = train.run_header(tr, "/tmp/w", 0)[1]        # the run says what it reads
+  assert "training clips" in data_line and "images" not in data_line, data_line
