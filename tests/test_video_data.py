@@ -280,7 +280,7 @@ def test_synth_clips():
     assert _corr(clips[n, 0], ref) > 0.9
     assert _corr(clips[n, 0], ref) > _corr(clips[n, 0], images[(n + 1) % 24]) + 0.1
   # A full window is the image itself.
-  np.testing.assert_allclose(V._bilinear_view(images[0], 0, 0, 32, 32, 32), images[0])
+  np.testing.assert_allclose(bilinear_view(images[0], 0, 0, 32, 32, 32), images[0])
 
 
 def test_embedded_clips_split_like_the_images():
@@ -292,14 +292,30 @@ def test_embedded_clips_split_like_the_images():
   np.testing.assert_array_equal(np.bincount(labels), [2] * 10)
 
 
+def bilinear_view(image, top, left, height, width, size):
+  """One window of one image, written plainly: the reference of the library's batched
+  `_bilinear_views` (bilinear at the output pixel centres, edges clamped; float32)."""
+  img = image.astype(np.float32)
+  h, w = img.shape[:2]
+  ys = np.clip(top + (np.arange(size) + 0.5) * height / size - 0.5, 0, h - 1)
+  xs = np.clip(left + (np.arange(size) + 0.5) * width / size - 0.5, 0, w - 1)
+  y0 = np.minimum(np.floor(ys).astype(np.int64), h - 1)
+  x0 = np.minimum(np.floor(xs).astype(np.int64), w - 1)
+  y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+  wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+  rows0 = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
+  rows1 = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
+  return rows0 * (1 - wy) + rows1 * wy
+
+
 def test_clips_of_a_clip_set_are_the_frame_by_frame_views():
   """synth_clips resamples all frames of many clips at once: the same arithmetic as
-  `_bilinear_view` frame by frame, bit for bit."""
+  `bilinear_view` frame by frame, bit for bit."""
   images, labels, _, _ = sources._decoded_embedded()
   clips, _, windows = V.synth_clips(images[:20], labels[:20], 5, 24, seed=3, return_windows=True)
   for n in range(20):
     for f, (top, left, h, w) in enumerate(windows[n]):
-      want = np.clip(np.round(V._bilinear_view(images[n], top, left, h, w, 24)), 0, 255)
+      want = np.clip(np.round(bilinear_view(images[n], top, left, h, w, 24)), 0, 255)
       np.testing.assert_array_equal(clips[n, f], want)
 
 

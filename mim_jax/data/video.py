@@ -455,27 +455,12 @@ def center_crops_clip(video: np.ndarray, size: int, num_crops: int = 3) -> np.nd
 # The embedded synthetic clip set.
 
 
-def _bilinear_view(image: np.ndarray, top: float, left: float, height: float, width: float,
-                   size: int) -> np.ndarray:
-  """The window (top, left, height, width) of ``image`` (source pixel units) resampled to
-  size x size by bilinear interpolation at the output pixel centres (edges clamped); float32."""
-  img = image.astype(np.float32)
-  h, w = img.shape[:2]
-  ys = np.clip(top + (np.arange(size) + 0.5) * height / size - 0.5, 0, h - 1)
-  xs = np.clip(left + (np.arange(size) + 0.5) * width / size - 0.5, 0, w - 1)
-  y0 = np.minimum(np.floor(ys).astype(np.int64), h - 1)
-  x0 = np.minimum(np.floor(xs).astype(np.int64), w - 1)
-  y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-  wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-  rows0 = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
-  rows1 = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
-  return rows0 * (1 - wy) + rows1 * wy
-
-
 def _bilinear_views(images: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
-  """`_bilinear_view` of window ``windows[n, f]`` of ``images[n]`` for every clip n and frame f
-  at once: images [N, H, W, C], windows [N, F, 4] -> float [N, F, size, size, C], the same
-  arithmetic element for element (so equal to the frame-by-frame loop bit for bit)."""
+  """Window ``windows[n, f]`` = (top, left, height, width) of ``images[n]`` (source pixel
+  units) resampled to size x size by bilinear interpolation at the output pixel centres (edges
+  clamped), for every clip n and frame f at once: images [N, H, W, C], windows [N, F, 4] ->
+  float32 [N, F, size, size, C] (tests/test_video_data.py checks it against a one-window loop,
+  bit for bit)."""
   img = images.astype(np.float32)
   num, h, w = img.shape[:3]
   top, left, height, width = (windows[..., i:i + 1] for i in range(4))        # [N, F, 1]
