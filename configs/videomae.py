@@ -11,9 +11,13 @@ Presets (`--config=configs/videomae.py:<preset>`):
                  python -m mim_jax.main --config=configs/videomae.py --workdir=/tmp/videomae
   kinetics400  The official ViT-B recipe on Kinetics-400, 800 epochs.
   ssv2         The official ViT-B recipe on Something-Something V2, 800 epochs.
-               Both need the streaming video input (`input.data.name='video_csv'`, a
-               `path label` list in `input.data.csv`), which is not wired into the pipeline yet
-               (issue 29): they build, and a run stops with a message saying so.
+               Both stream video files (`input.data.name='video_csv'`: VideoMAE's `path label`
+               train list in `input.data.csv`, paths relative to `input.data.dir`; evaluation on
+               `input.data.eval_csv`, e.g. its val.csv), decoded with PyAV in grain workers
+               (`pip install -e '.[video]'`; unreadable videos are skipped and counted):
+                 python -m mim_jax.main --config=configs/videomae.py:kinetics400 \
+                   --workdir=/tmp/videomae_k400 --config.input.data.csv=k400/train.csv \
+                   --config.input.data.eval_csv=k400/val.csv --config.input.data.dir=k400
 
 Official settings (MCG-NJU/VideoMAE at 14ef8d8), used by the kinetics400 and ssv2 presets:
   * model pretrain_videomae_base_patch16_224 (modeling_pretrain.py:311-325): ViT-B (768 wide,
@@ -26,6 +30,10 @@ Official settings (MCG-NJU/VideoMAE at 14ef8d8), used by the kinetics400 and ssv
     engine_for_pretraining.py:39-41);
   * 16 frames (--num_frames 16), sampling rate 4 on Kinetics-400, 2 on SSv2 (--sampling_rate),
     224 px (--input_size default, run_mae_pretraining.py:38);
+  * the clip: `kinetics.py` `VideoMAE._sample_train_indices` for both datasets (one segment, no
+    temporal jitter: `input.data.sampling='videomae'`), then `GroupMultiScaleCrop(224, [1, .875,
+    .75, .66])` (datasets.py:14, transforms.py; one box per clip, PIL bilinear, no flip:
+    `input.aug.video_crop='multiscale'`);
   * AdamW (--opt adamw), betas (0.9, 0.95) (--opt_betas), eps 1e-8 (:50), weight decay 0.05
     constant (:58, weight_decay_end = weight_decay, :214-215), no gradient clipping (:54);
   * lr 1.5e-4 x batch / 256 (:64, :193) with batch 32 per GPU x 64 GPUs = 2048 (scripts,
@@ -40,10 +48,12 @@ VideoMAE V2 (OpenGVLab/VideoMAEv2 scripts/pretrain/vit_b_hybrid_pt.sh): decoder_
 run_cell, decoder_mask_ratio 0.5 (its other settings, hybrid data and lr 1e-3 over 200
 epochs, are V2's own recipe and not a preset here).
 
-Deviations: the official pretraining crop is GroupMultiScaleCrop (transforms.py:91: square-ish
-boxes of 1, .875, .75 or .66 of the short side at 13 fixed offsets, bilinear, no flip); here one
-RandomResizedCrop box per clip with area (0.66^2, 1) and aspect ratio (0.875, 1/0.875), bilinear,
-no flip. The official warm-up is np.linspace(0, lr, warmup_iters) (the peak one step earlier
+Deviations: the CPU preset's in-memory clips are cropped on the device, where the
+GroupMultiScaleCrop of the streamed presets is not available: one RandomResizedCrop box per
+clip with area (0.66^2, 1) and aspect ratio (0.875, 1/0.875), bilinear, no flip. The streamed
+presets' temporal draw is the official one on `rng.integers` instead of the global NumPy
+generator, and a video that fails to decode is replaced by the next one in the list (counted),
+not by a random one. The official warm-up is np.linspace(0, lr, warmup_iters) (the peak one step earlier
 than optax's linear ramp). The CPU preset: a ViT-tiny of 4 blocks, patch 4, 8-frame clips,
 decoder 96 wide x 2 blocks x 3 heads, batch 128, 10 epochs (310 steps), base lr 1.5e-3, and
 kNN / linear probe (VideoMAE itself is judged by fine-tuning).
@@ -63,7 +73,8 @@ def get_config(arg=None):
   c.model.update(tubelet=2, pos_embed="sinusoid", cls_token=False, qkv_bias="qv")
   c.optim.update(name="adamw", base_lr=1.5e-4, lr_batch_divisor=256, b1=0.9, b2=0.95, eps=1e-8,
                  weight_decay=0.05, schedule="cosine", min_lr=1e-5, warmup_lr=0.0, clip_grad=0.0)
-  c.input.aug.update(crop_scale=(0.66 ** 2, 1.0), crop_ratio=(0.875, 1 / 0.875), hflip=False)
+  c.input.aug.update(crop_scale=(0.66 ** 2, 1.0), crop_ratio=(0.875, 1 / 0.875), hflip=False,
+                     video_crop="multiscale")   # streamed clips: GroupMultiScaleCrop
   c.pooling = "mean"
 
   if preset == "default":
@@ -74,7 +85,8 @@ def get_config(arg=None):
     c.videomae.decoder = dict(width=96, depth=2, heads=3)   # half the encoder's width, as ViT-B's
     c.optim.base_lr = 1.5e-3            # 1.5e-3 * 128/256 = 7.5e-4 peak: short runs want more
   elif preset in ("kinetics400", "ssv2"):
-    c.input.data.update(name="video_csv", csv="", in_memory=False, holdout_per_class=0, num_frames=16,
+    c.input.data.update(name="video_csv", csv="", eval_csv="", in_memory=False,
+                        holdout_per_class=0, num_frames=16, sampling="videomae",
                         sampling_rate=4 if preset == "kinetics400" else 2)
     c.input.image_size = 224
     c.input.batch_size = 2048

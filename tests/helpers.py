@@ -156,3 +156,37 @@ def numpy_log_softmax(z):
   z = np.asarray(z, np.float64)
   z = z - z.max(-1, keepdims=True)
   return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny test videos (PyAV, in the test extra): frame i is a solid colour that encodes i.
+
+
+def frame_colour(i):
+  import numpy as np
+  return np.array([i * 8, 255 - i * 8, (i * 37) % 256], np.uint8)
+
+
+def write_video(path, n, size=32):
+  """An mpeg4 file of ``n`` solid frames of ``size`` px, frame i coloured `frame_colour(i)`."""
+  import av
+  import numpy as np
+  with av.open(str(path), "w") as c:
+    stream = c.add_stream("mpeg4", rate=10)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuv420p"
+    for i in range(n):
+      frame = np.broadcast_to(frame_colour(i), (size, size, 3)).copy()
+      for p in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        c.mux(p)
+    for p in stream.encode():
+      c.mux(p)
+
+
+def frame_numbers(clip):
+  """The frame number each decoded solid frame of ``clip`` [..., H, W, 3] encodes (nearest
+  colour): an int array of the leading shape."""
+  import numpy as np
+  table = np.stack([frame_colour(i) for i in range(32)]).astype(float)
+  means = clip.reshape(clip.shape[:-3] + (-1, 3)).mean(-2)
+  return np.argmin(((means[..., None, :] - table) ** 2).sum(-1), axis=-1)

@@ -2,11 +2,11 @@
 skipping clip reader, clip-consistent augmentation, synthetic clips and the video masks."""
 import os
 
-import av          # in the test extra: the readers are tested on files written here
 import jax
 import numpy as np
 import pytest
 
+from helpers import frame_colour as _colour, frame_numbers as _frame_numbers, write_video as _write
 from mim_jax.data import host_crop, sources
 from mim_jax.data import video as V
 
@@ -91,23 +91,6 @@ def test_segment_indices():
 # Tiny videos: frame i is a solid colour that encodes i.
 
 
-def _colour(i):
-  return np.array([i * 8, 255 - i * 8, (i * 37) % 256], np.uint8)
-
-
-def _write(path, n, size=32):
-  with av.open(str(path), "w") as c:
-    stream = c.add_stream("mpeg4", rate=10)
-    stream.width = stream.height = size
-    stream.pix_fmt = "yuv420p"
-    for i in range(n):
-      frame = np.broadcast_to(_colour(i), (size, size, 3)).copy()
-      for p in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-        c.mux(p)
-    for p in stream.encode():
-      c.mux(p)
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
   root = tmp_path_factory.mktemp("videos")
@@ -127,13 +110,6 @@ def videos(tmp_path_factory):
   (root / "b" / "notes.txt").write_text("not a video")
   return dict(root=root, good0=str(good0), good1=str(good1), trunc=str(trunc),
               trunc_avi=str(trunc_avi), garbage=str(garbage))
-
-
-def _frame_numbers(clip):
-  """The frame number each decoded solid frame encodes (nearest colour)."""
-  table = np.stack([_colour(i) for i in range(30)]).astype(float)
-  means = clip.reshape(clip.shape[0], -1, 3).mean(1)
-  return np.argmin(((means[:, None] - table[None]) ** 2).sum(-1), axis=1)
 
 
 def test_decode_frames_and_num_frames(videos):
@@ -344,7 +320,7 @@ def test_embedded_clips_through_the_pipeline():
   x16, _ = next(pipeline.eval_batches(cfg, "eval", 16))
   assert x16.shape == (16, 4, 16, 16, 3)
   np.testing.assert_array_equal(x16[:, 2], pipeline._resize_images(clips.images[:16, 2], 16))
-  with pytest.raises(sources.DataConfigError, match="not wired"):
+  with pytest.raises(sources.DataConfigError, match="cannot be loaded into memory"):
     sources.load_in_memory(dict(name="video_csv", csv="x.csv"), "train")
 
 

@@ -20,6 +20,10 @@ Two modes, chosen by the data config (`sources.is_in_memory`):
   images, e.g. 32x32 (clips of 'embedded_clips': uint8 [T, 32, 32, 3] each, the batch
   [B, T, 32, 32, 3] under the same 'image' key). Augmentation happens on the device afterwards
   (`augment`, one crop and flip per clip): ``loader.on_device_aug`` is True.
+* Streamed video files (``video_csv``, ``video_folder``): grain workers decode one clip per
+  video with the config's temporal sampling and crop it once per clip (`video.HostReadClip`),
+  so batches are uint8 [B, T, S, S, 3]; evaluation reads each video's central test clip
+  (`video.HostEvalClip`). Unreadable videos are skipped and counted in ``'bad'`` as below.
 * Streaming (image folders with ``in_memory=False``, TFDS): grain worker processes read,
   decode, RandomResizedCrop (bicubic, antialiased) and flip each record on the host
   (`host_crop`), so batches already have ``image_size``; ``loader.on_device_aug`` is False.
@@ -50,7 +54,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from mim_jax.data import sources
+from mim_jax.data import sources, video
 from mim_jax.data.host_crop import (CropSpec, HostCenterCrop, HostDecodeRandomResizedCropFlip,
                                     HostMultiCrop, HostRandomResizedCropFlip)
 from mim_jax.data.records import DecodedSource, HeaderCheckedSource, _IndexSource, _Permuted, _Subset
@@ -73,6 +77,8 @@ def _grain(workers: int = 0):
   grain.transforms.RandomMap.register(HostMultiCrop)
   grain.transforms.RandomMap.register(HostDecodeRandomResizedCropFlip)
   grain.transforms.Map.register(HostCenterCrop)
+  grain.transforms.RandomMap.register(video.HostReadClip)
+  grain.transforms.Map.register(video.HostEvalClip)
   return grain
 
 
@@ -233,7 +239,17 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     scale, ratio, hflip = _aug(input_cfg)
     batch_fn = None
     canvas = int(_get(input_cfg, "device_resize", 0))
-    if views:
+    if isinstance(raw, video.ClipSource):
+      if views or canvas:
+        raise DataConfigError("streamed video gives one clip per record, cut on the host: this "
+                              "method's several views and input.device_resize are image-only "
+                              "(set --config.input.device_resize=0; train it on images)")
+      source = _Permuted(raw, seed)
+      crop = video.HostReadClip(raw.reader, size, _get(_get(input_cfg, "aug", {}) or {},
+                                                       "video_crop", "random_resized"),
+                                scale, ratio, hflip)
+      image_shape = (raw.reader.num_frames, size, size, 3)
+    elif views:
       if canvas:
         raise DataConfigError("input.device_resize resamples one crop per image; this method "
                               "declares several views (cut on the host): set "
@@ -348,9 +364,13 @@ def eval_batches(input_cfg: Any, split: str, batch_size: int,
   workers = int(_get(input_cfg, "workers", 0))
   grain = _grain(workers)
   source: Any = sources.streaming_source(data_cfg, split)
+  view: Any = HostCenterCrop(size)
+  if isinstance(source, video.ClipSource):
+    view = video.HostEvalClip(source.reader, size)   # reads the index it is given
   if max_examples is not None:
     source = _Subset(source, _eval_indices(len(source), max_examples))
-  source = DecodedSource(source)
+  if not isinstance(view, video.HostEvalClip):
+    source = DecodedSource(source)
   if len(source) == 0:
     return
   shard = grain.sharding.ShardOptions(0, 1, drop_remainder=False)
@@ -358,7 +378,7 @@ def eval_batches(input_cfg: Any, split: str, batch_size: int,
                                         num_epochs=1)
   loader = grain.DataLoader(
       data_source=source, sampler=sampler, shard_options=shard,
-      operations=[HostCenterCrop(size), grain.transforms.Batch(batch_size, drop_remainder=False)],
+      operations=[view, grain.transforms.Batch(batch_size, drop_remainder=False)],
       worker_count=workers)
   for batch in loader:
     yield batch["image"], batch["label"].astype(np.int32)

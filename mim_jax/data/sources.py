@@ -17,10 +17,11 @@ CVPR 2023). Evaluators keep reading 'train' whole, so a kNN bank or a linear pro
 same labelled images whatever fraction the encoder was pretrained on.
 
 Configuration keys read from ``data_cfg`` (an ``ml_collections.ConfigDict`` or a dict):
-``name`` ('embedded' | 'embedded_clips' | 'image_folder' | 'tfds'), ``dir``,
-``holdout_per_class``, ``holdout_seed``, ``cache_dir``, ``train_subset`` (0 = all),
-``subset_seed``, for TFDS ``tfds_name``, ``train_split``, ``eval_split``, and for the embedded
-clips ``num_frames`` (default 8).
+``name`` ('embedded' | 'embedded_clips' | 'image_folder' | 'tfds' | 'video_csv' |
+'video_folder'), ``dir``, ``holdout_per_class``, ``holdout_seed``, ``cache_dir``,
+``train_subset`` (0 = all), ``subset_seed``, for TFDS ``tfds_name``, ``train_split``,
+``eval_split``, for the embedded clips ``num_frames`` (default 8), and for streamed video files
+``csv``, ``eval_csv``, ``num_frames``, ``sampling_rate``, ``sampling`` (`video.clip_source`).
 
 'embedded_clips' is the in-memory video set (`video.embedded_clips`: pan and zoom clips over
 the embedded photographs, split as 'embedded'): its ``images`` are clips uint8
@@ -538,17 +539,9 @@ def load_in_memory(data_cfg: Any, split: str) -> InMemoryData:
     return _load_embedded_clips(data_cfg, split)
   if name == "image_folder":
     return _load_image_folder(data_cfg, split)
-  _no_video_stream(name)
   raise DataConfigError(f"data source {name!r} cannot be loaded into memory: set "
                         "--config.input.data.name to 'embedded', 'embedded_clips' or "
                         "'image_folder', or stream it with --config.input.data.in_memory=False")
-
-
-def _no_video_stream(name: str) -> None:
-  if name in ("video_csv", "video_folder"):
-    raise DataConfigError(f"data.name={name!r}: streaming video files is not wired into the "
-                          "pipeline yet (issue 29); train on --config.input.data.name="
-                          "embedded_clips")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,7 +677,8 @@ class SubsetSource:
 
 
 def streaming_source(data_cfg: Any, split: str, *, decode: bool = False) -> Any:
-  """The random-access source of ``split`` for a streaming config (image_folder or tfds)."""
+  """The random-access source of ``split`` for a streaming config (image_folder, tfds, or the
+  videos of video_csv / video_folder: `video.clip_source`)."""
   _check_split(split)
   name = _get(data_cfg, "name", "embedded")
   if name == "image_folder":
@@ -704,9 +698,12 @@ def streaming_source(data_cfg: Any, split: str, *, decode: bool = False) -> Any:
     tfds_split = _get(data_cfg, "train_split" if split == "train" else "eval_split",
                       "train" if split == "train" else "validation")
     return tfds_source(tfds_name, tfds_split, _get(data_cfg, "dir"), decode=decode)
-  _no_video_stream(name)
+  if name in ("video_csv", "video_folder"):
+    from mim_jax.data import video  # pylint: disable=g-import-not-at-top  (video imports sources)
+    return video.clip_source(data_cfg, split)
   raise DataConfigError(f"data source {name!r} cannot be streamed: set "
-                        "--config.input.data.name to 'image_folder' or 'tfds', or use "
+                        "--config.input.data.name to 'image_folder', 'tfds', 'video_csv' or "
+                        "'video_folder', or use "
                         "--config.input.data.in_memory=True")
 
 

@@ -1,14 +1,18 @@
 """Video data: temporal sampling, PyAV decoding, clip listings and readers, clip-consistent
 spatial augmentation, the embedded synthetic clip set, and the video masks (issue 29).
 
-Everything here is a pure NumPy (masks: JAX) function or a small class; nothing is wired into
-the pipeline yet. Each piece names the official code it equals, and every deviation:
+Everything here is a pure NumPy (masks: JAX) function or a small class; `pipeline` streams
+``data.name='video_csv' | 'video_folder'`` through `clip_source`, `HostReadClip` and
+`HostEvalClip`. Each piece names the official code it equals, and every deviation:
 
-* temporal sampling: SlowFast ``slowfast/datasets/decoder.py`` (`get_start_end_idx` +
-  `temporal_sampling`) for Kinetics-style clips, VideoMAE ``ssv2.py``
-  (`SSVideoClsDataset.loadvideo_decord`) for Something-Something-style segments;
-* spatial augmentation: the image host path's RandomResizedCrop (`host_crop.sample_crop_box_np`,
-  bicubic) with one box and one flip per clip; SlowFast's `uniform_crop` multi-view test crops;
+* temporal sampling: VideoMAE ``kinetics.py`` (`VideoMAE._sample_train_indices`, its
+  pretraining draw, and `VideoClsDataset`'s test clips), SlowFast
+  ``slowfast/datasets/decoder.py`` (`get_start_end_idx` + `temporal_sampling`) for
+  Kinetics-style clips, VideoMAE ``ssv2.py`` (`SSVideoClsDataset.loadvideo_decord`) for
+  Something-Something-style segments;
+* spatial augmentation: VideoMAE's `GroupMultiScaleCrop` (``transforms.py``); the image host
+  path's RandomResizedCrop (`host_crop.sample_crop_box_np`, bicubic) with one box and one flip
+  per clip; VideoMAE's validation view; SlowFast's `uniform_crop` multi-view test crops;
 * masks: VideoMAE ``masking_generator.py`` `TubeMaskingGenerator` and VideoMAE V2's
   `RunningCellMaskingGenerator`.
 
@@ -29,6 +33,8 @@ from mim_jax.data.host_crop import _resize_box, sample_crop_box_np
 from mim_jax.data.sources import DataConfigError, DataError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+SAMPLINGS = ("videomae", "clip", "segment")
+VIDEO_SOURCES = ("video_csv", "video_folder")
 # Unreadable files in a row before `ClipReader.read` gives up (as records._SkippingSource).
 _MAX_CONSECUTIVE_BAD = 64
 
@@ -54,6 +60,14 @@ def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
   return np.where(i < steps // 2, up, down).astype(np.float32)
 
 
+def _clip_args(num_video_frames: int, num_frames: int, sampling_rate: int) -> tuple[int, int, int]:
+  n, t, rate = int(num_video_frames), int(num_frames), int(sampling_rate)
+  if n < 1 or t < 1 or rate < 1:
+    raise DataConfigError(f"clip of {t} frames at rate {rate} from a video of {n} frames: "
+                          "num_frames, sampling_rate and the video length must be >= 1")
+  return n, t, rate
+
+
 def clip_indices(num_video_frames: int, num_frames: int, sampling_rate: int,
                  rng: Optional[np.random.Generator] = None, clip_idx: int = -1,
                  num_clips: int = 1, use_offset: bool = False) -> np.ndarray:
@@ -75,10 +89,7 @@ def clip_indices(num_video_frames: int, num_frames: int, sampling_rate: int,
   Returns:
     int64 [num_frames].
   """
-  n, t = int(num_video_frames), int(num_frames)
-  if n < 1 or t < 1 or int(sampling_rate) < 1:
-    raise DataConfigError(f"clip of {t} frames at rate {sampling_rate} from a video of {n} "
-                          "frames: num_frames, sampling_rate and the video length must be >= 1")
+  n, t, _ = _clip_args(num_video_frames, num_frames, sampling_rate)
   clip_size = max(1.0, float(t * int(sampling_rate)))
   delta = max(n - clip_size, 0.0)
   if clip_idx == -1:
@@ -134,6 +145,57 @@ def segment_indices(num_video_frames: int, num_segments: int,
   if n > s:
     return np.sort(rng.integers(n, size=s)).astype(np.int64)
   return np.zeros(s, np.int64)
+
+
+def videomae_pretrain_indices(num_video_frames: int, num_frames: int, sampling_rate: int,
+                              rng: np.random.Generator) -> np.ndarray:
+  """Frame indices of one pretraining clip as VideoMAE draws them.
+
+  Equals ``kinetics.py`` `VideoMAE._sample_train_indices` + `_video_TSN_decord_batch_loader`
+  (MCG-NJU/VideoMAE @14ef8d8, :515-556) with the pretraining settings of ``datasets.py``
+  (one segment, no temporal jitter), used for Kinetics and SSv2 alike: a 1-based start
+  ``o = 1 + U{0, n - T * rate}`` (``o = 1`` when the video is shorter than ``T * rate``), then
+  frame ``o - 1`` for each of the ``T`` frames, ``o`` advancing by ``rate`` only while
+  ``o + rate < n`` (a short video repeats its last reachable frame). The official draw is
+  ``np.random.randint`` on the global generator; here it is ``rng.integers``.
+
+  Returns:
+    int64 [num_frames].
+  """
+  n, t, rate = _clip_args(num_video_frames, num_frames, sampling_rate)
+  average = n - t * rate + 1
+  offset = 1 + (int(rng.integers(average)) if average > 0 else 0)
+  out = []
+  for _ in range(t):
+    out.append(offset - 1)
+    if offset + rate < n:
+      offset += rate
+  return np.asarray(out, np.int64)
+
+
+def videomae_test_indices(num_video_frames: int, num_frames: int, sampling_rate: int,
+                          chunk: int = 0, num_chunks: int = 1) -> np.ndarray:
+  """Frame indices of test clip ``chunk`` of ``num_chunks`` as VideoMAE's multi-view test takes
+  them (``kinetics.py`` `VideoClsDataset`, mode 'test': every ``rate``-th frame of the video,
+  the last repeated up to ``T``, then ``T`` consecutive ones from
+  ``int(chunk * max((len - T) / (num_chunks - 1), 0))``).
+
+  Deviation: with ``num_chunks == 1`` the official step divides by zero; here the one clip is
+  the central one, ``max(len - T, 0) // 2`` (the single view the evaluators read).
+
+  Returns:
+    int64 [num_frames].
+  """
+  n, t, rate = _clip_args(num_video_frames, num_frames, sampling_rate)
+  if not 0 <= chunk < num_chunks:
+    raise DataConfigError(f"test clip {chunk} is not in [0, num_chunks={num_chunks})")
+  every = list(range(0, n, rate))
+  every += [every[-1]] * (t - len(every))
+  if num_chunks == 1:
+    start = max(len(every) - t, 0) // 2
+  else:
+    start = int(chunk * max((len(every) - t) / (num_chunks - 1), 0.0))
+  return np.asarray(every[start:start + t], np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,10 +369,12 @@ class ClipReader:
   """Reads one clip per video: ``read(i, rng) -> {'video': uint8 [T,H,W,3], 'label', 'bad',
   'index'}``.
 
-  Temporal sampling is `clip_indices` (``sampling='clip'``: ``num_frames`` frames
-  ``sampling_rate`` apart, random with an ``rng``, else test clip ``clip_idx`` of
-  ``num_clips``) or `segment_indices` (``sampling='segment'``: ``num_frames`` segments; random
-  with an ``rng``, else the segment middles).
+  Temporal sampling (``sampling``): 'videomae' (VideoMAE's pretraining draw,
+  `videomae_pretrain_indices`, with an ``rng``; else its test clip ``clip_idx`` of
+  ``num_clips``, `videomae_test_indices`), 'clip' (SlowFast, `clip_indices`: ``num_frames``
+  frames ``sampling_rate`` apart, random with an ``rng``, else test clip ``clip_idx`` of
+  ``num_clips``) or 'segment' (`segment_indices`: ``num_frames`` segments; random with an
+  ``rng``, else the segment middles).
 
   An unreadable, undecodable or truncated video is replaced by the next readable one
   (i+1, i+2, ..., wrapping around) and ``'bad'`` counts the videos skipped: the contract of
@@ -319,8 +383,9 @@ class ClipReader:
 
   def __init__(self, paths: Sequence[str], labels: Sequence[int], num_frames: int,
                sampling_rate: int = 1, sampling: str = "clip", num_clips: int = 1):
-    if sampling not in ("clip", "segment"):
-      raise DataConfigError(f"unknown temporal sampling {sampling!r}: use 'clip' or 'segment'")
+    if sampling not in SAMPLINGS:
+      raise DataConfigError(f"unknown temporal sampling {sampling!r}: set "
+                            "--config.input.data.sampling to 'videomae', 'clip' or 'segment'")
     if len(paths) != len(labels):
       raise DataConfigError(f"{len(paths)} videos but {len(labels)} labels")
     self.paths = [os.fspath(p) for p in paths]
@@ -338,6 +403,11 @@ class ClipReader:
     """The frame indices read from a video of ``video_frames`` frames."""
     if self.sampling == "segment":
       return segment_indices(video_frames, self.num_frames, rng)
+    if self.sampling == "videomae":
+      if rng is not None:
+        return videomae_pretrain_indices(video_frames, self.num_frames, self.sampling_rate, rng)
+      return videomae_test_indices(video_frames, self.num_frames, self.sampling_rate, clip_idx,
+                                   self.num_clips)
     return clip_indices(video_frames, self.num_frames, self.sampling_rate, rng,
                         -1 if rng is not None else clip_idx, self.num_clips)
 
@@ -416,6 +486,14 @@ def short_side_resize(video: np.ndarray, size: int) -> np.ndarray:
     new_w, new_h = size, int(math.floor(height / width * size))
   else:
     new_h, new_w = size, int(math.floor(width / height * size))
+  return _bilinear_resize(video, new_h, new_w)
+
+
+def _bilinear_resize(video: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+  """float32 [T, h, w, C] -> [T, new_h, new_w, C], bilinear at half-pixel centres without
+  antialiasing (torch ``align_corners=False``; OpenCV's INTER_LINEAR samples the same points)."""
+  video = np.asarray(video, np.float32)
+  height, width = video.shape[1:3]
   if (new_h, new_w) == (height, width):
     return video
   y0, y1, wy = _torch_bilinear_weights(height, new_h)
@@ -449,6 +527,194 @@ def center_crops_clip(video: np.ndarray, size: int, num_crops: int = 3) -> np.nd
       x = {0: 0, 1: x, 2: width - size}[spatial_idx]
     crops.append(frames[:, y:y + size, x:x + size])
   return np.stack(crops)
+
+
+MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
+_MULTISCALE_OFFSETS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
+                       (1, 1), (3, 1), (1, 3), (3, 3))   # (x, y) in quarter steps
+
+
+def multiscale_crop_box(rng: np.random.Generator, height: int, width: int, size: int,
+                        scales: Sequence[float] = MULTISCALE_SCALES,
+                        max_distort: int = 1) -> tuple[int, int, int, int]:
+  """VideoMAE's pretraining crop box (``transforms.py`` `GroupMultiScaleCrop` with its defaults
+  ``max_distort=1, fix_crop=True, more_fix_crop=True``): a side of ``int(short * s)`` for each
+  scale (snapped to ``size`` when within 3 pixels), one (width, height) pair of scales at most
+  ``max_distort`` apart drawn uniformly (``random.choice`` over the official pair order), then
+  one of the 13 fixed offsets (corners, centre, edge centres, quarter points; steps of
+  ``(side - crop) // 4``). The two draws are ``rng.integers`` here.
+
+  Returns:
+    (left, top, crop_width, crop_height), integer pixels.
+  """
+  base = min(int(width), int(height))
+  sides = [int(base * x) for x in scales]
+  snapped = [int(size) if abs(x - int(size)) < 3 else x for x in sides]
+  pairs = [(w, h) for i, h in enumerate(snapped) for j, w in enumerate(snapped)
+           if abs(i - j) <= max_distort]
+  crop_w, crop_h = pairs[int(rng.integers(len(pairs)))]
+  w_step, h_step = (int(width) - crop_w) // 4, (int(height) - crop_h) // 4
+  qx, qy = _MULTISCALE_OFFSETS[int(rng.integers(len(_MULTISCALE_OFFSETS)))]
+  return qx * w_step, qy * h_step, crop_w, crop_h
+
+
+def multiscale_crop_clip(video: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+  """`multiscale_crop_box` once per clip, every frame cut by PIL's ``crop`` and resized to
+  ``size`` x ``size`` by PIL's bilinear ``resize``, as the official transform does (no flip:
+  VideoMAE pretrains without one).
+
+  Returns:
+    uint8 [T, size, size, 3].
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  video = np.asarray(video)
+  left, top, w, h = multiscale_crop_box(rng, video.shape[1], video.shape[2], size)
+  return np.stack([np.asarray(Image.fromarray(f).crop((left, top, left + w, top + h))
+                              .resize((int(size), int(size)), Image.Resampling.BILINEAR))
+                   for f in video])
+
+
+def videomae_eval_view(video: np.ndarray, size: int) -> np.ndarray:
+  """VideoMAE's validation view (``kinetics.py`` mode 'validation': ``video_transforms.Resize``
+  of the short side to ``size``, bilinear, long side ``int(size * long / short)``; then
+  ``CenterCrop`` at ``int(round((side - size) / 2))``). The resize samples the points OpenCV's
+  INTER_LINEAR samples, in float, rounded once to uint8 (OpenCV's fixed-point weights can
+  differ by one level).
+
+  Returns:
+    uint8 [T, size, size, 3].
+  """
+  video = np.asarray(video)
+  height, width = video.shape[1:3]
+  size = int(size)
+  if (width <= height and width == size) or (height <= width and height == size):
+    frames = video.astype(np.float32)
+  elif width < height:
+    frames = _bilinear_resize(video, int(size * height / width), size)
+  else:
+    frames = _bilinear_resize(video, size, int(size * width / height))
+  height, width = frames.shape[1:3]
+  if height < size or width < size:
+    raise DataConfigError(f"a {height}x{width} clip is smaller than the {size}-pixel crop")
+  y, x = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+  crop = frames[:, y:y + size, x:x + size]
+  return np.clip(np.rint(crop), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: a split of a video listing as a grain source, and the grain transforms that decode
+# and crop its clips in the workers (wired in by `pipeline`).
+
+VIDEO_CROPS = ("random_resized", "multiscale")
+
+
+class ClipSource:
+  """``source[i] -> i`` over the videos of one split; `reader` (a `ClipReader`) decodes them in
+  the grain workers (`HostReadClip`, `HostEvalClip`), skipping unreadable files."""
+
+  def __init__(self, reader: ClipReader, class_names: Sequence[str], tag: str):
+    self.reader = reader
+    self.class_names = list(class_names)
+    self._tag = tag
+
+  def __len__(self) -> int:
+    return len(self.reader)
+
+  def __getitem__(self, index: int) -> int:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"video {index} out of range [0, {len(self)})")
+    return index
+
+  def __repr__(self) -> str:
+    # Deterministic: grain compares it when restoring an iterator state.
+    return f"ClipSource(num_videos={len(self)}, tag={self._tag!r})"
+
+
+def clip_source(data_cfg: Any, split: str) -> ClipSource:
+  """The videos of ``split`` ('train', 'eval' or 'pretrain') of a streaming video config.
+
+  ``data.name='video_folder'``: ``data.dir`` laid out ``<dir>/<class>/<video>``, split with the
+  image folders' seeded per-class hold-out (``holdout_per_class``, ``holdout_seed``) and
+  ``train_subset``. ``data.name='video_csv'``: the ``path label`` list ``data.csv`` (paths
+  relative to ``data.dir`` when set), split the same way; with ``data.eval_csv`` (Kinetics'
+  ``val.csv``) the 'eval' split is that whole list instead of the hold-out. Clip keys:
+  ``num_frames`` (16), ``sampling_rate`` (4), ``sampling`` ('videomae', see `ClipReader`).
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  get = sources._get  # pylint: disable=protected-access
+  name = get(data_cfg, "name")
+  if name == "video_folder":
+    listing = list_video_folder(get(data_cfg, "dir"))
+    where = os.path.abspath(os.path.expanduser(get(data_cfg, "dir")))
+  elif name == "video_csv":
+    listing = list_video_csv(get(data_cfg, "csv"), get(data_cfg, "dir", ""))
+    where = os.fspath(get(data_cfg, "csv"))
+  else:
+    raise DataConfigError(f"data.name={name!r} is not a video source: use one of "
+                          f"{', '.join(VIDEO_SOURCES)}")
+  class_names = listing.class_names
+  if split == "eval" and name == "video_csv" and get(data_cfg, "eval_csv", ""):
+    listing = list_video_csv(get(data_cfg, "eval_csv"), get(data_cfg, "dir", ""))
+    select = np.arange(len(listing.paths))
+    where = os.fspath(get(data_cfg, "eval_csv"))
+  else:
+    select = sources._config_split_indices(  # pylint: disable=protected-access
+        data_cfg, listing.labels, split, class_names, where)
+  paths = [listing.paths[i] for i in select]
+  sampling = get(data_cfg, "sampling", "videomae")
+  reader = ClipReader(paths, listing.labels[select], int(get(data_cfg, "num_frames", 16)),
+                      int(get(data_cfg, "sampling_rate", 4)), sampling)
+  digest = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
+  tag = (f"{name}:{split}:{get(data_cfg, 'holdout_per_class', 0)}:"
+         f"{get(data_cfg, 'holdout_seed', 0)}:subset={get(data_cfg, 'train_subset', 0)}:"
+         f"{get(data_cfg, 'subset_seed', 0)}:{reader.num_frames}x{reader.sampling_rate}:"
+         f"{sampling}:{digest}")
+  return ClipSource(reader, class_names, tag)
+
+
+class HostReadClip:
+  """grain RandomMap: a video index -> its training clip, ``{'image': uint8 [T, size, size, 3],
+  'label', 'bad', 'index'}``: `ClipReader.read` with the record's rng (temporal draw; an
+  unreadable video is replaced by the next readable one and counted in 'bad'), then one crop
+  per clip from the same rng: ``crop='multiscale'`` (VideoMAE's pretraining,
+  `multiscale_crop_clip`) or 'random_resized' (`random_resized_crop_flip_clip` with
+  ``scale``, ``ratio``, ``hflip``)."""
+
+  def __init__(self, reader: ClipReader, size: int, crop: str, scale: Sequence[float],
+               ratio: Sequence[float], hflip: bool):
+    if crop not in VIDEO_CROPS:
+      raise DataConfigError(f"unknown video crop {crop!r}: set --config.input.aug.video_crop to "
+                            "'random_resized' or 'multiscale'")
+    self.reader = reader
+    self.size = int(size)
+    self.crop = crop
+    self.scale = tuple(float(x) for x in scale)
+    self.ratio = tuple(float(x) for x in ratio)
+    self.hflip = bool(hflip)
+
+  def random_map(self, element: Any, rng: np.random.Generator) -> dict[str, Any]:
+    record = self.reader.read(int(element), rng)
+    if self.crop == "multiscale":
+      clip = multiscale_crop_clip(record["video"], self.size, rng)
+    else:
+      clip = random_resized_crop_flip_clip(record["video"], self.size, self.scale, self.ratio,
+                                           self.hflip, rng)
+    return {"image": clip, "label": record["label"], "bad": record["bad"],
+            "index": record["index"]}
+
+
+class HostEvalClip:
+  """grain Map: a video index -> its one evaluation clip, ``{'image': uint8 [T, size, size, 3],
+  'label'}``: the reader's test sampling (VideoMAE: the central clip) and `videomae_eval_view`."""
+
+  def __init__(self, reader: ClipReader, size: int):
+    self.reader = reader
+    self.size = int(size)
+
+  def map(self, element: Any) -> dict[str, Any]:
+    record = self.reader.read(int(element))
+    return {"image": videomae_eval_view(record["video"], self.size), "label": record["label"]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,230 @@
+"""Streamed video files (issue 29): VideoMAE's own temporal sampling and crops against hand
+computations of the official loops, and `data.name='video_csv' | 'video_folder'` through the
+grain pipeline: clip batches whose frames are the sampled ones, unreadable videos skipped and
+counted, the loader's resume, the evaluation view, and a 2-step VideoMAE run on video files."""
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import frame_numbers as _frame_numbers, losses, write_video as _write
+from mim_jax import train
+from mim_jax.data import pipeline, sources
+from mim_jax.data import video as V
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
+class Draws:
+  """An rng whose ``integers(n)`` returns the queued values (each checked to be below n)."""
+
+  def __init__(self, *values):
+    self.values = list(values)
+
+  def integers(self, n):
+    v = self.values.pop(0)
+    assert 0 <= v < n, (v, n)
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# VideoMAE's temporal sampling and crops.
+
+
+def test_videomae_pretrain_indices_hand_worked():
+  # 100 frames, 4 x rate 4: the start is any of 0 .. 100 - 16, then 4 apart.
+  assert V.videomae_pretrain_indices(100, 4, 4, Draws(0)).tolist() == [0, 4, 8, 12]
+  assert V.videomae_pretrain_indices(100, 4, 4, Draws(84)).tolist() == [84, 88, 92, 96]
+  with pytest.raises(AssertionError):          # 85 starts would overrun: not a possible draw
+    V.videomae_pretrain_indices(100, 4, 4, Draws(85))
+  # 10 frames < 16: start 0 (1-based 1); 1 -> 5 -> 9 advance (o + 4 < 10), 13 would not: repeat.
+  assert V.videomae_pretrain_indices(10, 4, 4, Draws()).tolist() == [0, 4, 8, 8]
+  # 16 frames = T * rate: one start; 13 + 4 = 17 >= 16 stops the last step.
+  assert V.videomae_pretrain_indices(16, 4, 4, Draws(0)).tolist() == [0, 4, 8, 12]
+  starts = {int(V.videomae_pretrain_indices(20, 4, 4, np.random.default_rng(s))[0])
+            for s in range(200)}
+  assert starts == set(range(5))
+
+
+def test_videomae_test_indices_hand_worked():
+  # every 4th of 50 frames: 0, 4, ..., 48 (13); two chunks: starts 0 and (13 - 4) / 1 = 9.
+  assert V.videomae_test_indices(50, 4, 4, 0, 2).tolist() == [0, 4, 8, 12]
+  assert V.videomae_test_indices(50, 4, 4, 1, 2).tolist() == [36, 40, 44, 48]
+  # five chunks: step 9 / 4 = 2.25 -> starts int(0, 2.25, 4.5, 6.75, 9).
+  assert [V.videomae_test_indices(50, 4, 4, c, 5)[0] for c in range(5)] == [0, 8, 16, 24, 36]
+  assert V.videomae_test_indices(50, 4, 4).tolist() == [16, 20, 24, 28]   # one view: central
+  assert V.videomae_test_indices(6, 4, 4).tolist() == [0, 4, 4, 4]        # padded with the last
+  reader = V.ClipReader(["x"], [0], 4, 4, "videomae", num_clips=2)
+  assert reader.indices(50, None, clip_idx=1).tolist() == [36, 40, 44, 48]
+  assert reader.indices(100, Draws(3)).tolist() == [3, 7, 11, 15]
+  with pytest.raises(sources.DataConfigError, match="data.sampling"):
+    V.ClipReader(["x"], [0], 4, 4, "tsn")
+
+
+def test_multiscale_crop_box_enumerates_the_official_pairs_and_offsets():
+  # A 40 x 60 frame to 32 px: sides int(40 * (1, .875, .75, .66)) = 40, 35, 30, 26; 30 is
+  # within 3 of 32 and snaps to it. Pairs (w, h) with scale indices at most 1 apart, in the
+  # official order (h outer, w inner):
+  pairs = [(40, 40), (35, 40), (40, 35), (35, 35), (32, 35), (35, 32), (32, 32), (26, 32),
+           (32, 26), (26, 26)]
+  for k, (w, h) in enumerate(pairs):
+    ws, hs = (60 - w) // 4, (40 - h) // 4
+    offsets = [(0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs),
+               (0, 2 * hs), (4 * ws, 2 * hs), (2 * ws, 4 * hs), (2 * ws, 0),
+               (ws, hs), (3 * ws, hs), (ws, 3 * hs), (3 * ws, 3 * hs)]
+    for o, (x, y) in enumerate(offsets):
+      assert V.multiscale_crop_box(Draws(k, o), 40, 60, 32) == (x, y, w, h)
+  with pytest.raises(AssertionError):
+    V.multiscale_crop_box(Draws(10, 0), 40, 60, 32)      # 10 pairs, 13 offsets: no more
+
+
+def test_multiscale_crop_clip_is_one_pil_box_per_clip():
+  rng = np.random.default_rng(0)
+  clip = rng.integers(0, 256, (3, 40, 60, 3), dtype=np.uint8)
+  for seed in range(4):
+    got = V.multiscale_crop_clip(clip, 32, np.random.default_rng(seed))
+    x, y, w, h = V.multiscale_crop_box(np.random.default_rng(seed), 40, 60, 32)
+    want = [np.asarray(Image.fromarray(f).crop((x, y, x + w, y + h))
+                       .resize((32, 32), Image.Resampling.BILINEAR)) for f in clip]
+    assert got.shape == (3, 32, 32, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.stack(want))
+
+
+def test_videomae_eval_view():
+  rng = np.random.default_rng(1)
+  clip = rng.integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
+  # short side 40 -> 32, long int(32 * 60 / 40) = 48; centre x = round(16 / 2) = 8.
+  resized = V._bilinear_resize(clip, 32, 48)
+  want = np.clip(np.rint(resized[:, :, 8:40]), 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(V.videomae_eval_view(clip, 32), want)
+  # already 32 on the short side: no resample; (49 - 32) / 2 = 8.5 rounds half to even: 8
+  # (SlowFast's uniform_crop would take ceil, 9).
+  wide = rng.integers(0, 256, (2, 32, 49, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(V.videomae_eval_view(wide, 32), wide[:, :, 8:40])
+  tall = rng.integers(0, 256, (1, 51, 32, 3), dtype=np.uint8)   # (51 - 32) / 2 = 9.5 -> 10
+  np.testing.assert_array_equal(V.videomae_eval_view(tall, 32), tall[:, 10:42])
+
+
+# ----------------------------------------------------------------------------------------------
+# Streamed files: frame i of every test video is a solid colour that encodes i
+# (`helpers.write_video`).
+
+
+def _length(cls, k):
+  return 20 + 2 * k + (cls == "b")
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+  """Two classes of 4 videos (32 px, 20-27 frames), one of them garbage; a train list, an
+  eval list, and a list whose every entry is unreadable."""
+  root = tmp_path_factory.mktemp("stream")
+  lines = []
+  for c in ("a", "b"):
+    (root / c).mkdir()
+    for k in range(4):
+      path = root / c / f"{k}.mp4"
+      if (c, k) == ("b", 1):
+        path.write_bytes(np.random.default_rng(0).bytes(2000))    # unreadable
+      else:
+        _write(path, _length(c, k))
+      lines.append(f"{c}/{k}.mp4 {0 if c == 'a' else 1}")
+  (root / "train.csv").write_text("\n".join(lines[:3] + lines[4:7]) + "\n")
+  (root / "val.csv").write_text("\n".join([lines[3], lines[7]]) + "\n")
+  (root / "bad.csv").write_text("b/1.mp4 1\nb/1.mp4 0\n")
+  return root
+
+
+def stream_config(root, **data):
+  data = dict(dict(name="video_csv", csv=str(root / "train.csv"), eval_csv=str(root / "val.csv"),
+                   dir=str(root), holdout_per_class=0, num_frames=4, sampling_rate=2,
+                   sampling="videomae"), **data)
+  return ml_collections.ConfigDict(dict(
+      data=data, batch_size=2, image_size=16, workers=0,
+      aug=dict(crop_scale=(0.5, 1.0), crop_ratio=(0.75, 1.33), hflip=True,
+               video_crop="multiscale")))
+
+
+def test_streamed_clips_are_the_sampled_frames_and_skip_unreadable_videos(video_dir):
+  cfg = stream_config(video_dir)
+  assert not sources.is_in_memory(cfg.data)
+  assert pipeline.num_examples(cfg, "pretrain") == 6 and pipeline.num_examples(cfg, "eval") == 2
+  assert pipeline.num_classes(cfg) == 2 and pipeline.steps_per_epoch(cfg) == 3
+  loader = pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+  assert not loader.on_device_aug and loader.image_shape == (4, 16, 16, 3)
+  batches = [next(loader) for _ in range(6)]       # two epochs
+  reader = sources.streaming_source(cfg.data, "pretrain").reader
+  bad = 0
+  for b in batches:
+    assert b["image"].shape == (2, 4, 16, 16, 3) and b["image"].dtype == np.uint8
+    frames = _frame_numbers(b["image"])
+    assert np.all(np.diff(frames, axis=1) == 2), frames          # sampling_rate 2
+    for i, f, label in zip(b["index"], frames, b["label"]):
+      n = _length(os.path.basename(os.path.dirname(reader.paths[i])),
+                  int(os.path.basename(reader.paths[i])[0]))
+      assert 0 <= f[0] <= n - 8 and label == reader.labels[i]
+    bad += int(b["bad"].sum())
+  # the garbage video (position 4 of the train list) is read as the next one, once an epoch
+  assert bad == 2 and 4 not in np.concatenate([b["index"] for b in batches])
+  # resume: a fresh loader set to the state after batch 2 gives batches 3.. again
+  again = pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+  for _ in range(2):
+    next(again)
+  state = again.get_state()
+  resumed = pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+  resumed.set_state(state)
+  for want in batches[2:4]:
+    got = next(resumed)
+    for k in ("image", "label", "bad", "index"):
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_streamed_eval_reads_the_central_test_clip(video_dir):
+  cfg = stream_config(video_dir)
+  (x, y), = list(pipeline.eval_batches(cfg, "eval", 4))
+  assert x.shape == (2, 4, 16, 16, 3) and y.tolist() == [0, 1]
+  # a/3.mp4 has 26 frames, b/3.mp4 27: every 2nd -> 13 / 14, central 4 from 4 / 5.
+  np.testing.assert_array_equal(_frame_numbers(x), [[8, 10, 12, 14], [10, 12, 14, 16]])
+  # video_folder: the image folders' hold-out, the garbage file listed and skipped on reading
+  folder = stream_config(video_dir, name="video_folder", holdout_per_class=1)
+  assert pipeline.num_examples(folder, "eval") == 2 and pipeline.num_examples(folder, "train") == 6
+  xs = np.concatenate([b[0] for b in pipeline.eval_batches(folder, "train", 4)])
+  assert xs.shape == (6, 4, 16, 16, 3)
+
+
+def test_streamed_video_errors_are_one_line(video_dir):
+  cfg = stream_config(video_dir, csv="")
+  with pytest.raises(sources.DataNotFoundError, match="--config.input.data.csv"):
+    pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+  cfg = stream_config(video_dir, csv=str(video_dir / "bad.csv"))
+  loader = pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+  with pytest.raises(sources.DataError, match="unreadable videos in a row"):
+    next(loader)
+  cfg = stream_config(video_dir)
+  cfg.aug.video_crop = "tenfold"
+  with pytest.raises(sources.DataConfigError, match="aug.video_crop"):
+    pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+
+
+def test_videomae_trains_two_steps_on_video_files(video_dir, tmp_path):
+  from mim_jax import config_lib
+  from helpers import tiny_config
+  c = tiny_config("videomae", total_steps=2, ckpt_every=2)
+  c.input = config_lib.base_config().input
+  c.input.update(stream_config(video_dir).to_dict())
+  c.input.data.update(num_frames=4, in_memory=False)
+  c.input.image_size = 8
+  c.model.depth = 1
+  c.videomae.decoder = dict(width=16, depth=0, heads=2)
+  c.evals.linear.enabled = False
+  c.evals.knn.update(k=1)
+  train.train_and_evaluate(c, str(tmp_path), progress=False, devices=jax.devices()[:1])
+  ls = losses(str(tmp_path))
+  assert sorted(ls) == [1, 2] and all(np.isfinite(v) for v in ls.values())
+  with open(tmp_path / "eval_results.json") as f:
+    knn = json.load(f)["knn"]
+  assert knn["step"] == 2 and knn["protocol"]["num_queries"] == 2
