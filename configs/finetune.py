@@ -46,6 +46,20 @@ Presets (`--config=configs/finetune.py:<preset>`):
                python -m mim_jax.main --config=configs/finetune.py:mvit_cifar10 \
                  --workdir=/tmp/maskfeat_mvit_c10_ft --config.finetune.pretrained=/tmp/maskfeat_mvit_c10 \
                  --config.input.data.dir=../shared/data/cifar10/train
+  clips      The embedded clip set (8-frame pan and zoom clips over the embedded photographs),
+             the space-time ViT of configs/videomae.py's default preset (no cls token: the head
+             reads fc_norm of the mean of all tokens, as VideoMAE's use_mean_pooling), and
+             VideoMAE's fine-tuning recipe (MCG-NJU/VideoMAE run_class_finetuning.py defaults:
+             AdamW (0.9, 0.999), lr 1e-3 x batch / 256, warm-up from 1e-6 over 5 epochs (one
+             here), min_lr 1e-6, layer decay 0.75, weight decay 0.05, drop path 0.1,
+             RandAugment rand-m7-n4-mstd0.5-inc1 drawn once per clip, random erasing 0.25 per
+             frame, mixup 0.8 / cutmix 1.0 on whole clips, smoothing 0.1); 6 epochs (186 steps):
+               python -m mim_jax.main --config=configs/videomae.py --workdir=/tmp/videomae
+               python -m mim_jax.main --config=configs/finetune.py:clips --workdir=/tmp/videomae_ft \
+                 --config.finetune.pretrained=/tmp/videomae
+             Deviations: RandAugment runs after the crop (VideoMAE: on the whole frames before
+             it), and the evaluation reads each clip once (VideoMAE's test: 5 temporal x 3
+             spatial views, softmax averaged).
   imagenet_base   MAE ViT-B/16 on ImageNet-1k (tfds imagenet2012), the official recipe.
   imagenet_large  MAE ViT-L/16, the official recipe.
                python -m mim_jax.main --config=configs/finetune.py:imagenet_base --workdir=W \
@@ -90,7 +104,7 @@ from mim_jax import config_lib
 
 # The presets get_config takes ('' = the default, embedded data), for tests and tools.
 PRESETS = ('', 'cifar10', 'imagenet_base', 'imagenet_large', 'resnet18', 'resnet18_cifar10',
-           'swin_cifar10', 'imagenet_swin_b', 'imagenet_swinv2_b', 'mvit_cifar10')
+           'swin_cifar10', 'imagenet_swin_b', 'imagenet_swinv2_b', 'mvit_cifar10', 'clips')
 
 
 def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
@@ -203,6 +217,23 @@ def swin_preset(c: ml_collections.ConfigDict, preset: str) -> None:
     c.pooling = "mean"
 
 
+def clips_preset(c: ml_collections.ConfigDict) -> None:
+  """The space-time ViT of configs/videomae.py's default preset on the embedded clip set, with
+  VideoMAE's fine-tuning recipe (run_class_finetuning.py defaults and the Kinetics script)."""
+  c.input.data.update(name="embedded_clips", holdout_per_class=100, num_frames=8)
+  c.input.image_size = 32
+  c.input.batch_size = 128
+  c.model.update(variant="tiny", depth=4, patch_size=4, tubelet=2, pos_embed="sinusoid",
+                 cls_token=False, qkv_bias="qv")
+  c.finetune.learn_pos_embed = False   # VideoMAE fine-tunes with the fixed sinusoid table
+  c.finetune.aug.update(ra_num_layers=4, ra_magnitude=7.0)    # --aa rand-m7-n4-mstd0.5-inc1
+  c.optim.update(base_lr=1e-3, layer_decay=0.75, warmup_epochs=1, warmup_lr=1e-6)
+  c.total_epochs = 6                    # 186 steps
+  c.optim.min_lr = 1e-6                 # VideoMAE scales min_lr and warmup_lr by batch / 256 too
+  c.log_every = 10
+  c.ckpt_every = 200
+
+
 def get_config(arg=None):
   preset = arg or "default"
   c = config_lib.base_config()
@@ -243,6 +274,8 @@ def get_config(arg=None):
       c.log_every = 20
       c.ckpt_every = 500
     c.optim.min_lr = 1e-6 * 256 / c.input.batch_size
+  elif preset == "clips":
+    clips_preset(c)
   elif preset in ("resnet18", "resnet18_cifar10"):
     resnet_preset(c, preset)
   elif preset in ("swin_cifar10", "imagenet_swin_b", "imagenet_swinv2_b"):

@@ -425,7 +425,8 @@ class Trainer:
         num_classes=pipeline.num_classes(cfg.input),
         reconstruct=reconstruct, workdir=workdir, step=step, encode_layers=encode_layers,
         encode_tokens=encode_tokens, loss=None if method.batch_fields else loss,
-        pooling=getattr(method, "pooling", None))
+        pooling=getattr(method, "pooling", None),
+        prefix_tokens=models.prefix_tokens(cfg.model))
 
   def evaluate(self, workdir: str) -> dict:
     from mim_jax import evaluators

@@ -311,11 +311,16 @@ def test_imagenet_presets_are_the_official_recipes():
     assert methods.get(c).name == "finetune"
 
 
-@pytest.mark.parametrize("preset,pretrain", [("", ""), ("cifar10", "cifar10"), ("imagenet_base", "imagenet")])
+@pytest.mark.parametrize("preset,pretrain", [("", ""), ("cifar10", "cifar10"), ("imagenet_base", "imagenet"),
+                                            ("clips", "videomae")])
 def test_finetune_model_matches_its_pretraining_preset(preset, pretrain):
-  ft, pre = load_config("finetune", preset), load_config("mae", pretrain)
+  if pretrain == "videomae":
+    ft, pre = load_config("finetune", preset), load_config("videomae")
+    assert ft.input.data.num_frames == pre.input.data.num_frames
+  else:
+    ft, pre = load_config("finetune", preset), load_config("mae", pretrain)
   for k in finetune._ARCH_KEYS["vit"]:
-    assert ft.model[k] == pre.model[k], k
+    assert ft.model.get(k) == pre.model.get(k), k
   assert ft.input.image_size == pre.input.image_size
   assert ft.input.data.holdout_per_class == pre.input.data.holdout_per_class
 

@@ -286,3 +286,84 @@ def test_sharded_steps_equal_one_device(two_step_run):
   np.testing.assert_allclose(got, [want[1], want[2]], rtol=2e-5)
   data_line = train.run_header(tr, "/tmp/w", 0)[1]        # the run says what it reads
   assert "training clips" in data_line and "images" not in data_line, data_line
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning on clips: VideoMAE's augmentation drawn per clip, the head on every token.
+
+
+def test_finetune_aug_draws_once_per_clip():
+  from mim_jax.data import finetune_aug as fa
+  rng = np.random.default_rng(0)
+  clips = jnp.asarray(rng.uniform(size=(4, 3, 8, 8, 3)), jnp.float32)
+  key = jax.random.PRNGKey(3)
+  # RandAugment: frame f of the clips = RandAugment of the frames f alone with the same key
+  # (the draws are per clip, so they do not depend on T); the frames of a clip differ.
+  ra = fa.rand_augment(key, clips, num_layers=4, magnitude=7.0, prob=1.0)
+  for f in range(3):
+    np.testing.assert_allclose(ra[:, f], fa.rand_augment(key, clips[:, f], num_layers=4,
+                                                         magnitude=7.0, prob=1.0), atol=1e-6)
+  # Random erasing: each frame on its own, in (clip, frame) order.
+  er = fa.random_erasing(key, clips, prob=1.0)
+  np.testing.assert_array_equal(er, fa.random_erasing(key, clips.reshape(12, 8, 8, 3),
+                                                      prob=1.0).reshape(clips.shape))
+  erased = np.asarray(er != clips).any(-1)             # [B, T, H, W]
+  assert not all((erased[0, f] == erased[0, 0]).all() for f in range(3))
+  # Mixup / CutMix: whole clips with one lam and one box for every frame.
+  for seed in range(6):
+    k = jax.random.PRNGKey(seed)
+    mixed, targets, info = fa.mixup_cutmix(k, clips, jnp.arange(4), 5)
+    for f in range(3):
+      want, want_t, _ = fa.mixup_cutmix(k, clips[:, f], jnp.arange(4), 5)
+      np.testing.assert_allclose(mixed[:, f], want, atol=1e-6)
+      np.testing.assert_allclose(targets, want_t, atol=1e-6)
+
+
+def test_head_and_probe_skip_a_cls_token_only_where_there_is_one():
+  from mim_jax import models
+  from mim_jax.evaluators import attentive_probe
+  from mim_jax.methods import finetune
+  assert models.prefix_tokens(tiny_config("mae").model) == 1
+  assert models.prefix_tokens(run_config().model) == 0                # VideoMAE's ViT
+  assert models.prefix_tokens(tiny_config("mae", **{"model.name": "resnet"}).model) == 0
+  tokens = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)
+  assert attentive_probe.select_tokens(tokens, "patches", 0).shape == (2, 5, 4)
+  assert attentive_probe.select_tokens(tokens, "patches", 1).shape == (2, 4, 4)
+  head = finetune.ClassifierHead(3, "mean", prefix=0)
+  params = head.init(jax.random.PRNGKey(0), tokens)
+  feats, _ = head.apply(params, tokens)
+  mean = tokens.mean(1)
+  want = (mean - mean.mean(-1, keepdims=True)) / np.sqrt(mean.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-5)      # fc_norm starts at 1, 0
+  m = methods.get(apply_ft(tiny_config("finetune")))
+  assert m.head.prefix == 0
+
+
+def apply_ft(c):
+  """A fine-tune config for run_config()'s clips and ViT (configs/finetune.py:clips shrunk)."""
+  from helpers import load_config
+  ft = load_config("finetune", "clips")
+  r = run_config()
+  ft.model = r.model
+  ft.input.update(batch_size=r.input.batch_size)
+  ft.input.data.num_frames = 4
+  ft.total_steps, ft.log_every, ft.ckpt_every = 2, 1, 2
+  ft.evals.classifier.max_eval = 64
+  return ft
+
+
+def test_finetune_on_clips_from_the_pretraining_run(two_step_run, tmp_path):
+  import json
+  c = apply_ft(None)
+  c.finetune.pretrained = two_step_run
+  train.train_and_evaluate(c, str(tmp_path), progress=False, devices=jax.devices()[:1])
+  ls = losses(str(tmp_path))
+  assert sorted(ls) == [1, 2] and all(np.isfinite(v) for v in ls.values())
+  with open(tmp_path / "eval_results.json") as f:
+    res = json.load(f)["classifier"]
+  assert 0 <= res["top1"] <= 100 and res["step"] == 2
+  # the encoder it starts from is the pretraining run's, and a model that differs says so
+  c.model.tubelet = 1
+  with pytest.raises(Exception, match="model.tubelet: 2 vs 1"):
+    methods.get(c).init_variables(jax.random.PRNGKey(0),
+                                  jnp.zeros((1, 4, 32, 32, 3), jnp.float32))

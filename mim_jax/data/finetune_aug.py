@@ -308,9 +308,15 @@ def rand_augment(rng: jax.Array, images: jax.Array, *, num_layers: int = 2, magn
 
   images: [B, H, W, 3] in [0, 1] (the crop's output); it is rounded to 8-bit levels first (PIL
   holds the crop as uint8). Returns [B, H, W, 3] in [0, 1] on the 1/255 grid.
+
+  Clips [B, T, H, W, 3]: each layer's op, skip, magnitude and sign are drawn once per clip and
+  applied to every frame (each frame's own histogram for the histogram ops), as VideoMAE's
+  ``rand_augment.py`` `AugmentOp` maps one draw over the clip's list of frames.
   """
   b = images.shape[0]
+  frames = images.shape[1] if images.ndim == 5 else 1
   x = jnp.round(jnp.clip(images.astype(jnp.float32), 0.0, 1.0) * 255.0)
+  x = x.reshape((-1,) + images.shape[-3:])
   for layer in range(num_layers):
     k_op, k_apply, k_mag, k_sign = jax.random.split(jax.random.fold_in(rng, layer), 4)
     op = jax.random.randint(k_op, (b,), 0, len(RAND_INCREASING_OPS))
@@ -318,8 +324,9 @@ def rand_augment(rng: jax.Array, images: jax.Array, *, num_layers: int = 2, magn
     mag = magnitude + magnitude_std * jax.random.normal(k_mag, (b,)) if magnitude_std > 0 else jnp.full((b,), magnitude)
     mag = jnp.clip(mag, 0.0, MAX_LEVEL)
     sign = jnp.where(jax.random.uniform(k_sign, (b,)) > 0.5, -1.0, 1.0)  # timm _randomly_negate
+    op, apply, mag, sign = (jnp.repeat(a, frames) for a in (op, apply, mag, sign))
     x = rand_augment_layer(x, op, apply, mag, sign, fill)
-  return x / 255.0
+  return (x / 255.0).reshape(images.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +359,13 @@ def random_erasing(rng: jax.Array, images: jax.Array, *, prob: float = 0.25, mod
                    **box_kw) -> jax.Array:
   """timm RandomErasing(prob, mode, count 1) on normalised images [B, H, W, C]: with
   probability `prob` one box (`erase_boxes`) is replaced by N(0, 1) noise, per pixel and channel
-  ('pixel'), one colour per box ('rand') or zeros ('const')."""
+  ('pixel'), one colour per box ('rand') or zeros ('const'). Clips [B, T, H, W, C]: every
+  frame on its own (VideoMAE hands timm's RandomErasing the clip as a batch of T frames)."""
   if mode not in ("pixel", "rand", "const"):
     raise ValueError(f"random erasing mode {mode!r}: use 'pixel', 'rand' or 'const'")
+  if images.ndim == 5:
+    frames = images.reshape((-1,) + images.shape[2:])
+    return random_erasing(rng, frames, prob=prob, mode=mode, **box_kw).reshape(images.shape)
   b, h, w, c = images.shape
   k_do, k_box, k_noise = jax.random.split(rng, 3)
   boxes = erase_boxes(k_box, b, h, w, **box_kw)
@@ -413,7 +424,9 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
 
   With probability `prob`: cutmix with probability `switch_prob` (when both alphas are > 0),
   lam ~ Beta(alpha, alpha) of the chosen kind; cutmix pastes the partner's box and corrects lam
-  to 1 - box area fraction. Returns (images, soft targets [B, num_classes], metrics).
+  to 1 - box area fraction. Returns (images, soft targets [B, num_classes], metrics). Clips
+  [B, T, H, W, 3] mix whole clips, one box for every frame (VideoMAE's ``mixup.py`` pastes
+  ``x[..., yl:yh, xl:xh]``).
   """
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     return images, smooth_one_hot(labels, num_classes, smoothing), {"lam": jnp.float32(1.0)}
@@ -428,12 +441,12 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
   alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha).astype(jnp.float32)
   log_g = jax.random.loggamma(k_lam, jnp.full((2,), alpha))
   lam_draw = jnp.exp(log_g[0] - jnp.logaddexp(log_g[0], log_g[1]))
-  _, h, w, _ = images.shape
+  h, w = images.shape[-3:-1]
   (yl, yh, xl, xh), lam_box = cutmix_box(k_box, lam_draw, h, w)
   partner = images[::-1]
   rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
   in_box = (rows >= yl) & (rows < yh) & (cols >= xl) & (cols < xh)
-  cut = jnp.where(in_box[None, :, :, None], partner, images)
+  cut = jnp.where(in_box[:, :, None], partner, images)      # [H, W, 1] broadcasts over B (T)
   mixed = lam_draw * images + (1.0 - lam_draw) * partner
   out = jnp.where(apply, jnp.where(use_cutmix, cut, mixed), images)
   lam = jnp.where(apply, jnp.where(use_cutmix, lam_box, lam_draw), 1.0).astype(jnp.float32)

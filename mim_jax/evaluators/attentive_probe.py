@@ -160,9 +160,10 @@ def fit(tokens: np.ndarray, labels: np.ndarray, num_classes: int, cfg: Attentive
   return predict, params, info
 
 
-def select_tokens(tokens: np.ndarray, which: str) -> np.ndarray:
-  """The patch tokens (``'patches'``: drop the leading cls token) or all of them."""
-  return tokens[:, 1:] if which == "patches" else tokens
+def select_tokens(tokens: np.ndarray, which: str, prefix: int = 1) -> np.ndarray:
+  """The patch tokens (``'patches'``: drop the ``prefix`` leading tokens, a ViT's cls token;
+  none for an encoder without one) or all of them."""
+  return tokens[:, prefix:] if which == "patches" else tokens
 
 
 def extract_tokens(ctx: common.EvalContext, split: str, batch_size: int, limit):
@@ -207,8 +208,8 @@ class AttentiveProbeEvaluator(common.Evaluator):
     evals, eval_y = extract_tokens(ctx, "eval", feature_batch, self.option("max_eval"))
     result, info = {}, {}
     for name in sorted(train):
-      predict, _, info = fit(select_tokens(train[name], which), train_y, ctx.num_classes, cfg)
-      scores = predict(select_tokens(evals[name], which))
+      predict, _, info = fit(select_tokens(train[name], which, ctx.prefix_tokens), train_y, ctx.num_classes, cfg)
+      scores = predict(select_tokens(evals[name], which, ctx.prefix_tokens))
       acc = common.topk_accuracy(scores, eval_y, ks=(1, 5))
       result[f"{name}/top1"] = acc[1]
       result[f"{name}/top5"] = acc[5]

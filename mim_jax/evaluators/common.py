@@ -52,7 +52,8 @@ class EvalContext:
       stacked [B, depth + 1, D]): every
       block's output pooled ('cls' | 'mean'), before the final norm, then the final-norm
       output (the last entry equals ``encode``'s features for that pooling).
-    encode_tokens: ``encode_tokens(images_uint8)`` -> {name: [B, 1 + L, D]} final-norm tokens.
+    encode_tokens: ``encode_tokens(images_uint8)`` -> {name: [B, prefix_tokens + L, D]}
+      final-norm tokens.
     loss: ``loss(images_uint8, seed)`` -> [B] the method's training loss of each image (no
       augmentation, masks drawn from ``seed``); None for methods without one.
     feature_cache: features extracted during this evaluation round, shared by
@@ -71,6 +72,8 @@ class EvalContext:
   loss: Optional[Callable[[np.ndarray, int], np.ndarray]] = None
   # How `encode` pools its features (the method's config.pooling), for the protocols.
   pooling: Optional[str] = None
+  # Leading non-spatial tokens of `encode_tokens`' output (a ViT's cls token; 0 without one).
+  prefix_tokens: int = 1
 
 
 class Evaluator(abc.ABC):

@@ -151,8 +151,12 @@ class Method:
     return None
 
   def init_input(self) -> jax.Array:
-    """What `init` is given (shapes only matter): two images at the input size."""
+    """What `init` is given (shapes only matter): two images at the input size, or two clips
+    of `input.data.num_frames` frames for a space-time backbone (`model.tubelet` > 0)."""
     size = self.image_size
+    if int(self.config.model.get("tubelet", 0) or 0) > 0:
+      frames = int(self.config.input.data.get("num_frames", 0) or 0)
+      return jnp.zeros((2, frames, size, size, 3), jnp.float32)
     return jnp.zeros((2, size, size, 3), jnp.float32)
 
   def eval_preprocess(self, images: jax.Array, input_cfg) -> jax.Array:

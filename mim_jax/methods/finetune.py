@@ -95,15 +95,16 @@ class ClassifierHead(nn.Module):
   num_classes: int
   pooling: str = "mean"
   avg_init_std: float = 0.01
+  prefix: int = 1                     # leading cls token(s) 'mean' skips (0: a video ViT)
 
   @nn.compact
   def __call__(self, tokens):
-    """tokens [B, 1+L, D] (cls first; 'avg': the feature map's positions [B, L, D]) ->
+    """tokens [B, prefix+L, D] (cls first; 'avg': the feature map's positions [B, L, D]) ->
     (features [B, D], logits [B, num_classes]), float32."""
     tokens = tokens.astype(jnp.float32)
     init = nn.initializers.normal(2e-5)
     if self.pooling == "mean":
-      feats = vit.layer_norm("fc_norm", jnp.float32)(tokens[:, 1:].mean(axis=1))
+      feats = vit.layer_norm("fc_norm", jnp.float32)(tokens[:, self.prefix:].mean(axis=1))
     elif self.pooling == "cls":
       feats = tokens[:, 0]
     elif self.pooling == "avg":
@@ -143,7 +144,8 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
 #       the image size may differ from the pretraining run's;
 #   finetune_decays(names, ndim)  whether an encoder parameter (path below 'encoder') is
 #       weight-decayed, the official fine-tuning rule.
-_ARCH_KEYS = {"vit": ("variant", "depth", "patch_size", "pos_embed", "rel_pos_bias", "qkv_bias"),
+_ARCH_KEYS = {"vit": ("variant", "depth", "patch_size", "pos_embed", "rel_pos_bias", "qkv_bias",
+                      "tubelet", "cls_token"),
               "resnet": ("depth", "width", "stem")}
 
 
@@ -299,7 +301,8 @@ class FineTune(Method):
     self.backbone_pools = not self.is_vit and self.head_pooling != "avg"
     self.head = ClassifierHead(self.num_classes,
                               "pooled" if self.backbone_pools else self.head_pooling,
-                              avg_init_std=getattr(self.backbone, "FINETUNE_HEAD_STD", 0.01))
+                              avg_init_std=getattr(self.backbone, "FINETUNE_HEAD_STD", 0.01),
+                              prefix=models.prefix_tokens(config.model))
     self.pretrained = str(f.get("pretrained", "") or "")
     self.pretrained_encoder = str(f.get("pretrained_encoder", "online"))
     self.aug = f.aug

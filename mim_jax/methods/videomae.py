@@ -172,9 +172,6 @@ class VideoMAE(Method):
     # The Conv3d patch embedding keeps PyTorch's default init (kernel and bias).
     return {"patch_kernel_init": "torch", "patch_bias_init": "torch"}
 
-  def init_input(self) -> jax.Array:
-    return jnp.zeros((2, self.num_frames, self.image_size, self.image_size, 3), jnp.float32)
-
   def masks(self, rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(mask bool [B, L] True = hidden from the encoder, keep_ids [B, K] the visible
     positions ascending, decode_ids [B, M] the positions the decoder predicts ascending)."""

@@ -26,7 +26,8 @@ of a ResNet); methods call it for their losses. `outputs` is what evaluators and
   'pooled'   [B, D] float32: the image representation under `pooling` (ViT: 'cls' | 'mean';
              ResNet: 'mean', the global average pool);
   'tokens'   [B, N, D]: the final output as a sequence (ViT: final-norm tokens, cls first;
-             ResNet: the last feature map, row-major);
+             ResNet: the last feature map, row-major); `prefix_tokens(model_cfg)` says how
+             many lead (a cls token) before the spatial ones;
   'layers'   with layers=True, a list of [B, D_i] float32, one pooled output per block or
              stage, input side first, widths may differ (CNN stages); the last entry is
              'pooled' itself;
@@ -58,6 +59,15 @@ DEFAULT = "vit"
 def name_of(model_cfg) -> str:
   """`config.model.name`, 'vit' when absent (configs and checkpoints from before the key)."""
   return str(model_cfg.get("name", DEFAULT) or DEFAULT)
+
+
+def prefix_tokens(model_cfg) -> int:
+  """Leading non-spatial tokens of the backbone's 'tokens' (its cls token): 1 for a ViT or an
+  MViT built with one (`model.cls_token`; a ViT's default True, an MViT's False), else 0."""
+  name = name_of(model_cfg)
+  if name in ("vit", "mvit"):
+    return int(bool(model_cfg.get("cls_token", name == "vit")))
+  return 0
 
 
 def module(name: str) -> types.ModuleType:
