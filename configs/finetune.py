@@ -58,8 +58,17 @@ Presets (`--config=configs/finetune.py:<preset>`):
                python -m mim_jax.main --config=configs/finetune.py:clips --workdir=/tmp/videomae_ft \
                  --config.finetune.pretrained=/tmp/videomae
              Deviations: RandAugment runs after the crop (VideoMAE: on the whole frames before
-             it), and the evaluation reads each clip once (VideoMAE's test: 5 temporal x 3
-             spatial views, softmax averaged).
+             it), and the evaluation reads each clip once (the embedded clips are 8 frames).
+  kinetics400, ssv2  VideoMAE ViT-B/16 fine-tuning on video files (`input.data.csv` /
+             `eval_csv`, VideoMAE's lists), from configs/videomae.py:kinetics400 / ssv2 runs:
+             batch 8 x 64 GPUs = 512, lr 1e-3 (K400) / 5e-4 (SSv2) x batch / 256, 100 / 50
+             epochs (scripts/*/..._epoch_800/finetune.sh); 16 frames: K400 VideoMAE's
+             fine-tuning draw at rate 4 (VideoClsDataset), SSv2 one frame per segment
+             (SSVideoClsDataset); RandomResizedCrop (0.08-1, 3/4-4/3) with a flip on K400
+             only; test 5 x 3 (K400) / 2 x 3 (SSv2) views, softmax averaged (`test_views`).
+             Published top-1: 80.0 (K400), 69.6 (SSv2). Deviations besides the above: the
+             crop resizes bicubically with antialiasing (SlowFast's random_resized_crop:
+             bilinear), and drop path, RandAugment and erasing run on the device after it.
   imagenet_base   MAE ViT-B/16 on ImageNet-1k (tfds imagenet2012), the official recipe.
   imagenet_large  MAE ViT-L/16, the official recipe.
                python -m mim_jax.main --config=configs/finetune.py:imagenet_base --workdir=W \
@@ -104,7 +113,8 @@ from mim_jax import config_lib
 
 # The presets get_config takes ('' = the default, embedded data), for tests and tools.
 PRESETS = ('', 'cifar10', 'imagenet_base', 'imagenet_large', 'resnet18', 'resnet18_cifar10',
-           'swin_cifar10', 'imagenet_swin_b', 'imagenet_swinv2_b', 'mvit_cifar10', 'clips')
+           'swin_cifar10', 'imagenet_swin_b', 'imagenet_swinv2_b', 'mvit_cifar10', 'clips',
+           'kinetics400', 'ssv2')
 
 
 def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
@@ -217,21 +227,41 @@ def swin_preset(c: ml_collections.ConfigDict, preset: str) -> None:
     c.pooling = "mean"
 
 
-def clips_preset(c: ml_collections.ConfigDict) -> None:
-  """The space-time ViT of configs/videomae.py's default preset on the embedded clip set, with
-  VideoMAE's fine-tuning recipe (run_class_finetuning.py defaults and the Kinetics script)."""
-  c.input.data.update(name="embedded_clips", holdout_per_class=100, num_frames=8)
-  c.input.image_size = 32
-  c.input.batch_size = 128
-  c.model.update(variant="tiny", depth=4, patch_size=4, tubelet=2, pos_embed="sinusoid",
-                 cls_token=False, qkv_bias="qv")
+def clips_preset(c: ml_collections.ConfigDict, preset: str) -> None:
+  """VideoMAE's fine-tuning recipe (run_class_finetuning.py defaults and scripts) on the
+  embedded clips with the ViT of configs/videomae.py's default preset ('clips'), or on
+  Kinetics-400 / SSv2 video files with ViT-B ('kinetics400', 'ssv2')."""
+  c.model.update(tubelet=2, pos_embed="sinusoid", cls_token=False, qkv_bias="qv")
   c.finetune.learn_pos_embed = False   # VideoMAE fine-tunes with the fixed sinusoid table
   c.finetune.aug.update(ra_num_layers=4, ra_magnitude=7.0)    # --aa rand-m7-n4-mstd0.5-inc1
-  c.optim.update(base_lr=1e-3, layer_decay=0.75, warmup_epochs=1, warmup_lr=1e-6)
-  c.total_epochs = 6                    # 186 steps
-  c.optim.min_lr = 1e-6                 # VideoMAE scales min_lr and warmup_lr by batch / 256 too
-  c.log_every = 10
-  c.ckpt_every = 200
+  # lr, min_lr and warmup_lr are all scaled by batch / 256 (run_class_finetuning.py:406-408).
+  c.optim.update(base_lr=1e-3, layer_decay=0.75, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-6)
+  if preset == "clips":
+    c.input.data.update(name="embedded_clips", holdout_per_class=100, num_frames=8)
+    c.input.image_size = 32
+    c.input.batch_size = 128
+    c.model.update(variant="tiny", depth=4, patch_size=4)
+    c.optim.warmup_epochs = 1
+    c.total_epochs = 6                  # 186 steps
+    c.log_every = 10
+    c.ckpt_every = 200
+    return
+  k400 = preset == "kinetics400"
+  c.input.data.update(name="video_csv", csv="", eval_csv="", in_memory=False, holdout_per_class=0,
+                      num_frames=16, sampling_rate=4,
+                      sampling="videomae_finetune" if k400 else "segment",
+                      test_views=(5, 3) if k400 else (2, 3))
+  c.input.aug.update(crop_scale=(0.08, 1.0), crop_ratio=(0.75, 1.3333), hflip=k400,
+                     video_crop="random_resized")
+  c.input.image_size = 224
+  c.input.batch_size = 512              # 8 per GPU x 64 GPUs (scripts)
+  c.input.workers = 16
+  c.model.update(variant="base", depth=0, patch_size=16, dtype="bfloat16")
+  c.finetune.num_classes = 400 if k400 else 174
+  c.optim.base_lr = 1e-3 if k400 else 5e-4
+  c.total_epochs = 100 if k400 else 50
+  c.log_every = 50
+  c.ckpt_every = 2000
 
 
 def get_config(arg=None):
@@ -274,8 +304,8 @@ def get_config(arg=None):
       c.log_every = 20
       c.ckpt_every = 500
     c.optim.min_lr = 1e-6 * 256 / c.input.batch_size
-  elif preset == "clips":
-    clips_preset(c)
+  elif preset in ("clips", "kinetics400", "ssv2"):
+    clips_preset(c, preset)
   elif preset in ("resnet18", "resnet18_cifar10"):
     resnet_preset(c, preset)
   elif preset in ("swin_cifar10", "imagenet_swin_b", "imagenet_swinv2_b"):

@@ -359,7 +359,7 @@ class Trainer:
   # -- evaluation ---------------------------------------------------------------------------
   def eval_context(self, workdir: str, step: int):
     from mim_jax import evaluators
-    from mim_jax.data import pipeline
+    from mim_jax.data import pipeline, video
     cfg, method, mesh = self.config, self.method, self.mesh
     ndev = mesh.devices.size
     chunk = int(math.ceil(256 / ndev) * ndev)
@@ -426,7 +426,10 @@ class Trainer:
         reconstruct=reconstruct, workdir=workdir, step=step, encode_layers=encode_layers,
         encode_tokens=encode_tokens, loss=None if method.batch_fields else loss,
         pooling=getattr(method, "pooling", None),
-        prefix_tokens=models.prefix_tokens(cfg.model))
+        prefix_tokens=models.prefix_tokens(cfg.model),
+        view_batches=(lambda split, bs, limit=None: pipeline.eval_batches(
+            cfg.input, split, bs, limit, views=True))
+        if video.test_views(cfg.input.data) != (1, 1) else None)
 
   def evaluate(self, workdir: str) -> dict:
     from mim_jax import evaluators

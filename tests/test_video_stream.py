@@ -25,9 +25,10 @@ class Draws:
   def __init__(self, *values):
     self.values = list(values)
 
-  def integers(self, n):
+  def integers(self, low, high=None):
+    low, high = (0, low) if high is None else (low, high)
     v = self.values.pop(0)
-    assert 0 <= v < n, (v, n)
+    assert low <= v < high, (v, low, high)
     return v
 
 
@@ -65,6 +66,38 @@ def test_videomae_test_indices_hand_worked():
     V.ClipReader(["x"], [0], 4, 4, "tsn")
 
 
+def test_videomae_finetune_indices_hand_worked():
+  # 100 frames, 4 x rate 4 = 16: end e in [16, 100), linspace(e - 16, e, 4) clipped to e - 1.
+  assert V.videomae_finetune_indices(100, 4, 4, Draws(16)).tolist() == [0, 5, 10, 15]
+  assert V.videomae_finetune_indices(100, 4, 4, Draws(99)).tolist() == [83, 88, 93, 98]
+  with pytest.raises(AssertionError):
+    V.videomae_finetune_indices(100, 4, 4, Draws(100))
+  # 10 frames <= 16: linspace(0, 10, 10 // 4 = 2) = [0, 10], padded with 10, clipped to 9.
+  assert V.videomae_finetune_indices(10, 4, 4, Draws()).tolist() == [0, 9, 9, 9]
+  reader = V.ClipReader(["x"], [0], 4, 4, "videomae_finetune")
+  assert reader.indices(100, Draws(16)).tolist() == [0, 5, 10, 15]
+  assert reader.indices(50, None).tolist() == V.videomae_test_indices(50, 4, 4).tolist()
+
+
+def test_videomae_test_views_hand_worked():
+  # 13 buffer frames of 32 x 48 (short side = size: no resize); each pixel holds (t, y, x).
+  t, y, x = np.meshgrid(np.arange(13), np.arange(32), np.arange(48), indexing="ij")
+  buffer = np.stack([t, y, x], -1).astype(np.uint8)
+  views = V.videomae_test_views(buffer, 4, 32, num_chunks=5, num_crops=3)
+  assert views.shape == (15, 4, 32, 32, 3)
+  # chunk starts int(c * (13 - 4) / 4) = 0, 2, 4, 6, 9; crops int(k * (48 - 32) / 2) = 0, 8, 16
+  starts = [(tc, xc) for tc in (0, 2, 4, 6, 9) for xc in (0, 8, 16)]
+  assert [(int(v[0, 0, 0, 0]), int(v[0, 0, 0, 2])) for v in views] == starts
+  np.testing.assert_array_equal(views[4, :, 0, 0, 0], [2, 3, 4, 5])
+  np.testing.assert_array_equal(views[:, 0, :, 0, 1], np.tile(np.arange(32), (15, 1)))
+  # one view: the central chunk round(9 / 2) = 4 (half to even) and crop round(16 / 2) = 8
+  one = V.videomae_test_views(buffer, 4, 32)
+  assert one.shape == (1, 4, 32, 32, 3) and (one[0, 0, 0, 0, 0], one[0, 0, 0, 0, 2]) == (4, 8)
+  # a tall buffer crops along the height
+  tall = V.videomae_test_views(buffer.transpose(0, 2, 1, 3), 4, 32, 1, 3)
+  assert [int(v[0, 0, 0, 2]) for v in tall] == [0, 8, 16]     # (x, y swapped) the row offsets
+
+
 def test_multiscale_crop_box_enumerates_the_official_pairs_and_offsets():
   # A 40 x 60 frame to 32 px: sides int(40 * (1, .875, .75, .66)) = 40, 35, 30, 26; 30 is
   # within 3 of 32 and snaps to it. Pairs (w, h) with scale indices at most 1 apart, in the
@@ -94,19 +127,19 @@ def test_multiscale_crop_clip_is_one_pil_box_per_clip():
     np.testing.assert_array_equal(got, np.stack(want))
 
 
-def test_videomae_eval_view():
+def test_videomae_validation_view():
   rng = np.random.default_rng(1)
   clip = rng.integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
   # short side 40 -> 32, long int(32 * 60 / 40) = 48; centre x = round(16 / 2) = 8.
   resized = V._bilinear_resize(clip, 32, 48)
   want = np.clip(np.rint(resized[:, :, 8:40]), 0, 255).astype(np.uint8)
-  np.testing.assert_array_equal(V.videomae_eval_view(clip, 32), want)
+  np.testing.assert_array_equal(V.videomae_test_views(clip, 2, 32)[0], want)
   # already 32 on the short side: no resample; (49 - 32) / 2 = 8.5 rounds half to even: 8
   # (SlowFast's uniform_crop would take ceil, 9).
   wide = rng.integers(0, 256, (2, 32, 49, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(V.videomae_eval_view(wide, 32), wide[:, :, 8:40])
+  np.testing.assert_array_equal(V.videomae_test_views(wide, 2, 32)[0], wide[:, :, 8:40])
   tall = rng.integers(0, 256, (1, 51, 32, 3), dtype=np.uint8)   # (51 - 32) / 2 = 9.5 -> 10
-  np.testing.assert_array_equal(V.videomae_eval_view(tall, 32), tall[:, 10:42])
+  np.testing.assert_array_equal(V.videomae_test_views(tall, 1, 32)[0], tall[:, 10:42])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +229,36 @@ def test_streamed_eval_reads_the_central_test_clip(video_dir):
   assert xs.shape == (6, 4, 16, 16, 3)
 
 
+def test_multi_view_test_batches(video_dir):
+  cfg = stream_config(video_dir, test_views=(2, 3))
+  (x, y), = list(pipeline.eval_batches(cfg, "eval", 4, views=True))
+  assert x.shape == (2, 6, 4, 16, 16, 3) and y.tolist() == [0, 1]
+  # buffers of 13 / 14 frames (every 2nd of 26 / 27): chunk starts 0 and 9 / 10
+  frames = _frame_numbers(x)[:, ::3]                     # the first crop of each chunk
+  np.testing.assert_array_equal(frames, [[[0, 2, 4, 6], [18, 20, 22, 24]],
+                                         [[0, 2, 4, 6], [20, 22, 24, 26]]])
+  (x1, _), = list(pipeline.eval_batches(cfg, "eval", 4))  # the single central view as before
+  assert x1.shape == (2, 4, 16, 16, 3)
+  # SSv2's segment sampling: its 2 test clips are the segment starts and middles
+  seg = stream_config(video_dir, sampling="segment", test_views=(2, 1))
+  (xs, _), = list(pipeline.eval_batches(seg, "eval", 4, views=True))
+  np.testing.assert_array_equal(_frame_numbers(xs)[0], [V.segment_indices(26, 4, None, c)
+                                                         for c in (0, 1)])
+  with pytest.raises(sources.DataConfigError, match="streamed video"):
+    next(pipeline.eval_batches(ml_collections.ConfigDict(dict(data=dict(name="embedded"),
+                                                              image_size=32)), "eval", 4,
+                               views=True))
+
+
+def test_classifier_averages_the_softmax_of_the_views():
+  from mim_jax.evaluators import classifier
+  logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6],     # example 0, views 0 / 1
+                            [0.2, 0.2, 0.6], [0.3, 0.3, 0.4]]))
+  out = classifier.view_log_probs(lambda im: {"logits": logits}, np.zeros((2, 2, 1)))
+  np.testing.assert_allclose(np.exp(out["logits"]), [[0.4, 0.25, 0.35], [0.25, 0.25, 0.5]])
+  assert out["views"].tolist() == [2, 2]
+
+
 def test_streamed_video_errors_are_one_line(video_dir):
   cfg = stream_config(video_dir, csv="")
   with pytest.raises(sources.DataNotFoundError, match="--config.input.data.csv"):
@@ -228,3 +291,19 @@ def test_videomae_trains_two_steps_on_video_files(video_dir, tmp_path):
   with open(tmp_path / "eval_results.json") as f:
     knn = json.load(f)["knn"]
   assert knn["step"] == 2 and knn["protocol"]["num_queries"] == 2
+
+
+def test_finetune_on_video_files_reports_the_multi_view_test(video_dir, tmp_path):
+  from helpers import load_config
+  c = load_config("finetune", "kinetics400")
+  c.input.update(batch_size=2, image_size=8, workers=0)
+  c.input.data.update(csv=str(video_dir / "train.csv"), eval_csv=str(video_dir / "val.csv"),
+                      dir=str(video_dir), num_frames=4, sampling_rate=2, test_views=(2, 3))
+  c.model.update(variant="mu", depth=1, patch_size=4, dtype="float32")
+  c.finetune.num_classes = 2
+  c.total_steps, c.log_every, c.ckpt_every = 1, 1, 1
+  train.train_and_evaluate(c, str(tmp_path), progress=False, devices=jax.devices()[:1])
+  with open(tmp_path / "eval_results.json") as f:
+    res = json.load(f)["classifier"]
+  assert res["protocol"]["views_per_example"] == 6 and res["protocol"]["num_images"] == 2
+  assert "softmax averaged" in res["protocol"]["prediction"] and 0 <= res["top1"] <= 100

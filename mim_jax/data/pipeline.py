@@ -338,7 +338,8 @@ def _eval_indices(num_records: int, max_examples: Optional[int]) -> np.ndarray:
 
 
 def eval_batches(input_cfg: Any, split: str, batch_size: int,
-                 max_examples: Optional[int] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                 max_examples: Optional[int] = None,
+                 views: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields ``(images uint8 [b, S, S, 3] (clips: [b, T, S, S, 3]), labels int32 [b])`` once
   over ``split`` ('train', 'eval' or 'pretrain') in a fixed order; the last batch may be smaller.
   S = ``input_cfg.image_size``. With ``max_examples``, a fixed seeded subset of that many
@@ -346,7 +347,9 @@ def eval_batches(input_cfg: Any, split: str, batch_size: int,
 
   In memory: the stored images, resized to S when their size differs (no crop). Streaming:
   shorter side resized to S / 0.875, then the central S x S (unreadable records are replaced
-  by the next readable one).
+  by the next readable one). Streamed video: each video's central test clip (`video.HostEvalClip`);
+  with ``views``, all of ``input.data.test_views`` (VideoMAE's multi-view test): images
+  uint8 [b, V, T, S, S, 3].
   """
   batch_size = int(batch_size)
   if batch_size <= 0:
@@ -354,6 +357,9 @@ def eval_batches(input_cfg: Any, split: str, batch_size: int,
   size = int(input_cfg.image_size)
   data_cfg = input_cfg.data
   if sources.is_in_memory(data_cfg):
+    if views:
+      raise DataConfigError("the multi-view test reads streamed video (input.data.name="
+                            "'video_csv' or 'video_folder'), not in-memory data")
     data = sources.load_in_memory(data_cfg, split)
     index = _eval_indices(len(data), max_examples)
     for start in range(0, index.shape[0], batch_size):
@@ -365,8 +371,12 @@ def eval_batches(input_cfg: Any, split: str, batch_size: int,
   grain = _grain(workers)
   source: Any = sources.streaming_source(data_cfg, split)
   view: Any = HostCenterCrop(size)
-  if isinstance(source, video.ClipSource):
-    view = video.HostEvalClip(source.reader, size)   # reads the index it is given
+  if isinstance(source, video.ClipSource):   # reads the index it is given
+    view = video.HostEvalClip(source.reader, size,
+                              video.test_views(data_cfg) if views else (1, 1))
+  elif views:
+    raise DataConfigError("the multi-view test reads streamed video (input.data.name="
+                          "'video_csv' or 'video_folder')")
   if max_examples is not None:
     source = _Subset(source, _eval_indices(len(source), max_examples))
   if not isinstance(view, video.HostEvalClip):

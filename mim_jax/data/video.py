@@ -33,7 +33,7 @@ from mim_jax.data.host_crop import _resize_box, sample_crop_box_np
 from mim_jax.data.sources import DataConfigError, DataError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
-SAMPLINGS = ("videomae", "clip", "segment")
+SAMPLINGS = ("videomae", "videomae_finetune", "clip", "segment")
 VIDEO_SOURCES = ("video_csv", "video_folder")
 # Unreadable files in a row before `ClipReader.read` gives up (as records._SkippingSource).
 _MAX_CONSECUTIVE_BAD = 64
@@ -181,21 +181,66 @@ def videomae_test_indices(num_video_frames: int, num_frames: int, sampling_rate:
   ``int(chunk * max((len - T) / (num_chunks - 1), 0))``).
 
   Deviation: with ``num_chunks == 1`` the official step divides by zero; here the one clip is
-  the central one, ``max(len - T, 0) // 2`` (the single view the evaluators read).
+  the central one, ``round(max(len - T, 0) / 2)`` (the single view the evaluators read).
+
+  Returns:
+    int64 [num_frames].
+  """
+  every = videomae_test_buffer_indices(num_video_frames, num_frames, sampling_rate)
+  t = int(num_frames)
+  start = _test_start(len(every), t, chunk, num_chunks)
+  return every[start:start + t]
+
+
+def _test_start(length: int, size: int, index: int, count: int) -> int:
+  """Start of view ``index`` of ``count`` along an axis of ``length`` (VideoMAE's test:
+  ``int(index * (length - size) / (count - 1))``, steps below 0 taken as 0); one view: the
+  central one, ``round((length - size) / 2)`` half to even as Python's round (the official
+  divides by zero; its validation CenterCrop rounds so)."""
+  if not 0 <= index < count:
+    raise DataConfigError(f"test view {index} is not in [0, {count})")
+  if count == 1:
+    return int(round(max(length - size, 0) / 2.0))
+  return int(index * max((length - size) / (count - 1), 0.0))
+
+
+def videomae_finetune_indices(num_video_frames: int, num_frames: int, sampling_rate: int,
+                              rng: np.random.Generator) -> np.ndarray:
+  """Frame indices of one fine-tuning clip as VideoMAE draws them (``kinetics.py``
+  `VideoClsDataset.loadvideo_decord`, modes 'train' and 'validation', one segment): for a video
+  longer than ``T * rate``, an end ``e ~ U{T * rate, n - 1}`` and ``T`` points of
+  ``np.linspace(e - T * rate, e, T)`` clipped to ``[e - T * rate, e - 1]``, truncated; a
+  shorter video takes ``n // rate`` points of ``np.linspace(0, n, n // rate)`` padded with
+  ``n`` to ``T``, clipped to ``[0, n - 1]``. The official end is ``np.random.randint`` on the
+  global generator; here ``rng.integers``.
 
   Returns:
     int64 [num_frames].
   """
   n, t, rate = _clip_args(num_video_frames, num_frames, sampling_rate)
-  if not 0 <= chunk < num_chunks:
-    raise DataConfigError(f"test clip {chunk} is not in [0, num_chunks={num_chunks})")
+  span = t * rate
+  if n <= span:
+    index = np.linspace(0, n, num=n // rate)
+    index = np.concatenate((index, np.ones(t - n // rate) * n))
+    return np.clip(index, 0, n - 1).astype(np.int64)
+  end = int(rng.integers(span, n))
+  index = np.linspace(end - span, end, num=t)
+  return np.clip(index, end - span, end - 1).astype(np.int64)
+
+
+def videomae_test_buffer_indices(num_video_frames: int, num_frames: int,
+                                 sampling_rate: int) -> np.ndarray:
+  """The frames VideoMAE's test mode decodes (``kinetics.py`` `loadvideo_decord`, mode 'test'):
+  every ``rate``-th frame, the last repeated up to ``T``; `videomae_test_views` cuts its views
+  from them.
+
+  Returns:
+    int64 [max(ceil(n / rate), T)].
+  """
+  n, t, rate = _clip_args(num_video_frames, num_frames, sampling_rate)
   every = list(range(0, n, rate))
   every += [every[-1]] * (t - len(every))
-  if num_chunks == 1:
-    start = max(len(every) - t, 0) // 2
-  else:
-    start = int(chunk * max((len(every) - t) / (num_chunks - 1), 0.0))
-  return np.asarray(every[start:start + t], np.int64)
+  return np.asarray(every, np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,10 +416,12 @@ class ClipReader:
 
   Temporal sampling (``sampling``): 'videomae' (VideoMAE's pretraining draw,
   `videomae_pretrain_indices`, with an ``rng``; else its test clip ``clip_idx`` of
-  ``num_clips``, `videomae_test_indices`), 'clip' (SlowFast, `clip_indices`: ``num_frames``
+  ``num_clips``, `videomae_test_indices`), 'videomae_finetune' (its fine-tuning draw,
+  `videomae_finetune_indices`; the same test clips), 'clip' (SlowFast, `clip_indices`: ``num_frames``
   frames ``sampling_rate`` apart, random with an ``rng``, else test clip ``clip_idx`` of
   ``num_clips``) or 'segment' (`segment_indices`: ``num_frames`` segments; random with an
-  ``rng``, else the segment middles).
+  ``rng``, else the segment middles, or with ``num_clips=2`` test clip ``clip_idx`` 0 (the
+  segment starts) or 1 (the middles)).
 
   An unreadable, undecodable or truncated video is replaced by the next readable one
   (i+1, i+2, ..., wrapping around) and ``'bad'`` counts the videos skipped: the contract of
@@ -394,6 +441,9 @@ class ClipReader:
     self.sampling_rate = int(sampling_rate)
     self.sampling = sampling
     self.num_clips = int(num_clips)
+    if sampling == "segment" and self.num_clips not in (1, 2):
+      raise DataConfigError(f"{self.num_clips} test clips of segment sampling: VideoMAE's SSv2 "
+                            "test has 1 (segment middles) or 2 (starts, middles)")
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -401,22 +451,30 @@ class ClipReader:
   def indices(self, video_frames: int, rng: Optional[np.random.Generator],
               clip_idx: int = 0) -> np.ndarray:
     """The frame indices read from a video of ``video_frames`` frames."""
-    if self.sampling == "segment":
-      return segment_indices(video_frames, self.num_frames, rng)
-    if self.sampling == "videomae":
-      if rng is not None:
-        return videomae_pretrain_indices(video_frames, self.num_frames, self.sampling_rate, rng)
-      return videomae_test_indices(video_frames, self.num_frames, self.sampling_rate, clip_idx,
-                                   self.num_clips)
+    if self.sampling == "segment":   # test: the segment middles, or chunk clip_idx of two
+      return segment_indices(video_frames, self.num_frames, rng,
+                             test_chunk=clip_idx if self.num_clips == 2 else 1)
+    if self.sampling.startswith("videomae"):
+      if rng is None:
+        return videomae_test_indices(video_frames, self.num_frames, self.sampling_rate,
+                                     clip_idx, self.num_clips)
+      draw = (videomae_pretrain_indices if self.sampling == "videomae"
+              else videomae_finetune_indices)
+      return draw(video_frames, self.num_frames, self.sampling_rate, rng)
     return clip_indices(video_frames, self.num_frames, self.sampling_rate, rng,
                         -1 if rng is not None else clip_idx, self.num_clips)
 
   def _read(self, j: int, rng: Optional[np.random.Generator], clip_idx: int) -> np.ndarray:
     path = self.paths[j]
+    if clip_idx == "buffer":
+      return decode_frames(path, videomae_test_buffer_indices(num_frames(path), self.num_frames,
+                                                              self.sampling_rate))
     return decode_frames(path, self.indices(num_frames(path), rng, clip_idx))
 
   def read(self, i: int, rng: Optional[np.random.Generator] = None,
-           clip_idx: int = 0) -> dict[str, Any]:
+           clip_idx: Any = 0) -> dict[str, Any]:
+    """Video ``i``'s clip (``clip_idx='buffer'``: VideoMAE's whole test buffer,
+    `videomae_test_buffer_indices`), or the next readable video's."""
     n = len(self.paths)
     i = int(i)
     for skipped in range(min(_MAX_CONSECUTIVE_BAD, n)):
@@ -574,31 +632,47 @@ def multiscale_crop_clip(video: np.ndarray, size: int, rng: np.random.Generator)
                    for f in video])
 
 
-def videomae_eval_view(video: np.ndarray, size: int) -> np.ndarray:
-  """VideoMAE's validation view (``kinetics.py`` mode 'validation': ``video_transforms.Resize``
-  of the short side to ``size``, bilinear, long side ``int(size * long / short)``; then
-  ``CenterCrop`` at ``int(round((side - size) / 2))``). The resize samples the points OpenCV's
-  INTER_LINEAR samples, in float, rounded once to uint8 (OpenCV's fixed-point weights can
-  differ by one level).
+def _videomae_resize(video: np.ndarray, size: int) -> np.ndarray:
+  """``video_transforms.Resize(size, 'bilinear')`` of VideoMAE's evaluation: the short side to
+  ``size``, the long side ``int(size * long / short)``, unchanged when the short side is
+  already ``size``. The resize samples the points OpenCV's INTER_LINEAR samples, in float
+  (OpenCV's fixed-point weights can differ by one level once rounded)."""
+  height, width = video.shape[1:3]
+  if (width <= height and width == size) or (height <= width and height == size):
+    return np.asarray(video, np.float32)
+  if width < height:
+    return _bilinear_resize(video, int(size * height / width), size)
+  return _bilinear_resize(video, size, int(size * width / height))
+
+
+def videomae_test_views(buffer: np.ndarray, num_frames: int, size: int, num_chunks: int = 1,
+                        num_crops: int = 1) -> np.ndarray:
+  """VideoMAE's multi-view test (``kinetics.py`` `VideoClsDataset`, mode 'test'): the test
+  buffer (`videomae_test_buffer_indices` frames) resized (`_videomae_resize`), then for each
+  temporal chunk and spatial crop (in that order) ``T`` frames from
+  ``int(chunk * (L - T) / (num_chunks - 1))`` and ``size`` pixels along the long side from
+  ``int(crop * (long - size) / (num_crops - 1))`` (the whole short side). One chunk or one crop
+  is the central one (`_test_start`; the official divides by zero there), so 1 x 1 is the
+  validation view: the central clip, centre-cropped as ``CenterCrop``.
 
   Returns:
-    uint8 [T, size, size, 3].
+    uint8 [num_chunks * num_crops, T, size, size, 3].
   """
-  video = np.asarray(video)
-  height, width = video.shape[1:3]
-  size = int(size)
-  if (width <= height and width == size) or (height <= width and height == size):
-    frames = video.astype(np.float32)
-  elif width < height:
-    frames = _bilinear_resize(video, int(size * height / width), size)
-  else:
-    frames = _bilinear_resize(video, size, int(size * width / height))
+  size, t = int(size), int(num_frames)
+  frames = _videomae_resize(np.asarray(buffer), size)
   height, width = frames.shape[1:3]
   if height < size or width < size:
     raise DataConfigError(f"a {height}x{width} clip is smaller than the {size}-pixel crop")
-  y, x = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-  crop = frames[:, y:y + size, x:x + size]
-  return np.clip(np.rint(crop), 0, 255).astype(np.uint8)
+  views = []
+  for chunk in range(num_chunks):
+    t0 = _test_start(frames.shape[0], t, chunk, num_chunks)
+    for crop in range(num_crops):
+      if height >= width:
+        y, x = _test_start(height, size, crop, num_crops), _test_start(width, size, 0, 1)
+      else:
+        y, x = _test_start(height, size, 0, 1), _test_start(width, size, crop, num_crops)
+      views.append(frames[t0:t0 + t, y:y + size, x:x + size])
+  return np.clip(np.rint(np.stack(views)), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,7 +713,8 @@ def clip_source(data_cfg: Any, split: str) -> ClipSource:
   ``train_subset``. ``data.name='video_csv'``: the ``path label`` list ``data.csv`` (paths
   relative to ``data.dir`` when set), split the same way; with ``data.eval_csv`` (Kinetics'
   ``val.csv``) the 'eval' split is that whole list instead of the hold-out. Clip keys:
-  ``num_frames`` (16), ``sampling_rate`` (4), ``sampling`` ('videomae', see `ClipReader`).
+  ``num_frames`` (16), ``sampling_rate`` (4), ``sampling`` ('videomae', see `ClipReader`);
+  ``test_views`` (temporal clips, spatial crops) is read by `HostEvalClip`.
   """
   import hashlib  # pylint: disable=g-import-not-at-top
   get = sources._get  # pylint: disable=protected-access
@@ -705,16 +780,45 @@ class HostReadClip:
 
 
 class HostEvalClip:
-  """grain Map: a video index -> its one evaluation clip, ``{'image': uint8 [T, size, size, 3],
-  'label'}``: the reader's test sampling (VideoMAE: the central clip) and `videomae_eval_view`."""
+  """grain Map: a video index -> its evaluation clip, ``{'image': uint8 [T, size, size, 3],
+  'label'}``. VideoMAE's samplings decode the test buffer once and cut the views from it
+  (`videomae_test_views`, as `VideoClsDataset`'s test); 'clip' and 'segment' read each
+  temporal test clip of the reader (segment: SSv2's starts and middles) and cut the spatial
+  crops as VideoMAE's test does. With ``views=(chunks, crops)`` other than (1, 1), 'image'
+  holds every view, chunk-major: uint8 [chunks * crops, T, size, size, 3]."""
 
-  def __init__(self, reader: ClipReader, size: int):
-    self.reader = reader
+  def __init__(self, reader: ClipReader, size: int, views: Sequence[int] = (1, 1)):
     self.size = int(size)
+    self.views = (int(views[0]), int(views[1]))
+    if min(self.views) < 1:
+      raise DataConfigError(f"input.data.test_views={list(self.views)}: use positive counts "
+                            "(temporal clips, spatial crops)")
+    # The reader's test clips are this test's temporal views.
+    self.reader = ClipReader(reader.paths, reader.labels, reader.num_frames,
+                             reader.sampling_rate, reader.sampling, num_clips=self.views[0])
+    self.buffered = reader.sampling.startswith("videomae")
 
   def map(self, element: Any) -> dict[str, Any]:
-    record = self.reader.read(int(element))
-    return {"image": videomae_eval_view(record["video"], self.size), "label": record["label"]}
+    chunks, crops = self.views
+    t = self.reader.num_frames
+    if self.buffered:
+      record = self.reader.read(int(element), clip_idx="buffer")
+      views = videomae_test_views(record["video"], t, self.size, chunks, crops)
+    else:
+      record = self.reader.read(int(element), clip_idx=0)
+      clips = [record["video"]] + [self.reader.read(int(record["index"]), clip_idx=c)["video"]
+                                   for c in range(1, chunks)]
+      views = np.concatenate([videomae_test_views(c, t, self.size, 1, crops) for c in clips])
+    return {"image": views[0] if self.views == (1, 1) else views, "label": record["label"]}
+
+
+def test_views(data_cfg: Any) -> tuple[int, int]:
+  """``input.data.test_views`` (temporal chunks, spatial crops) of a streamed video config;
+  (1, 1) otherwise."""
+  if sources._get(data_cfg, "name") not in VIDEO_SOURCES:  # pylint: disable=protected-access
+    return (1, 1)
+  views = sources._get(data_cfg, "test_views", (1, 1)) or (1, 1)  # pylint: disable=protected-access
+  return int(views[0]), int(views[1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ reports the mean cross-entropy, here `loss`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -24,6 +25,19 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
   return float(-logp[np.arange(len(labels)), np.asarray(labels)].mean()) if len(labels) else float("nan")
 
 
+def view_log_probs(encode, images: np.ndarray) -> dict:
+  """``images`` [b, V, ...] -> {'logits': log of the softmax averaged over the V views [b, C]
+  (its arg-max is VideoMAE's merged prediction; its cross-entropy that of the averaged
+  probabilities), 'views': [b] V}."""
+  images = np.asarray(images)
+  b, v = images.shape[:2]
+  logits = np.asarray(encode(images.reshape((b * v,) + images.shape[2:]))["logits"], np.float64)
+  z = logits - logits.max(axis=1, keepdims=True)
+  probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+  mean = probs.reshape(b, v, -1).mean(axis=1)
+  return {"logits": np.log(np.maximum(mean, 1e-300)), "views": np.full((b,), v, np.int32)}
+
+
 @common.register("classifier")
 class ClassifierEvaluator(common.Evaluator):
   """Options: `batch_size` (256), `max_eval` (0 = the whole held-out split), `pooling` and
@@ -32,7 +46,13 @@ class ClassifierEvaluator(common.Evaluator):
   def run(self, ctx: common.EvalContext) -> dict:
     batch_size = int(self.option("batch_size", 256))
     max_eval = self.option("max_eval", None)
-    feats, labels = common.extract_features(ctx, "eval", batch_size, max_eval)
+    views = ctx.view_batches is not None
+    if views:      # VideoMAE's multi-view test: softmax of every view, averaged per example
+      feats, labels = common.extract_outputs(
+          dataclasses.replace(ctx, batches=ctx.view_batches), "eval", batch_size, max_eval,
+          ("views",), lambda images: view_log_probs(ctx.encode, images))
+    else:
+      feats, labels = common.extract_features(ctx, "eval", batch_size, max_eval)
     if "logits" not in feats:
       raise ValueError(f"evaluator {self.name!r} needs logits from the method's features(): use "
                        f"config.method='finetune' (got feature sets {sorted(feats)})")
@@ -54,8 +74,12 @@ class ClassifierEvaluator(common.Evaluator):
         "pooling": self.cfg.get("pooling"),
         "head": self.cfg.get("head", "linear"),
         "preprocessing": "eval pipeline: in memory, stored images resized to image_size (no crop); "
-                         "streaming, shorter side to image_size / 0.875 then centre crop",
+                         "streaming, shorter side to image_size / 0.875 then centre crop; "
+                         "streamed video, VideoMAE's test view(s)",
         "augmentation": "none",
-        "prediction": "arg-max of the fine-tuned head's logits",
+        "prediction": ("arg-max of the softmax averaged over the test views" if views else
+                       "arg-max of the fine-tuned head's logits"),
     }
+    if views:
+      result["protocol"]["views_per_example"] = int(feats["views"][0])
     return result

@@ -74,6 +74,9 @@ class EvalContext:
   pooling: Optional[str] = None
   # Leading non-spatial tokens of `encode_tokens`' output (a ViT's cls token; 0 without one).
   prefix_tokens: int = 1
+  # The multi-view test of streamed video (`input.data.test_views` other than (1, 1)): like
+  # `batches`, images uint8 [b, V, T, S, S, 3]; None when every example is one view.
+  view_batches: Optional[BatchesFn] = None
 
 
 class Evaluator(abc.ABC):
