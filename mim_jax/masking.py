@@ -80,7 +80,7 @@ def simmim_mask(rng: jax.Array, batch: int, image_size: int, mask_patch_size: in
 class BlockMaskInfo(NamedTuple):
   """Per-sample trace of `block_mask_trace`, for tests and analyses.
 
-  mask:   [H, W] int32, 1 = masked.
+  mask:   [H, W] int32, 1 = masked ([T, H, W] for a cube mask).
   areas:  [T] float, the target area drawn for each accepted rectangle (0 past the last).
   sizes:  [T] int32, h * w of each accepted rectangle.
   deltas: [T] int32, patches each accepted rectangle newly masked.
@@ -94,7 +94,8 @@ class BlockMaskInfo(NamedTuple):
 def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
                      min_num: int = 16, max_num: int | None = None, min_aspect: float = 0.3,
                      max_aspect: float | None = None, max_attempts: int = 10,
-                     until_exact: bool = False, max_rounds: int = 0) -> BlockMaskInfo:
+                     until_exact: bool = False, max_rounds: int = 0,
+                     temporal: int = 0) -> BlockMaskInfo:
   """One sample of microsoft/unilm `beit/masking_generator.py` `MaskingGenerator`, in JAX.
 
   The algorithm, step for step: while fewer than `num_masking` patches are masked, try up to
@@ -107,12 +108,20 @@ def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
   does not stop the loop (`while mask_count != num_masking_patches`), so the count is exact;
   `max_rounds` (default 50 + 10 * num_masking) only bounds that loop. The draws are JAX's, so
   masks equal the official ones in distribution, not bits.
+
+  ``temporal`` = T > 0 is SlowFast's `MaskingGenerator3D` (``slowfast/datasets/transform.py``)
+  on a [T, H, W] grid: each try also draws a length ``t ~ U{1..T}`` and a front
+  ``U{0..T - t}``, the cuboid h x w x t counts its new patches, and the target area is
+  ~ U(min_num, max_num) with the fixed ``max_num`` (not the remaining budget; acceptance still
+  caps the new patches at the remaining budget). `cube_mask` passes its 100 tries a round.
+  The mask is then [T, H, W] and `sizes` hold h * w * t.
   """
   max_num = num_masking if max_num is None else max_num
   max_aspect = max_aspect or 1.0 / min_aspect
   log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
+  frames = jnp.arange(max(temporal, 1))[:, None, None]
   limit = max(num_masking, 1)
   max_rounds = max_rounds or 50 + 10 * num_masking
 
@@ -120,6 +129,9 @@ def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
     """Up to `max_attempts` tries; returns the mask, the patches added (0: none fitted), the
     rng, and the accepted rectangle's target area and h * w."""
     max_mask = jnp.minimum(num_masking - count, max_num).astype(jnp.int32)
+    # BEiT draws the area below the budget; MaskingGenerator3D below the fixed max_num.
+    area_top = (jnp.asarray(max_num, jnp.float32) if temporal
+                else max_mask.astype(jnp.float32))
 
     def cond(c):
       return (c[0] < max_attempts) & (c[1] == 0)
@@ -129,18 +141,26 @@ def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
       rng, ka, kr, kt, kl = jax.random.split(rng, 5)
       # Python's random.uniform(a, b) = a + (b - a) * U, also when b < a (few patches left);
       # jax.random.uniform would clamp that case to a.
-      area = min_num + (max_mask.astype(jnp.float32) - min_num) * jax.random.uniform(ka, ())
+      area = min_num + (area_top - min_num) * jax.random.uniform(ka, ())
       aspect = jnp.exp(jax.random.uniform(kr, (), minval=log_lo, maxval=log_hi))
       h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
       w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
       fits = (w < width) & (h < height)
+      if temporal:
+        kt, k_len, k_front = jax.random.split(kt, 3)
+        t = jax.random.randint(k_len, (), 1, temporal + 1)               # randint(1, T)
+        front = jax.random.randint(k_front, (), 0, temporal - t + 1)     # randint(0, T - t)
       top = jax.random.randint(kt, (), 0, jnp.maximum(height - h, 0) + 1)     # randint(0, H - h)
       left = jax.random.randint(kl, (), 0, jnp.maximum(width - w, 0) + 1)
       inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+      size = h * w
+      if temporal:
+        inside = inside[None] & (frames >= front) & (frames < front + t)
+        size = size * t
       new = jnp.sum(inside & (mask == 0)).astype(jnp.int32)
       ok = fits & (new > 0) & (new <= max_mask)
       return (i + 1, jnp.where(ok, new, 0), jnp.where(ok & inside, 1, mask), rng,
-              jnp.where(ok, area, 0.0), jnp.where(ok, h * w, 0))
+              jnp.where(ok, area, 0.0), jnp.where(ok, size, 0))
 
     init = (jnp.int32(0), jnp.int32(0), mask, rng, jnp.float32(0), jnp.int32(0))
     _, delta, mask, rng, area, size = jax.lax.while_loop(cond, body, init)
@@ -160,7 +180,8 @@ def block_mask_trace(rng: jax.Array, height: int, width: int, num_masking: int,
     return (mask, count + delta, ~got, rng, k + got.astype(jnp.int32), areas, sizes, deltas,
             rounds + 1)
 
-  init = (jnp.zeros((height, width), jnp.int32), jnp.int32(0), jnp.bool_(False), rng, jnp.int32(0),
+  shape = (temporal, height, width) if temporal else (height, width)
+  init = (jnp.zeros(shape, jnp.int32), jnp.int32(0), jnp.bool_(False), rng, jnp.int32(0),
           jnp.zeros((limit,), jnp.float32), jnp.zeros((limit,), jnp.int32), jnp.zeros((limit,), jnp.int32),
           jnp.int32(0))
   mask, _, _, _, _, areas, sizes, deltas, _ = jax.lax.while_loop(cond, body, init)
@@ -185,6 +206,22 @@ def block_mask(rng: jax.Array, batch: int, height: int, width: int, num_masking:
   if exact:
     mask = fill_to_count(jax.random.fold_in(rng, 1), mask, num_masking)
   return mask
+
+
+def cube_mask(rng: jax.Array, batch: int, temporal: int, height: int, width: int,
+              ratio: float = 0.4) -> jax.Array:
+  """MaskFeat's video cube masks [B, T*H*W] int32 (1 = masked, (t, h, w) order), drawn on the
+  device: SlowFast's `MaskingGenerator3D` with the settings of its Kinetics loader
+  (``slowfast/datasets/kinetics.py`` `_gen_mask`, AUG.MASK_TUBE and MASK_FRAMES off): at most
+  ``round(T H W ratio)`` patches, cuboid areas between ``H W // 5`` and ``H W``, 100 tries a
+  round (`block_mask_trace` with ``temporal``)."""
+  num = int(round(temporal * height * width * ratio))
+  max_num = height * width
+  keys = jax.random.split(rng, batch)
+  info = jax.vmap(lambda k: block_mask_trace(k, height, width, num, min_num=max_num // 5,
+                                             max_num=max_num, max_attempts=100,
+                                             temporal=temporal))(keys)
+  return info.mask.reshape(batch, temporal * height * width)
 
 
 def fill_to_count(rng: jax.Array, mask: jax.Array, count: int) -> jax.Array:

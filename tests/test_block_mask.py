@@ -122,3 +122,63 @@ def test_exact_count_fill_as_cae(num):
   # Only additions: every patch of BEiT's mask stays masked.
   base = masking.block_mask(jax.random.PRNGKey(1), 64, 14, 14, num)
   assert (np.asarray(m) >= np.asarray(base)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# MaskFeat's video cube masks: SlowFast's MaskingGenerator3D.
+
+
+def numpy_cube_mask(rng, temporal, height, width, num_masking, min_num, max_num,
+                    min_aspect=0.3):
+  """slowfast/datasets/transform.py MaskingGenerator3D, written directly (NumPy draws)."""
+  lo, hi = math.log(min_aspect), math.log(1 / min_aspect)
+  mask = np.zeros((temporal, height, width), np.int64)
+  sizes = []
+  count = 0
+  while count < num_masking:
+    budget = num_masking - count
+    delta = 0
+    for _ in range(100):
+      area = rng.uniform(min_num, max_num)
+      aspect = math.exp(rng.uniform(lo, hi))
+      h = int(round(math.sqrt(area * aspect)))
+      w = int(round(math.sqrt(area / aspect)))
+      t = int(rng.integers(1, temporal + 1))
+      if w < width and h < height:
+        top = rng.integers(0, height - h + 1)
+        left = rng.integers(0, width - w + 1)
+        front = rng.integers(0, temporal - t + 1)
+        window = mask[front:front + t, top:top + h, left:left + w]
+        new = h * w * t - window.sum()
+        if 0 < new <= budget:
+          window[...] = 1
+          delta = new
+          sizes.append(h * w * t)
+      if delta > 0:
+        break
+    if delta == 0:
+      break
+    count += delta
+  return mask, sizes
+
+
+def test_cube_mask_matches_slowfast_generator_in_distribution():
+  # Kinetics' MaskFeat: window (8, 7, 7), ratio 0.4 -> at most round(156.8) = 157 patches,
+  # cuboid areas in [49 // 5, 49] = [9, 49].
+  n = 300
+  masks = np.asarray(masking.cube_mask(jax.random.PRNGKey(0), n, 8, 7, 7)).reshape(n, 8, 7, 7)
+  rng = np.random.default_rng(0)
+  ref = [numpy_cube_mask(rng, 8, 7, 7, 157, 9, 49) for _ in range(n)]
+  counts, ref_counts = masks.reshape(n, -1).sum(1), np.array([m.sum() for m, _ in ref])
+  assert counts.max() <= 157 and ref_counts.max() <= 157
+  se = math.sqrt(counts.var() / n + ref_counts.var() / n)
+  assert abs(counts.mean() - ref_counts.mean()) < 4 * se + 1e-9, (counts.mean(), ref_counts.mean())
+  # masked share per frame and per spatial position spread alike
+  per_t = masks.mean((0, 2, 3)), np.mean([m for m, _ in ref], 0).mean((1, 2))
+  assert np.abs(per_t[0] - per_t[1]).max() < 0.05, per_t
+  per_hw = masks.mean((0, 1)), np.mean([m for m, _ in ref], 0).mean(0)
+  assert np.abs(per_hw[0] - per_hw[1]).max() < 0.08
+  # the mask varies over time (cubes, not tubes) and is seeded
+  assert (masks != masks[:, :1]).any()
+  again = np.asarray(masking.cube_mask(jax.random.PRNGKey(0), n, 8, 7, 7)).reshape(n, 8, 7, 7)
+  assert np.array_equal(masks, again)

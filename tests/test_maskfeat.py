@@ -78,6 +78,21 @@ def test_patch_target_has_the_official_order_and_size():
   assert hog.hog_target(jnp.asarray(x), patch=4, nbins=9, cell=2).shape == (2, 64, 108)
 
 
+def test_video_target_is_the_official_3d_layout():
+  """hog_target_3d against `_get_hog_label_3d` re-derived in NumPy from the per-frame HOG cells
+  in HOGLayerC's [BT, C, nbins, h, w] layout: frames[::2], flatten(1, 2), permute, unfold rows
+  and columns, flatten(3), view(B, T, f, f, -1), flatten(1, 3)."""
+  clips = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 32, 32, 3))
+  got = np.asarray(hog.hog_target_3d(clips, 2, 16, nbins=9, cell=8))
+  frames = clips[:, ::2].reshape(6, 32, 32, 3)
+  cells = np.asarray(hog.hog(frames, nbins=9, cell=8)).transpose(0, 3, 4, 1, 2)  # BT C nb h w
+  x = cells.reshape(6, 27, 4, 4).transpose(0, 2, 3, 1)                 # BT Hc Wc C'
+  x = x.reshape(6, 2, 2, 2, 2, 27).transpose(0, 1, 3, 5, 2, 4)         # BT f f C' u u
+  want = x.reshape(6, 2, 2, -1).reshape(2, 3, 2, 2, -1).reshape(2, 12, -1)
+  assert got.shape == (2, 3 * 2 * 2, 27 * 4) == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_vertical_edge_puts_all_mass_in_the_horizontal_gradient_bin():
   x = np.zeros((1, 32, 32, 3), np.float32)
   x[:, :, 12:] = 1.0                          # a vertical edge between columns 11 and 12

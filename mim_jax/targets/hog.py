@@ -92,6 +92,18 @@ def hog_target(images: jax.Array, patch: int, nbins: int = 9, cell: int = 8) -> 
   return cells_to_patches(hog(images, nbins=nbins, cell=cell), patch // cell)
 
 
+def hog_target_3d(clips: jax.Array, temporal_stride: int, patch: int, nbins: int = 9,
+                  cell: int = 8) -> jax.Array:
+  """MaskFeat's video target (``slowfast/models/masked.py`` `MaskMViT._get_hog_label_3d`):
+  every ``temporal_stride``-th frame of the normalised clips [B, T, H, W, C] (the patch
+  embedding's temporal stride, PATCH_STRIDE[0]) gets the image target `hog_target`; tokens in
+  (t, h, w) order -> [B, (T / stride) * (H / patch) * (W / patch), C * nbins * (patch / cell)^2]."""
+  frames = clips[:, ::temporal_stride]
+  b, t = frames.shape[:2]
+  out = hog_target(frames.reshape((b * t,) + frames.shape[2:]), patch, nbins=nbins, cell=cell)
+  return out.reshape(b, t * out.shape[1], out.shape[2])
+
+
 def target_dim(patch: int, cell: int, nbins: int = 9, channels: int = 3) -> int:
   """Length of one patch's HOG target: channels * nbins * (patch / cell)^2."""
   return channels * nbins * (patch // cell) ** 2
