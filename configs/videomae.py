@@ -84,6 +84,7 @@ def get_config(arg=None):
     c.model.update(variant="tiny", depth=4, patch_size=4)
     c.videomae.decoder = dict(width=96, depth=2, heads=3)   # half the encoder's width, as ViT-B's
     c.optim.base_lr = 1.5e-3            # 1.5e-3 * 128/256 = 7.5e-4 peak: short runs want more
+    c.evals.reconstruction.enabled = True   # filmstrips of the official visualisation
   elif preset in ("kinetics400", "ssv2"):
     c.input.data.update(name="video_csv", csv="", eval_csv="", in_memory=False,
                         holdout_per_class=0, num_frames=16, sampling="videomae",

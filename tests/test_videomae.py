@@ -275,6 +275,36 @@ def test_two_steps_on_embedded_clips_give_knn_numbers(two_step_run):
     knn = json.load(f)["knn"]
   assert 0 < knn["online/top1"] <= 100 and knn["step"] == 2
   assert knn["protocol"]["pooling"] == "mean" and knn["protocol"]["num_queries"] == 100
+  with open(os.path.join(two_step_run, "eval_results.json")) as f:
+    rec = json.load(f)["reconstruction"]
+  from PIL import Image
+  picture = np.asarray(Image.open(rec["latest_path"]))
+  p = rec["protocol"]          # 2 rows of 3 filmstrips of 4 frames, 32 px each at scale 3
+  assert p["frames_per_cell"] == 4 and 0.8 < p["masked_fraction"] < 1.0
+  cell = 32 * p["scale"]
+  assert picture.shape[:2] == (p["header"] + 2 + 2 * (cell + 2), 2 + 3 * (4 * cell + 2))
+
+
+def test_reconstruct_pastes_predictions_into_the_hidden_cubes(monkeypatch):
+  c = small_config()
+  m = methods.get(c)
+  clips = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 8, 8, 3))
+  cubes = videomae.to_cubes(clips, 2, 4)
+  np.testing.assert_array_equal(videomae.from_cubes(cubes, clips.shape, 2, 4), clips)
+  params = m.init(jax.random.PRNGKey(1), clips)
+  _, mask, decode_ids = m.forward(params, clips, jax.random.PRNGKey(2))
+  # a perfect prediction (the normalised target itself) gives the clips back
+  target = videomae.videomae_target(clips, MEAN, STD, 2, 4, True)
+  perfect = jnp.take_along_axis(target, decode_ids[..., None], axis=1)
+  monkeypatch.setattr(type(m), "forward", lambda self, p, x, r, train=True: (perfect, mask, decode_ids))
+  out = m.reconstruct(params, None, clips, jax.random.PRNGKey(2))
+  np.testing.assert_allclose(out["reconstruction"], clips, atol=1e-4)
+  hidden = np.asarray(mask).reshape(2, 2, 2, 2)                 # (t, h, w) cubes of 2 x 4 x 4
+  shown = videomae.to_cubes(out["masked"] * STD + MEAN, 2, 4)   # back to [0, 1] levels
+  np.testing.assert_allclose(np.abs(shown).max(axis=(2, 3)) * hidden.reshape(2, -1), 0, atol=1e-5)
+  np.testing.assert_allclose(out["masked"][~np.repeat(np.repeat(np.repeat(
+      hidden, 2, 1), 4, 2), 4, 3)], clips[~np.repeat(np.repeat(np.repeat(hidden, 2, 1), 4, 2), 4, 3)],
+      atol=1e-5)
 
 
 def test_sharded_steps_equal_one_device(two_step_run):

@@ -1,7 +1,8 @@
 """Reconstruction picture for masked-image-modelling methods.
 
 Takes the first ``num_images`` eval images, asks the method for its masked
-input and reconstruction, and saves a PNG grid: one row per image, columns
+input and reconstruction, and saves a PNG grid (clips: each cell a filmstrip of the clip's
+frames, left to right): one row per image, columns
 input | masked input | reconstruction, each image upscaled by an integer factor with
 nearest-neighbour (so every source pixel becomes a ``scale x scale`` block),
 cells separated and framed by ``separator`` pixels of ``separator_value``.
@@ -58,6 +59,12 @@ def make_grid(columns: list[np.ndarray], scale: int, separator: int = 2,
   return grid
 
 
+def filmstrip(clips: np.ndarray) -> np.ndarray:
+  """Clips [n, T, h, w, C] -> [n, h, T * w, C]: each clip's frames side by side."""
+  n, t, h, w, c = clips.shape
+  return np.ascontiguousarray(np.asarray(clips).transpose(0, 2, 1, 3, 4).reshape(n, h, t * w, c))
+
+
 TITLES = {"input": "input", "masked": "masked input", "reconstruction": "reconstruction"}
 LINE = 14    # header line height, px (PIL's default bitmap font is 11 px tall)
 
@@ -108,6 +115,9 @@ class ReconstructionEvaluator(common.Evaluator):
     for name, col in zip(COLUMNS, columns):
       if col.dtype != np.uint8:
         raise ValueError(f"reconstruct()[{name!r}] has dtype {col.dtype}; expected uint8")
+    frames = columns[0].shape[1] if columns[0].ndim == 5 else 0
+    if frames:       # clips: each cell is a filmstrip of the clip's frames, left to right
+      columns = [filmstrip(c) for c in columns]
     h, w = columns[0].shape[1:3]
     scale = int(self.option("scale", 0)) or upscale_factor(min(h, w), int(self.option("min_size", 96)))
     separator = int(self.option("separator", 2))
@@ -134,5 +144,6 @@ class ReconstructionEvaluator(common.Evaluator):
             "separator": separator,
             "header": 2 * LINE,
             "masked_fraction": hidden,
+            **({"frames_per_cell": int(frames)} if frames else {}),
         },
     }

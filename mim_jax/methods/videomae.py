@@ -39,7 +39,8 @@ masking_generator.py) and, for the decoder masking, OpenGVLab/VideoMAEv2
 `features` (kNN, linear probe) are the encoder's final-norm tokens of the whole clip averaged
 (pooling 'mean'; VideoMAE's fine-tuning instead averages the last block's tokens and applies a
 fresh `fc_norm`). Deviations: none in the method; the CPU preset's data and augmentation are
-described in configs/videomae.py. No `reconstruct` picture for clips yet.
+described in configs/videomae.py. `reconstruct` draws the official visualisation's picture
+(each predicted cube un-normalised with its own statistics).
 """
 from __future__ import annotations
 
@@ -59,15 +60,37 @@ def videomae_target(images: jax.Array, mean, std, tubelet: int, patch: int,
   """VideoMAE's regression target of every cube: normalised clips [B, T, H, W, 3] ->
   float32 [B, T/t * h * w, t * p * p * 3] (tokens in (t, h, w) order, values in (p0 p1 p2 c)
   order), as engine_for_pretraining.py builds `videos_patch` (see the module docstring)."""
-  x = images.astype(jnp.float32) * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
-  b, tt, hh, ww, c = x.shape
-  t, p = tubelet, patch
-  x = x.reshape(b, tt // t, t, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-  x = x.reshape(b, (tt // t) * (hh // p) * (ww // p), t * p * p, c)
+  x = to_cubes(_unnormalise(images, mean, std), tubelet, patch)
   if normalize:
-    x = (x - x.mean(axis=-2, keepdims=True)) / (
-        jnp.sqrt(x.var(axis=-2, ddof=1, keepdims=True)) + 1e-6)
-  return x.reshape(x.shape[:2] + (t * p * p * c,))
+    mu, sd = cube_stats(x)
+    x = (x - mu) / sd
+  return x.reshape(x.shape[:2] + (-1,))
+
+
+def _unnormalise(images, mean, std):
+  return images.astype(jnp.float32) * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
+
+
+def to_cubes(clips: jax.Array, tubelet: int, patch: int) -> jax.Array:
+  """[B, T, H, W, C] -> [B, L, t*p*p, C]: cubes in (t, h, w) order, pixels (p0 p1 p2)."""
+  b, tt, hh, ww, c = clips.shape
+  t, p = tubelet, patch
+  x = clips.reshape(b, tt // t, t, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(b, (tt // t) * (hh // p) * (ww // p), t * p * p, c)
+
+
+def from_cubes(cubes: jax.Array, shape, tubelet: int, patch: int) -> jax.Array:
+  """The inverse of `to_cubes` for clips of ``shape`` [B, T, H, W, C]."""
+  b, tt, hh, ww, c = shape
+  t, p = tubelet, patch
+  x = cubes.reshape(b, tt // t, hh // p, ww // p, t, p, p, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(shape)
+
+
+def cube_stats(cubes: jax.Array):
+  """Per-cube, per-channel mean and unbiased std + 1e-6 over the cube's pixels (axis -2)."""
+  return (cubes.mean(axis=-2, keepdims=True),
+          jnp.sqrt(cubes.var(axis=-2, ddof=1, keepdims=True)) + 1e-6)
 
 
 def token_ids(mask: jax.Array, count: int) -> jax.Array:
@@ -215,6 +238,30 @@ class VideoMAE(Method):
     loss = mae_loss(pred, target, weight)
     return loss, {"mask_ratio": jnp.mean(mask.astype(jnp.float32)),
                   "decoded_masked": jnp.mean(weight)}
+
+  def reconstruct(self, params, state, images, rng):
+    """The clips with the predicted cubes pasted in, as VideoMAE's ``run_videomae_vis.py``
+    draws them: with the normalised target, each predicted cube is mapped back with that
+    cube's own mean and std (the official picture does so; they are not what the model saw);
+    the masked clips black out the cubes hidden from the encoder. Returned normalised like
+    the input ([B, T, H, W, 3])."""
+    mean, std = self.config.input.mean, self.config.input.std
+    pred, mask, decode_ids = self.forward(params, images, rng, train=False)
+    cubes = to_cubes(_unnormalise(images, mean, std), self.tubelet, self.patch)
+    mu, sd = cube_stats(cubes)
+    shown = (cubes - mu) / sd if self.normalize_target else cubes
+    pred = pred.reshape(pred.shape[:2] + cubes.shape[2:])
+    # paste the predictions at the decoded positions the encoder did not see
+    hidden = jnp.take_along_axis(mask, decode_ids, axis=1)[..., None, None]
+    rows = jnp.arange(cubes.shape[0])[:, None]
+    rec = shown.at[rows, decode_ids].set(
+        jnp.where(hidden, pred, jnp.take_along_axis(shown, decode_ids[..., None, None], axis=1)))
+    if self.normalize_target:
+      rec = rec * sd + mu
+    keep = (~mask)[..., None, None].astype(jnp.float32)
+    renorm = lambda x: ((from_cubes(x, images.shape, self.tubelet, self.patch)   # noqa: E731
+                         - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32))
+    return {"masked": renorm(cubes * keep), "reconstruction": renorm(rec)}
 
   def describe(self) -> dict:
     return {**super().describe(), "num_frames": self.num_frames}
