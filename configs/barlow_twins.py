@@ -7,7 +7,7 @@ Presets (`--config=configs/barlow_twins.py:<preset>`):
                CPU-sized (minutes on 2 cores).
                  python -m mim_jax.main --config=configs/barlow_twins.py --workdir=/tmp/barlow
   cifar10      The CIFAR-10 image folder, 500 images per class held out, a quarter-width
-               ResNet-18 (CIFAR stem), solo-learn's 2048-2048-2048 projector, 8 epochs
+               ResNet-18 (CIFAR stem), solo-learn's 2048-2048-2048 projector, 5 epochs
                (benchmarks/joint_embedding_cpu.py prints its time).
                  python -m mim_jax.main --config=configs/barlow_twins.py:cifar10 \
                    --workdir=/tmp/barlow_c10 --config.input.data.dir=../shared/data/cifar10/train
@@ -59,7 +59,7 @@ wide (1024 in the default preset, for the CPU), warm-up then cosine to 0; crops 
 solo-learn's LARS eta 0.02 with clip_lr (each layer's rate min(0.02 |p| / |g|, lr)) - mim_jax's
 LARS has the official eta 0.001 and no clipping; the 3e-5 warm-up start (0 here); solo-learn's
 projector Linears with biases (the official's, without, here). Epochs and warm-up as SimCLR's CPU
-presets (5 / 8 epochs, 1 / 0.5 warm-up epochs, batch 128 / 256); cifar10_full: 10 warm-up
+presets (5 epochs, 1 / 0.5 warm-up epochs, batch 128 / 256); cifar10_full: 10 warm-up
 epochs (solo-learn's default).
 """
 from mim_jax import config_lib
@@ -78,7 +78,7 @@ def get_config(arg=None):
   c.optim.update(name="lars", base_lr=0.2, lr_batch_divisor=256, momentum=0.9, weight_decay=1e-6,
                  schedule="cosine", warmup_epochs=10, min_lr=0.2 * 0.001)
   if preset in ("default", "cifar10", "cifar10_full"):
-    config_lib.joint_embedding_preset(c, preset, epochs=(5, 8), batch=(128, 256))
+    config_lib.joint_embedding_preset(c, preset, epochs=(5, 5), batch=(128, 256))
     width = 1024 if preset == "default" else 2048
     c.barlow_twins.update(projector_layers=projector_layers(f"{width}-{width}-{width}"),
                           lr_biases=0.3, scale_loss=0.1)

@@ -6,7 +6,7 @@ Presets (`--config=configs/byol.py:<preset>`):
                width, CPU-sized (minutes on 2 cores).
                  python -m mim_jax.main --config=configs/byol.py --workdir=/tmp/byol
   cifar10      The CIFAR-10 image folder, 500 images per class held out, a quarter-width
-               ResNet-18 (CIFAR stem), 8 epochs (benchmarks/joint_embedding_cpu.py prints its time).
+               ResNet-18 (CIFAR stem), 5 epochs (benchmarks/joint_embedding_cpu.py prints its time).
                  python -m mim_jax.main --config=configs/byol.py:cifar10 --workdir=/tmp/byol_c10 \
                    --config.input.data.dir=../shared/data/cifar10/train
   cifar10_full solo-learn's CIFAR-10 recipe at lightly's benchmark length (full ResNet-18,
@@ -36,7 +36,7 @@ CPU and CIFAR presets: solo-learn's scripts/pretrain/cifar/byol.yaml (ResNet-18,
 batch / 256, momentum 0.9, eta 0.02 with clip_lr, weight decay 1e-5, biases and norms
 excluded, warmup_cosine with 10 warm-up epochs, tau 0.99 -> 1, the heads 4096 / 256 / 4096,
 augmentations/asymmetric.yaml: crop 0.08 - 1, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grey 0.2, no
-blur, solarisation 0 / 0.2); here ResNet-18 at width 0.25, batch 128 / 256, 5 / 8
+blur, solarisation 0 / 0.2); here ResNet-18 at width 0.25, batch 128 / 256, 5
 epochs with 1 / 0.5 warm-up epochs (cifar10_full: batch 512, 200 epochs, 10 warm-up epochs).
 
 Deviations:
@@ -75,7 +75,7 @@ def get_config(arg=None):
                  weight_decay=1.5e-6, schedule="cosine", warmup_epochs=10, warmup_lr=0.0,
                  min_lr=0.0)
   if preset in ("default", "cifar10", "cifar10_full"):
-    config_lib.joint_embedding_preset(c, preset, epochs=(5, 8), batch=(128, 256))
+    config_lib.joint_embedding_preset(c, preset, epochs=(5, 5), batch=(128, 256))
     c.byol.momentum = 0.99
     c.byol.views.blur_probs = (0.0, 0.0, 0.0)
     c.optim.update(base_lr=1.0, weight_decay=1e-5)

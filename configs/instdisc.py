@@ -7,7 +7,7 @@ Presets (`--config=configs/instdisc.py:<preset>`):
                ResNet-18 (CIFAR stem) at a quarter width, CPU-sized.
                  python -m mim_jax.main --config=configs/instdisc.py --workdir=/tmp/instdisc
   cifar10      The CIFAR-10 image folder, 500 images per class held out, a quarter-width
-               ResNet-18 (CIFAR stem), 8 epochs (benchmarks/joint_embedding_cpu.py prints its time).
+               ResNet-18 (CIFAR stem), 5 epochs (benchmarks/joint_embedding_cpu.py prints its time).
                  python -m mim_jax.main --config=configs/instdisc.py:cifar10 --workdir=/tmp/instdisc_c10 \
                    --config.input.data.dir=../shared/data/cifar10/train
   cifar10_full The official cifar.py at lightly's benchmark size (full ResNet-18, 200 epochs; the
@@ -36,7 +36,7 @@ Deviations:
   * The noise indices are drawn with jax.random (uniform over the N images, as the alias
     sampler over uniform unigrams), the bank's initial draw with jax.random.
   * In-memory data is cropped bilinearly on the device (torchvision: bilinear on PIL).
-CPU presets: ResNet-18 at width 0.25, batch 128 / 256, 5 / 8 epochs, CIFAR settings
+CPU presets: ResNet-18 at width 0.25, batch 128 / 256, 5 epochs, CIFAR settings
 (T = 0.1, wd 5e-4, no flip), lr steps at 60% and 80% of the run; K = 4096 (1,024 on the
 4,000-image embedded set).
 """
@@ -60,7 +60,7 @@ def get_config(arg=None):
                  warmup_epochs=0.0, min_lr=0.0)
   c.total_epochs = 200
   if preset in ("default", "cifar10", "cifar10_full"):
-    config_lib.joint_embedding_preset(c, preset, epochs=(5, 8), batch=(128, 256))
+    config_lib.joint_embedding_preset(c, preset, epochs=(5, 5), batch=(128, 256))
     c.instdisc.update(nce_t=0.1)
     c.instdisc.views.hflip = False
     c.optim.update(weight_decay=5e-4, warmup_epochs=0.0)

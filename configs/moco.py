@@ -9,7 +9,7 @@ Presets (`--config=configs/moco.py:<preset>`):
                (minutes on 2 cores).
                  python -m mim_jax.main --config=configs/moco.py --workdir=/tmp/moco
   cifar10      The CIFAR-10 image folder, 500 images per class held out, a quarter-width
-               ResNet-18 (CIFAR stem), the CIFAR demo's recipe for 8 epochs
+               ResNet-18 (CIFAR stem), the CIFAR demo's recipe for 5 epochs
                (benchmarks/joint_embedding_cpu.py prints its time).
                  python -m mim_jax.main --config=configs/moco.py:cifar10 --workdir=/tmp/moco_c10 \
                    --config.input.data.dir=../shared/data/cifar10/train
@@ -62,7 +62,7 @@ Deviations:
     linear probe read the pooled encoder features (main_lincls.py's), of both encoders.
   * The queue's initial random keys come from jax.random (seed config.seed), not torch.randn.
   * Gradient accumulation is refused (shuffling BN permutes the whole global batch).
-CPU presets: the demo's recipe on a ResNet-18 at width 0.25, batch 128 / 256, 5 / 8
+CPU presets: the demo's recipe on a ResNet-18 at width 0.25, batch 128 / 256, 5
 epochs, no warm-up; K scaled down to 512 for the embedded subset (4,000 images, 2 steps of
 symmetric keys; the demo's 4096 is 8% of its 50,000), 4096 for cifar10 (45,000 images).
 """
@@ -86,7 +86,7 @@ def get_config(arg=None):
                  schedule="multistep", milestones_epochs=(120, 160), gamma=0.1,
                  warmup_epochs=0.0, min_lr=0.0)
   if preset in ("default", "cifar10", "cifar10_full"):
-    config_lib.joint_embedding_preset(c, preset, epochs=(5, 8), batch=(128, 256))
+    config_lib.joint_embedding_preset(c, preset, epochs=(5, 5), batch=(128, 256))
     # The CIFAR-10 demo: its augmentation (aug+ without blur, crop scale 0.08 - 1), 8 BN
     # splits, K 4096, m 0.99, T 0.1, wd 5e-4, cosine, symmetric loss.
     c.model.bn_groups = 8

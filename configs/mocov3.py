@@ -6,7 +6,7 @@ Presets (`--config=configs/mocov3.py:<preset>`):
                ResNet-18 (CIFAR stem) at a quarter width, CPU-sized (minutes on 2 cores).
                  python -m mim_jax.main --config=configs/mocov3.py --workdir=/tmp/mocov3
   cifar10      The CIFAR-10 image folder, 500 images per class held out, a quarter-width
-               ResNet-18 (CIFAR stem), 8 epochs (benchmarks/joint_embedding_cpu.py prints its time).
+               ResNet-18 (CIFAR stem), 5 epochs (benchmarks/joint_embedding_cpu.py prints its time).
                  python -m mim_jax.main --config=configs/mocov3.py:cifar10 --workdir=/tmp/mocov3_c10 \
                    --config.input.data.dir=../shared/data/cifar10/train
   cifar10_full lightly's CIFAR-10 benchmark length (full ResNet-18, batch 512, 200 epochs; kNN
@@ -48,7 +48,7 @@ Deviations:
     approximation of a Gaussian; in-memory data is cropped bilinearly on the device.
   * The total steps are epochs x examples / batch (the official loader drops the last
     partial batch).
-CPU presets: ResNet-18 at width 0.25, batch 128 / 256, 5 / 8 epochs with 1 / 0.5
+CPU presets: ResNet-18 at width 0.25, batch 128 / 256, 5 epochs with 1 / 0.5
 warm-up epochs, mlp_dim 1024 (4096 in cifar10_full), no blur (32 px images), and solo-learn's
 CIFAR-10 MoCo v3 settings (scripts/pretrain/cifar/mocov3.yaml: LARS lr 0.3 x batch / 256, wd
 1e-6, T 0.2; its LARS eta 0.02 and lr clipping are not reproduced); every cifar preset keeps
@@ -77,7 +77,7 @@ def get_config(arg=None):
   c.optim.update(name="lars", base_lr=0.6, lr_batch_divisor=256, momentum=0.9, weight_decay=1e-6,
                  schedule="cosine", warmup_epochs=10, min_lr=0.0)
   if preset in ("default", "cifar10", "cifar10_full"):
-    config_lib.joint_embedding_preset(c, preset, epochs=(5, 8), batch=(128, 256))
+    config_lib.joint_embedding_preset(c, preset, epochs=(5, 5), batch=(128, 256))
     c.model.zero_init_residual = True
     c.mocov3.update(temperature=0.2, mlp_dim=4096 if preset == "cifar10_full" else 1024)
     c.mocov3.views.global_scale = (0.08, 1.0)

@@ -6,7 +6,7 @@ Presets (`--config=configs/simclr.py:<preset>`):
                ResNet-18 (CIFAR stem) at a quarter width, CPU-sized (minutes on 2 cores).
                  python -m mim_jax.main --config=configs/simclr.py --workdir=/tmp/simclr
   cifar10      The CIFAR-10 image folder, 500 images per class held out, a quarter-width
-               ResNet-18 (CIFAR stem), 8 epochs (benchmarks/joint_embedding_cpu.py prints its time).
+               ResNet-18 (CIFAR stem), 5 epochs (benchmarks/joint_embedding_cpu.py prints its time).
                  python -m mim_jax.main --config=configs/simclr.py:cifar10 --workdir=/tmp/simclr_c10 \
                    --config.input.data.dir=../shared/data/cifar10/train
   cifar10_full The official CIFAR-10 command's model and optimiser at lightly's benchmark length
@@ -66,7 +66,7 @@ student here the same ResNet without the head, from scratch: self-distillation):
     --config.finetune.distill.teacher=/tmp/simclr_ft10
 The teacher's runs (the fine-tune and its pretraining run) must stay where they are while the
 student starts.
-CPU presets: ResNet-18 at width 0.25, batch 128 / 256, 5 / 8 epochs with 1 / 0.5
+CPU presets: ResNet-18 at width 0.25, batch 128 / 256, 5 epochs with 1 / 0.5
 warm-up epochs, the official CIFAR-10 optimiser, temperature, colour strength and no blur.
 """
 from mim_jax import config_lib
@@ -87,7 +87,7 @@ def get_config(arg=None):
   c.optim.update(name="lars", base_lr=0.3, lr_batch_divisor=256, momentum=0.9, weight_decay=1e-6,
                  schedule="cosine", warmup_epochs=10, min_lr=0.0)
   if preset in ("default", "cifar10", "cifar10_full"):
-    config_lib.joint_embedding_preset(c, preset, epochs=(5, 8), batch=(128, 256))
+    config_lib.joint_embedding_preset(c, preset, epochs=(5, 5), batch=(128, 256))
     c.simclr.update(temperature=0.5, color_strength=0.5)
     c.simclr.views.blur_probs = (0.0, 0.0, 0.0)
     c.optim.update(base_lr=1.0, weight_decay=1e-4)

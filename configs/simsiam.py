@@ -6,7 +6,7 @@ Presets (`--config=configs/simsiam.py:<preset>`):
                width, CPU-sized (minutes on 2 cores).
                  python -m mim_jax.main --config=configs/simsiam.py --workdir=/tmp/simsiam
   cifar10      The CIFAR-10 image folder, 500 images per class held out, a quarter-width
-               ResNet-18 (CIFAR stem), 8 epochs (benchmarks/joint_embedding_cpu.py prints its time).
+               ResNet-18 (CIFAR stem), 5 epochs (benchmarks/joint_embedding_cpu.py prints its time).
                  python -m mim_jax.main --config=configs/simsiam.py:cifar10 --workdir=/tmp/ss_c10 \
                    --config.input.data.dir=../shared/data/cifar10/train
   cifar10_full solo-learn's CIFAR-10 recipe at lightly's benchmark length (full ResNet-18,
@@ -31,7 +31,7 @@ CPU and CIFAR presets: solo-learn's scripts/pretrain/cifar/simsiam.yaml (ResNet-
 default), weight decay 1e-5 on every parameter, warmup_cosine with 10 warm-up epochs, the
 predictor's lr static; augmentations/symmetric_weak.yaml: crop 0.08 - 1, jitter (0.4, 0.4, 0.4,
 0.1) p 0.8, grey 0.2, blur p 0.5, no solarisation); here ResNet-18 at width 0.25, batch
-128 / 256, 5 / 8 epochs with 1 / 0.5 warm-up epochs (cifar10_full: batch 512, 200 epochs, 10
+128 / 256, 5 epochs with 1 / 0.5 warm-up epochs (cifar10_full: batch 512, 200 epochs, 10
 warm-up epochs). zero_init_residual=True as the official builder in every preset.
 
 The imagenet preset's cosine is set once per epoch (optim.schedule 'cosine_epoch', lr_e =
@@ -63,7 +63,7 @@ def get_config(arg=None):
                  weight_decay=1e-4, schedule="cosine", warmup_epochs=0.0, warmup_lr=0.0,
                  min_lr=0.0)
   if preset in ("default", "cifar10", "cifar10_full"):
-    config_lib.joint_embedding_preset(c, preset, epochs=(5, 8), batch=(128, 256))
+    config_lib.joint_embedding_preset(c, preset, epochs=(5, 5), batch=(128, 256))
     c.simsiam.proj_hidden_dim = 2048
     c.simsiam.views.global_scale = (0.08, 1.0)
     c.optim.update(base_lr=0.5, weight_decay=1e-5)

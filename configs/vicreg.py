@@ -8,7 +8,7 @@ Presets (`--config=configs/vicreg.py:<preset>`):
                CPU-sized (minutes on 2 cores).
                  python -m mim_jax.main --config=configs/vicreg.py --workdir=/tmp/vicreg
   cifar10      The CIFAR-10 image folder, 500 images per class held out, a quarter-width
-               ResNet-18 (CIFAR stem), solo-learn's 2048-2048-2048 expander, 8 epochs
+               ResNet-18 (CIFAR stem), solo-learn's 2048-2048-2048 expander, 5 epochs
                (benchmarks/joint_embedding_cpu.py prints its time).
                  python -m mim_jax.main --config=configs/vicreg.py:cifar10 \
                    --workdir=/tmp/vicreg_c10 --config.input.data.dir=../shared/data/cifar10/train
@@ -45,7 +45,7 @@ default preset, for the CPU), warm-up then cosine to 0; crops 0.2 - 1, jitter (0
 solarisation of both views (here the second view only: data/views.py solarises the second),
 its LARS eta 0.02 with clip_lr (mim_jax's LARS: eta 0.001, no clipping), its 3e-5 warm-up start,
 its expander's last Linear with a bias and its variance term without the official's / 2 (the
-official loss is kept). Epochs and warm-up as SimCLR's CPU presets (5 / 8 epochs, 1 / 0.5
+official loss is kept). Epochs and warm-up as SimCLR's CPU presets (5 epochs, 1 / 0.5
 warm-up epochs, batch 128 / 256); cifar10_full: 10 warm-up epochs (solo-learn's default).
 """
 from mim_jax import config_lib
@@ -64,7 +64,7 @@ def get_config(arg=None):
   c.optim.update(name="lars", base_lr=0.2, lr_batch_divisor=256, momentum=0.9, weight_decay=1e-6,
                  schedule="cosine", warmup_epochs=10, min_lr=0.2 * 0.001)
   if preset in ("default", "cifar10", "cifar10_full"):
-    config_lib.joint_embedding_preset(c, preset, epochs=(5, 8), batch=(128, 256))
+    config_lib.joint_embedding_preset(c, preset, epochs=(5, 5), batch=(128, 256))
     width = 1024 if preset == "default" else 2048
     c.vicreg.expander_layers = projector_layers(f"{width}-{width}-{width}", hidden_bias=True)
     c.vicreg.views = views_config(scale=(0.2, 1.0), blur_probs=(0.0, 0.0), solarize_prob=0.1)

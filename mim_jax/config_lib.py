@@ -274,7 +274,7 @@ def cpu_preset(c: ml_collections.ConfigDict, preset: str, *, epochs: tuple[float
 
 
 def joint_embedding_preset(c: ml_collections.ConfigDict, preset: str, *,
-                           epochs: tuple[float, float] = (5, 8),
+                           epochs: tuple[float, float] = (5, 5),
                            batch: tuple[int, int] = (128, 256)) -> None:
   """The CPU presets of the joint-embedding methods ('', 'cifar10'; see `cpu_preset`): a
   ResNet-18 with the CIFAR stem (3x3 conv, no max-pool) at width 0.25 (16 stem channels: a
