@@ -250,6 +250,31 @@ def test_multi_view_test_batches(video_dir):
                                views=True))
 
 
+def test_multi_clip_test_reads_every_clip_from_one_video(monkeypatch):
+  """A video whose later test clip fails to decode is skipped as a whole: every temporal view
+  comes from the next readable video (one decode of the clips' union), never a mix."""
+  decoded = []
+
+  def fake_decode(path, indices):
+    decoded.append((path, list(indices)))
+    if path == "v0" and max(indices) >= 20:            # v0 is truncated after frame 19
+      raise V.VideoDecodeError("truncated")
+    value = 100 * int(path[1]) + np.asarray(indices, np.uint8)
+    return np.broadcast_to(value[:, None, None, None], (len(indices), 8, 8, 3)).astype(np.uint8)
+
+  monkeypatch.setattr(V, "num_frames", lambda path: 40)
+  monkeypatch.setattr(V, "decode_frames", fake_decode)
+  reader = V.ClipReader(["v0", "v1"], [3, 5], 4, sampling="segment")
+  test = V.HostEvalClip(reader, 8, views=(2, 1))
+  clips = test.map(0)
+  want = [100 + V.segment_indices(40, 4, None, c) for c in (0, 1)]
+  np.testing.assert_array_equal(clips["image"][:, :, 0, 0, 0], want)
+  assert clips["label"] == 5
+  assert [p for p, _ in decoded] == ["v0", "v1"]      # one decode per video tried
+  records = test.reader.read_test_clips(0)
+  assert [(int(r["index"]), int(r["bad"])) for r in records] == [(1, 1), (1, 1)]
+
+
 def test_classifier_averages_the_softmax_of_the_views():
   from mim_jax.evaluators import classifier
   logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6],     # example 0, views 0 / 1

@@ -464,27 +464,39 @@ class ClipReader:
     return clip_indices(video_frames, self.num_frames, self.sampling_rate, rng,
                         -1 if rng is not None else clip_idx, self.num_clips)
 
-  def _read(self, j: int, rng: Optional[np.random.Generator], clip_idx: int) -> np.ndarray:
-    path = self.paths[j]
-    if clip_idx == "buffer":
-      return decode_frames(path, videomae_test_buffer_indices(num_frames(path), self.num_frames,
-                                                              self.sampling_rate))
-    return decode_frames(path, self.indices(num_frames(path), rng, clip_idx))
-
   def read(self, i: int, rng: Optional[np.random.Generator] = None,
-           clip_idx: Any = 0) -> dict[str, Any]:
-    """Video ``i``'s clip (``clip_idx='buffer'``: VideoMAE's whole test buffer,
-    `videomae_test_buffer_indices`), or the next readable video's."""
+           clip_idx: int = 0) -> dict[str, Any]:
+    """Video ``i``'s clip (drawn with ``rng``, else test clip ``clip_idx``), or the next
+    readable video's."""
+    return self._read_first_readable(i, lambda n: [self.indices(n, rng, clip_idx)])[0]
+
+  def read_buffer(self, i: int) -> dict[str, Any]:
+    """VideoMAE's whole test buffer of video ``i`` (`videomae_test_buffer_indices`), or the
+    next readable video's."""
+    return self._read_first_readable(i, lambda n: [videomae_test_buffer_indices(
+        n, self.num_frames, self.sampling_rate)])[0]
+
+  def read_test_clips(self, i: int) -> list[dict[str, Any]]:
+    """Every test clip (``clip_idx`` 0 .. num_clips-1) of video ``i``, or of the next readable
+    video: the union of their frames decoded once, so all clips come from one video."""
+    return self._read_first_readable(
+        i, lambda n: [self.indices(n, None, c) for c in range(self.num_clips)])
+
+  def _read_first_readable(self, i: int, pick) -> list[dict[str, Any]]:
+    """``pick(video_frames)`` -> index arrays; decodes them from video ``i`` or the first
+    readable video after it, one record per array."""
     n = len(self.paths)
     i = int(i)
     for skipped in range(min(_MAX_CONSECUTIVE_BAD, n)):
       j = (i + skipped) % n
       try:
-        video = self._read(j, rng, clip_idx)
+        wanted = pick(num_frames(self.paths[j]))
+        frames = decode_frames(self.paths[j], np.concatenate(wanted))
       except (VideoDecodeError, OSError):
         continue
-      return {"video": video, "label": np.int32(self.labels[j]), "bad": np.int32(skipped),
-              "index": np.int32(j)}
+      clips = np.split(frames, np.cumsum([len(w) for w in wanted])[:-1])
+      return [{"video": c, "label": np.int32(self.labels[j]), "bad": np.int32(skipped),
+               "index": np.int32(j)} for c in clips]
     raise DataError(f"{min(_MAX_CONSECUTIVE_BAD, n)} unreadable videos in a row from video {i} "
                     f"({self.paths[i % n]}): check the video files")
 
@@ -802,13 +814,13 @@ class HostEvalClip:
     chunks, crops = self.views
     t = self.reader.num_frames
     if self.buffered:
-      record = self.reader.read(int(element), clip_idx="buffer")
+      record = self.reader.read_buffer(int(element))
       views = videomae_test_views(record["video"], t, self.size, chunks, crops)
     else:
-      record = self.reader.read(int(element), clip_idx=0)
-      clips = [record["video"]] + [self.reader.read(int(record["index"]), clip_idx=c)["video"]
-                                   for c in range(1, chunks)]
-      views = np.concatenate([videomae_test_views(c, t, self.size, 1, crops) for c in clips])
+      records = self.reader.read_test_clips(int(element))
+      record = records[0]
+      views = np.concatenate([videomae_test_views(r["video"], t, self.size, 1, crops)
+                              for r in records])
     return {"image": views[0] if self.views == (1, 1) else views, "label": record["label"]}
 
 
