@@ -46,7 +46,7 @@ def randomize(tree, seed=0):
 def _pooling_shapes(name):
   """Per block: (q grid, kv grid, heads, head dim, output tokens, output width) read from the
   shapes of an MViTv2 forward pass at 224 px (batch 1), the pooling convolutions' outputs
-  [1, heads, g, g, head dim] captured by flax."""
+  [1, heads, 1 frame, g, g, head dim] captured by flax."""
   model = mvit.from_config(mvit.default_config(variant=name), 224)
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
@@ -59,8 +59,8 @@ def _pooling_shapes(name):
     attn = inter[f"block{i:02d}"]["attn"]
     q, k = attn["pool_q"]["__call__"][0].shape, attn["pool_k"]["__call__"][0].shape
     y = inter[f"block{i:02d}"]["__call__"][0].shape
-    assert q[0] == k[0] == 1 and q[1] == k[1] and q[-1] == k[-1]
-    out.append((q[2], k[2], q[1], q[-1], y[1], y[2]))
+    assert q[0] == k[0] == q[2] == k[2] == 1 and q[1] == k[1] and q[-1] == k[-1]
+    out.append((q[3], k[3], q[1], q[-1], y[1], y[2]))
   assert inter["__call__"][0].shape == (1,) + out[-1][-2:]     # the final norm's output
   return out
 
@@ -543,7 +543,7 @@ def test_official_state_dict_converts_and_computes_the_official_layers():
   qp = np.pad(q, ((1, 1), (1, 1), (0, 0)))
   pooled = np.array([[np.einsum("ckl,klc->c", pw[:, 0], qp[r:r + 3, c:c + 3]) for c in range(8)]
                      for r in range(8)])
-  np.testing.assert_allclose(inter["block00"]["attn"]["pool_q"]["__call__"][0][0, 0], pooled,
+  np.testing.assert_allclose(inter["block00"]["attn"]["pool_q"]["__call__"][0][0, 0, 0], pooled,
                              rtol=1e-4, atol=1e-4)
   # Back to the official names and layouts, bit for bit.
   back = convert_mvit.params_to_official(params, cfg, 16)

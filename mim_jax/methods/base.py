@@ -152,9 +152,9 @@ class Method:
 
   def init_input(self) -> jax.Array:
     """What `init` is given (shapes only matter): two images at the input size, or two clips
-    of `input.data.num_frames` frames for a space-time backbone (`model.tubelet` > 0)."""
+    of `input.data.num_frames` frames for a space-time backbone (`models.takes_clips`)."""
     size = self.image_size
-    if int(self.config.model.get("tubelet", 0) or 0) > 0:
+    if models.takes_clips(self.config.model):
       frames = int(self.config.input.data.get("num_frames", 0) or 0)
       return jnp.zeros((2, frames, size, size, 3), jnp.float32)
     return jnp.zeros((2, size, size, 3), jnp.float32)

@@ -70,6 +70,14 @@ def prefix_tokens(model_cfg) -> int:
   return 0
 
 
+def takes_clips(model_cfg) -> bool:
+  """Whether the backbone reads clips [B, T, H, W, C]: a space-time ViT (`model.tubelet` > 0)
+  or a video MViT (`model.num_frames` > 0)."""
+  name = name_of(model_cfg)
+  key = {"vit": "tubelet", "mvit": "num_frames"}.get(name)
+  return bool(key) and int(model_cfg.get(key, 0) or 0) > 0
+
+
 def module(name: str) -> types.ModuleType:
   if name not in REGISTRY:
     raise ValueError(f"config.model.name={name!r}: use one of {', '.join(sorted(REGISTRY))}")

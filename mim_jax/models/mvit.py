@@ -54,6 +54,20 @@ model cards of the official checkpoints list them; tests/test_mvit.py). The pape
 lists 34.5M, 51.2M and 217.6M for S, B and L, which neither the released code nor its
 checkpoints have (mvitv2_small's float32 weights are 140 MB: 35M).
 
+Video (`num_frames` > 0): SlowFast's MViT on clips [B, T, H, W, C] (slowfast/models/
+video_model_builder.py MViT, attention.py), as configs/Kinetics/MVITv2_S_16x4.yaml and
+MVITv2_B_32x3.yaml set it: the patch embedding is a Conv3d (`patch_kernel_t` 3, `patch_stride_t`
+2, `patch_padding_t` 1: T / 2 token frames, time-major tokens); every pooling convolution is
+3-D (POOL_KVQ_KERNEL [3, 3, 3]: `pool_kernel_t` 3, padding 1, time stride 1, as the published
+configs' POOL_Q_STRIDE and POOL_KV_STRIDE_ADAPTIVE [1, 8, 8] have it: set `kv_stride` 8); the
+skip path's max-pool is per frame (MaxPool3d kernel 1 in time); REL_POS_TEMPORAL adds a
+rel_pos_t table of 2 T' - 1 rows per block (`rel_pos_temporal`), q . rel_pos_t[dist_t(qt, kt)]
+(`cal_rel_pos_temporal`); a mask [B, T' m m] is upsampled frame by frame (MaskMViT
+interpolates in space only). The Kinetics MViTv2-S 16x4 has 34,230,144 parameters without its
+head (34.5M with the 400-class head, the MViTv2 paper's; tests/test_mvit_video.py). SlowFast's
+video MViT initialises differently from facebookresearch/mvit (Conv weights N(0, .02), Linear
+and LayerNorm biases .02): methods/maskfeat.py `official_init` applies that rule.
+
 Deviations (none changes the function):
   * the input must be the `image_size` the model was built for (the official model asserts
     TRAIN_CROP_SIZE == TEST_CROP_SIZE and sizes its tables from it), and every pooled grid
@@ -153,6 +167,9 @@ class BlockSpec(NamedTuple):
   grid_q: int                # output (pooled query) grid side
   grid_kv: int               # pooled key / value grid side
   rel_pos_size: int          # rows of rel_pos_h / rel_pos_w: 2 * max(q size, kv size) - 1
+  frames: int = 1            # the token grid's time length (1: images; no temporal stride)
+  pool_kernel_t: int = 1     # the pooling convolutions' time extent (3 in SlowFast's video)
+  rel_pos_t_size: int = 0    # rows of rel_pos_t (2 * frames - 1), 0 without REL_POS_TEMPORAL
 
   @property
   def head_dim(self) -> int:
@@ -172,7 +189,9 @@ def _pooled(size: int, kernel: int, stride: int) -> int:
 def plan(image_size: int, embed_dim: int, num_heads: int, stage_blocks: tuple[int, ...],
          stage_strides: tuple[int, ...], patch_kernel: int = 7, patch_stride: int = 4,
          patch_padding: int = 3, pool_kernel: int = 3, kv_stride: int = 4,
-         dim_mul_in_att: bool = True) -> tuple[BlockSpec, ...]:
+         dim_mul_in_att: bool = True, num_frames: int = 0, patch_kernel_t: int = 3,
+         patch_stride_t: int = 2, patch_padding_t: int = 1, pool_kernel_t: int = 3,
+         rel_pos_temporal: bool = True) -> tuple[BlockSpec, ...]:
   """Every block's BlockSpec, as MViT.__init__ derives it from the yaml.
 
   The stage transitions are the first blocks of stages 2.., with DIM_MUL = HEAD_MUL = 2.0
@@ -180,7 +199,14 @@ def plan(image_size: int, embed_dim: int, num_heads: int, stage_blocks: tuple[in
   transition); every other block has query stride 1. Every block pools q with `pool_kernel`
   and k, v with the adaptive stride (`kv_stride`, divided by each query stride on the way,
   at least 1), unless kernel and stride are both 1. ValueError (one line) when a pooled grid
-  is not the official `size // stride` (an image size the strides do not divide)."""
+  is not the official `size // stride` (an image size the strides do not divide).
+
+  With `num_frames` > 0 the blocks of SlowFast's video MViT (clips of `num_frames` frames):
+  the patch embedding's time axis (`patch_kernel_t`, `patch_stride_t`, `patch_padding_t`) gives
+  `frames` = num_frames // patch_stride_t token frames (the official assertion), every pooling
+  convolution spans `pool_kernel_t` frames with time stride 1 (the published configs' q and
+  adaptive kv strides are 1 in time), and `rel_pos_temporal` adds a rel_pos_t table of
+  2 * frames - 1 rows."""
   depth = sum(stage_blocks)
   starts = np.cumsum(stage_blocks)[:-1].tolist()
   dim_mul = [1.0] * (depth + 1)
@@ -190,6 +216,15 @@ def plan(image_size: int, embed_dim: int, num_heads: int, stage_blocks: tuple[in
     dim_mul[b] = head_mul[b] = 2.0
     q_strides[b] = int(stage_strides[j])
   grid = patch_grid(image_size, patch_kernel, patch_stride, patch_padding)
+  frames, kt = 1, 1
+  if num_frames:
+    frames, kt = patch_grid(num_frames, patch_kernel_t, patch_stride_t, patch_padding_t), pool_kernel_t
+    if frames != num_frames // patch_stride_t or kt % 2 == 0:
+      raise ValueError(f"{num_frames} frames through the {patch_kernel_t}-frame patch kernel "
+                       f"(stride {patch_stride_t}, padding {patch_padding_t}) give {frames} token "
+                       f"frames, not {num_frames} // {patch_stride_t}, or pool_kernel_t={kt} is "
+                       "even: use SlowFast's (3, 2, 1) with an even frame count and kernel 3")
+  rel_t = 2 * frames - 1 if num_frames and rel_pos_temporal else 0
   heads, dim, kv = num_heads, embed_dim, kv_stride
   specs = []
   for i in range(depth):
@@ -200,8 +235,8 @@ def plan(image_size: int, embed_dim: int, num_heads: int, stage_blocks: tuple[in
       dim_out = round_width(dim, dim_mul[i + 1], divisor=round_width(heads, head_mul[i + 1]))
     sq = q_strides[i]
     kv = max(kv // sq, 1)
-    q_kernel = 0 if pool_kernel == 1 and sq == 1 else pool_kernel
-    kv_kernel = 0 if pool_kernel == 1 and kv == 1 else pool_kernel
+    q_kernel = 0 if pool_kernel == 1 and kt == 1 and sq == 1 else pool_kernel
+    kv_kernel = 0 if pool_kernel == 1 and kt == 1 and kv == 1 else pool_kernel
     grid_q = _pooled(grid, q_kernel, sq) if q_kernel else grid
     grid_kv = _pooled(grid, kv_kernel, kv) if kv_kernel else grid
     if grid_q != grid // sq or grid_kv != grid // kv:
@@ -213,7 +248,8 @@ def plan(image_size: int, embed_dim: int, num_heads: int, stage_blocks: tuple[in
       raise ValueError(f"block {i}: width {att_dim} is not divisible by its {heads} heads: "
                        f"change config.model.embed_dim or num_heads")
     specs.append(BlockSpec(dim, dim_out, att_dim, heads, q_kernel, sq, kv_kernel, kv, grid,
-                           grid_q, grid_kv, 2 * max(grid // sq, grid // kv) - 1))
+                           grid_q, grid_kv, 2 * max(grid // sq, grid // kv) - 1, frames, kt,
+                           rel_t))
     grid, dim = grid_q, dim_out
   return tuple(specs)
 
@@ -233,52 +269,59 @@ def rel_pos_distances(q_size: int, k_size: int) -> np.ndarray:
 
 
 def rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, q_grid: int,
-                 k_grid: int, has_cls: bool) -> jax.Array:
+                 k_grid: int, has_cls: bool, rel_pos_t: Optional[jax.Array] = None,
+                 frames: int = 1) -> jax.Array:
   """The decomposed relative position term of the attention logits, [B, heads, Nq, Nk].
 
-  q [B, Nq, heads, D] (the pooled, normalised, unscaled queries, cls first when `has_cls`);
-  entry (qy qx, ky kx) is q . rel_pos_h[dist_h(qy, ky)] + q . rel_pos_w[dist_w(qx, kx)], zero in
-  the cls row and column (`cal_rel_pos_spatial` of facebookresearch/mvit)."""
+  q [B, Nq, heads, D] (the pooled, normalised, unscaled queries, cls first when `has_cls`;
+  `frames` x q_grid x q_grid tokens, time-major); entry (qt qy qx, kt ky kx) is
+  q . rel_pos_h[dist_h(qy, ky)] + q . rel_pos_w[dist_w(qx, kx)] (+ q . rel_pos_t[dist_t(qt,
+  kt)] with a `rel_pos_t` table; q and k have the same frames), zero in the cls row and column
+  (`cal_rel_pos_spatial` and `cal_rel_pos_temporal` of SlowFast / facebookresearch/mvit)."""
   s = 1 if has_cls else 0
   b, _, h, d = q.shape
   rh = rel_pos_h[rel_pos_distances(q_grid, k_grid)]            # [qh, kh, D]
   rw = rel_pos_w[rel_pos_distances(q_grid, k_grid)]            # [qw, kw, D]
-  r_q = q[:, s:].reshape(b, q_grid, q_grid, h, d).astype(jnp.float32)
-  rel_h = jnp.einsum("byxhc,ykc->bhyxk", r_q, rh.astype(jnp.float32))
-  rel_w = jnp.einsum("byxhc,xkc->bhyxk", r_q, rw.astype(jnp.float32))
-  bias = rel_h[..., :, None] + rel_w[..., None, :]             # [B, h, qh, qw, kh, kw]
-  bias = bias.reshape(b, h, q_grid * q_grid, k_grid * k_grid)
+  r_q = q[:, s:].reshape(b, frames, q_grid, q_grid, h, d).astype(jnp.float32)
+  rel_h = jnp.einsum("btyxhc,ykc->bhtyxk", r_q, rh.astype(jnp.float32))
+  rel_w = jnp.einsum("btyxhc,xkc->bhtyxk", r_q, rw.astype(jnp.float32))
+  bias = rel_h[..., None, :, None] + rel_w[..., None, None, :]  # [B, h, qt, qh, qw, kt, kh, kw]
+  if rel_pos_t is not None:
+    rt = rel_pos_t[rel_pos_distances(frames, frames)]           # [qt, kt, D]
+    rel_t = jnp.einsum("btyxhc,tkc->bhtyxk", r_q, rt.astype(jnp.float32))
+    bias = bias + rel_t[..., None, None]
+  bias = bias.reshape(b, h, frames * q_grid * q_grid, -1)
   if s:
     bias = jnp.pad(bias, ((0, 0), (0, 0), (1, 0), (1, 0)))
   return bias
 
 
 def attention_pool(t: jax.Array, conv: nn.Module, norm: nn.Module, grid: int,
-                   has_cls: bool) -> jax.Array:
+                   has_cls: bool, frames: int = 1) -> jax.Array:
   """`attention_pool`: t [B, N, heads, D] -> the spatial tokens pooled by `conv` (applied to
-  each head's [grid, grid, D] map), the cls token put back in front, then `norm` over D (cls
-  included)."""
+  each head's [frames, grid, grid, D] map), the cls token put back in front, then `norm` over
+  D (cls included)."""
   s = 1 if has_cls else 0
   b, _, h, d = t.shape
-  x = t[:, s:].reshape(b, grid, grid, h, d).transpose(0, 3, 1, 2, 4)   # [B, heads, g, g, D]
+  x = t[:, s:].reshape(b, frames, grid, grid, h, d).transpose(0, 4, 1, 2, 3, 5)  # [B, h, T, g, g, D]
   x = conv(x)
-  g = x.shape[2]
-  x = x.transpose(0, 2, 3, 1, 4).reshape(b, g * g, h, d).astype(t.dtype)
+  x = x.transpose(0, 2, 3, 4, 1, 5).reshape(b, -1, h, d).astype(t.dtype)
   if s:
     x = jnp.concatenate([t[:, :1], x], axis=1)
   return norm(x)
 
 
-def upsample_mask(mask: jax.Array, out: int) -> jax.Array:
-  """[B, m * m] (a square grid, row-major) -> [B, out * out] float32, torch's
-  F.interpolate(mode='nearest'): source index floor(i * m / out) in float32, clamped."""
-  m = math.isqrt(mask.shape[1])
-  if m * m != mask.shape[1]:
-    raise ValueError(f"a [B, {mask.shape[1]}] mask is not a square grid of patches")
+def upsample_mask(mask: jax.Array, out: int, frames: int = 1) -> jax.Array:
+  """[B, frames * m * m] (square grids, row-major, time-major) -> [B, frames * out * out]
+  float32, each frame by torch's F.interpolate(mode='nearest') (source index floor(i * m /
+  out) in float32, clamped; MaskMViT interpolates a clip's mask in space only)."""
+  m = math.isqrt(mask.shape[1] // frames)
+  if frames * m * m != mask.shape[1]:
+    raise ValueError(f"a [B, {mask.shape[1]}] mask is not {frames} square grids of patches")
   scale = np.float32(m) / np.float32(out)
   idx = np.minimum(np.floor(np.arange(out, dtype=np.float32) * scale).astype(np.int64), m - 1)
-  up = mask.reshape(mask.shape[0], m, m)[:, idx][:, :, idx]
-  return up.reshape(mask.shape[0], out * out).astype(jnp.float32)
+  up = mask.reshape(mask.shape[0], frames, m, m)[:, :, idx][:, :, :, idx]
+  return up.reshape(mask.shape[0], frames * out * out).astype(jnp.float32)
 
 
 def torch_conv_init(fan_in: int):
@@ -289,11 +332,19 @@ def torch_conv_init(fan_in: int):
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """A depthwise cross-correlation with zero padding kernel // 2 (torch's Conv2d with
   groups = channels, no bias): x [..., H, W, C], kernel [k, k, 1, C] (flax's HWIO) ->
-  [..., H', W', C], H' = (H + 2 (k // 2) - k) // stride + 1.
+  [..., H', W', C], H' = (H + 2 (k // 2) - k) // stride + 1. A kernel [kt, k, k, 1, C] is
+  torch's Conv3d over x [..., T, H, W, C] with time stride 1 and padding kt // 2 (the sum of
+  the 2-D correlations of the shifted frames).
 
   Written as k * k shifted, strided multiply-adds rather than a grouped convolution: the same
   sum (in another order), and XLA's CPU backend runs a grouped convolution's backward pass
   about 3x slower than these elementwise products."""
+  if kernel.ndim == 5:
+    kt, t = kernel.shape[0], x.shape[-4]
+    pad = [(0, 0)] * (x.ndim - 4) + [(kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)]
+    xp = jnp.pad(x, pad)
+    return sum(depthwise_conv(xp[..., dt:dt + t, :, :, :], kernel[dt], stride)
+               for dt in range(kt))
   k = kernel.shape[0]
   p = k // 2
   h, w = x.shape[-3], x.shape[-2]
@@ -311,16 +362,19 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 class DepthwiseConv(nn.Module):
   """`depthwise_conv` with its kernel as a parameter 'kernel' [k, k, 1, C] (nn.Conv's layout
-  with feature_group_count = C), PyTorch's default init U(+-1/sqrt(k * k))."""
+  with feature_group_count = C; [kt, k, k, 1, C] with `kernel_t` > 1, a video model's),
+  PyTorch's default init U(+-1/sqrt(fan in))."""
   kernel_size: int
   stride: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_t: int = 1
 
   @nn.compact
   def __call__(self, x):
-    k, c = self.kernel_size, x.shape[-1]
-    kernel = self.param("kernel", torch_conv_init(k * k), (k, k, 1, c), self.param_dtype)
+    k, c, kt = self.kernel_size, x.shape[-1], self.kernel_t
+    shape = (k, k, 1, c) if kt == 1 else (kt, k, k, 1, c)
+    kernel = self.param("kernel", torch_conv_init(kt * k * k), shape, self.param_dtype)
     return depthwise_conv(x.astype(self.dtype), kernel, self.stride)
 
 
@@ -376,18 +430,21 @@ class MultiScaleAttention(nn.Module):
     def pool(t, name, kernel, stride):
       if not kernel:
         return t
-      conv = DepthwiseConv(kernel, stride, self.dtype, self.param_dtype, name=f"pool_{name}")
+      conv = DepthwiseConv(kernel, stride, self.dtype, self.param_dtype, sp.pool_kernel_t,
+                           name=f"pool_{name}")
       norm = vit.layer_norm(f"norm_{name}", self.param_dtype)
-      return attention_pool(t, conv, norm, sp.grid_in, self.has_cls)
+      return attention_pool(t, conv, norm, sp.grid_in, self.has_cls, sp.frames)
 
     q = pool(q, "q", sp.q_kernel, sp.q_stride)
     k = pool(k, "k", sp.kv_kernel, sp.kv_stride)
     v = pool(v, "v", sp.kv_kernel, sp.kv_stride)
     bias = None
     if self.rel_pos:
-      table = lambda name: self.param(name, _NORMAL_02, (sp.rel_pos_size, d), self.param_dtype)  # noqa: E731
-      bias = rel_pos_bias(q, table("rel_pos_h"), table("rel_pos_w"), sp.grid_q, sp.grid_kv,
-                          self.has_cls).astype(self.dtype)
+      table = lambda name, rows: self.param(name, _NORMAL_02, (rows, d), self.param_dtype)  # noqa: E731
+      rel_t = table("rel_pos_t", sp.rel_pos_t_size) if sp.rel_pos_t_size else None
+      bias = rel_pos_bias(q, table("rel_pos_h", sp.rel_pos_size),
+                          table("rel_pos_w", sp.rel_pos_size), sp.grid_q, sp.grid_kv,
+                          self.has_cls, rel_t, sp.frames).astype(self.dtype)
     q, k, v = (t.astype(self.dtype) for t in (q, k, v))
     out = vit.attention(q, k, v, bias, implementation=self.attn_impl)
     if self.residual_pooling:
@@ -417,14 +474,15 @@ class MultiScaleBlock(nn.Module):
 
   def _skip_pool(self, x):
     """The skip path max-pooled with the query stride (kernel s + 1, padding (s + 1) // 2,
-    -inf padding as torch's MaxPool2d), the cls token passed through."""
+    -inf padding as torch's MaxPool2d; a clip's frames one by one, MaxPool3d's kernel 1 in
+    time), the cls token passed through."""
     sp = self.spec
     if sp.q_stride == 1:
       return x
     s = 1 if self.has_cls else 0
     b, _, c = x.shape
     k, p = sp.q_stride + 1, (sp.q_stride + 1) // 2
-    y = x[:, s:].reshape(b, sp.grid_in, sp.grid_in, c)
+    y = x[:, s:].reshape(b * sp.frames, sp.grid_in, sp.grid_in, c)
     y = nn.max_pool(y, (k, k), strides=(sp.q_stride, sp.q_stride), padding=((p, p), (p, p)))
     y = y.reshape(b, -1, c)
     return jnp.concatenate([x[:, :1], y], axis=1) if s else y
@@ -449,19 +507,27 @@ class MultiScaleBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  """PatchEmbed: a Conv2d (PyTorch's default init), its output as row-major tokens."""
+  """PatchEmbed: a Conv2d (PyTorch's default init), its output as row-major tokens; with
+  `kernel_t` > 0 a Conv3d over clips [B, T, H, W, C] (time-major tokens), as SlowFast's."""
   dim: int
   kernel: int = 7
   stride: int = 4
   padding: int = 3
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_t: int = 0
+  stride_t: int = 1
+  padding_t: int = 0
 
   @nn.compact
   def __call__(self, images):
     k, s, p = self.kernel, self.stride, self.padding
-    init = torch_conv_init(images.shape[-1] * k * k)
-    x = nn.Conv(self.dim, (k, k), (s, s), padding=((p, p), (p, p)), kernel_init=init,
+    kernel, strides, pads = (k, k), (s, s), ((p, p), (p, p))
+    if self.kernel_t:
+      kernel, strides = (self.kernel_t,) + kernel, (self.stride_t,) + strides
+      pads = ((self.padding_t, self.padding_t),) + pads
+    init = torch_conv_init(images.shape[-1] * math.prod(kernel))
+    x = nn.Conv(self.dim, kernel, strides, padding=pads, kernel_init=init,
                 bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(images)
     return x.reshape(x.shape[0], -1, self.dim)
 
@@ -493,12 +559,26 @@ class MViT(nn.Module):
   attn_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # Video (SlowFast's MViT on clips [B, T, H, W, C]) when num_frames > 0.
+  num_frames: int = 0
+  patch_kernel_t: int = 3
+  patch_stride_t: int = 2
+  patch_padding_t: int = 1
+  pool_kernel_t: int = 3
+  rel_pos_temporal: bool = True
 
   @property
   def specs(self) -> tuple[BlockSpec, ...]:
     return plan(self.image_size, self.embed_dim, self.num_heads, tuple(self.stage_blocks),
                 tuple(self.stage_strides), self.patch_kernel, self.patch_stride,
-                self.patch_padding, self.pool_kernel, self.kv_stride, self.dim_mul_in_att)
+                self.patch_padding, self.pool_kernel, self.kv_stride, self.dim_mul_in_att,
+                self.num_frames, self.patch_kernel_t, self.patch_stride_t,
+                self.patch_padding_t, self.pool_kernel_t, self.rel_pos_temporal)
+
+  @property
+  def frames(self) -> int:
+    """The token grid's time length (1 for images)."""
+    return self.specs[-1].frames
 
   @property
   def grid(self) -> int:
@@ -523,18 +603,28 @@ class MViT(nn.Module):
     del features_only                   # no head: the tokens either way
     if pooled not in ("", "mean"):
       raise ValueError(f"MViT pooled={pooled!r}: use '' (the tokens) or 'mean'")
-    if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
+    video = self.num_frames > 0
+    if images.ndim != (5 if video else 4):
+      raise ValueError(f"this MViT takes {'clips [B, T, H, W, C]' if video else 'images [B, H, W, C]'}"
+                       f", got shape {tuple(images.shape)}: set config.model.num_frames to the "
+                       "clip length (input.data.num_frames) for video, 0 for images")
+    if video and images.shape[1] != self.num_frames:
+      raise ValueError(f"this MViT is built for {self.num_frames}-frame clips, got "
+                       f"{images.shape[1]}: set config.model.num_frames = input.data.num_frames")
+    if images.shape[-3] != self.image_size or images.shape[-2] != self.image_size:
       raise ValueError(f"this MViT is built for {self.image_size}px images, got "
-                       f"{images.shape[1]}x{images.shape[2]}: set input.image_size")
+                       f"{images.shape[-3]}x{images.shape[-2]}: set input.image_size")
     specs = self.specs
     x = PatchEmbed(self.embed_dim, self.patch_kernel, self.patch_stride, self.patch_padding,
-                   self.dtype, self.param_dtype, name="patch_embed")(images.astype(self.dtype))
+                   self.dtype, self.param_dtype, self.patch_kernel_t if video else 0,
+                   self.patch_stride_t, self.patch_padding_t,
+                   name="patch_embed")(images.astype(self.dtype))
     x = x.astype(jnp.float32)
     b, g = x.shape[0], specs[0].grid_in
     if self.use_mask_token:
       tok = self.param("mask_token", _NORMAL_02, (1, 1, self.embed_dim), self.param_dtype)
       if mask is not None:
-        w = upsample_mask(mask, g)[..., None]
+        w = upsample_mask(mask, g, specs[0].frames)[..., None]
         x = x * (1 - w) + tok.astype(x.dtype) * w
     if self.cls_token:
       cls = self.param("cls_token", _NORMAL_02, (1, 1, self.embed_dim), self.param_dtype)
@@ -564,7 +654,9 @@ DEFAULTS = dict(name="mvit", variant="small", embed_dim=0, num_heads=0, stage_bl
                 stage_strides=(2, 2, 2), patch_kernel=7, patch_stride=4, patch_padding=3,
                 pool_kernel=3, kv_stride=4, mlp_ratio=4.0, qkv_bias=True, cls_token=False,
                 abs_pos=False, rel_pos=True, residual_pooling=True, dim_mul_in_att=None,
-                drop_path=0.0, remat=False, attn_impl="", dtype="float32", param_dtype="float32")
+                drop_path=0.0, remat=False, attn_impl="", dtype="float32", param_dtype="float32",
+                num_frames=0, patch_kernel_t=3, patch_stride_t=2, patch_padding_t=1,
+                pool_kernel_t=3, rel_pos_temporal=True)
 
 EXECUTION_OPTIONS = ("dtype", "attn_impl", "remat")
 
@@ -592,7 +684,12 @@ def _resolved(model_cfg) -> dict:
               stage_strides=tuple(int(s) for s in get("stage_strides")),
               patch_kernel=int(get("patch_kernel")), patch_stride=int(get("patch_stride")),
               patch_padding=int(get("patch_padding")), pool_kernel=int(get("pool_kernel")),
-              kv_stride=int(get("kv_stride")), dim_mul_in_att=in_att)
+              kv_stride=int(get("kv_stride")), dim_mul_in_att=in_att,
+              num_frames=int(get("num_frames")), patch_kernel_t=int(get("patch_kernel_t")),
+              patch_stride_t=int(get("patch_stride_t")),
+              patch_padding_t=int(get("patch_padding_t")),
+              pool_kernel_t=int(get("pool_kernel_t")),
+              rel_pos_temporal=bool(get("rel_pos_temporal")))
 
 
 def _is_int(v, low: int) -> bool:
@@ -608,7 +705,9 @@ def check_config(model_cfg) -> None:
   get = lambda k: model_cfg.get(k, DEFAULTS[k])  # noqa: E731
   variant(get("variant"))
   for key, low in (("embed_dim", 0), ("num_heads", 0), ("patch_kernel", 1), ("patch_stride", 1),
-                   ("patch_padding", 0), ("kv_stride", 1)):
+                   ("patch_padding", 0), ("kv_stride", 1), ("num_frames", 0),
+                   ("patch_kernel_t", 1), ("patch_stride_t", 1), ("patch_padding_t", 0),
+                   ("pool_kernel_t", 1)):
     if not _is_int(get(key), low):
       raise ValueError(f"config.model.{key}={get(key)!r}: use an integer >= {low}")
   if not _is_int(get("pool_kernel"), 1) or get("pool_kernel") % 2 == 0:
@@ -628,7 +727,8 @@ def check_config(model_cfg) -> None:
     raise ValueError(f"config.model.mlp_ratio={get('mlp_ratio')!r}: use a value > 0 (4.0)")
   if not 0.0 <= get("drop_path") < 1.0:
     raise ValueError(f"config.model.drop_path={get('drop_path')!r}: use a rate in [0, 1)")
-  for key in ("qkv_bias", "cls_token", "abs_pos", "rel_pos", "residual_pooling", "remat"):
+  for key in ("qkv_bias", "cls_token", "abs_pos", "rel_pos", "residual_pooling", "remat",
+              "rel_pos_temporal"):
     if not isinstance(get(key), bool):
       raise ValueError(f"config.model.{key}={get(key)!r}: use True or False")
   if get("dim_mul_in_att") not in (None, True, False):
@@ -645,8 +745,9 @@ def summary(model_cfg, image_size: int) -> str:
   """'MViTv2-small, 16 blocks (1-2-11-2), width 96, 224 px' (the run header)."""
   r = _resolved(model_cfg)
   name = ALIASES.get(str(model_cfg.get("variant", "small")).lower(), model_cfg.get("variant", "small"))
+  clip = f"{r['num_frames']} frames x " if r["num_frames"] else ""
   return (f"MViTv2-{name}, {sum(r['stage_blocks'])} blocks "
-          f"({'-'.join(map(str, r['stage_blocks']))}), width {r['embed_dim']}, {image_size} px")
+          f"({'-'.join(map(str, r['stage_blocks']))}), width {r['embed_dim']}, {clip}{image_size} px")
 
 
 def from_config(model_cfg, image_size: int = 224, **overrides) -> MViT:
@@ -688,8 +789,12 @@ def pool(tokens: jax.Array, pooling: str, has_cls: bool) -> jax.Array:
 
 
 def _named(model: MViT, tokens: jax.Array, pooling: str) -> dict:
+  """'grid' of a clip: (token frames, h, w), as the video ViT's."""
+  grid = (model.grid, model.grid)
+  if model.num_frames:
+    grid = (model.frames,) + grid
   return {"tokens": tokens.astype(jnp.float32), "pooled": pool(tokens, pooling, model.cls_token),
-          "stride": model.stride, "grid": (model.grid, model.grid)}
+          "stride": model.stride, "grid": grid}
 
 
 def outputs(model: MViT, variables, images, *, pooling: str, layers: bool = False) -> dict:
@@ -747,7 +852,8 @@ def adapt_pretrained(loaded: dict, init: dict) -> dict:
       if not isinstance(node, dict) or k not in node:
         return x
       node = node[k]
-    if names[-1] in ("rel_pos_h", "rel_pos_w") and np.shape(x)[0] != np.shape(node)[0]:
+    if (names[-1] in ("rel_pos_h", "rel_pos_w", "rel_pos_t")
+        and np.shape(x)[0] != np.shape(node)[0]):
       return torch_linear_resize(np.asarray(x), np.shape(node)[0])
     return x
   return jax.tree_util.tree_map_with_path(fit, loaded)
@@ -756,8 +862,8 @@ def adapt_pretrained(loaded: dict, init: dict) -> dict:
 def param_count(model: MViT) -> int:
   """The number of parameters of `model` at its image size, without allocating them."""
   size = model.image_size
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, size, size, 3))))
+  shape = (1,) + ((model.num_frames,) if model.num_frames else ()) + (size, size, 3)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
 
 
@@ -813,7 +919,9 @@ def layer_ids(tree: Any) -> Optional[tuple[Any, int]]:
 # relative position tables are resized (`finetune_adapt`).
 FINETUNE_ARCH_KEYS = ("variant", "embed_dim", "num_heads", "stage_blocks", "patch_kernel",
                       "patch_stride", "patch_padding", "pool_kernel", "mlp_ratio", "qkv_bias",
-                      "cls_token", "abs_pos", "rel_pos", "dim_mul_in_att")
+                      "cls_token", "abs_pos", "rel_pos", "dim_mul_in_att", "num_frames",
+                      "patch_kernel_t", "patch_stride_t", "patch_padding_t", "pool_kernel_t",
+                      "rel_pos_temporal")
 FINETUNE_HEAD_STD = 0.02        # the official head's trunc_normal_(std=.02), bias 0
 # finetune.pooling: 'avg' (the mean of the final-norm tokens, SlowFast's default [norm->mean])
 # or 'mean' (USE_MEAN_POOLING, MaskFeat's fine-tuning yamls: the backbone's `pooled='mean'`,

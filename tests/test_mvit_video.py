@@ -1,0 +1,131 @@
+"""MViTv2 on clips (issue 29): SlowFast's video MViT (`slowfast/models/video_model_builder.py`
+MViT, `attention.py`) as `config.model.num_frames` > 0 of models.mvit. Geometry and size of the
+Kinetics MViTv2-S 16x4 against the yaml and the published count, the temporal relative
+position term and the 3-D pooling convolution against loop re-derivations of the official
+functions, per-frame mask upsampling, and the one-line errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mim_jax.models import mvit
+
+# configs/Kinetics/MVITv2_S_16x4.yaml: 16 frames, patch (3, 7, 7) / (2, 4, 4) / (1, 3, 3),
+# POOL_KVQ_KERNEL (3, 3, 3), POOL_KV_STRIDE_ADAPTIVE (1, 8, 8), CLS_EMBED_ON, REL_POS_SPATIAL
+# and REL_POS_TEMPORAL; the rest as the image MViTv2-S.
+K400_S = dict(variant="small", num_frames=16, kv_stride=8, cls_token=True)
+
+
+def test_kinetics_mvitv2_s_block_plan():
+  specs = mvit.from_config(mvit.default_config(**K400_S), 224).specs
+  assert all(s.frames == 8 and s.pool_kernel_t == 3 and s.rel_pos_t_size == 15 for s in specs)
+  # Query grids: 56 -> 28 -> 14 -> 7 at blocks 1, 3, 14. Key / value stride 8 divided by each
+  # query stride on the way, applied to the block's input grid.
+  assert [s.grid_q for s in specs] == [56] + [28] * 2 + [14] * 11 + [7] * 2
+  assert [s.grid_kv for s in specs] == [7, 14, 7, 14] + [7] * 10 + [14, 7]
+  assert [s.rel_pos_size for s in specs] == [111, 55, 55] + [27] * 12 + [13]
+
+
+def test_kinetics_mvitv2_s_parameter_count():
+  """The image MViTv2-S without head (34,101,216, tests/test_mvit.py) plus what the video
+  model adds: the Conv3d patch kernel's two extra frames (2 x 7 x 7 x 3 x 96), per block the
+  pooling kernels' two extra frames (3 convolutions x 2 x 3 x 3 x head dim 96) and rel_pos_t
+  (15 x 96), the cls token (96), less the rel_pos tables that shrink where the key / value
+  stride 8 pools to 14 instead of 28 (block 3: 27 rows instead of 55, two tables x 96). With
+  a 400-class head: 34.5M, the MViTv2 paper's Kinetics-400 MViTv2-S."""
+  model = mvit.from_config(mvit.default_config(**K400_S), 224)
+  want = 34_101_216 + 2 * 7 * 7 * 3 * 96 + 16 * (3 * 2 * 9 * 96 + 15 * 96) + 96 - 2 * 28 * 96
+  assert mvit.param_count(model) == want == 34_230_144
+  assert round((want + 768 * 400 + 400) / 1e6, 1) == 34.5
+
+
+def _official_rel_pos(q, rel_h, rel_w, rel_t, q_shape, k_shape, has_cls):
+  """cal_rel_pos_spatial + cal_rel_pos_temporal on a zero attention map, one element at a
+  time: q [heads, Nq, D] (cls first when has_cls) -> [heads, Nq, Nk]."""
+  def dist(qn, kn, i, j):
+    qr, kr = max(kn / qn, 1.0), max(qn / kn, 1.0)
+    return int(np.float32(i * qr - j * kr + (kn - 1) * kr))
+  (qt, qh, qw), (kt, kh, kw) = q_shape, k_shape
+  s = int(has_cls)
+  heads = q.shape[0]
+  out = np.zeros((heads, s + qt * qh * qw, s + kt * kh * kw), np.float64)
+  for h in range(heads):
+    for a, (t, y, x) in enumerate(np.ndindex(qt, qh, qw)):
+      v = q[h, s + a]
+      for b, (t2, y2, x2) in enumerate(np.ndindex(kt, kh, kw)):
+        out[h, s + a, s + b] = (v @ rel_h[dist(qh, kh, y, y2)] + v @ rel_w[dist(qw, kw, x, x2)]
+                                + v @ rel_t[dist(qt, kt, t, t2)])
+  return out
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_temporal_and_spatial_relative_positions_equal_the_official(has_cls):
+  rs = np.random.RandomState(0)
+  heads, d, frames, qg, kg = 2, 4, 3, 4, 2
+  n = int(has_cls) + frames * qg * qg
+  q = rs.randn(1, n, heads, d).astype(np.float32)
+  rel_h, rel_w = rs.randn(2 * qg - 1, d), rs.randn(2 * qg - 1, d)
+  rel_t = rs.randn(2 * frames - 1, d)
+  got = mvit.rel_pos_bias(jnp.asarray(q), jnp.asarray(rel_h), jnp.asarray(rel_w), qg, kg,
+                          has_cls, jnp.asarray(rel_t), frames)
+  want = _official_rel_pos(q[0].transpose(1, 0, 2), rel_h, rel_w, rel_t, (frames, qg, qg),
+                           (frames, kg, kg), has_cls)
+  np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv3d_equals_torch_conv3d_loops():
+  """Conv3d(C, C, (3, 3, 3), stride (1, 2, 2), padding (1, 1, 1), groups=C, bias=False)."""
+  rs = np.random.RandomState(1)
+  x = rs.randn(2, 4, 7, 7, 3).astype(np.float32)
+  kernel = rs.randn(3, 3, 3, 1, 3).astype(np.float32)
+  got = np.asarray(mvit.depthwise_conv(jnp.asarray(x), jnp.asarray(kernel), 2))
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+  want = np.zeros((2, 4, 4, 4, 3))
+  for b, t, i, j in np.ndindex(2, 4, 4, 4):
+    window = xp[b, t:t + 3, 2 * i:2 * i + 3, 2 * j:2 * j + 3]       # [3, 3, 3, C]
+    want[b, t, i, j] = (window * kernel[..., 0, :]).sum((0, 1, 2))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_mask_is_upsampled_frame_by_frame():
+  mask = jnp.asarray([[1, 0, 0, 1, 0, 0, 1, 1]])           # 2 frames of 2 x 2
+  up = np.asarray(mvit.upsample_mask(mask, 4, frames=2)).reshape(2, 4, 4)
+  np.testing.assert_array_equal(up[0], np.kron([[1, 0], [0, 1]], np.ones((2, 2))))
+  np.testing.assert_array_equal(up[1], np.kron([[0, 0], [1, 1]], np.ones((2, 2))))
+
+
+TINY = dict(variant="tiny", embed_dim=8, num_heads=1, stage_blocks=(1, 1), stage_strides=(2,),
+            patch_kernel=3, patch_stride=2, patch_padding=1, kv_stride=2, num_frames=4,
+            cls_token=True)
+
+
+def test_tiny_video_mvit_forward_and_mask_token():
+  model = mvit.from_config(mvit.default_config(**TINY), 16, use_mask_token=True)
+  clips = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(1), clips)
+  enc = variables["params"]
+  assert enc["patch_embed"]["proj"]["kernel"].shape == (3, 3, 3, 3, 8)
+  assert enc["block00"]["attn"]["pool_q"]["kernel"].shape == (3, 3, 3, 1, 8)
+  assert enc["block00"]["attn"]["rel_pos_t"].shape == (3, 8)
+  out, _ = mvit.forward(model, variables, clips, train=False, pooling="cls")
+  assert out["tokens"].shape == (2, 1 + 2 * 4 * 4, 16) and out["grid"] == (2, 4, 4)
+  # Masking every token of the second token frame changes the output; masking none does not.
+  none = jnp.zeros((2, 2 * 4 * 4), jnp.int32)
+  second = jnp.concatenate([jnp.zeros((2, 16)), jnp.ones((2, 16))], 1).astype(jnp.int32)
+  plain, _ = mvit.forward(model, variables, clips, train=False, pooling="cls", mask=none)
+  masked, _ = mvit.forward(model, variables, clips, train=False, pooling="cls", mask=second)
+  np.testing.assert_allclose(plain["tokens"], out["tokens"], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(masked["tokens"], out["tokens"], atol=1e-3)
+
+
+def test_video_errors_are_one_line():
+  model = mvit.from_config(mvit.default_config(**TINY), 16)
+  with pytest.raises(ValueError, match="config.model.num_frames") as e:
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="4-frame clips, got 6"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 16, 16, 3)))
+  with pytest.raises(ValueError, match="token frames"):
+    mvit.from_config(mvit.default_config(**dict(TINY, num_frames=5)), 16)
+  with pytest.raises(ValueError, match="num_frames"):
+    mvit.check_config(mvit.default_config(**dict(TINY, num_frames=-1)))
