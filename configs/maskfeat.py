@@ -22,6 +22,15 @@ Presets (`--config=configs/maskfeat.py:<preset>`):
              MaskFeat on MViTv2-S at 224 px (SlowFast's MaskMViT), tfds imagenet2012.
                python -m mim_jax.main --config=configs/maskfeat.py:imagenet_mvitv2_s \
                  --workdir=gs://BUCKET/maskfeat_mvitv2_s
+  clips      MaskFeat on video: a narrow video MViTv2 on the embedded clip set (8-frame clips
+             of 32 px, configs/videomae.py's CPU data), CPU-sized.
+               python -m mim_jax.main --config=configs/maskfeat.py:clips --workdir=/tmp/maskfeat_clips
+  k400_mvitv2_s
+             SlowFast's Kinetics-400 MaskFeat pretraining of MViTv2-S 16x4 on video files
+             (`input.data.csv` = a `path label` list, paths relative to `input.data.dir`).
+               python -m mim_jax.main --config=configs/maskfeat.py:k400_mvitv2_s \
+                 --workdir=gs://BUCKET/maskfeat_k400 --config.input.data.dir=/data/k400 \
+                 --config.input.data.csv=/data/k400/train.csv --config.input.data.eval_csv=/data/k400/val.csv
 
 Official settings (SlowFast: in1k_VIT_B_MaskFeat_PT.yaml, slowfast/models/masked.py,
 operators.py HOGLayerC, datasets/imagenet.py, config/defaults.py), used by the imagenet preset:
@@ -85,6 +94,25 @@ final evaluations come on top). A 1-pixel patch stride with query strides (2, 2,
 to the same 8x8 grid, a 32x32 first stage) costs 2.3x the ViT's forward and backward pass,
 over the CPU budget.
 
+Video recipe (k400_mvitv2_s; configs/masked_ssl/k400_MVITv2_S_16x4_MaskFeat_PT.yaml with
+SlowFast's defaults): 16 frames at sampling rate 4 (a random clip, 'clip' sampling), 224 px,
+RandomResizedCrop(scale 0.5-1, ratio 0.75-1.333) + flip on the whole clip, no colour
+augmentation; the video MViTv2-S (models/mvit.py: Conv3d patch 3x7x7 / 2x4x4 / 1x3x3, width 96,
+1 head, blocks 1-2-11-2, 3x3x3 pooling, adaptive kv stride (1, 8, 8), CLS_EMBED_ON, relative
+positions in space and time, residual pooling, DIM_MUL_IN_ATT False (the default the yaml
+keeps), no absolute position embedding, drop path 0) with block 14's query stride 1 ("for
+14x14 output"); the last block predicts (PRETRAIN_DEPTH [15]); cube masks on the [8, 7, 7]
+window at ratio 0.4; HOG of every second frame, 108 values per token; AdamW (0.9, 0.999),
+weight decay 0.05 (none on 1-D parameters), gradient clipping at L2 norm 0.02, lr 1e-4
+(BASE_LR 1e-4 x NUM_SHARDS 1; TRAIN.BATCH_SIZE 32 is the whole batch) with 10 warm-up epochs
+from 1e-6, cosine to 1e-6 at epoch 300. Published (MaskFeat paper, K400): MViTv2-S 16x4 82.2
+top-1 after 300 epochs of pretraining and fine-tuning (the fine-tuning recipe:
+k400_MVITv2_S_16x4_FT.yaml). The clips preset (CPU): 8-frame clips of 32 px, the patch
+embedding 3x7x7 / 2x4x4 (4 token frames of 8x8), width 32, blocks 1-1-2-1, query strides (2, 1,
+1) to a 4x4 output grid of stride 8 (HOG cells of 4 pixels: 108 values), kv stride 1, mask
+window = the output grid (4 x 4 x 4, at most 26 masked), batch 128, 10 epochs of the 4,000
+training clips, the image CPU presets' learning rate.
+
 Deviations:
   * the CPU presets scale the HOG geometry to 32-pixel images: patch 4 and 2x2-pixel cells,
     so a patch still holds 2x2 cells and its target still has 108 values (the official
@@ -103,14 +131,17 @@ from mim_jax import config_lib
 from mim_jax.models import mvit
 
 # The presets get_config takes ('' = the default, embedded data), for tests and tools.
-PRESETS = ('', 'cifar10', 'imagenet', 'mvit_cifar10', 'imagenet_mvitv2_s')
+PRESETS = ('', 'cifar10', 'imagenet', 'mvit_cifar10', 'imagenet_mvitv2_s', 'clips',
+           'k400_mvitv2_s')
 
 
 def get_config(arg=None):
   preset = arg or "default"
   c = config_lib.base_config()
   c.method = "maskfeat"
-  c.maskfeat = dict(mask_ratio=0.4, hog_bins=9, hog_cell=8, official_init=True)
+  # mask_window: clips only, the cube mask's (frames, h, w) grid (AUG.MASK_WINDOW_SIZE);
+  # () = the MViT's output grid.
+  c.maskfeat = dict(mask_ratio=0.4, hog_bins=9, hog_cell=8, official_init=True, mask_window=())
   c.model.update(qkv_bias="qkv", init_values=0.0, pos_embed="learned", rel_pos_bias="none",
                  drop_path=0.0)
   c.optim.update(name="adamw", base_lr=2e-4, lr_batch_divisor=256, b1=0.9, b2=0.999, eps=1e-8,
@@ -147,6 +178,31 @@ def get_config(arg=None):
     c.evals.reconstruction.enabled = False
     c.model = mvit.default_config(variant="small", stage_strides=(2, 2, 1), cls_token=True,
                                   drop_path=0.0, dtype="bfloat16")
+  elif preset == "clips":
+    config_lib.cpu_preset(c, "default", epochs=(10, 10), batch=(128, 128), warmup_epochs=(2, 2),
+                          log_every=(10, 10), ckpt_every=(200, 200), pixels=False)
+    c.input.data.update(name="embedded_clips", num_frames=8)
+    c.maskfeat.hog_cell = 4               # stride-8 output tokens = 2x2 cells of 4x4 pixels
+    c.model = mvit.default_config(variant="small", embed_dim=32, num_heads=1,
+                                  stage_blocks=(1, 1, 2, 1), stage_strides=(2, 1, 1),
+                                  kv_stride=1, cls_token=True, dim_mul_in_att=False,
+                                  num_frames=8)
+    c.optim.update(base_lr=2e-3, warmup_lr=0.0, min_lr=0.0)   # as the image CPU presets
+  elif preset == "k400_mvitv2_s":
+    c.input.data.update(name="video_csv", csv="", eval_csv="", in_memory=False,
+                        holdout_per_class=0, num_frames=16, sampling="clip", sampling_rate=4)
+    c.input.aug.video_crop = "random_resized"
+    c.input.update(image_size=224, batch_size=32, workers=16)
+    c.model = mvit.default_config(variant="small", stage_strides=(2, 2, 1), kv_stride=8,
+                                  cls_token=True, dim_mul_in_att=False, drop_path=0.0,
+                                  num_frames=16, dtype="bfloat16")
+    c.maskfeat.mask_window = (8, 7, 7)
+    c.optim.update(base_lr=1e-4, lr_batch_divisor=32, warmup_epochs=10)   # lr 1e-4 at 32 clips
+    c.total_epochs = 300
+    c.log_every, c.ckpt_every = 50, 2000
+    c.pooling = "mean"
+    c.evals = config_lib.default_evals(probe_epochs=30, probe_optimizer="sgd", pooling="mean")
+    c.evals.reconstruction.enabled = False
   else:
     raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(map(repr, PRESETS))}")
   return c

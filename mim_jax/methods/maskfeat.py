@@ -51,6 +51,19 @@ On an MViTv2 (config.model.name='mvit'), exact to SlowFast's MaskMViT (`_maskfea
     cls and mask tokens, position table and relative position tables ~ N(0, .02), the head as
     above. (The MViT's own initialisation, without official_init, is facebookresearch/mvit's:
     zero biases, default-initialised convolutions.)
+On clips (a video MViT, config.model.num_frames > 0), exact to MaskMViT's video path
+(`_maskfeat_forward`, `_get_multiscale_mask`, `_get_hog_label_3d`) and the Kinetics loader's
+`_gen_mask` (configs/masked_ssl/k400_MVITv2_S_16x4_MaskFeat_PT.yaml):
+  * cube masks (`masking.cube_mask`, MaskingGenerator3D) on the mask window
+    (`maskfeat.mask_window`, AUG.MASK_WINDOW_SIZE [8, 7, 7] for 16 frames: one row per token
+    frame), at most round(8 * 7 * 7 * 0.4) = 157 cells, cuboids whose face covers 49 // 5 = 9
+    to 49 cells;
+  * the window mask upsampled frame by frame (nearest, in space only) to the patch grid for the
+    mask token (56x56) and to the output grid for the loss (14x14);
+  * the target: HOG of every PATCH_STRIDE[0]-th (2nd) frame of the normalised clip, the image
+    target per frame, tokens in (t, h, w) order (`hog.hog_target_3d`);
+  * the same head and MSE over the masked output tokens, the same initialisation (the Conv3d
+    patch bias's fan in counts its 3 frames).
 There is no `reconstruct`: the model predicts HOG, not pixels, so the configs turn the
 reconstruction picture off.
 """
@@ -62,7 +75,7 @@ import jax.numpy as jnp
 
 from mim_jax import masking, models
 from mim_jax.methods.base import Method, path_names
-from mim_jax.models import vit
+from mim_jax.models import mvit, vit
 from mim_jax.targets import hog
 
 # torch.nn.init.trunc_normal_(std=0.02) keeps its default bounds a=-2, b=2 (absolute), which
@@ -101,19 +114,21 @@ def num_masking_patches(grid: int, mask_ratio: float) -> int:
   return int(round(grid * grid * mask_ratio))
 
 
-def official_init(rng: jax.Array, params: dict, patch_kernel: int, in_channels: int = 3) -> dict:
+def official_init(rng: jax.Array, params: dict, patch_kernel: int, in_channels: int = 3,
+                  patch_frames: int = 1) -> dict:
   """Re-draws the encoder and head parameters as the official MaskFeat initialises them (see
   the module docstring), for the ViT (`patch_kernel` = the patch size) and the MViT
   (SlowFast's MaskMViT, `patch_kernel` = its patch-embedding kernel) alike: every Linear and
   pooling Conv weight N(0, .02), biases .02, LayerNorms 1 / 0 inside the blocks; the head N(0,
   .02) / 0; the patch embedding N(0, .02) with torch's default conv bias; cls, position and
-  mask tokens N(0, .02); the final norm ('norm' outside the blocks) 1 / 0. Parameters it has
+  mask tokens N(0, .02); the final norm ('norm' outside the blocks) 1 / 0 (`patch_frames`: the
+  video patch Conv3d's time extent, in its bias's fan in). Parameters it has
   no rule for (a relative position table, layer-scale gammas) keep their own initialisation
   (the MViT's relative tables: its own N(0, .02), which MultiScaleAttention draws and
   _init_weights leaves alone)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   keys = jax.random.split(rng, len(leaves))
-  conv_bias = vit.torch_default_uniform(in_channels * patch_kernel * patch_kernel)
+  conv_bias = vit.torch_default_uniform(in_channels * patch_frames * patch_kernel * patch_kernel)
 
   def draw(names, key, p):
     leaf = names[-1]
@@ -165,6 +180,20 @@ class MaskFeat(Method):
                          f"{self.image_size}px input: use an image size its strides divide")
     else:
       raise ValueError(f"MaskFeat runs on model.name 'vit' or 'mvit', got {self.backbone!r}")
+    self.video = models.takes_clips(config.model)
+    if self.video and self.backbone != "mvit":
+      raise ValueError("MaskFeat on clips runs on a video MViT (model.name='mvit' with "
+                       "model.num_frames > 0, SlowFast's MaskMViT), not a space-time ViT")
+    # Video: the token frames, and the cube mask's window (AUG.MASK_WINDOW_SIZE; () = the
+    # output grid), upsampled in space to the output grid as `_get_multiscale_mask` does.
+    self.frames = self.encoder.frames if self.video else 1
+    window = tuple(int(n) for n in (c.get("mask_window", ()) or ()))
+    self.window = window or (self.frames, self.grid, self.grid)
+    if self.video and (len(self.window) != 3 or self.window[0] != self.frames
+                       or min(self.window) < 1):
+      raise ValueError(f"config.maskfeat.mask_window={list(window)}: use (frames, h, w) with "
+                       f"frames = the MViT's {self.frames} token frames (SlowFast's [8, 7, 7] "
+                       "at 16 frames), or () for the output grid")
     self.nbins = int(c.hog_bins)
     self.cell = int(c.hog_cell)
     if self.patch % self.cell:
@@ -184,12 +213,24 @@ class MaskFeat(Method):
 
   def make_mask(self, rng, batch):
     """[B, G*G] int32 block-wise masks, 1 = masked, at most `num_masking` per image (G: the
-    ViT's patch grid, the MViT's output grid)."""
+    ViT's patch grid, the MViT's output grid). Clips: [B, t*h*w] cube masks on the mask
+    window (`masking.cube_mask`, the Kinetics loader's `_gen_mask`)."""
+    if self.video:
+      return masking.cube_mask(rng, batch, *self.window, ratio=self.mask_ratio)
     return masking.block_mask(rng, batch, self.grid, self.grid, self.num_masking,
                               min_num=self.min_block)
 
+  def output_mask(self, mask):
+    """The mask at the output tokens: a clip's window mask upsampled frame by frame to the
+    output grid (nearest, `_get_multiscale_mask`); an image's is drawn there already."""
+    return mvit.upsample_mask(mask, self.grid, self.frames) if self.video else mask
+
   def target(self, images):
-    return hog.hog_target(images.astype(jnp.float32), self.patch, self.nbins, self.cell)
+    images = images.astype(jnp.float32)
+    if self.video:       # `_get_hog_label_3d`: every PATCH_STRIDE[0]-th frame
+      return hog.hog_target_3d(images, self.encoder.patch_stride_t, self.patch, self.nbins,
+                               self.cell)
+    return hog.hog_target(images, self.patch, self.nbins, self.cell)
 
   def init(self, rng, images):
     r1, r2, r3 = jax.random.split(rng, 3)
@@ -198,7 +239,8 @@ class MaskFeat(Method):
     params = {"encoder": enc, "head": self.head.init(r2, tokens)["params"]}
     if self.use_official_init:
       kernel = self.patch if self.backbone == "vit" else self.encoder.patch_kernel
-      params = official_init(r3, params, kernel)
+      params = official_init(r3, params, kernel,
+                             patch_frames=self.encoder.patch_kernel_t if self.video else 1)
     return params
 
   def forward(self, params, images, mask, rng=None, train=True):
@@ -213,6 +255,7 @@ class MaskFeat(Method):
     mrng, drng = jax.random.split(rng)
     mask = self.make_mask(mrng, images.shape[0])
     pred = self.forward(params, images, mask, drng, train=True)
-    loss = maskfeat_loss(pred, self.target(images), mask)
-    return loss, {"mask_ratio": jnp.mean(mask.astype(jnp.float32))}
+    out_mask = self.output_mask(mask)
+    loss = maskfeat_loss(pred, self.target(images), out_mask)
+    return loss, {"mask_ratio": jnp.mean(out_mask.astype(jnp.float32))}
 
