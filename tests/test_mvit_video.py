@@ -39,6 +39,15 @@ def test_kinetics_mvitv2_s_parameter_count():
   assert round((want + 768 * 400 + 400) / 1e6, 1) == 34.5
 
 
+def test_kinetics_mvitv2_b_32x3_parameter_count_is_the_papers():
+  """configs/Kinetics/MVITv2_B_32x3.yaml (32 frames, the image MViTv2-B's blocks 2-3-16-3):
+  51.2M with the 400-class head, the MViTv2 paper's Kinetics-400 MViTv2-B."""
+  model = mvit.from_config(mvit.default_config(**dict(K400_S, variant="base", num_frames=32)),
+                           224)
+  assert model.frames == 16
+  assert round((mvit.param_count(model) + 768 * 400 + 400) / 1e6, 1) == 51.2
+
+
 def _official_rel_pos(q, rel_h, rel_w, rel_t, q_shape, k_shape, has_cls):
   """cal_rel_pos_spatial + cal_rel_pos_temporal on a zero attention map, one element at a
   time: q [heads, Nq, D] (cls first when has_cls) -> [heads, Nq, Nk]."""
