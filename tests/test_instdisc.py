@@ -105,3 +105,13 @@ def test_gradient_accumulation_equals_the_full_batch():
     out.append((losses, np.asarray(tr.state["method_state"]["bank"])))
   np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
   np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_cifar10_full_follows_cifar_py():
+  """cifar.py: batch 128, lr 0.03, wd 5e-4, T 0.1, lr x 0.1 at epochs 80, 120 and 160."""
+  c = load_config("instdisc", "cifar10_full")
+  assert (c.input.batch_size, c.total_epochs) == (128, 200)
+  assert c.optim.base_lr * c.input.batch_size / c.optim.lr_batch_divisor == pytest.approx(0.03)
+  assert (c.optim.weight_decay, c.instdisc.nce_t, c.instdisc.nce_k) == (5e-4, 0.1, 4096)
+  assert tuple(c.optim.milestones_epochs) == (80, 120, 160)
+  assert c.optim.gamma == 0.1
