@@ -15,14 +15,15 @@ Presets (`--config=configs/instdisc.py:<preset>`):
   imagenet     main.py's ResNet-50 recipe on tfds imagenet2012.
 
 Official settings (main.py for ImageNet, cifar.py for CIFAR-10): 128-d L2-normalised output
-(Linear + Normalize after the pooled ResNet features), memory bank momentum 0.5, NCE with K =
-4096 noise samples and Z fixed at the first batch, temperature 0.07 (ImageNet) / 0.1 (CIFAR);
-SGD momentum 0.9, lr 0.03, weight decay 1e-4 (ImageNet) / 5e-4 (CIFAR) on every parameter
-(biases and BatchNorm included), batch 256 / 128, 200 epochs, lr x 0.1 at epochs 120 and 160
-(ImageNet) / 80, 120 and 160 (CIFAR); one view per image: RandomResizedCrop(scale 0.2 - 1),
-RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4), flip (ImageNet; the CIFAR script has no
-flip and jitters before the greyscale). Evaluation: weighted kNN k = 200 on the features with
-sigma = T (evals.knn_200: T = 0.1, the CIFAR setting).
+(Linear + Normalize after the pooled ResNet features; the CIFAR ResNet keeps nn.Conv2d's own
+init, U(+-1/sqrt(fan_in)): model.conv_init='torch'; the ImageNet one torchvision's), memory
+bank momentum 0.5, NCE with K = 4096 noise samples and Z fixed at the first batch, temperature
+0.07 (ImageNet) / 0.1 (CIFAR); SGD momentum 0.9, lr 0.03, weight decay 1e-4 (ImageNet) / 5e-4
+(CIFAR) on every parameter (biases and BatchNorm included), batch 256 / 128, 200 epochs, lr x
+0.1 at epochs 120 and 160 (ImageNet) / 80, 120 and 160 (CIFAR); one view per image:
+RandomResizedCrop(scale 0.2 - 1), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4), flip
+(ImageNet; the CIFAR script has no flip and jitters before the greyscale). Evaluation: weighted
+kNN k = 200 on the features with sigma = T (evals.knn_200: T = 0.1, the CIFAR setting).
 
 Switches (the paper's Table 1): instdisc.objective 'nce' | 'softmax' (the non-parametric
 softmax over the whole bank) | 'parametric' (a learned classifier over the instances);
@@ -63,6 +64,8 @@ def get_config(arg=None):
     config_lib.joint_embedding_preset(c, preset, epochs=(5, 5), batch=(128, 256))
     c.instdisc.update(nce_t=0.1)
     c.instdisc.views.hflip = False
+    # models/resnet_cifar.py leaves its convolutions at nn.Conv2d's own init.
+    c.model.conv_init = "torch"
     c.optim.update(weight_decay=5e-4, warmup_epochs=0.0)
     # cifar.py: lr 0.03 at batch 128 (the divisor keeps it at any batch).
     c.optim.lr_batch_divisor = 128

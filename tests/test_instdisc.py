@@ -115,3 +115,5 @@ def test_cifar10_full_follows_cifar_py():
   assert (c.optim.weight_decay, c.instdisc.nce_t, c.instdisc.nce_k) == (5e-4, 0.1, 4096)
   assert tuple(c.optim.milestones_epochs) == (80, 120, 160)
   assert c.optim.gamma == 0.1
+  assert c.model.conv_init == "torch"              # models/resnet_cifar.py: nn.Conv2d's init
+  assert load_config("instdisc", "imagenet").model.conv_init == "torchvision"

@@ -159,6 +159,7 @@ def test_config_registry_and_errors():
            ({"stem": "tiny"}, "stem='tiny': use 'imagenet' or 'cifar'"),
            ({"width": 0}, "width=0"), ({"width": 0.3}, "64 \\* width"),
            ({"bn_groups": 0}, "bn_groups=0: use an integer >= 1"),
+           ({"conv_init": "xavier"}, "conv_init='xavier': use 'torchvision'"),
            ({"variant": "base"}, "model.variant: not a ResNet key; use name, depth")]
   for kw, msg in cases:
     bad = ml_collections.ConfigDict({**resnet.DEFAULTS, **kw})
@@ -279,6 +280,24 @@ def test_torchvision_initialisation():
   assert set(p50["layer1"]["block0"]) == {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3",
                                           "downsample_conv", "downsample_bn"}
   assert "downsample_conv" not in p50["layer1"]["block1"]
+
+
+def test_torch_conv_initialisation():
+  """conv_init='torch': every convolution U(+-1/sqrt(kh * kw * in)), as nn.Conv2d draws it when
+  nothing re-initialises it (lemniscate.pytorch's CIFAR ResNet); the rest as torchvision's."""
+  cfg = resnet.default_config(depth=18, stem="cifar", width=0.5, conv_init="torch")
+  v = jax.jit(models.build(cfg, 32).init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  p = v["params"]
+  for k, fan_in in ((p["conv1"]["kernel"], 3 * 9),
+                    (p["layer4"]["block1"]["conv2"]["kernel"], 256 * 9),
+                    (p["layer2"]["block0"]["downsample_conv"]["kernel"], 32)):
+    k, bound = np.asarray(k), 1 / math.sqrt(fan_in)
+    assert np.abs(k).max() <= bound and np.abs(k).max() > 0.95 * bound
+    assert abs(k.std() / (bound / math.sqrt(3)) - 1) < 0.06
+  np.testing.assert_array_equal(p["layer1"]["block0"]["bn2"]["scale"], 1)
+  plain = models.build(resnet.default_config(depth=18, stem="cifar", width=0.5), 32)
+  default = jax.eval_shape(plain.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  assert jax.tree.map(lambda a: a.shape, default) == jax.tree.map(lambda a: a.shape, v)
 
 
 # ---------------------------------------------------------------------------------------------

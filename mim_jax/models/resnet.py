@@ -23,6 +23,9 @@ Options beyond torchvision, each off by default:
                 wide ResNets); torchvision's wide_resnet50_2 widens only the bottleneck's inner
                 convolutions and is a different network;
   bn_groups     per-group batch statistics (see `BatchNorm`);
+  conv_init     'torch': every convolution drawn as nn.Conv2d draws it when nothing
+                re-initialises it, U(+-1/sqrt(fan_in)) (kuangliu-style CIFAR ResNets such as
+                lemniscate.pytorch's); the default 'torchvision' is kaiming_normal_ fan_out;
   depth=10      one BasicBlock per stage (the same stem, stages and widths as resnet18 with
                 half its blocks; no torchvision model): the tests' tiny ResNet, which keeps
                 every stage, stride and BatchNorm of the family at half the compile time.
@@ -72,6 +75,16 @@ def torch_linear_init(fan_in: int) -> Callable:
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
   return init
+
+
+def torch_conv_init(key, shape, dtype=jnp.float32):
+  """nn.Conv2d's own reset_parameters (kaiming_uniform_ with a=sqrt(5)): U(+-1/sqrt(fan_in)),
+  fan_in = kh * kw * in_channels of the HWIO kernel: the init of networks that build their
+  convolutions without re-initialising them (e.g. lemniscate.pytorch's CIFAR ResNet)."""
+  return torch_linear_init(math.prod(shape[:-1]))(key, shape, dtype)
+
+
+CONV_INITS = {"torchvision": conv_init, "torch": torch_conv_init}
 
 
 def channels(width: float, base: int) -> int:
@@ -156,12 +169,13 @@ class BatchNorm(nn.Module):
 
 
 def conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype,
-         param_dtype: Dtype) -> nn.Conv:
-  """torch's nn.Conv2d(k, stride, padding=(k - 1) // 2, bias=False): symmetric padding."""
+         param_dtype: Dtype, init: str = "torchvision") -> nn.Conv:
+  """torch's nn.Conv2d(k, stride, padding=(k - 1) // 2, bias=False): symmetric padding; `init`
+  a CONV_INITS key."""
   p = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)),
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=param_dtype,
-                 name=name)
+                 use_bias=False, kernel_init=CONV_INITS[init], dtype=dtype,
+                 param_dtype=param_dtype, name=name)
 
 
 class Block(nn.Module):
@@ -176,10 +190,12 @@ class Block(nn.Module):
   norm: Callable = BatchNorm
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_init: str = "torchvision"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    cv = functools.partial(conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    cv = functools.partial(conv, dtype=self.dtype, param_dtype=self.param_dtype,
+                           init=self.conv_init)
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     out_features = self.planes * EXPANSION[self.kind]
     if self.kind == "basic":
@@ -207,12 +223,14 @@ class Stage(nn.Module):
   norm: Callable = BatchNorm
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_init: str = "torchvision"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for j in range(self.blocks):
       x = Block(self.kind, self.planes, self.stride if j == 0 else 1, self.zero_init_residual,
-                self.norm, self.dtype, self.param_dtype, name=f"block{j}")(x, train)
+                self.norm, self.dtype, self.param_dtype, self.conv_init,
+                name=f"block{j}")(x, train)
     return x
 
 
@@ -237,6 +255,7 @@ class ResNet(nn.Module):
   bn_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_init: str = "torchvision"
 
   @property
   def stride(self) -> int:
@@ -260,6 +279,8 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet depth={self.depth!r}: use one of {', '.join(map(str, DEPTHS))}")
     if self.stem not in STEMS:
       raise ValueError(f"ResNet stem={self.stem!r}: use 'imagenet' or 'cifar'")
+    if self.conv_init not in CONV_INITS:
+      raise ValueError(f"ResNet conv_init={self.conv_init!r}: use one of {', '.join(CONV_INITS)}")
     kind, blocks = DEPTHS[self.depth]
     norm = functools.partial(BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_eps,
                              groups=self.bn_groups, dtype=self.dtype,
@@ -268,18 +289,18 @@ class ResNet(nn.Module):
     x = images.astype(self.dtype)
     c0 = channels(self.width, 64)
     if self.stem == "imagenet":
-      x = conv(c0, 7, 2, "conv1", self.dtype, self.param_dtype)(x)
+      x = conv(c0, 7, 2, "conv1", self.dtype, self.param_dtype, self.conv_init)(x)
       x = nn.relu(norm(name="bn1")(x, train))
       # torch's MaxPool2d(3, 2, padding=1): reduce_window pads with the -inf init value.
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = conv(c0, 3, 1, "conv1", self.dtype, self.param_dtype)(x)
+      x = conv(c0, 3, 1, "conv1", self.dtype, self.param_dtype, self.conv_init)(x)
       x = nn.relu(norm(name="bn1")(x, train))
     if record:
       self.sow("intermediates", "stem_output", x)
     for i in range(4):
       x = Stage(kind, channels(self.width, 64 * 2 ** i), blocks[i], 1 if i == 0 else 2,
-                self.zero_init_residual, norm, self.dtype, self.param_dtype,
+                self.zero_init_residual, norm, self.dtype, self.param_dtype, self.conv_init,
                 name=f"layer{i + 1}")(x, train)
       if record:
         self.sow("intermediates", "stage_outputs", x)
@@ -299,7 +320,7 @@ class ResNet(nn.Module):
 # width is a float so that a command-line override such as model.width=0.5 fits its type.
 DEFAULTS = dict(name="resnet", depth=50, width=1.0, stem="imagenet", zero_init_residual=False,
                 num_classes=0, bn_groups=1, bn_momentum=0.1, bn_eps=1e-5, dtype="float32",
-                param_dtype="float32")
+                param_dtype="float32", conv_init="torchvision")
 
 EXECUTION_OPTIONS = ("dtype",)
 
@@ -338,6 +359,9 @@ def check_config(model_cfg) -> None:
   if not 0.0 <= get("bn_momentum") <= 1.0:
     raise ValueError(f"config.model.bn_momentum={get('bn_momentum')!r}: use a value in [0, 1] "
                      f"(torch's momentum: 0.1)")
+  if get("conv_init") not in CONV_INITS:
+    raise ValueError(f"config.model.conv_init={get('conv_init')!r}: use 'torchvision' "
+                     "(kaiming_normal_ fan_out) or 'torch' (nn.Conv2d's own U(+-1/sqrt(fan_in)))")
   if not get("bn_eps") > 0:
     raise ValueError(f"config.model.bn_eps={get('bn_eps')!r}: use a value > 0 (torch's: 1e-5)")
   for key in ("dtype", "param_dtype"):
@@ -361,7 +385,7 @@ def from_config(model_cfg, image_size: int = 224, **overrides) -> ResNet:
             zero_init_residual=bool(get("zero_init_residual")), num_classes=get("num_classes"),
             bn_groups=get("bn_groups"), bn_momentum=float(get("bn_momentum")),
             bn_eps=float(get("bn_eps")), dtype=jnp.dtype(get("dtype")),
-            param_dtype=jnp.dtype(get("param_dtype")))
+            param_dtype=jnp.dtype(get("param_dtype")), conv_init=str(get("conv_init")))
   bad = [k for k in overrides if k not in kw]
   if bad:
     raise ValueError(f"a ResNet has no option {bad[0]!r} (a ViT-only method switch?); its "
