@@ -102,7 +102,7 @@ def main(argv=None) -> int:
   sys.path.insert(0, ROOT)
   from mim_jax import config_lib, methods  # pylint: disable=g-import-not-at-top
   from mim_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
-  from mim_jax.evaluators import knn  # pylint: disable=g-import-not-at-top
+  from mim_jax.evaluators import common, knn  # pylint: disable=g-import-not-at-top
 
   ResNet18, NCEAverage, NCECriterion = official_modules(args.lemniscate, args.width)
   torch.manual_seed(0)
@@ -140,20 +140,23 @@ def main(argv=None) -> int:
       e = c.evals[name]
       scores = knn.knn_scores(bank, bank_labels, queries, 10, k=int(e.k),
                               temperature=float(e.temperature))
-      out[f"{name}/top1"] = round(float((scores.argmax(1) == labels).mean() * 100), 2)
+      out[f"{name}/top1"] = round(float(common.topk_accuracy(scores, labels, ks=(1,))[1]), 2)
     return out
 
-  results = {"protocol": {"steps": args.steps, "width": args.width, "batch": 256,
+  batch, per_epoch = int(c.input.batch_size), n // int(c.input.batch_size)
+  results = {"protocol": {"steps": args.steps, "width": args.width, "batch": batch,
                           "checkout": os.path.abspath(args.lemniscate)},
              "init": knn_eval()}
   print(json.dumps({"init": results["init"]}), flush=True)
   lem = NCEAverage(int(c.instdisc.low_dim), n, int(c.instdisc.nce_k), float(c.instdisc.nce_t),
                    float(c.instdisc.nce_m))
   criterion = NCECriterion(n)
-  batch, per_epoch = 256, n // 256
-  base_lr = 0.03 * batch / 128
-  opt = torch.optim.SGD(net.parameters(), lr=base_lr, momentum=0.9, weight_decay=5e-4)
-  drops = (int(0.6 * args.steps), int(0.8 * args.steps))
+  # The preset's optimiser: lr base x batch / divisor, its momentum and weight decay, its lr
+  # drops at the same fractions of the run.
+  base_lr = float(c.optim.base_lr) * batch / float(c.optim.lr_batch_divisor)
+  opt = torch.optim.SGD(net.parameters(), lr=base_lr, momentum=float(c.optim.momentum),
+                        weight_decay=float(c.optim.weight_decay))
+  drops = tuple(int(m / float(c.total_epochs) * args.steps) for m in c.optim.milestones_epochs)
   views = jax.jit(lambda r, x: method.preprocess(r, x, c.input, True))
   losses, log, t0 = [], [], time.time()
   for s in range(args.steps):
