@@ -67,7 +67,7 @@ import optax
 from mim_jax import models
 from mim_jax.data import permutations as perm_lib
 from mim_jax.methods.base import Method
-from mim_jax.models import resnet
+from mim_jax.methods.rotation import torch_dense
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)     # PIL's convert('L'), the port's greyscale
 
@@ -181,11 +181,6 @@ def assemble(tiles: jax.Array, positions: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # The heads.
 
-def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
-  init = resnet.torch_linear_init(fan_in)
-  return nn.Dense(features, kernel_init=init, bias_init=init, name=name)
-
-
 class JigsawHead(nn.Module):
   """JigsawNetwork.py's fc6 (per tile) / fc7 / classifier; with `inpaint` and `colorize` the
   damaged-jigsaw decoders (one Linear each: fc7 -> the missing tile's pixels, fc6 -> each
@@ -202,17 +197,17 @@ class JigsawHead(nn.Module):
   def __call__(self, fmaps: jax.Array, train: bool = False) -> dict:
     b, n = fmaps.shape[:2]
     x = fmaps.reshape(b, n, -1).astype(jnp.float32)
-    h6 = nn.relu(_dense(self.fc6_dim, x.shape[-1], "fc6")(x))            # [B, 9, fc6]
+    h6 = nn.relu(torch_dense(self.fc6_dim, x.shape[-1], "fc6")(x))            # [B, 9, fc6]
     x = nn.Dropout(self.dropout, deterministic=not train)(h6)
     x = x.reshape(b, n * self.fc6_dim)
-    h7 = nn.relu(_dense(self.fc7_dim, x.shape[-1], "fc7")(x))
+    h7 = nn.relu(torch_dense(self.fc7_dim, x.shape[-1], "fc7")(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(h7)
-    out = {"logits": _dense(self.num_classes, self.fc7_dim, "fc8")(x)}
+    out = {"logits": torch_dense(self.num_classes, self.fc7_dim, "fc8")(x)}
     t = self.tile
     if self.inpaint:
-      out["inpaint"] = _dense(t * t * 3, self.fc7_dim, "inpaint")(h7).reshape(b, t, t, 3)
+      out["inpaint"] = torch_dense(t * t * 3, self.fc7_dim, "inpaint")(h7).reshape(b, t, t, 3)
     if self.colorize:
-      out["ab"] = _dense(t * t * 2, self.fc6_dim, "colorize")(h6).reshape(b, n, t, t, 2)
+      out["ab"] = torch_dense(t * t * 2, self.fc6_dim, "colorize")(h6).reshape(b, n, t, t, 2)
     return out
 
 

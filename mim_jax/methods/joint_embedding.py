@@ -37,7 +37,7 @@ import ml_collections
 
 from mim_jax import models
 from mim_jax.methods.base import Method, cosine_momentum, ema_update, module_entries
-from mim_jax.models import resnet
+from mim_jax.models import resnet, vit
 
 PyTree = Any
 
@@ -70,7 +70,7 @@ def collapse_monitor(z: jax.Array) -> dict:
 
 def _kernel_init(kind: str, fan_in: int):
   if kind == "torch":          # nn.Linear's default: U(+-1/sqrt(fan_in)), the bias alike
-    return resnet.torch_linear_init(fan_in), resnet.torch_linear_init(fan_in)
+    return vit.torch_default_uniform(fan_in), vit.torch_default_uniform(fan_in)
   if kind == "normal_0.01":    # google-research/simclr's LinearLayer: N(0, 0.01), bias 0
     return nn.initializers.normal(0.01), nn.initializers.zeros
   if kind == "haiku":          # hk.Linear: truncated normal (+-2 std) std 1/sqrt(fan_in), bias 0

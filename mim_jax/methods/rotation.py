@@ -37,7 +37,8 @@ from mim_jax import models
 from mim_jax.data import augment
 from mim_jax.data import preprocess as data_preprocess
 from mim_jax.methods.base import Method
-from mim_jax.models.resnet import BatchNorm, torch_linear_init
+from mim_jax.models.resnet import BatchNorm
+from mim_jax.models.vit import torch_default_uniform
 
 NUM_ROTATIONS = 4
 CROPS = ("pad", "config")
@@ -101,7 +102,7 @@ class FCBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     for i in range(2):
-      x = nn.Dense(self.dim, use_bias=False, kernel_init=torch_linear_init(x.shape[-1]),
+      x = nn.Dense(self.dim, use_bias=False, kernel_init=torch_default_uniform(x.shape[-1]),
                    name=f"fc{i + 6}")(x)
       x = nn.relu(BatchNorm(momentum=self.bn_momentum, name=f"bn{i + 6}")(x, train))
     return x
@@ -110,7 +111,7 @@ class FCBlock(nn.Module):
 def torch_dense(features: int, fan_in: int, name: Optional[str] = None,
                 use_bias: bool = True) -> nn.Dense:
   """nn.Linear with PyTorch's default initialisation (weight and bias U(+-1/sqrt(fan_in)))."""
-  init = torch_linear_init(fan_in)
+  init = torch_default_uniform(fan_in)
   return nn.Dense(features, use_bias=use_bias, kernel_init=init, bias_init=init, name=name)
 
 

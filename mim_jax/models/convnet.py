@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mim_jax.models.resnet import BatchNorm, torch_linear_init
+from mim_jax.models.resnet import BatchNorm
+from mim_jax.models.vit import torch_default_uniform
 
 Dtype = Any
 
@@ -124,7 +125,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     p = self.padding
-    init = torch_linear_init(x.shape[-1] * self.kernel * self.kernel)   # torch's Conv2d default
+    init = torch_default_uniform(x.shape[-1] * self.kernel * self.kernel)   # torch's Conv2d default
     x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
                 padding=((p, p), (p, p)), use_bias=self.use_bias, kernel_init=init,
                 bias_init=init, dtype=self.dtype, name="conv")(x)

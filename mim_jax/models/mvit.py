@@ -324,11 +324,6 @@ def upsample_mask(mask: jax.Array, out: int, frames: int = 1) -> jax.Array:
   return up.reshape(mask.shape[0], frames * out * out).astype(jnp.float32)
 
 
-def torch_conv_init(fan_in: int):
-  """PyTorch's default Conv2d init (weight and bias): U(+-1/sqrt(fan_in))."""
-  return vit.torch_default_uniform(fan_in)
-
-
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """A depthwise cross-correlation with zero padding kernel // 2 (torch's Conv2d with
   groups = channels, no bias): x [..., H, W, C], kernel [k, k, 1, C] (flax's HWIO) ->
@@ -374,7 +369,7 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x):
     k, c, kt = self.kernel_size, x.shape[-1], self.kernel_t
     shape = (k, k, 1, c) if kt == 1 else (kt, k, k, 1, c)
-    kernel = self.param("kernel", torch_conv_init(kt * k * k), shape, self.param_dtype)
+    kernel = self.param("kernel", vit.torch_default_uniform(kt * k * k), shape, self.param_dtype)
     return depthwise_conv(x.astype(self.dtype), kernel, self.stride)
 
 
@@ -526,7 +521,7 @@ class PatchEmbed(nn.Module):
     if self.kernel_t:
       kernel, strides = (self.kernel_t,) + kernel, (self.stride_t,) + strides
       pads = ((self.padding_t, self.padding_t),) + pads
-    init = torch_conv_init(images.shape[-1] * math.prod(kernel))
+    init = vit.torch_default_uniform(images.shape[-1] * math.prod(kernel))
     x = nn.Conv(self.dim, kernel, strides, padding=pads, kernel_init=init,
                 bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(images)
     return x.reshape(x.shape[0], -1, self.dim)

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mim_jax.models.vit import torch_default_uniform
+
 Dtype = Any
 
 # depth -> (block type, blocks per stage), as torchvision's resnet18 ... resnet152 (10: see above).
@@ -68,20 +70,11 @@ POOLINGS = ("mean", "avg")               # both mean the global average pool
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def torch_linear_init(fan_in: int) -> Callable:
-  """PyTorch's default nn.Linear init of weight and bias alike: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-  (kaiming_uniform_ with a=sqrt(5) gives that bound for the weight)."""
-  bound = 1.0 / math.sqrt(fan_in)
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
 def torch_conv_init(key, shape, dtype=jnp.float32):
   """nn.Conv2d's own reset_parameters (kaiming_uniform_ with a=sqrt(5)): U(+-1/sqrt(fan_in)),
   fan_in = kh * kw * in_channels of the HWIO kernel: the init of networks that build their
   convolutions without re-initialising them (e.g. lemniscate.pytorch's CIFAR ResNet)."""
-  return torch_linear_init(math.prod(shape[:-1]))(key, shape, dtype)
+  return torch_default_uniform(math.prod(shape[:-1]))(key, shape, dtype)
 
 
 CONV_INITS = {"torchvision": conv_init, "torch": torch_conv_init}
@@ -308,7 +301,7 @@ class ResNet(nn.Module):
     if features_only or not self.num_classes:
       return x
     pooled = x.mean(axis=(1, 2))
-    fc_init = torch_linear_init(pooled.shape[-1])
+    fc_init = torch_default_uniform(pooled.shape[-1])
     logits = nn.Dense(self.num_classes, kernel_init=fc_init, bias_init=fc_init, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="fc")(pooled.astype(self.dtype))
     return logits.astype(x.dtype)
