@@ -2,6 +2,7 @@
 Conv3d patch embedding and sinusoid table, the tube and running-cell token selections, the
 norm-pix cube target and the whole loss computed by hand, one crop per clip on the device, a
 2-step run on the embedded clips with kNN numbers, and sharded == one device."""
+import functools
 import math
 
 import jax
@@ -324,27 +325,29 @@ def test_sharded_steps_equal_one_device(two_step_run):
 
 def test_finetune_aug_draws_once_per_clip():
   from mim_jax.data import finetune_aug as fa
+  # Jitted as the train step runs them (eagerly, every op of RandAugment compiles on its own).
+  rand_augment = jax.jit(functools.partial(fa.rand_augment, num_layers=4, magnitude=7.0, prob=1.0))
+  random_erasing = jax.jit(functools.partial(fa.random_erasing, prob=1.0))
+  mixup_cutmix = jax.jit(fa.mixup_cutmix, static_argnums=3)
   rng = np.random.default_rng(0)
   clips = jnp.asarray(rng.uniform(size=(4, 3, 8, 8, 3)), jnp.float32)
   key = jax.random.PRNGKey(3)
   # RandAugment: frame f of the clips = RandAugment of the frames f alone with the same key
   # (the draws are per clip, so they do not depend on T); the frames of a clip differ.
-  ra = fa.rand_augment(key, clips, num_layers=4, magnitude=7.0, prob=1.0)
+  ra = rand_augment(key, clips)
   for f in range(3):
-    np.testing.assert_allclose(ra[:, f], fa.rand_augment(key, clips[:, f], num_layers=4,
-                                                         magnitude=7.0, prob=1.0), atol=1e-6)
+    np.testing.assert_allclose(ra[:, f], rand_augment(key, clips[:, f]), atol=1e-6)
   # Random erasing: each frame on its own, in (clip, frame) order.
-  er = fa.random_erasing(key, clips, prob=1.0)
-  np.testing.assert_array_equal(er, fa.random_erasing(key, clips.reshape(12, 8, 8, 3),
-                                                      prob=1.0).reshape(clips.shape))
+  er = random_erasing(key, clips)
+  np.testing.assert_array_equal(er, random_erasing(key, clips.reshape(12, 8, 8, 3)).reshape(clips.shape))
   erased = np.asarray(er != clips).any(-1)             # [B, T, H, W]
   assert not all((erased[0, f] == erased[0, 0]).all() for f in range(3))
   # Mixup / CutMix: whole clips with one lam and one box for every frame.
   for seed in range(6):
     k = jax.random.PRNGKey(seed)
-    mixed, targets, info = fa.mixup_cutmix(k, clips, jnp.arange(4), 5)
+    mixed, targets, info = mixup_cutmix(k, clips, jnp.arange(4), 5)
     for f in range(3):
-      want, want_t, _ = fa.mixup_cutmix(k, clips[:, f], jnp.arange(4), 5)
+      want, want_t, _ = mixup_cutmix(k, clips[:, f], jnp.arange(4), 5)
       np.testing.assert_allclose(mixed[:, f], want, atol=1e-6)
       np.testing.assert_allclose(targets, want_t, atol=1e-6)
 
