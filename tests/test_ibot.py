@@ -235,7 +235,9 @@ def test_last_layer_frozen_in_the_first_epoch_and_gradients_clipped_per_paramete
       if freeze and "last_layer" in jax.tree_util.keystr(path):
         assert float(jnp.abs(g).max()) == 0.0 and norm > 0
       else:
-        np.testing.assert_allclose(g, clipped, rtol=1e-5, atol=1e-9)
+        # The raw and the shaped gradients come from two compiled programs whose sums may run in
+        # another order: elements near 0 get an absolute tolerance relative to the leaf's scale.
+        np.testing.assert_allclose(g, clipped, rtol=1e-5, atol=1e-4 * np.abs(clipped).max())
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(thawed["head"]["last_layer"]))
 
 
