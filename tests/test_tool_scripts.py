@@ -1,10 +1,13 @@
 """The shell scripts behind the results tables (tools/*.sh) name configs and keys that exist: each
 script runs with a stand-in `python` that records its arguments, and every mim_jax.main command
-it would run is checked against its config (unknown keys fail, as main's locked config does)."""
+it would run is checked against its config (unknown keys fail, as main's locked config does).
+tools/official_parity.py (it needs torch and the official checkouts) is checked for its
+argument errors and its tolerance rule."""
 import os
 import shlex
 import subprocess
 
+import numpy as np
 import pytest
 
 from helpers import ROOT
@@ -55,3 +58,34 @@ def test_tool_scripts_run_existing_configs_and_keys(script, tmp_path):
   names = reports[0][reports[0].index("--names") + 1].split(",")
   runs = [a for a in listed if a in workdirs]
   assert runs and len(runs) == len(names), (listed, names)
+
+
+def _official_parity():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("official_parity", ROOT / "tools" / "official_parity.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_official_parity_needs_a_checkout_and_names_it(tmp_path, capsys):
+  """tools/official_parity.py (torch and the official repositories: run by hand, see
+  docs/convert.md) refuses a missing checkout in one line before importing torch."""
+  tool = _official_parity()
+  for argv, says in (([], "give --swin and/or --mvit"),
+                     (["--swin", str(tmp_path / "none")], "clone the official repository there")):
+    with pytest.raises(SystemExit) as e:
+      tool.main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_official_parity_tolerance_is_relative_to_the_output_scale():
+  tool = _official_parity()
+  ref = np.array([[100.0, -3.0]])
+  assert tool._compare("a", ref + 5e-3, ref, 1e-4)["ok"]          # 5e-3 <= 1e-4 x 100
+  assert not tool._compare("b", ref + 2e-2, ref, 1e-4)["ok"]
+  small = np.array([[0.5, 0.1]])                                   # scale floored at 1
+  assert tool._compare("c", small + 9e-5, small, 1e-4)["ok"]
+  assert not tool._compare("d", small + 2e-4, small, 1e-4)["ok"]
+  row = tool._compare("e", np.zeros((2, 3)), np.zeros((3, 2)), 1e-4)
+  assert not row["ok"] and "shapes" in row["error"]

@@ -24,7 +24,8 @@ scales, q / v biases, tokens unchanged.
 
 writes a configs/simmim.py workdir (the model and image size from the weights; see
 `make_config`) for an encoder checkpoint, a configs/finetune.py one when the weights carry a
-classifier `head`. (Not yet registered as `python -m mim_jax.convert --arch=swin`.)
+classifier `head`; `python -m mim_jax.convert --from=torch --arch=swin|swinv2` runs the same.
+tools/official_parity.py checks the written workdir against the official modules' outputs.
 """
 from __future__ import annotations
 

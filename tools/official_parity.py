@@ -1,0 +1,286 @@
+r"""mim_jax's Swin, Swin V2, SimMIM-on-Swin and MViT v2 against the official PyTorch modules.
+
+Builds each model from the official repositories' own code (a user's checkouts: nothing of them
+is in mim_jax), perturbs every parameter so that no bias is zero and no norm the identity,
+saves its state dict as the official checkpoints are saved, converts it with the command line
+(`python -m mim_jax.convert --from=torch --arch=swin|swinv2|mvitv2`), loads the written workdir
+as any run is loaded (`teachers.load`) and compares, on the same input:
+
+* classifiers (Swin, Swin V2, MViT v2): the logits the 'classifier' evaluator reads
+  (`method.features(...)['logits']`) against the official model's head output (the MViT
+  head's pre-softmax projection);
+* SimMIM pretraining (Swin-B 192 px window 6; Swin V2-B 192 px window 12 with the
+  normalised targets of its config): the reconstruction and the loss for one mask drawn by
+  `SimMIM.make_mask`, the same mask handed to the official `SimMIM.forward(x, mask)`;
+* parameter counts: the official module's `parameters()` against the converted tree.
+
+    git clone https://github.com/microsoft/Swin-Transformer /tmp/Swin-Transformer
+    git clone https://github.com/facebookresearch/mvit /tmp/mvit
+    pip install torch fvcore iopath yacs psutil simplejson   # the official modules' imports
+    python tools/official_parity.py --swin /tmp/Swin-Transformer --mvit /tmp/mvit \
+        --out runs/official_parity.json
+
+It runs on the CPU (a few minutes on 2 cores). The official Swin modules import three helpers
+from timm (`DropPath`, `to_2tuple`, `trunc_normal_`); where timm is not installed this tool
+stands in for them (DropPath is the identity in eval mode, where every comparison runs).
+Exit status 1 when a case differs by more than --tol (relative to the output's largest value)
+or a parameter count differs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+import types
+
+import numpy as np
+
+
+def _timm_stand_ins():
+  """timm.models.layers' three helpers the official Swin modules import, when timm is absent."""
+  try:
+    importlib.import_module("timm.models.layers")
+    return "timm " + importlib.import_module("timm").__version__
+  except ImportError:
+    pass
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class DropPath(torch.nn.Module):
+    def __init__(self, drop_prob=0.0):
+      super().__init__()
+      self.drop_prob = drop_prob
+
+    def forward(self, x):
+      if self.training and self.drop_prob:
+        raise RuntimeError("this stand-in is for eval mode only")
+      return x
+
+  def to_2tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+  layers = types.ModuleType("timm.models.layers")
+  layers.DropPath, layers.to_2tuple = DropPath, to_2tuple
+  layers.trunc_normal_ = torch.nn.init.trunc_normal_
+  package = types.ModuleType("timm")
+  package.models = types.ModuleType("timm.models")
+  package.models.layers = layers
+  sys.modules.update({"timm": package, "timm.models": package.models, "timm.models.layers": layers})
+  return "stand-ins (timm not installed)"
+
+
+def _perturb(module, seed: int, scale: float = 0.02):
+  """Every parameter + N(0, scale^2): biases, norms and tokens off their initial values."""
+  import torch  # pylint: disable=g-import-not-at-top
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.add_(torch.randn(p.shape, generator=g) * scale)
+  return module.eval()
+
+
+def _count(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def _convert(sd: dict, wrap: str, arch: str, tmp: str, name: str):
+  """Saves `sd` as {wrap: sd} (the official files' layout), runs the convert command line and
+  loads the workdir it wrote."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from mim_jax import teachers  # pylint: disable=g-import-not-at-top
+  from mim_jax.convert.__main__ import main as convert_main  # pylint: disable=g-import-not-at-top
+  pth, out = os.path.join(tmp, f"{name}.pth"), os.path.join(tmp, name)
+  torch.save({wrap: sd}, pth)
+  if convert_main(["--from=torch", f"--arch={arch}", pth, out]) != 0:
+    raise SystemExit(f"{name}: the conversion failed (its message is above)")
+  return teachers.load(out)
+
+
+def _compare(name: str, got, want, tol: float, **info) -> dict:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  if got.shape != want.shape:
+    return dict(case=name, ok=False, error=f"shapes {got.shape} vs {want.shape}", **info)
+  diff = float(np.abs(got - want).max())
+  scale = float(np.abs(want).max())
+  return dict(case=name, max_abs_diff=diff, max_abs_ref=scale, rel_diff=diff / max(scale, 1e-12),
+              ok=bool(diff <= tol * max(scale, 1.0)), **info)
+
+
+def _images(batch: int, size: int, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def _nchw(images: np.ndarray):
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def _state_dict(module) -> dict:
+  return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def swin_classifier(name, version, tmp, tol, batch, seed, **kw):
+  import torch  # pylint: disable=g-import-not-at-top
+  if version == 1:
+    from models.swin_transformer import SwinTransformer as Official  # pylint: disable=g-import-not-at-top
+  else:
+    from models.swin_transformer_v2 import SwinTransformerV2 as Official  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model = _perturb(Official(**kw), seed)
+  images = _images(batch, kw.get("img_size", 224), seed)
+  with torch.no_grad():
+    want = model(_nchw(images)).numpy()
+  run = _convert(_state_dict(model), "model", "swin" if version == 1 else "swinv2", tmp, name)
+  got = run.method.features(run.params, run.method_state, images)["logits"]
+  return _compare(name, got, want, tol, output="logits",
+                  official_params=sum(p.numel() for p in model.parameters()),
+                  mim_jax_params=_count(run.params))
+
+
+def simmim_swin(name, version, tmp, tol, batch, seed, norm_target=0, **kw):
+  """The official SimMIM(encoder=Swin(V2)ForSimMIM, encoder_stride=32) against the converted
+  run's encoder + decoder for one mask of SimMIM.make_mask."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import models.simmim as official  # pylint: disable=g-import-not-at-top
+  from mim_jax.methods import simmim  # pylint: disable=g-import-not-at-top
+  enc_cls = official.SwinTransformerForSimMIM if version == 1 else official.SwinTransformerV2ForSimMIM
+  torch.manual_seed(seed)
+  norm_cfg = types.SimpleNamespace(NORM_TARGET=types.SimpleNamespace(
+      ENABLE=bool(norm_target), PATCH_SIZE=norm_target or 47))
+  model = official.SimMIM(norm_cfg, enc_cls(num_classes=0, **kw), encoder_stride=32,
+                          in_chans=3, patch_size=kw.get("patch_size", 4))
+  model = _perturb(model, seed)
+  size = kw["img_size"]
+  images = _images(batch, size, seed)
+  run = _convert(_state_dict(model), "model", "swin" if version == 1 else "swinv2", tmp, name)
+  method = run.method
+  mask = np.asarray(method.make_mask(jax.random.PRNGKey(seed), batch))   # [B, H/p, W/p]
+  with torch.no_grad():
+    want_loss = float(model(_nchw(images), torch.from_numpy(mask.astype(np.float32))))
+    want_rec = model.decoder(model.encoder(_nchw(images),
+                                           torch.from_numpy(mask.astype(np.float32)))).numpy()
+  out = method.encode(run.params["encoder"], jnp.asarray(images), jnp.asarray(mask))
+  rec = method.decoder.apply({"params": run.params["decoder"]}, out["tokens"], out["grid"])
+  pixel_mask = jnp.repeat(jnp.repeat(jnp.asarray(mask), method.patch, 1), method.patch, 2)
+  target = simmim.norm_targets(jnp.asarray(images), norm_target) if norm_target else images
+  loss = float(simmim.simmim_loss(target, rec, pixel_mask))
+  row = _compare(name, np.asarray(rec), want_rec.transpose(0, 2, 3, 1), tol,
+                 output="reconstruction", official_params=sum(p.numel() for p in model.parameters()),
+                 mim_jax_params=_count(run.params), mask_ratio=float(mask.mean()),
+                 loss=loss, official_loss=want_loss)
+  row["loss_rel_diff"] = abs(loss - want_loss) / abs(want_loss)
+  row["ok"] = bool(row["ok"] and row["loss_rel_diff"] <= tol)
+  return row
+
+
+def mvit_classifier(name, tmp, tol, batch, seed, mvit_dir, yaml_name, image_size=224):
+  import torch  # pylint: disable=g-import-not-at-top
+  from mvit.config.defaults import get_cfg  # pylint: disable=g-import-not-at-top
+  from mvit.models.mvit_model import MViT  # pylint: disable=g-import-not-at-top
+  cfg = get_cfg()
+  cfg.merge_from_file(os.path.join(mvit_dir, "configs", yaml_name))
+  cfg.DATA.TRAIN_CROP_SIZE = cfg.DATA.TEST_CROP_SIZE = image_size
+  torch.manual_seed(seed)
+  model = _perturb(MViT(cfg), seed)
+  images = _images(batch, image_size, seed)
+  logits = []
+  hook = model.head.projection.register_forward_hook(lambda m, i, o: logits.append(o))
+  with torch.no_grad():
+    model(_nchw(images))
+  hook.remove()
+  run = _convert(_state_dict(model), "model_state", "mvitv2", tmp, name)
+  got = run.method.features(run.params, run.method_state, images)["logits"]
+  return _compare(name, got, logits[0].numpy(), tol, output="logits (pre-softmax)",
+                  official_params=sum(p.numel() for p in model.parameters()),
+                  mim_jax_params=_count(run.params))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--swin", default="", help="a checkout of microsoft/Swin-Transformer")
+  p.add_argument("--mvit", default="", help="a checkout of facebookresearch/mvit")
+  p.add_argument("--out", default="", help="the JSON record to write")
+  p.add_argument("--tol", type=float, default=1e-4)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+  args = p.parse_args(argv)
+  if not (args.swin or args.mvit):
+    p.error("give --swin and/or --mvit (checkouts of the official repositories)")
+  for d in (args.swin, args.mvit):
+    if d and not os.path.isdir(d):
+      p.error(f"{d} is not a directory: clone the official repository there first")
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  helpers = _timm_stand_ins() if args.swin else ""
+  sys.path[:0] = [d for d in (args.swin, args.mvit) if d]
+  b, s, tol = args.batch, args.seed, args.tol
+  cases = []
+  if args.swin:
+    cases += [
+        ("swin_t_224_w7", lambda t: swin_classifier("swin_t_224_w7", 1, t, tol, b, s)),
+        ("swin_b_224_w7", lambda t: swin_classifier(
+            "swin_b_224_w7", 1, t, tol, b, s, embed_dim=128, depths=[2, 2, 18, 2],
+            num_heads=[4, 8, 16, 32])),
+        ("swinv2_t_256_w8", lambda t: swin_classifier(
+            "swinv2_t_256_w8", 2, t, tol, b, s, img_size=256, window_size=8)),
+        ("swinv2_b_256_w16_from_w12", lambda t: swin_classifier(
+            "swinv2_b_256_w16_from_w12", 2, t, tol, b, s, img_size=256, window_size=16,
+            embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
+            pretrained_window_sizes=[12, 12, 12, 6])),
+        ("simmim_swin_b_192_w6", lambda t: simmim_swin(
+            "simmim_swin_b_192_w6", 1, t, tol, b, s, img_size=192, window_size=6,
+            embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])),
+        ("simmim_swinv2_b_192_w12_norm47", lambda t: simmim_swin(
+            "simmim_swinv2_b_192_w12_norm47", 2, t, tol, b, s, norm_target=47, img_size=192,
+            window_size=12, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])),
+    ]
+  if args.mvit:
+    for v in ("T", "S", "B"):
+      n = f"mvitv2_{v.lower()}_224"
+      cases.append((n, lambda t, n=n, v=v: mvit_classifier(n, t, tol, b, s, args.mvit,
+                                                            f"MVITv2_{v}.yaml")))
+  wanted = [c for c in args.cases.split(",") if c]
+  unknown = sorted(set(wanted) - {n for n, _ in cases})
+  if unknown:
+    p.error(f"unknown --cases {unknown}: choose from {[n for n, _ in cases]}")
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for n, fn in cases:
+      if wanted and n not in wanted:
+        continue
+      t0 = time.time()
+      row = fn(tmp)
+      row["seconds"] = round(time.time() - t0, 1)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  ok = all(r["ok"] and r["official_params"] == r["mim_jax_params"] for r in rows)
+  print("\n| case | output | params (official = mim_jax) | max abs diff | max abs output | ok |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    same = "yes" if r["official_params"] == r["mim_jax_params"] else (
+        f"NO: {r['official_params']:,} vs {r['mim_jax_params']:,}")
+    extra = (f"; loss {r['loss']:.6f} vs {r['official_loss']:.6f}" if "loss" in r else "")
+    print(f"| {r['case']} | {r['output']}{extra} | {r['official_params']:,} ({same}) | "
+          f"{r['max_abs_diff']:.2e} | {r['max_abs_ref']:.3g} | {'yes' if r['ok'] else 'NO'} |")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    import jax  # pylint: disable=g-import-not-at-top
+    record = dict(command=" ".join(["python", "tools/official_parity.py"] + sys.argv[1:]),
+                  date=time.strftime("%Y-%m-%d"), torch=torch.__version__, jax=jax.__version__,
+                  timm_helpers=helpers, tol=tol, batch=b, seed=s, rows=rows, ok=ok)
+    with open(args.out, "w") as f:
+      json.dump(record, f, indent=1)
+    print(f"wrote {args.out}")
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
