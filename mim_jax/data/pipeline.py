@@ -180,11 +180,13 @@ def _local_batch(input_cfg: Any, process_count: int) -> tuple[int, int]:
   return global_batch, global_batch // process_count
 
 
-def _aug(input_cfg: Any) -> tuple[tuple[float, float], tuple[float, float], bool]:
+def _aug(input_cfg: Any) -> tuple[tuple[float, float], tuple[float, float], bool, str]:
+  """(crop scale, crop ratio, hflip, video crop) of ``input.aug``, with their defaults."""
   aug = _get(input_cfg, "aug", {}) or {}
   scale = tuple(_get(aug, "crop_scale", (0.2, 1.0)))
   ratio = tuple(_get(aug, "crop_ratio", (3 / 4, 4 / 3)))
-  return scale, ratio, bool(_get(aug, "hflip", True))
+  return (scale, ratio, bool(_get(aug, "hflip", True)),
+          str(_get(aug, "video_crop", "random_resized")))
 
 
 def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int] = None,
@@ -236,7 +238,7 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     class_names = getattr(raw, "class_names", None)
     size = int(input_cfg.image_size)
     image_shape = (size, size, 3)
-    scale, ratio, hflip = _aug(input_cfg)
+    scale, ratio, hflip, video_crop = _aug(input_cfg)
     batch_fn = None
     canvas = int(_get(input_cfg, "device_resize", 0))
     if isinstance(raw, video.ClipSource):
@@ -245,9 +247,7 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
                               "method's several views and input.device_resize are image-only "
                               "(set --config.input.device_resize=0; train it on images)")
       source = _Permuted(raw, seed)
-      crop = video.HostReadClip(raw.reader, size, _get(_get(input_cfg, "aug", {}) or {},
-                                                       "video_crop", "random_resized"),
-                                scale, ratio, hflip)
+      crop = video.HostReadClip(raw.reader, size, video_crop, scale, ratio, hflip)
       image_shape = (raw.reader.num_frames, size, size, 3)
     elif views:
       if canvas:

@@ -493,15 +493,24 @@ def _decoded_embedded() -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
   return _EMBEDDED_CACHE[key]
 
 
-def _load_embedded(data_cfg: Any, split: str) -> InMemoryData:
-  images, labels, class_names, ok = _decoded_embedded()
-  select = _config_split_indices(data_cfg, labels, split, class_names, "the embedded set")
+def embedded_rows(data_cfg: Any, split: str,
+                  where: str = "the embedded set") -> tuple[np.ndarray, np.ndarray, list[str], int]:
+  """``split`` of the embedded set (the hold-out and subset settings of ``data_cfg``): (its
+  positions among the decodable images, their labels, the class names, the number of the
+  split's images that could not be decoded and are left out)."""
+  _, labels, class_names, ok = _decoded_embedded()
+  select = _config_split_indices(data_cfg, labels, split, class_names, where)
   in_split = np.zeros(labels.shape[0], bool)
   in_split[select] = True
-  rows = np.flatnonzero(in_split[ok])   # positions among the decodable images
-  out_images, out_labels = images[rows], labels[ok][rows]
-  _readonly(out_images, out_labels)
-  return InMemoryData(out_images, out_labels, list(class_names), int((in_split & ~ok).sum()))
+  rows = np.flatnonzero(in_split[ok])
+  return rows, labels[ok][rows], list(class_names), int((in_split & ~ok).sum())
+
+
+def _load_embedded(data_cfg: Any, split: str) -> InMemoryData:
+  rows, labels, class_names, skipped = embedded_rows(data_cfg, split)
+  images = _decoded_embedded()[0][rows]
+  _readonly(images, labels)
+  return InMemoryData(images, labels, class_names, skipped)
 
 
 def _load_embedded_clips(data_cfg: Any, split: str) -> InMemoryData:
@@ -509,14 +518,10 @@ def _load_embedded_clips(data_cfg: Any, split: str) -> InMemoryData:
   num_frames = int(_get(data_cfg, "num_frames", 8))
   if num_frames < 1:
     raise DataConfigError(f"input.data.num_frames={num_frames}: set it to the clip length, >= 1")
-  clips, labels, class_names = video.embedded_clips(
-      split, holdout_per_class=_get(data_cfg, "holdout_per_class", 0),
-      holdout_seed=_get(data_cfg, "holdout_seed", 0), num_frames=num_frames,
-      **_subset_args(data_cfg))
-  _, all_labels, _, ok = _decoded_embedded()
-  select = _config_split_indices(data_cfg, all_labels, split, class_names, "the embedded clip set")
+  rows, labels, class_names, skipped = embedded_rows(data_cfg, split, "the embedded clip set")
+  clips = video.embedded_clip_rows(rows, num_frames, size=32, seed=0)
   _readonly(clips, labels)
-  return InMemoryData(clips, labels, class_names, int((~ok[select]).sum()))
+  return InMemoryData(clips, labels, class_names, skipped)
 
 
 def load_in_memory(data_cfg: Any, split: str) -> InMemoryData:

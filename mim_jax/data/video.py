@@ -937,7 +937,7 @@ def synth_clips(images: np.ndarray, labels: np.ndarray, num_frames: int = 8, siz
 _CLIP_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def _embedded_clip_rows(rows: np.ndarray, num_frames: int, size: int, seed: int) -> np.ndarray:
+def embedded_clip_rows(rows: np.ndarray, num_frames: int, size: int, seed: int) -> np.ndarray:
   """`synth_clips` of the decodable embedded images at positions ``rows`` (among the decodable
   ones; each clip keyed by its image's position in the set), memoised per process clip by clip:
   a clip is made the first time a split asks for it. uint8 [len(rows), num_frames, size, size, 3]."""
@@ -969,15 +969,10 @@ def embedded_clips(split: str, holdout_per_class: int = 100, num_frames: int = 8
   Returns:
     (uint8 [N, num_frames, size, size, 3], int32 [N], class names).
   """
-  _, labels, class_names, ok = sources._decoded_embedded()  # pylint: disable=protected-access
-  select = sources.split_indices(labels, split, holdout_per_class, holdout_seed, class_names,
-                                 "the embedded clip set", train_subset=train_subset,
-                                 subset_seed=subset_seed)
-  in_split = np.zeros(labels.shape[0], bool)
-  in_split[select] = True
-  rows = np.flatnonzero(in_split[ok])   # positions among the decodable images
-  clips = _embedded_clip_rows(rows, num_frames, size, seed)
-  return clips, labels[ok][rows], list(class_names)
+  data_cfg = dict(holdout_per_class=holdout_per_class, holdout_seed=holdout_seed,
+                  train_subset=train_subset, subset_seed=subset_seed)
+  rows, labels, class_names, _ = sources.embedded_rows(data_cfg, split, "the embedded clip set")
+  return embedded_clip_rows(rows, num_frames, size, seed), labels, class_names
 
 
 # ----------------------------------------------------------------------------------------------
