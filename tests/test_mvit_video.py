@@ -138,3 +138,38 @@ def test_video_errors_are_one_line():
     mvit.from_config(mvit.default_config(**dict(TINY, num_frames=5)), 16)
   with pytest.raises(ValueError, match="num_frames"):
     mvit.check_config(mvit.default_config(**dict(TINY, num_frames=-1)))
+
+
+def test_maskmvit_names_round_trip_with_slowfast_layouts():
+  """convert.mvit.entries for SlowFast's MaskMViT on clips (tools/official_parity.py reads a
+  real one through it): Conv3d patch and pooling kernels [O, I, t, h, w], rel_pos_t,
+  mask_token, the prediction head's norm and projection in place of norm / head; every
+  parameter of MaskFeat's clips preset is named once and the layouts invert bit for bit."""
+  from mim_jax import config_lib, methods
+  from mim_jax.convert import mvit as convert_mvit
+  from mim_jax.convert.names import ConversionError, put_shaped, take_shaped
+  c = config_lib.load("maskfeat", "clips")
+  m = methods.get(c)
+  shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 32, 32, 3)))
+  rs = np.random.RandomState(0)
+  params = jax.tree.map(lambda s: rs.randn(*s.shape).astype(np.float32), shapes)
+  ents = convert_mvit.entries(m.encoder, maskfeat_dim=m.head.out_dim)
+  assert len({e.path for e in ents}) == len(ents) == len(jax.tree.leaves(params))
+  sd = put_shaped(params, ents)
+  assert "norm.weight" not in sd and "head.projection.weight" not in sd
+  assert sd["pred_head.transforms.0.0.weight"].shape == (256,)
+  assert sd["pred_head.projections.0.weight"].shape == (108, 256)
+  assert sd["patch_embed.proj.weight"].shape == (32, 3, 3, 7, 7)          # [O, I, t, h, w]
+  assert sd["blocks.1.attn.pool_q.weight"].shape == (32, 1, 3, 3, 3)
+  assert sd["blocks.1.attn.rel_pos_t"].shape == (7, 32)                    # 2 x 4 frames - 1
+  enc = params["encoder"]
+  # torch weight[o, i, t, y, x] is the flax kernel[t, y, x, i, o].
+  np.testing.assert_array_equal(sd["patch_embed.proj.weight"][5, 2, 1, 3, 4],
+                                enc["patch_embed"]["proj"]["kernel"][1, 3, 4, 2, 5])
+  np.testing.assert_array_equal(sd["blocks.1.attn.pool_k.weight"][7, 0, 2, 0, 1],
+                                enc["block01"]["attn"]["pool_k"]["kernel"][2, 0, 1, 0, 7])
+  back = take_shaped(sd, ents, lacks="lacks", not_ours="ours", misfit="fit")
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
+  with pytest.raises(ConversionError, match="blocks.1.attn.rel_pos_t"):
+    take_shaped({k: v for k, v in sd.items() if k != "blocks.1.attn.rel_pos_t"}, ents,
+                lacks="lacks", not_ours="ours", misfit="fit")

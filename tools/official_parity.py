@@ -12,13 +12,19 @@ as any run is loaded (`teachers.load`) and compares, on the same input:
 * SimMIM pretraining (Swin-B 192 px window 6; Swin V2-B 192 px window 12 with the
   normalised targets of its config): the reconstruction and the loss for one mask drawn by
   `SimMIM.make_mask`, the same mask handed to the official `SimMIM.forward(x, mask)`;
+* MaskFeat on the video MViTv2-S (SlowFast's `MaskMViT`,
+  configs/masked_ssl/k400_MVITv2_S_16x4_MaskFeat_PT.yaml) against
+  configs/maskfeat.py:k400_mvitv2_s, its weights read through `convert.mvit.entries`: the
+  predictions and HOG targets of the masked tokens and the loss for one cube mask of
+  `MaskFeat.make_mask`, handed to the official forward as the loader's mask;
 * parameter counts: the official module's `parameters()` against the converted tree.
 
     git clone https://github.com/microsoft/Swin-Transformer /tmp/Swin-Transformer
     git clone https://github.com/facebookresearch/mvit /tmp/mvit
+    git clone https://github.com/facebookresearch/SlowFast /tmp/SlowFast
     pip install torch fvcore iopath yacs psutil simplejson   # the official modules' imports
     python tools/official_parity.py --swin /tmp/Swin-Transformer --mvit /tmp/mvit \
-        --out runs/official_parity.json
+        --slowfast /tmp/SlowFast --out runs/official_parity.json
 
 It runs on the CPU (a few minutes on 2 cores). The official Swin modules import three helpers
 from timm (`DropPath`, `to_2tuple`, `trunc_normal_`); where timm is not installed this tool
@@ -201,20 +207,121 @@ def mvit_classifier(name, tmp, tol, batch, seed, mvit_dir, yaml_name, image_size
                   mim_jax_params=_count(run.params))
 
 
+def _slowfast_imports(slowfast_dir: str):
+  """SlowFast's model modules import its whole package (datasets, visualisation, detection
+  heads); the packages only those parts use are given empty stand-ins here, so that the
+  models import with torch, fvcore, iopath and simplejson alone. Nothing stood in for runs in
+  a MaskMViT forward pass (eval mode, one process)."""
+  import importlib.abc  # pylint: disable=g-import-not-at-top
+  import importlib.machinery  # pylint: disable=g-import-not-at-top
+
+  class Absent(types.ModuleType):
+    def __getattr__(self, name):
+      if name.startswith("__"):
+        raise AttributeError(name)
+      def unavailable(*args, **kwargs):
+        raise RuntimeError(f"{self.__name__}.{name} is a stand-in: not installed")
+      return type(name, (), {"__init__": unavailable, "__call__": unavailable})
+
+  class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    roots = ("pytorchvideo", "detectron2", "torchvision", "cv2", "av", "scipy", "sklearn",
+             "pandas", "matplotlib", "moviepy", "tensorboard")
+
+    def find_spec(self, name, path, target=None):
+      if name.split(".")[0] not in self.roots:
+        return None
+      try:                                     # a package that is installed is used as it is
+        if importlib.machinery.PathFinder.find_spec(name.split(".")[0]) is not None:
+          return None
+      except (ImportError, ValueError):
+        pass
+      return importlib.machinery.ModuleSpec(name, self, is_package=True)
+
+    def create_module(self, spec):
+      return Absent(spec.name)
+
+    def exec_module(self, module):
+      module.__path__ = []
+
+  sys.meta_path.append(Finder())
+  sys.path.insert(0, slowfast_dir)
+
+
+def maskfeat_video(name, tmp, tol, batch, seed, slowfast_dir):
+  """SlowFast's MaskMViT (configs/masked_ssl/k400_MVITv2_S_16x4_MaskFeat_PT.yaml) against
+  configs/maskfeat.py:k400_mvitv2_s on one 16-frame 224 px clip per sample and one cube mask
+  of `MaskFeat.make_mask`: the predictions and HOG targets of the masked tokens and the loss."""
+  del tmp
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from slowfast.config.defaults import assert_and_infer_cfg, get_cfg  # pylint: disable=g-import-not-at-top
+  from slowfast.models import losses  # pylint: disable=g-import-not-at-top
+  from slowfast.models.masked import MaskMViT  # pylint: disable=g-import-not-at-top
+  from mim_jax import config_lib, methods  # pylint: disable=g-import-not-at-top
+  from mim_jax.convert import mvit as mvit_conv  # pylint: disable=g-import-not-at-top
+  from mim_jax.convert.names import take_shaped  # pylint: disable=g-import-not-at-top
+  cfg = get_cfg()
+  cfg.merge_from_file(os.path.join(slowfast_dir, "configs", "masked_ssl",
+                                   "k400_MVITv2_S_16x4_MaskFeat_PT.yaml"))
+  cfg.NUM_GPUS = 0
+  cfg = assert_and_infer_cfg(cfg)
+  torch.manual_seed(seed)
+  model = _perturb(MaskMViT(cfg), seed)
+  config = config_lib.load("maskfeat", "k400_mvitv2_s")
+  config.model.dtype = "float32"
+  method = methods.get(config)
+  sd = {k: v.numpy() for k, v in _state_dict(model).items()}
+  params = take_shaped(sd, mvit_conv.entries(method.encoder, maskfeat_dim=method.head.out_dim),
+                       lacks="mim_jax's map needs", not_ours="a MaskMViT's", misfit="mim_jax's map",
+                       ignored=[k for k in sd if k.startswith("hogs.")])   # HOG filter buffers
+  size, frames = config.input.image_size, config.model.num_frames
+  clips = np.random.default_rng(seed).normal(
+      size=(batch, frames, size, size, 3)).astype(np.float32)
+  mask = np.asarray(method.make_mask(jax.random.PRNGKey(seed), batch))       # [B, 8*7*7]
+  x = torch.from_numpy(np.ascontiguousarray(clips.transpose(0, 4, 1, 2, 3)))  # B C T H W
+  with torch.no_grad():
+    outputs, labels = model([x, None, torch.from_numpy(mask.reshape(batch, *method.window)
+                                                        .astype(np.float32))])
+    want_loss = float(losses.get_loss_func("multi_mse")()(outputs, labels)[0])  # (sum, per depth)
+  pred = method.forward(params, jnp.asarray(clips), jnp.asarray(mask), train=False)
+  out_mask = np.asarray(method.output_mask(jnp.asarray(mask))).astype(bool)
+  target = np.asarray(method.target(jnp.asarray(clips)))
+  from mim_jax.methods import maskfeat  # pylint: disable=g-import-not-at-top
+  loss = float(maskfeat.maskfeat_loss(pred, jnp.asarray(target), jnp.asarray(out_mask)))
+  row = _compare(name, np.asarray(pred)[out_mask], outputs[0].numpy(), tol,
+                 output="masked predictions", official_params=sum(p.numel() for p in model.parameters()),
+                 mim_jax_params=_count(params), mask_ratio=float(out_mask.mean()),
+                 loss=loss, official_loss=want_loss)
+  row["target_max_abs_diff"] = float(np.abs(target[out_mask] - labels[0][0].numpy()).max())
+  off = np.abs(target[out_mask] - labels[0][0].numpy()) > tol
+  row["target_values_off"], row["target_values"] = int(off.sum()), int(off.size)
+  row["target_tokens_off"] = int(off.any(axis=-1).sum())
+  row["loss_rel_diff"] = abs(loss - want_loss) / abs(want_loss)
+  # A pixel whose gradient angle lies within float32 rounding of a HOG bin edge can fall into
+  # the neighbouring bin (the two Sobel sums differ in their last bits): that moves one cell's
+  # histogram. Such tokens may be at most 0.1% of the masked ones; the rest must be equal.
+  tokens = int(out_mask.sum())
+  row["ok"] = bool(row["ok"] and row["target_tokens_off"] <= 1e-3 * tokens
+                   and row["loss_rel_diff"] <= tol)
+  return row
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--swin", default="", help="a checkout of microsoft/Swin-Transformer")
   p.add_argument("--mvit", default="", help="a checkout of facebookresearch/mvit")
+  p.add_argument("--slowfast", default="", help="a checkout of facebookresearch/SlowFast")
   p.add_argument("--out", default="", help="the JSON record to write")
   p.add_argument("--tol", type=float, default=1e-4)
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
   args = p.parse_args(argv)
-  if not (args.swin or args.mvit):
-    p.error("give --swin and/or --mvit (checkouts of the official repositories)")
-  for d in (args.swin, args.mvit):
+  if not (args.swin or args.mvit or args.slowfast):
+    p.error("give --swin, --mvit and/or --slowfast (checkouts of the official repositories)")
+  for d in (args.swin, args.mvit, args.slowfast):
     if d and not os.path.isdir(d):
       p.error(f"{d} is not a directory: clone the official repository there first")
   import torch  # pylint: disable=g-import-not-at-top
@@ -247,6 +354,10 @@ def main(argv=None) -> int:
       n = f"mvitv2_{v.lower()}_224"
       cases.append((n, lambda t, n=n, v=v: mvit_classifier(n, t, tol, b, s, args.mvit,
                                                             f"MVITv2_{v}.yaml")))
+  if args.slowfast:
+    _slowfast_imports(args.slowfast)
+    cases.append(("maskfeat_k400_mvitv2_s_16x4", lambda t: maskfeat_video(
+        "maskfeat_k400_mvitv2_s_16x4", t, tol, b, s, args.slowfast)))
   wanted = [c for c in args.cases.split(",") if c]
   unknown = sorted(set(wanted) - {n for n, _ in cases})
   if unknown:
@@ -268,6 +379,9 @@ def main(argv=None) -> int:
     same = "yes" if r["official_params"] == r["mim_jax_params"] else (
         f"NO: {r['official_params']:,} vs {r['mim_jax_params']:,}")
     extra = (f"; loss {r['loss']:.6f} vs {r['official_loss']:.6f}" if "loss" in r else "")
+    if "target_values" in r:
+      extra += (f"; HOG targets: {r['target_values_off']} of {r['target_values']:,} values off "
+                f"(max {r['target_max_abs_diff']:.2g}, {r['target_tokens_off']} token(s))")
     print(f"| {r['case']} | {r['output']}{extra} | {r['official_params']:,} ({same}) | "
           f"{r['max_abs_diff']:.2e} | {r['max_abs_ref']:.3g} | {'yes' if r['ok'] else 'NO'} |")
   if args.out:

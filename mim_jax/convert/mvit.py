@@ -47,19 +47,28 @@ def _norm(t: str, path: tuple, n: int) -> list[Entry]:
           Entry(f"{t}.bias", (*path, "bias"), "same", (n,))]
 
 
-def entries(model: mvit.MViT, num_classes: int = 0) -> list[Entry]:
+def entries(model: mvit.MViT, num_classes: int = 0, maskfeat_dim: int = 0) -> list[Entry]:
   """Every official key of `model` (and of a `num_classes` head), with its mim_jax path and
-  torch shape, in the official module order."""
+  torch shape, in the official module order. A video MViT (`num_frames` > 0) has SlowFast's
+  names: Conv3d patch and pooling kernels [O, I, t, h, w], `rel_pos_t`. `maskfeat_dim` > 0:
+  SlowFast's MaskMViT (slowfast/models/masked.py, one prediction depth, the last block):
+  `mask_token`, and `pred_head.transforms.0.0` (its LayerNorm, the encoder's final norm here)
+  and `pred_head.projections.0` (MaskFeat's head 'proj') in place of `norm` and `head`."""
   c, k = model.embed_dim, model.patch_kernel
   enc = ("encoder",)
-  out = [Entry("patch_embed.proj.weight", (*enc, "patch_embed", "proj", "kernel"), "conv", (c, 3, k, k)),
+  video = model.num_frames > 0
+  conv, kt = ("conv3d", (model.patch_kernel_t,)) if video else ("conv", ())
+  out = [Entry("patch_embed.proj.weight", (*enc, "patch_embed", "proj", "kernel"), conv,
+               (c, 3, *kt, k, k)),
          Entry("patch_embed.proj.bias", (*enc, "patch_embed", "proj", "bias"), "same", (c,))]
   grid = model.specs[0].grid_in
+  if maskfeat_dim:
+    out.append(Entry("mask_token", (*enc, "mask_token"), "same", (1, 1, c)))
   if model.cls_token:
     out.append(Entry("cls_token", (*enc, "cls_token"), "same", (1, 1, c)))
   if model.abs_pos:
     out.append(Entry("pos_embed", (*enc, "pos_embed"), "same",
-                     (1, grid * grid + int(model.cls_token), c)))
+                     (1, model.specs[0].frames * grid * grid + int(model.cls_token), c)))
   for i, sp in enumerate(model.specs):
     t, b = f"blocks.{i}", (*enc, f"block{i:02d}")
     d = sp.head_dim
@@ -69,17 +78,24 @@ def entries(model: mvit.MViT, num_classes: int = 0) -> list[Entry]:
     for name, kernel in (("q", sp.q_kernel), ("k", sp.kv_kernel), ("v", sp.kv_kernel)):
       if kernel:
         out.append(Entry(f"{t}.attn.pool_{name}.weight", (*b, "attn", f"pool_{name}", "kernel"),
-                         "conv", (d, 1, kernel, kernel)))
+                         conv, (d, 1, *((sp.pool_kernel_t,) if video else ()), kernel, kernel)))
         out += _norm(f"{t}.attn.norm_{name}", (*b, "attn", f"norm_{name}"), d)
     if model.rel_pos:
       for name in ("rel_pos_h", "rel_pos_w"):
         out.append(Entry(f"{t}.attn.{name}", (*b, "attn", name), "same", (sp.rel_pos_size, d)))
+      if sp.rel_pos_t_size:
+        out.append(Entry(f"{t}.attn.rel_pos_t", (*b, "attn", "rel_pos_t"), "same",
+                         (sp.rel_pos_t_size, d)))
     out += _norm(f"{t}.norm2", (*b, "norm2"), sp.att_dim)
     hidden = int(sp.att_dim * model.mlp_ratio)
     out += _linear(f"{t}.mlp.fc1", (*b, "mlp", "fc1"), sp.att_dim, hidden)
     out += _linear(f"{t}.mlp.fc2", (*b, "mlp", "fc2"), hidden, sp.dim_out)
     if sp.dim != sp.dim_out:
       out += _linear(f"{t}.proj", (*b, "proj"), sp.dim, sp.dim_out)
+  if maskfeat_dim:
+    out += _norm("pred_head.transforms.0.0", (*enc, "norm"), model.num_features)
+    return out + _linear("pred_head.projections.0", ("head", "proj"), model.num_features,
+                         maskfeat_dim)
   out += _norm("norm", (*enc, "norm"), model.num_features)
   if num_classes:
     out += _linear("head.projection", ("head", "fc"), model.num_features, num_classes)

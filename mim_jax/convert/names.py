@@ -77,13 +77,15 @@ class ShapedEntry:
 
 def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
   """A mim_jax array in torch's layout: 'linear' [in, out] -> [out, in]; 'conv' HWIO -> OIHW;
-  'conv1x1' [in, out] -> [out, in, 1, 1]; 'patch' a flattened patch embedding -> OIHW;
+  'conv3d' THWIO -> OITHW; 'conv1x1' [in, out] -> [out, in, 1, 1]; 'patch' a flattened patch embedding -> OIHW;
   'token2' [1, 1, D] -> [1, D]; 'same' as it is."""
   x = np.asarray(x)
   if kind == "linear":
     return x.T
   if kind == "conv":
     return x.transpose(3, 2, 0, 1)
+  if kind == "conv3d":
+    return x.transpose(4, 3, 0, 1, 2)
   if kind == "patch":
     kp, d = x.shape
     c = 3
@@ -103,6 +105,8 @@ def from_torch(kind: str, x: np.ndarray) -> np.ndarray:
     return x.T
   if kind == "conv":
     return x.transpose(2, 3, 1, 0)
+  if kind == "conv3d":
+    return x.transpose(2, 3, 4, 1, 0)
   if kind == "patch":
     d, c, p, _ = x.shape
     return x.transpose(2, 3, 1, 0).reshape(p * p * c, d)
