@@ -13,7 +13,8 @@ import pytest
 from helpers import ROOT
 from mim_jax import config_lib
 
-SCRIPTS = {"cifar10_table.sh": ["mae", "simmim"], "tinymim_cifar10.sh": []}
+SCRIPTS = {"cifar10_table.sh": ["mae", "simmim:swin_cifar10", "maskfeat:mvit_cifar10"],
+           "tinymim_cifar10.sh": []}
 
 
 def recorded_commands(script, args, tmp_path, env=None):
