@@ -73,7 +73,7 @@ def test_official_parity_needs_a_checkout_and_names_it(tmp_path, capsys):
   """tools/official_parity.py (torch and the official repositories: run by hand, see
   docs/convert.md) refuses a missing checkout in one line before importing torch."""
   tool = _official_parity()
-  for argv, says in (([], "give --swin, --mvit and/or --slowfast"),
+  for argv, says in (([], "give --swin, --mvit, --slowfast and/or --videomae"),
                      (["--swin", str(tmp_path / "none")], "clone the official repository there")):
     with pytest.raises(SystemExit) as e:
       tool.main(argv)

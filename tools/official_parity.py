@@ -17,18 +17,24 @@ as any run is loaded (`teachers.load`) and compares, on the same input:
   configs/maskfeat.py:k400_mvitv2_s, its weights read through `convert.mvit.entries`: the
   predictions and HOG targets of the masked tokens and the loss for one cube mask of
   `MaskFeat.make_mask`, handed to the official forward as the loader's mask;
+* VideoMAE pretraining (MCG-NJU/VideoMAE `pretrain_videomae_base_patch16_224`, decoder depth
+  4) against configs/videomae.py:kinetics400: the decoder's predictions of the masked cubes
+  and the loss (engine_for_pretraining.py's normalised-cube target, rewritten here in its own
+  einops terms) for one tube mask of `VideoMAE.masks`;
 * parameter counts: the official module's `parameters()` against the converted tree.
 
     git clone https://github.com/microsoft/Swin-Transformer /tmp/Swin-Transformer
     git clone https://github.com/facebookresearch/mvit /tmp/mvit
     git clone https://github.com/facebookresearch/SlowFast /tmp/SlowFast
-    pip install torch fvcore iopath yacs psutil simplejson   # the official modules' imports
+    git clone https://github.com/MCG-NJU/VideoMAE /tmp/VideoMAE
+    pip install torch einops fvcore iopath yacs psutil simplejson   # the official imports
     python tools/official_parity.py --swin /tmp/Swin-Transformer --mvit /tmp/mvit \
-        --slowfast /tmp/SlowFast --out runs/official_parity.json
+        --slowfast /tmp/SlowFast --videomae /tmp/VideoMAE --out runs/official_parity.json
 
-It runs on the CPU (a few minutes on 2 cores). The official Swin modules import three helpers
-from timm (`DropPath`, `to_2tuple`, `trunc_normal_`); where timm is not installed this tool
-stands in for them (DropPath is the identity in eval mode, where every comparison runs).
+It runs on the CPU (a few minutes on 2 cores). The official Swin and VideoMAE modules import
+five helpers from timm (`DropPath`, `drop_path`, `to_2tuple`, `trunc_normal_`,
+`register_model`); where timm is not installed this tool stands in for them (drop path is the
+identity in eval mode, where every comparison runs).
 Exit status 1 when a case differs by more than --tol (relative to the output's largest value)
 or a parameter count differs.
 """
@@ -68,13 +74,21 @@ def _timm_stand_ins():
   def to_2tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
 
+  def drop_path(x, drop_prob=0.0, training=False):
+    if training and drop_prob:
+      raise RuntimeError("this stand-in is for eval mode only")
+    return x
+
   layers = types.ModuleType("timm.models.layers")
-  layers.DropPath, layers.to_2tuple = DropPath, to_2tuple
+  layers.DropPath, layers.drop_path, layers.to_2tuple = DropPath, drop_path, to_2tuple
   layers.trunc_normal_ = torch.nn.init.trunc_normal_
+  registry = types.ModuleType("timm.models.registry")
+  registry.register_model = lambda fn: fn
   package = types.ModuleType("timm")
   package.models = types.ModuleType("timm.models")
-  package.models.layers = layers
-  sys.modules.update({"timm": package, "timm.models": package.models, "timm.models.layers": layers})
+  package.models.layers, package.models.registry = layers, registry
+  sys.modules.update({"timm": package, "timm.models": package.models, "timm.models.layers": layers,
+                      "timm.models.registry": registry})
   return "stand-ins (timm not installed)"
 
 
@@ -307,27 +321,116 @@ def maskfeat_video(name, tmp, tol, batch, seed, slowfast_dir):
   return row
 
 
+def _videomae_key(path: tuple) -> tuple[str, bool]:
+  """(official key, transpose?) of a mim_jax VideoMAE parameter path: the encoder's blocks are
+  `encoder.blocks.N`, the decoder's `decoder.blocks.N`; `encoder_to_decoder`, `mask_token`,
+  the decoder's norm and head sit at the top of the official PretrainVisionTransformer."""
+  names = list(path)
+  if names[:2] == ["encoder", "encoder"]:
+    names = names[1:]
+  elif names[0] == "decoder" and names[1] in ("encoder_to_decoder", "mask_token"):
+    names = names[1:]
+  elif names[:2] == ["decoder", "blocks"]:
+    names = ["decoder"] + names[2:]
+  out = []
+  for n in names:
+    if n.startswith("block") and n[5:].isdigit():
+      out += ["blocks", str(int(n[5:]))]
+    else:
+      out.append({"scale": "weight", "kernel": "weight", "qkv_kernel": "qkv.weight"}.get(n, n))
+  return ".".join(out), names[-1] in ("kernel", "qkv_kernel")
+
+
+def videomae_pretraining(name, tmp, tol, batch, seed, videomae_dir):
+  """MCG-NJU/VideoMAE's pretrain_videomae_base_patch16_224 (decoder depth 4) against
+  configs/videomae.py:kinetics400 on one 16-frame 224 px clip per sample and one tube mask of
+  `VideoMAE.masks` (the official forward's `bool_masked_pos`): the decoder's predictions of the
+  masked cubes, and the loss against engine_for_pretraining.py's normalised-cube target."""
+  del tmp
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from einops import rearrange  # pylint: disable=g-import-not-at-top
+  import modeling_pretrain  # pylint: disable=g-import-not-at-top
+  from mim_jax import config_lib, methods  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model = _perturb(modeling_pretrain.pretrain_videomae_base_patch16_224(decoder_depth=4), seed)
+  config = config_lib.load("videomae", "kinetics400")
+  config.model.dtype = "float32"
+  method = methods.get(config)
+  size, frames = config.input.image_size, config.input.data.num_frames
+  clips = np.random.default_rng(seed).normal(size=(batch, frames, size, size, 3)).astype(np.float32)
+  shapes = jax.eval_shape(method.init, jax.random.PRNGKey(0), jnp.asarray(clips[:1]))
+  sd = {k: v.numpy() for k, v in _state_dict(model).items()}
+  used = set()
+
+  def take(path, shape):
+    key, transpose = _videomae_key(tuple(getattr(q, "key", q) for q in path))
+    if key == "encoder.patch_embed.proj.weight":   # Conv3d [D, C, t, p, p] -> [t*p*p*C, D]
+      w = sd[key]
+      x = w.transpose(2, 3, 4, 1, 0).reshape(-1, w.shape[0])
+    else:
+      x = sd[key].T if transpose else sd[key]
+    used.add(key)
+    if x.shape != shape.shape:
+      raise SystemExit(f"{name}: {key} {x.shape} does not fit {shape.shape}")
+    return np.ascontiguousarray(x, np.float32)
+
+  params = jax.tree_util.tree_map_with_path(take, shapes)
+  if set(sd) != used:
+    raise SystemExit(f"{name}: official keys left unmapped: {sorted(set(sd) - used)}")
+  rng = jax.random.PRNGKey(seed)
+  mask = np.asarray(method.masks(jax.random.split(rng, 3)[0], batch)[0])    # as loss() draws it
+  x = torch.from_numpy(np.ascontiguousarray(clips.transpose(0, 4, 1, 2, 3)))  # B C T H W
+  bool_masked_pos = torch.from_numpy(mask.copy())
+  with torch.no_grad():
+    outputs = model(x, bool_masked_pos)
+    mean = torch.as_tensor(config.input.mean)[None, :, None, None, None]
+    std = torch.as_tensor(config.input.std)[None, :, None, None, None]
+    squeeze = rearrange(x * std + mean, "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c",
+                        p0=2, p1=16, p2=16)
+    norm = (squeeze - squeeze.mean(dim=-2, keepdim=True)) / (
+        squeeze.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    patches = rearrange(norm, "b n p c -> b n (p c)")
+    labels = patches[bool_masked_pos].reshape(batch, -1, patches.shape[-1])
+    want_loss = float(torch.nn.MSELoss()(outputs, labels))
+  pred, got_mask, _ = method.forward(params, jnp.asarray(clips), rng, train=False)
+  if not np.array_equal(np.asarray(got_mask), mask):
+    raise SystemExit(f"{name}: the method's forward drew another mask than its masks()")
+  loss = float(method.loss(params, {}, jnp.asarray(clips), rng, 0)[0])
+  row = _compare(name, np.asarray(pred), outputs.numpy(), tol, output="masked-cube predictions",
+                 official_params=sum(p.numel() for p in model.parameters()),
+                 mim_jax_params=_count(params), mask_ratio=float(mask.mean()), loss=loss,
+                 official_loss=want_loss)
+  row["loss_rel_diff"] = abs(loss - want_loss) / abs(want_loss)
+  row["ok"] = bool(row["ok"] and row["loss_rel_diff"] <= tol)
+  return row
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--swin", default="", help="a checkout of microsoft/Swin-Transformer")
   p.add_argument("--mvit", default="", help="a checkout of facebookresearch/mvit")
   p.add_argument("--slowfast", default="", help="a checkout of facebookresearch/SlowFast")
+  p.add_argument("--videomae", default="", help="a checkout of MCG-NJU/VideoMAE")
   p.add_argument("--out", default="", help="the JSON record to write")
   p.add_argument("--tol", type=float, default=1e-4)
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
   args = p.parse_args(argv)
-  if not (args.swin or args.mvit or args.slowfast):
-    p.error("give --swin, --mvit and/or --slowfast (checkouts of the official repositories)")
-  for d in (args.swin, args.mvit, args.slowfast):
+  repos = (args.swin, args.mvit, args.slowfast, args.videomae)
+  if not any(repos):
+    p.error("give --swin, --mvit, --slowfast and/or --videomae (checkouts of the official "
+            "repositories)")
+  for d in repos:
     if d and not os.path.isdir(d):
       p.error(f"{d} is not a directory: clone the official repository there first")
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
-  helpers = _timm_stand_ins() if args.swin else ""
-  sys.path[:0] = [d for d in (args.swin, args.mvit) if d]
+  helpers = _timm_stand_ins() if (args.swin or args.videomae) else ""
+  sys.path[:0] = [d for d in (args.swin, args.mvit, args.videomae) if d]
   b, s, tol = args.batch, args.seed, args.tol
   cases = []
   if args.swin:
@@ -358,6 +461,9 @@ def main(argv=None) -> int:
     _slowfast_imports(args.slowfast)
     cases.append(("maskfeat_k400_mvitv2_s_16x4", lambda t: maskfeat_video(
         "maskfeat_k400_mvitv2_s_16x4", t, tol, b, s, args.slowfast)))
+  if args.videomae:
+    cases.append(("videomae_vit_b_16x224", lambda t: videomae_pretraining(
+        "videomae_vit_b_16x224", t, tol, b, s, args.videomae)))
   wanted = [c for c in args.cases.split(",") if c]
   unknown = sorted(set(wanted) - {n for n, _ in cases})
   if unknown:
