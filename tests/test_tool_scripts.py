@@ -73,7 +73,7 @@ def test_official_parity_needs_a_checkout_and_names_it(tmp_path, capsys):
   """tools/official_parity.py (torch and the official repositories: run by hand, see
   docs/convert.md) refuses a missing checkout in one line before importing torch."""
   tool = _official_parity()
-  for argv, says in (([], "give --swin, --mvit, --slowfast and/or --videomae"),
+  for argv, says in (([], "give --swin, --mvit, --slowfast, --videomae and/or --videomae_v2"),
                      (["--swin", str(tmp_path / "none")], "clone the official repository there")):
     with pytest.raises(SystemExit) as e:
       tool.main(argv)

@@ -20,16 +20,20 @@ as any run is loaded (`teachers.load`) and compares, on the same input:
 * VideoMAE pretraining (MCG-NJU/VideoMAE `pretrain_videomae_base_patch16_224`, decoder depth
   4) against configs/videomae.py:kinetics400: the decoder's predictions of the masked cubes
   and the loss (engine_for_pretraining.py's normalised-cube target, rewritten here in its own
-  einops terms) for one tube mask of `VideoMAE.masks`;
+  einops terms) for one tube mask of `VideoMAE.masks`; and VideoMAE V2's dual masking
+  (OpenGVLab/VideoMAEv2, decoder mask ratio 0.5: the running-cell mask of `VideoMAE.masks` as
+  the official `decode_masked_pos`, the loss over the decoded cubes the encoder masked);
 * parameter counts: the official module's `parameters()` against the converted tree.
 
     git clone https://github.com/microsoft/Swin-Transformer /tmp/Swin-Transformer
     git clone https://github.com/facebookresearch/mvit /tmp/mvit
     git clone https://github.com/facebookresearch/SlowFast /tmp/SlowFast
     git clone https://github.com/MCG-NJU/VideoMAE /tmp/VideoMAE
+    git clone https://github.com/OpenGVLab/VideoMAEv2 /tmp/VideoMAEv2
     pip install torch einops fvcore iopath yacs psutil simplejson   # the official imports
     python tools/official_parity.py --swin /tmp/Swin-Transformer --mvit /tmp/mvit \
-        --slowfast /tmp/SlowFast --videomae /tmp/VideoMAE --out runs/official_parity.json
+        --slowfast /tmp/SlowFast --videomae /tmp/VideoMAE --videomae_v2 /tmp/VideoMAEv2 \
+        --out runs/official_parity.json
 
 It runs on the CPU (a few minutes on 2 cores). The official Swin and VideoMAE modules import
 five helpers from timm (`DropPath`, `drop_path`, `to_2tuple`, `trunc_normal_`,
@@ -341,22 +345,42 @@ def _videomae_key(path: tuple) -> tuple[str, bool]:
   return ".".join(out), names[-1] in ("kernel", "qkv_kernel")
 
 
-def videomae_pretraining(name, tmp, tol, batch, seed, videomae_dir):
+def _videomae_v2_models(repo: str):
+  """OpenGVLab/VideoMAEv2's `models` package under its own name (Swin-Transformer's checkout
+  has a `models` package too)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  root = os.path.join(repo, "models")
+  spec = importlib.util.spec_from_file_location("videomae_v2_models", os.path.join(root, "__init__.py"),
+                                                submodule_search_locations=[root])
+  package = importlib.util.module_from_spec(spec)
+  sys.modules["videomae_v2_models"] = package
+  spec.loader.exec_module(package)
+  return importlib.import_module("videomae_v2_models.modeling_pretrain")
+
+
+def videomae_pretraining(name, tmp, tol, batch, seed, videomae_dir, v2=False):
   """MCG-NJU/VideoMAE's pretrain_videomae_base_patch16_224 (decoder depth 4) against
   configs/videomae.py:kinetics400 on one 16-frame 224 px clip per sample and one tube mask of
   `VideoMAE.masks` (the official forward's `bool_masked_pos`): the decoder's predictions of the
-  masked cubes, and the loss against engine_for_pretraining.py's normalised-cube target."""
+  masked cubes, and the loss against engine_for_pretraining.py's normalised-cube target.
+  `v2`: OpenGVLab/VideoMAEv2's model and loss with its dual masking (decoder mask ratio 0.5,
+  the running-cell mask of `VideoMAE.masks` as the official `decode_masked_pos`)."""
   del tmp
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from einops import rearrange  # pylint: disable=g-import-not-at-top
-  import modeling_pretrain  # pylint: disable=g-import-not-at-top
   from mim_jax import config_lib, methods  # pylint: disable=g-import-not-at-top
+  if v2:
+    modeling_pretrain = _videomae_v2_models(videomae_dir)
+  else:
+    import modeling_pretrain  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   model = _perturb(modeling_pretrain.pretrain_videomae_base_patch16_224(decoder_depth=4), seed)
   config = config_lib.load("videomae", "kinetics400")
   config.model.dtype = "float32"
+  if v2:
+    config.videomae.decoder_mask_ratio = 0.5
   method = methods.get(config)
   size, frames = config.input.image_size, config.input.data.num_frames
   clips = np.random.default_rng(seed).normal(size=(batch, frames, size, size, 3)).astype(np.float32)
@@ -380,11 +404,15 @@ def videomae_pretraining(name, tmp, tol, batch, seed, videomae_dir):
   if set(sd) != used:
     raise SystemExit(f"{name}: official keys left unmapped: {sorted(set(sd) - used)}")
   rng = jax.random.PRNGKey(seed)
-  mask = np.asarray(method.masks(jax.random.split(rng, 3)[0], batch)[0])    # as loss() draws it
+  mask, _, decode_ids = method.masks(jax.random.split(rng, 3)[0], batch)    # as loss() draws them
+  mask = np.asarray(mask)
   x = torch.from_numpy(np.ascontiguousarray(clips.transpose(0, 4, 1, 2, 3)))  # B C T H W
   bool_masked_pos = torch.from_numpy(mask.copy())
+  not_decoded = np.ones_like(mask)
+  np.put_along_axis(not_decoded, np.asarray(decode_ids), False, axis=1)
+  decode_masked_pos = torch.from_numpy(not_decoded)
   with torch.no_grad():
-    outputs = model(x, bool_masked_pos)
+    outputs = model(x, bool_masked_pos, decode_masked_pos) if v2 else model(x, bool_masked_pos)
     mean = torch.as_tensor(config.input.mean)[None, :, None, None, None]
     std = torch.as_tensor(config.input.std)[None, :, None, None, None]
     squeeze = rearrange(x * std + mean, "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c",
@@ -392,13 +420,20 @@ def videomae_pretraining(name, tmp, tol, batch, seed, videomae_dir):
     norm = (squeeze - squeeze.mean(dim=-2, keepdim=True)) / (
         squeeze.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
     patches = rearrange(norm, "b n p c -> b n (p c)")
-    labels = patches[bool_masked_pos].reshape(batch, -1, patches.shape[-1])
-    want_loss = float(torch.nn.MSELoss()(outputs, labels))
+    if v2:     # VideoMAEv2's engine: the decoded cubes' errors, counted where the encoder masked
+      labels = patches[~decode_masked_pos].reshape(batch, -1, patches.shape[-1])
+      counted = bool_masked_pos[~decode_masked_pos].reshape(batch, -1)
+      per_cube = ((outputs - labels) ** 2).mean(dim=-1)
+      want_loss = float((per_cube * counted).sum() / counted.sum())
+    else:
+      labels = patches[bool_masked_pos].reshape(batch, -1, patches.shape[-1])
+      want_loss = float(torch.nn.MSELoss()(outputs, labels))
   pred, got_mask, _ = method.forward(params, jnp.asarray(clips), rng, train=False)
   if not np.array_equal(np.asarray(got_mask), mask):
     raise SystemExit(f"{name}: the method's forward drew another mask than its masks()")
   loss = float(method.loss(params, {}, jnp.asarray(clips), rng, 0)[0])
-  row = _compare(name, np.asarray(pred), outputs.numpy(), tol, output="masked-cube predictions",
+  row = _compare(name, np.asarray(pred), outputs.numpy(), tol,
+                 output=f"{'decoded' if v2 else 'masked'}-cube predictions",
                  official_params=sum(p.numel() for p in model.parameters()),
                  mim_jax_params=_count(params), mask_ratio=float(mask.mean()), loss=loss,
                  official_loss=want_loss)
@@ -414,22 +449,23 @@ def main(argv=None) -> int:
   p.add_argument("--mvit", default="", help="a checkout of facebookresearch/mvit")
   p.add_argument("--slowfast", default="", help="a checkout of facebookresearch/SlowFast")
   p.add_argument("--videomae", default="", help="a checkout of MCG-NJU/VideoMAE")
+  p.add_argument("--videomae_v2", default="", help="a checkout of OpenGVLab/VideoMAEv2")
   p.add_argument("--out", default="", help="the JSON record to write")
   p.add_argument("--tol", type=float, default=1e-4)
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
   args = p.parse_args(argv)
-  repos = (args.swin, args.mvit, args.slowfast, args.videomae)
+  repos = (args.swin, args.mvit, args.slowfast, args.videomae, args.videomae_v2)
   if not any(repos):
-    p.error("give --swin, --mvit, --slowfast and/or --videomae (checkouts of the official "
-            "repositories)")
+    p.error("give --swin, --mvit, --slowfast, --videomae and/or --videomae_v2 (checkouts of "
+            "the official repositories)")
   for d in repos:
     if d and not os.path.isdir(d):
       p.error(f"{d} is not a directory: clone the official repository there first")
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
-  helpers = _timm_stand_ins() if (args.swin or args.videomae) else ""
+  helpers = _timm_stand_ins() if (args.swin or args.videomae or args.videomae_v2) else ""
   sys.path[:0] = [d for d in (args.swin, args.mvit, args.videomae) if d]
   b, s, tol = args.batch, args.seed, args.tol
   cases = []
@@ -464,6 +500,9 @@ def main(argv=None) -> int:
   if args.videomae:
     cases.append(("videomae_vit_b_16x224", lambda t: videomae_pretraining(
         "videomae_vit_b_16x224", t, tol, b, s, args.videomae)))
+  if args.videomae_v2:
+    cases.append(("videomae_v2_dual_vit_b_16x224", lambda t: videomae_pretraining(
+        "videomae_v2_dual_vit_b_16x224", t, tol, b, s, args.videomae_v2, v2=True)))
   wanted = [c for c in args.cases.split(",") if c]
   unknown = sorted(set(wanted) - {n for n, _ in cases})
   if unknown:
