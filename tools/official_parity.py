@@ -1,10 +1,12 @@
-r"""mim_jax's Swin, Swin V2, SimMIM-on-Swin and MViT v2 against the official PyTorch modules.
+r"""mim_jax's Swin, Swin V2, SimMIM-on-Swin, MViT v2, MaskFeat's video MViT and VideoMAE (V1, V2)
+against the official PyTorch modules.
 
 Builds each model from the official repositories' own code (a user's checkouts: nothing of them
 is in mim_jax), perturbs every parameter so that no bias is zero and no norm the identity,
-saves its state dict as the official checkpoints are saved, converts it with the command line
-(`python -m mim_jax.convert --from=torch --arch=swin|swinv2|mvitv2`), loads the written workdir
-as any run is loaded (`teachers.load`) and compares, on the same input:
+and reads its weights into mim_jax: Swin and MViT v2 through the command line (the state dict
+saved as the official checkpoints are, `python -m mim_jax.convert --from=torch
+--arch=swin|swinv2|mvitv2`, the written workdir loaded as any run is, `teachers.load`);
+MaskMViT and VideoMAE through name maps (below). Then it compares, on the same input:
 
 * classifiers (Swin, Swin V2, MViT v2): the logits the 'classifier' evaluator reads
   (`method.features(...)['logits']`) against the official model's head output (the MViT
@@ -35,7 +37,7 @@ as any run is loaded (`teachers.load`) and compares, on the same input:
         --slowfast /tmp/SlowFast --videomae /tmp/VideoMAE --videomae_v2 /tmp/VideoMAEv2 \
         --out runs/official_parity.json
 
-It runs on the CPU (a few minutes on 2 cores). The official Swin and VideoMAE modules import
+It runs on the CPU (about 15 minutes on 2 cores for all cases). The official Swin and VideoMAE modules import
 five helpers from timm (`DropPath`, `drop_path`, `to_2tuple`, `trunc_normal_`,
 `register_model`); where timm is not installed this tool stands in for them (drop path is the
 identity in eval mode, where every comparison runs).
@@ -57,7 +59,7 @@ import numpy as np
 
 
 def _timm_stand_ins():
-  """timm.models.layers' three helpers the official Swin modules import, when timm is absent."""
+  """The timm helpers the official Swin and VideoMAE modules import, when timm is absent."""
   try:
     importlib.import_module("timm.models.layers")
     return "timm " + importlib.import_module("timm").__version__
