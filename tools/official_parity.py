@@ -327,24 +327,26 @@ def maskfeat_video(name, tmp, tol, batch, seed, slowfast_dir):
   return row
 
 
-def _videomae_key(path: tuple) -> tuple[str, bool]:
-  """(official key, transpose?) of a mim_jax VideoMAE parameter path: the encoder's blocks are
-  `encoder.blocks.N`, the decoder's `decoder.blocks.N`; `encoder_to_decoder`, `mask_token`,
-  the decoder's norm and head sit at the top of the official PretrainVisionTransformer."""
-  names = list(path)
-  if names[:2] == ["encoder", "encoder"]:
-    names = names[1:]
-  elif names[0] == "decoder" and names[1] in ("encoder_to_decoder", "mask_token"):
-    names = names[1:]
-  elif names[:2] == ["decoder", "blocks"]:
-    names = ["decoder"] + names[2:]
-  out = []
-  for n in names:
-    if n.startswith("block") and n[5:].isdigit():
-      out += ["blocks", str(int(n[5:]))]
-    else:
-      out.append({"scale": "weight", "kernel": "weight", "qkv_kernel": "qkv.weight"}.get(n, n))
-  return ".".join(out), names[-1] in ("kernel", "qkv_kernel")
+def _videomae_entries(enc_depth: int, dec_depth: int) -> list:
+  """The official PretrainVisionTransformer's names <-> mim_jax's VideoMAE parameters, from the
+  converters' ViT block map (`names.block_entries`, BEiT-style q / v biases); the Conv3d patch
+  kernel is read apart (`_videomae_patch`)."""
+  from mim_jax.convert import names  # pylint: disable=g-import-not-at-top
+  Entry = names.Entry  # pylint: disable=invalid-name
+  spec = names.ViTSpec(width=0, depth=0, heads=0, patch=0, grid=0, qkv_bias="qv")
+  out = [Entry("encoder.patch_embed.proj.bias", ("encoder", "patch_embed", "proj", "bias"))]
+  for i in range(enc_depth):
+    out += names.block_entries(spec, "encoder.blocks.", ("encoder", "encoder"), i, "beit")
+  out += [Entry("encoder.norm.weight", ("encoder", "encoder", "norm", "scale")),
+          Entry("encoder.norm.bias", ("encoder", "encoder", "norm", "bias")),
+          Entry("encoder_to_decoder.weight", ("decoder", "encoder_to_decoder", "kernel"), "linear"),
+          Entry("mask_token", ("decoder", "mask_token"))]
+  for i in range(dec_depth):
+    out += names.block_entries(spec, "decoder.blocks.", ("decoder", "blocks"), i, "beit")
+  return out + [Entry("decoder.norm.weight", ("decoder", "norm", "scale")),
+                Entry("decoder.norm.bias", ("decoder", "norm", "bias")),
+                Entry("decoder.head.weight", ("decoder", "head", "kernel"), "linear"),
+                Entry("decoder.head.bias", ("decoder", "head", "bias"))]
 
 
 def _videomae_v2_models(repo: str):
@@ -387,24 +389,22 @@ def videomae_pretraining(name, tmp, tol, batch, seed, videomae_dir, v2=False):
   size, frames = config.input.image_size, config.input.data.num_frames
   clips = np.random.default_rng(seed).normal(size=(batch, frames, size, size, 3)).astype(np.float32)
   shapes = jax.eval_shape(method.init, jax.random.PRNGKey(0), jnp.asarray(clips[:1]))
+  from mim_jax.convert import names  # pylint: disable=g-import-not-at-top
   sd = {k: v.numpy() for k, v in _state_dict(model).items()}
-  used = set()
-
-  def take(path, shape):
-    key, transpose = _videomae_key(tuple(getattr(q, "key", q) for q in path))
-    if key == "encoder.patch_embed.proj.weight":   # Conv3d [D, C, t, p, p] -> [t*p*p*C, D]
-      w = sd[key]
-      x = w.transpose(2, 3, 4, 1, 0).reshape(-1, w.shape[0])
-    else:
-      x = sd[key].T if transpose else sd[key]
-    used.add(key)
-    if x.shape != shape.shape:
-      raise SystemExit(f"{name}: {key} {x.shape} does not fit {shape.shape}")
-    return np.ascontiguousarray(x, np.float32)
-
-  params = jax.tree_util.tree_map_with_path(take, shapes)
-  if set(sd) != used:
-    raise SystemExit(f"{name}: official keys left unmapped: {sorted(set(sd) - used)}")
+  used = {"encoder.patch_embed.proj.weight"}
+  flat = {tuple(getattr(q, "key", q) for q in path): x.shape
+          for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  depths = [sum(k.startswith("block") for k in tree) for tree in
+            (shapes["encoder"]["encoder"], shapes["decoder"]["blocks"])]
+  params, missing, bad = names.take(sd, _videomae_entries(*depths), flat, used)
+  w = sd["encoder.patch_embed.proj.weight"]            # Conv3d [D, C, t, p, p] -> [t*p*p*C, D]
+  params["encoder"]["patch_embed"]["proj"]["kernel"] = w.transpose(2, 3, 4, 1, 0).reshape(
+      -1, w.shape[0]).astype(np.float32)
+  if missing or bad or set(sd) != used:
+    raise SystemExit(f"{name}: official keys missing {missing}, misshapen {bad}, unmapped "
+                     f"{sorted(set(sd) - used)}")
+  if jax.tree.structure(params) != jax.tree.structure(shapes):
+    raise SystemExit(f"{name}: the map does not fill every mim_jax parameter")
   rng = jax.random.PRNGKey(seed)
   mask, _, decode_ids = method.masks(jax.random.split(rng, 3)[0], batch)    # as loss() draws them
   mask = np.asarray(mask)
