@@ -519,7 +519,7 @@ def _load_embedded_clips(data_cfg: Any, split: str) -> InMemoryData:
   if num_frames < 1:
     raise DataConfigError(f"input.data.num_frames={num_frames}: set it to the clip length, >= 1")
   rows, labels, class_names, skipped = embedded_rows(data_cfg, split, "the embedded clip set")
-  clips = video.embedded_clip_rows(rows, num_frames, size=32, seed=0)
+  clips = video.embedded_clip_rows(rows, num_frames)
   _readonly(clips, labels)
   return InMemoryData(clips, labels, class_names, skipped)
 

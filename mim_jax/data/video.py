@@ -937,7 +937,13 @@ def synth_clips(images: np.ndarray, labels: np.ndarray, num_frames: int = 8, siz
 _CLIP_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def embedded_clip_rows(rows: np.ndarray, num_frames: int, size: int, seed: int) -> np.ndarray:
+# The embedded clip set's frame size and motion seed (`embedded_clips` and the 'embedded_clips'
+# data source both make their clips with these).
+CLIP_SIZE, CLIP_SEED = 32, 0
+
+
+def embedded_clip_rows(rows: np.ndarray, num_frames: int, size: int = CLIP_SIZE,
+                       seed: int = CLIP_SEED) -> np.ndarray:
   """`synth_clips` of the decodable embedded images at positions ``rows`` (among the decodable
   ones; each clip keyed by its image's position in the set), memoised per process clip by clip:
   a clip is made the first time a split asks for it. uint8 [len(rows), num_frames, size, size, 3]."""
@@ -959,7 +965,8 @@ def embedded_clip_rows(rows: np.ndarray, num_frames: int, size: int, seed: int) 
 
 
 def embedded_clips(split: str, holdout_per_class: int = 100, num_frames: int = 8,
-                   size: int = 32, holdout_seed: int = 0, seed: int = 0, train_subset: Any = 0,
+                   size: int = CLIP_SIZE, holdout_seed: int = 0, seed: int = CLIP_SEED,
+                   train_subset: Any = 0,
                    subset_seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """The embedded clip set: `synth_clips` of the embedded CIFAR-10 photographs of ``split``,
   split exactly as the embedded image set (`sources.split_indices`, same hold-out and
