@@ -63,7 +63,8 @@ def test_every_row_is_a_valid_override_and_recipes_are_shared(tmp_path, capsys):
   tool.main(["--table", "simclr_head", "--workdir_root", str(tmp_path), "--dry_run"])
   assert "done, skipped" in capsys.readouterr().out
   md = open(tmp_path / "simclr_head.md").read()
-  assert "| no head | proj_head_mode=none | 0.50 | 12.5 | 13.0 | 20.0 |" in md
+  assert "| no head | proj_head_mode=none | 3 | 0.50 | 12.5 | 13.0 | 20.0 |" in md
+  assert f"workdirs {tmp_path}/simclr_head_* and {tmp_path}/simclr_recipe." in md
 
 
 def test_cpu_benchmark_times_a_preset_and_prints_its_table(monkeypatch, capsys):

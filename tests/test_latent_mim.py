@@ -383,4 +383,4 @@ def test_ablation_runner_dry_run_gives_valid_commands(tmp_path, capsys):
   ab.main(["--table", "target", "--workdir_root", str(tmp_path), "--dry_run"])
   assert "done, skipped" in capsys.readouterr().out
   md = open(tmp_path / "target.md").read()
-  assert "| 1.00 | 12.5 | 20.0 |" in md
+  assert "| 5 | 1.00 | 12.5 | 20.0 |" in md

@@ -104,12 +104,15 @@ def _metric(summary: dict, evaluator: str):
 
 
 def row_results(wd: str, monitor: str = "aux/sim") -> dict:
-  """{'monitor', 'knn', 'knn_200', 'linear'} of a run (None where missing)."""
+  """{'steps', 'monitor', 'knn', 'knn_200', 'linear'} of a run (None where missing): steps is
+  the last training step logged."""
   recs = records(wd)
   seen = [r[monitor] for r in recs if monitor in r]
+  steps = [r["step"] for r in recs if "loss" in r]
   summary = next((r["summary"] for r in reversed(recs) if "summary" in r), {})
-  return {"monitor": seen[-1] if seen else None, "knn": _metric(summary, "knn"),
-          "knn_200": _metric(summary, "knn_200"), "linear": _metric(summary, "linear")}
+  return {"steps": steps[-1] if steps else None, "monitor": seen[-1] if seen else None,
+          "knn": _metric(summary, "knn"), "knn_200": _metric(summary, "knn_200"),
+          "linear": _metric(summary, "linear")}
 
 
 def markdown(name: str, table: Table, root: str) -> str:
@@ -117,15 +120,20 @@ def markdown(name: str, table: Table, root: str) -> str:
   results = [(row, row_results(workdir(root, name, table, row), table.monitor[0]))
              for row in table.rows]
   k200 = any(r["knn_200"] is not None for _, r in results)
-  head = f"| row | overrides | {table.monitor[1]} | kNN top-1 |" + (" kNN-200 top-1 |" if k200 else "")
+  shown = os.path.relpath(root, ROOT) if os.path.abspath(root).startswith(ROOT + os.sep) else root
+  head = (f"| row | overrides | steps | {table.monitor[1]} | kNN top-1 |"
+          + (" kNN-200 top-1 |" if k200 else ""))
   lines = [f"## {table.title}", "",
-           f"{table.base} + the row's overrides; workdirs {root}/{name}_* and {root}/{table.recipe}.",
-           "", head + " linear top-1 |", "|---|---|---|---|" + ("---|" if k200 else "") + "---|"]
+           f"{table.base} + the row's overrides; workdirs {shown}/{name}_* and "
+           f"{shown}/{table.recipe}. Steps: the run's last training step; "
+           f"{table.monitor[1]}: its last logged value; top-1 (%) of the online encoder on the "
+           f"held-out images (each run's eval_results.json records the probes' protocol).",
+           "", head + " linear top-1 |", "|---|---|---|---|---|" + ("---|" if k200 else "") + "---|"]
   for row, r in results:
     ov = ", ".join(f"{k.split('.', 1)[1] if k.count('.') else k}={v}"
                    for k, v in row.overrides.items())
     ov += " (the recipe)" if is_recipe(table, row) else ""
-    cells = [fmt(r["monitor"], ".2f"), fmt(r["knn"], ".1f")]
+    cells = [fmt(r["steps"], "d"), fmt(r["monitor"], ".2f"), fmt(r["knn"], ".1f")]
     if k200:
       cells.append(fmt(r["knn_200"], ".1f"))
     cells.append(fmt(r["linear"], ".1f"))
