@@ -69,6 +69,39 @@ Presets (`--config=configs/finetune.py:<preset>`):
              Published top-1: 80.0 (K400), 69.6 (SSv2). Deviations besides the above: the
              crop resizes bicubically with antialiasing (SlowFast's random_resized_crop:
              bilinear), and drop path, RandAugment and erasing run on the device after it.
+  maskfeat_clips  The video MViT of configs/maskfeat.py:clips (same geometry) on the embedded
+             clips, SlowFast's MaskFeat video fine-tuning (k400_mvitv2_s below) at the 'clips'
+             budget: 6 epochs of batch 128 (186 steps), one warm-up epoch, peak lr 6e-4 (the
+             yaml's rate, taken at this batch: about the 'clips' preset's 5e-4, so the MaskFeat
+             and VideoMAE rows fine-tune alike), one example per clip (the yaml's
+             AUG.NUM_SAMPLE 2 would double an epoch's steps: --config.input.aug.num_sample=2):
+               python -m mim_jax.main --config=configs/maskfeat.py:clips --workdir=/tmp/maskfeat_clips
+               python -m mim_jax.main --config=configs/finetune.py:maskfeat_clips \
+                 --workdir=/tmp/maskfeat_clips_ft --config.finetune.pretrained=/tmp/maskfeat_clips
+  k400_mvitv2_s   SlowFast's MaskFeat Kinetics-400 fine-tuning of MViTv2-S 16x4
+             (configs/masked_ssl/k400_MVITv2_S_16x4_FT.yaml), from a
+             configs/maskfeat.py:k400_mvitv2_s run: the video MViTv2-S with block 14's query
+             stride put back (POOL_Q_STRIDE [14, 1, 2, 2]; the pretraining's relative position
+             tables resized linearly where the strides change them, as checkpoint.py does),
+             drop path 0.1, USE_MEAN_POOLING with HEAD_INIT_SCALE 0.001 ('mean' pooling);
+             'clip' sampling, 16 frames at rate 4, RandomResizedCrop (0.08-1, 0.75-1.333) +
+             flip on the whole clip, RandAugment rand-m7-mstd0.5-inc1 (2 ops), random erasing
+             0.25 per frame, mixup 0.8 / cutmix 1.0, smoothing 0.1; repeated augmentation
+             (AUG.NUM_SAMPLE 2: TRAIN.BATCH_SIZE 16 clips give 32 examples a step,
+             `input.aug.num_sample`); AdamW (0.9, 0.999), lr 6e-4 (BASE_LR x NUM_SHARDS 1, not
+             scaled by the batch), 20 warm-up epochs from 1e-6, cosine to 1e-6 at epoch 100,
+             weight decay 0.05 (none on 1-D parameters), layer decay 0.75, gradient clipping at
+             L2 norm 5.0; test: 10 temporal clips x 1 centre crop with SlowFast's offset
+             placement (DATA.USE_OFFSET_SAMPLING, `input.data.use_offset`), softmax averaged.
+             Published: 82.2 top-1 (10 x 1 views; projects/maskfeat/README.md).
+               python -m mim_jax.main --config=configs/finetune.py:k400_mvitv2_s \
+                 --workdir=gs://BUCKET/maskfeat_k400_ft --config.finetune.pretrained=gs://BUCKET/maskfeat_k400 \
+                 --config.input.data.dir=/data/k400 --config.input.data.csv=/data/k400/train.csv \
+                 --config.input.data.eval_csv=/data/k400/val.csv
+             Deviations: the yaml evaluates 1, 3, 4, 5, 7 and 10 temporal clips in turn (one
+             here: set input.data.test_views); frames are decoded at their own size (SlowFast:
+             short side 320 first) and RandAugment runs on the device after the crop
+             (SlowFast: on the decoded frames before it).
   imagenet_base   MAE ViT-B/16 on ImageNet-1k (tfds imagenet2012), the official recipe.
   imagenet_large  MAE ViT-L/16, the official recipe.
                python -m mim_jax.main --config=configs/finetune.py:imagenet_base --workdir=W \
@@ -114,7 +147,7 @@ from mim_jax import config_lib
 # The presets get_config takes ('' = the default, embedded data), for tests and tools.
 PRESETS = ('', 'cifar10', 'imagenet_base', 'imagenet_large', 'resnet18', 'resnet18_cifar10',
            'swin_cifar10', 'imagenet_swin_b', 'imagenet_swinv2_b', 'mvit_cifar10', 'clips',
-           'kinetics400', 'ssv2')
+           'kinetics400', 'ssv2', 'maskfeat_clips', 'k400_mvitv2_s')
 
 
 def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
@@ -264,6 +297,41 @@ def clips_preset(c: ml_collections.ConfigDict, preset: str) -> None:
   c.ckpt_every = 2000
 
 
+def maskfeat_video_preset(c: ml_collections.ConfigDict, preset: str) -> None:
+  """SlowFast's MaskFeat video fine-tuning (configs/masked_ssl/k400_MVITv2_S_16x4_FT.yaml) on
+  Kinetics-400 ('k400_mvitv2_s') or at the embedded clips' CPU budget ('maskfeat_clips')."""
+  from mim_jax.models import mvit  # pylint: disable=g-import-not-at-top
+  c.finetune.pooling = "mean"             # USE_MEAN_POOLING, HEAD_INIT_SCALE 0.001
+  c.finetune.aug.update(ra_num_layers=2, ra_magnitude=7.0)    # AA_TYPE rand-m7-mstd0.5-inc1
+  c.optim.update(base_lr=6e-4, layer_decay=0.75, warmup_lr=1e-6, min_lr=1e-6, clip_grad=5.0)
+  c.pooling = "mean"
+  if preset == "maskfeat_clips":          # the MViT of configs/maskfeat.py:clips
+    c.model = mvit.default_config(variant="small", embed_dim=32, num_heads=1,
+                                  stage_blocks=(1, 1, 2, 1), stage_strides=(2, 1, 1),
+                                  kv_stride=1, cls_token=True, dim_mul_in_att=False,
+                                  num_frames=8, drop_path=0.1)
+    c.input.data.update(name="embedded_clips", holdout_per_class=100, num_frames=8)
+    c.input.image_size = 32
+    c.input.batch_size = 128
+    c.optim.update(lr_batch_divisor=128, warmup_epochs=1)
+    c.total_epochs = 6                    # 186 steps
+    c.log_every, c.ckpt_every = 10, 200
+    return
+  c.model = mvit.default_config(variant="small", stage_strides=(2, 2, 2), kv_stride=8,
+                                cls_token=True, dim_mul_in_att=False, drop_path=0.1,
+                                num_frames=16, dtype="bfloat16")
+  c.input.data.update(name="video_csv", csv="", eval_csv="", in_memory=False, holdout_per_class=0,
+                      num_frames=16, sampling="clip", sampling_rate=4, use_offset=True,
+                      test_views=(10, 1))
+  c.input.aug.update(crop_scale=(0.08, 1.0), crop_ratio=(0.75, 1.3333), hflip=True,
+                     video_crop="random_resized", num_sample=2)
+  c.input.update(image_size=224, batch_size=32, workers=16)   # 16 clips x NUM_SAMPLE 2
+  c.finetune.num_classes = 400
+  c.optim.update(lr_batch_divisor=32, warmup_epochs=20)
+  c.total_epochs = 100
+  c.log_every, c.ckpt_every = 50, 2000
+
+
 def get_config(arg=None):
   preset = arg or "default"
   c = config_lib.base_config()
@@ -306,6 +374,8 @@ def get_config(arg=None):
     c.optim.min_lr = 1e-6 * 256 / c.input.batch_size
   elif preset in ("clips", "kinetics400", "ssv2"):
     clips_preset(c, preset)
+  elif preset in ("maskfeat_clips", "k400_mvitv2_s"):
+    maskfeat_video_preset(c, preset)
   elif preset in ("resnet18", "resnet18_cifar10"):
     resnet_preset(c, preset)
   elif preset in ("swin_cifar10", "imagenet_swin_b", "imagenet_swinv2_b"):

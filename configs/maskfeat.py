@@ -106,8 +106,9 @@ window at ratio 0.4; HOG of every second frame, 108 values per token; AdamW (0.9
 weight decay 0.05 (none on 1-D parameters), gradient clipping at L2 norm 0.02, lr 1e-4
 (BASE_LR 1e-4 x NUM_SHARDS 1; TRAIN.BATCH_SIZE 32 is the whole batch) with 10 warm-up epochs
 from 1e-6, cosine to 1e-6 at epoch 300. Published (MaskFeat paper, K400): MViTv2-S 16x4 82.2
-top-1 after 300 epochs of pretraining and fine-tuning (the fine-tuning recipe:
-k400_MVITv2_S_16x4_FT.yaml). The clips preset (CPU): 8-frame clips of 32 px, the patch
+top-1 after 300 epochs of pretraining and fine-tuning (the fine-tuning recipe,
+k400_MVITv2_S_16x4_FT.yaml, is configs/finetune.py:k400_mvitv2_s; the clips preset's is
+configs/finetune.py:maskfeat_clips). The clips preset (CPU): 8-frame clips of 32 px, the patch
 embedding 3x7x7 / 2x4x4 (4 token frames of 8x8), width 32, blocks 1-1-2-1, query strides (2, 1,
 1) to a 4x4 output grid of stride 8 (HOG cells of 4 pixels: 108 values), kv stride 1, mask
 window = the output grid (4 x 4 x 4, at most 26 masked), batch 128, 10 epochs of the 4,000

@@ -101,3 +101,69 @@ def test_video_needs_an_mvit_and_a_matching_window():
   with pytest.raises(ValueError, match="mask_window"):
     methods.get(tiny_clip_config(**{"maskfeat.mask_window": (3, 2, 2)}))
   assert mvit.from_config(load_config("maskfeat", "clips").model, 32).frames == 4
+
+
+def test_finetune_presets_load_a_maskfeat_clip_run(tmp_path):
+  """configs/finetune.py:maskfeat_clips on a (shrunk) MaskFeat clips run: the encoder loads
+  unchanged, the head is SlowFast's USE_MEAN_POOLING head at HEAD_INIT_SCALE 0.001, and with
+  repeated augmentation (aug.num_sample 2) each step trains on copies of half as many clips."""
+  pre = tiny_clip_config(total_steps=2, ckpt_every=2)
+  pre_dir = str(tmp_path / "pre")
+  train.train_and_evaluate(pre, pre_dir, devices=jax.devices()[:1], progress=False)
+  c = load_config("finetune", "maskfeat_clips")
+  assert (c.optim.base_lr, c.optim.clip_grad, c.optim.layer_decay, c.finetune.pooling,
+          c.model.drop_path) == (6e-4, 5.0, 0.75, "mean", 0.1)
+  c.model = pre.model.copy_and_resolve_references()
+  c.model.drop_path = 0.1
+  c.input.data.update(num_frames=4, train_subset=64)
+  c.input.batch_size = 8
+  c.input.aug.num_sample = 2
+  c.total_steps, c.ckpt_every, c.log_every = 2, 2, 1
+  c.evals = {}
+  c.finetune.pretrained = pre_dir
+  tr = train.Trainer.create(c, devices=jax.devices()[:1])
+  assert tr.steps_per_epoch == 16                      # 64 clips, 4 a step
+  saved = train.Trainer.from_workdir(pre_dir, devices=jax.devices()[:1])
+  got, want = tr.state["params"]["encoder"], saved.state["params"]["encoder"]
+  flat = lambda t: {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}  # noqa: E731
+  got, want = flat(got), flat(want)
+  assert set(want) - set(got) == {"['mask_token']"} and set(got) <= set(want)
+  for k in got:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  std = float(np.std(np.asarray(tr.state["params"]["head"]["fc"]["kernel"])))
+  assert 1e-5 < std < 3e-5                             # trunc_normal(.02) x 0.001
+  batch = tr.next_batch()
+  index = np.asarray(batch["index"])
+  assert index.shape == (8,) and (index[0::2] == index[1::2]).all()
+  tr.state, m = tr.step_fn(tr.state, batch)
+  assert np.isfinite(float(m["loss"]))
+
+
+def test_k400_finetune_preset_puts_back_the_query_stride_of_the_pretraining():
+  """configs/finetune.py:k400_mvitv2_s against configs/maskfeat.py:k400_mvitv2_s: the same
+  parameters but for the relative position tables the restored block-14 query stride changes
+  (block 15's q and k: 14x14 -> 7x7, 27 -> 13 rows), which adapt_pretrained resizes; the
+  yaml's data, test and optimiser settings."""
+  ft, pt = load_config("finetune", "k400_mvitv2_s"), load_config("maskfeat", "k400_mvitv2_s")
+  shapes = {}
+  for name, c in (("ft", ft), ("pt", pt)):
+    model = mvit.from_config(c.model, 224)
+    tree = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1, 16, 224, 224, 3))))["params"]
+    shapes[name] = {"/".join(str(k.key) for k in p): v.shape
+                    for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  assert set(shapes["ft"]) == set(shapes["pt"])
+  differ = {k: (shapes["pt"][k], shapes["ft"][k]) for k in shapes["ft"]
+            if shapes["ft"][k] != shapes["pt"][k]}
+  assert differ == {"block15/attn/rel_pos_h": ((27, 96), (13, 96)),
+                    "block15/attn/rel_pos_w": ((27, 96), (13, 96))}, differ
+  loaded = {"block15": {"attn": {"rel_pos_h": np.random.RandomState(0).randn(27, 96)}}}
+  init = {"block15": {"attn": {"rel_pos_h": np.zeros((13, 96))}}}
+  assert mvit.adapt_pretrained(loaded, init)["block15"]["attn"]["rel_pos_h"].shape == (13, 96)
+  d, a = ft.input.data, ft.input.aug
+  assert (d.sampling, d.num_frames, d.sampling_rate, d.use_offset, tuple(d.test_views)) == (
+      "clip", 16, 4, True, (10, 1))
+  assert (a.num_sample, ft.input.batch_size, tuple(a.crop_scale)) == (2, 32, (0.08, 1.0))
+  assert (ft.optim.base_lr, ft.optim.lr_batch_divisor, ft.optim.warmup_epochs,
+          ft.total_epochs, ft.optim.clip_grad, ft.finetune.num_classes) == (
+              6e-4, 32, 20, 100, 5.0, 400)

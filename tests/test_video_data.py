@@ -367,3 +367,42 @@ def test_running_cell_mask(ratio):
   assert set(which) == {0, 1, 2, 3}
   with pytest.raises(ValueError, match="even"):
     V.running_cell_mask(1, 2, 5, 4, 0.5)
+
+
+def test_repeated_augmentation_of_in_memory_clips(tmp_path):
+  """aug.num_sample = 2 on in-memory data: each sampled index twice, side by side (the device
+  crops each copy on its own); an epoch counts records; streamed images refuse it."""
+  import ml_collections
+  from mim_jax.data import pipeline
+  data = dict(name="embedded_clips", holdout_per_class=2, num_frames=4, train_subset=100)
+  cfg = ml_collections.ConfigDict(dict(data=data, batch_size=8, image_size=32, workers=0,
+                                       aug=dict(num_sample=2)))
+  assert pipeline.steps_per_epoch(cfg) == 25
+  loader = pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+  assert loader.steps_per_epoch == 25
+  seen = []
+  for _ in range(25):
+    batch = next(loader)
+    assert batch["image"].shape == (8, 4, 32, 32, 3)
+    assert batch["index"][0::2].tolist() == batch["index"][1::2].tolist()
+    np.testing.assert_array_equal(batch["image"][0::2], batch["image"][1::2])
+    seen += batch["index"][0::2].tolist()
+  assert sorted(seen) == list(range(100))                      # one epoch: every record once
+  # two processes: each keeps its half of the global batch's records, copies together
+  halves = [next(pipeline.make_train_loader(cfg, seed=0, process_index=p, process_count=2))
+            for p in (0, 1)]
+  first = next(pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1))
+  np.testing.assert_array_equal(np.concatenate([h["index"] for h in halves]), first["index"])
+  from PIL import Image
+  for c in ("a", "b"):
+    (tmp_path / c).mkdir()
+    for k in range(6):
+      Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(tmp_path / c / f"{k}.png")
+  streamed = ml_collections.ConfigDict(dict(
+      data=dict(name="image_folder", dir=str(tmp_path), in_memory=False, holdout_per_class=1),
+      batch_size=4, image_size=8, workers=0, aug=dict(num_sample=2)))
+  with pytest.raises(sources.DataConfigError, match="not streamed images: set it to 1"):
+    pipeline.make_train_loader(streamed, seed=0, process_index=0, process_count=1)
+  streamed.aug.num_sample = 1
+  assert next(pipeline.make_train_loader(streamed, seed=0, process_index=0,
+                                         process_count=1))["image"].shape == (4, 8, 8, 3)

@@ -332,3 +332,65 @@ def test_finetune_on_video_files_reports_the_multi_view_test(video_dir, tmp_path
     res = json.load(f)["classifier"]
   assert res["protocol"]["views_per_example"] == 6 and res["protocol"]["num_images"] == 2
   assert "softmax averaged" in res["protocol"]["prediction"] and 0 <= res["top1"] <= 100
+
+
+def test_repeated_augmentation_crops_one_decoded_clip_several_times(video_dir):
+  """aug.num_sample = 2 (SlowFast's AUG.NUM_SAMPLE): each video read gives two examples side by
+  side, the same frames cropped on their own; an epoch counts videos, so it has half the
+  steps of batch 4 without repeats; a skipped video counts once."""
+  video = np.arange(4 * 32 * 32 * 3, dtype=np.uint32).reshape(4, 32, 32, 3) % 251
+
+  class Fixed:
+    num_frames = 4
+
+    def read(self, i, rng):
+      return {"video": video.astype(np.uint8), "label": np.int32(1), "bad": np.int32(2),
+              "index": np.int32(i)}
+
+  crop = V.HostReadClip(Fixed(), 16, "random_resized", (0.2, 1.0), (0.75, 1.33), True,
+                        num_sample=2)
+  out = crop.random_map(5, np.random.default_rng(7))
+  rng = np.random.default_rng(7)
+  want = [V.random_resized_crop_flip_clip(video.astype(np.uint8), 16, (0.2, 1.0), (0.75, 1.33),
+                                          True, rng) for _ in range(2)]
+  np.testing.assert_array_equal(out["image"], np.stack(want))
+  assert not np.array_equal(want[0], want[1])                  # two crops, not one copied
+  assert out["label"].tolist() == [1, 1] and out["index"].tolist() == [5, 5]
+  assert out["bad"].tolist() == [2, 0]
+
+  cfg = stream_config(video_dir)
+  cfg.batch_size = 4
+  cfg.aug.num_sample = 2
+  assert pipeline.steps_per_epoch(cfg) == 3                    # 6 videos, 2 a batch
+  loader = pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+  assert loader.steps_per_epoch == 3
+  batches = [next(loader) for _ in range(3)]                  # one epoch
+  for b in batches:
+    assert b["image"].shape == (4, 4, 16, 16, 3)
+    assert b["index"][0::2].tolist() == b["index"][1::2].tolist()
+    assert b["label"][0::2].tolist() == b["label"][1::2].tolist()
+    np.testing.assert_array_equal(_frame_numbers(b["image"][0::2]),
+                                  _frame_numbers(b["image"][1::2]))   # one temporal draw
+  assert sorted(np.concatenate([b["index"][0::2] for b in batches]).tolist()) == [0, 1, 2, 3, 5, 5]
+  assert sum(int(b["bad"].sum()) for b in batches) == 1       # the garbage video, once
+  cfg.aug.num_sample = 3
+  with pytest.raises(sources.DataConfigError, match="aug.num_sample=3"):
+    pipeline.make_train_loader(cfg, seed=0, process_index=0, process_count=1)
+
+
+def test_offset_sampling_places_slowfasts_test_clips(video_dir):
+  """input.data.use_offset (SlowFast's DATA.USE_OFFSET_SAMPLING, MaskFeat's fine-tuning yamls):
+  'clip' sampling's test clips start at clip_idx * floor(delta / (clips - 1)), one clip at the
+  centre; without it at delta * clip_idx / clips. a/3.mp4: 26 frames, 4 at rate 2: delta 18."""
+  def frames(**data):
+    cfg = stream_config(video_dir, sampling="clip", **data)
+    (x, _), = list(pipeline.eval_batches(cfg, "eval", 4, views="test_views" in data))
+    return _frame_numbers(x)[0].tolist()
+
+  assert frames(use_offset=True, test_views=(2, 1)) == [[0, 2, 4, 7], [18, 20, 22, 25]]
+  assert frames(test_views=(2, 1)) == [[0, 2, 4, 7], [9, 11, 13, 16]]
+  assert frames(use_offset=True) == [9, 11, 13, 16]          # one clip: the centre
+  assert frames() == [0, 2, 4, 7]
+  with pytest.raises(sources.DataConfigError, match="use_offset"):
+    pipeline.make_train_loader(stream_config(video_dir, use_offset=True), seed=0,
+                               process_index=0, process_count=1)

@@ -46,6 +46,14 @@ Config keys (``input_cfg``): ``data`` (see `sources`, plus ``in_memory``), ``bat
 2 and 16), ``device_resize`` and ``device_resize_budget`` (streaming, default 0: off; the
 largest region side, and the packed pixels per image, default half the square).
 
+Repeated augmentation (``aug.num_sample`` = n > 1, SlowFast's AUG.NUM_SAMPLE and VideoMAE's
+``--num_sample``): each record read gives n independently augmented examples, side by side
+in the batch (their `multiple_samples_collate`), so a batch of ``batch_size`` examples holds
+``batch_size / n`` records and an epoch (`steps_per_epoch`) is ``records // (batch_size / n)``
+steps. Streamed video decodes the clip once and crops it n times (`video.HostReadClip`);
+in-memory data repeats each index n times and the device draws a crop for each copy. Streamed
+images have no repeats (a DataConfigError).
+
 grain is imported inside functions so importing this module stays cheap.
 """
 from __future__ import annotations
@@ -116,14 +124,17 @@ class TrainLoader:
     local_batch_size, global_batch_size: per process / over all processes.
     num_records: records of the pretraining split (all processes): the training split or its
       ``data.train_subset``.
-    steps_per_epoch: ``num_records // global_batch_size``.
+    steps_per_epoch: ``num_records // (global_batch_size // num_sample)``.
     class_names: class index -> name (None when unknown).
+    num_sample: examples per record read (repeated augmentation; 1: none). The copies of a
+      record stand side by side in the batch (rows r*n .. r*n+n-1).
   """
 
   def __init__(self, data_loader: Any, *, on_device_aug: bool, images: Optional[np.ndarray],
                labels: Optional[np.ndarray], image_shape: tuple[int, int, int],
                local_batch_size: int, global_batch_size: int, num_records: int,
-               class_names: Optional[list[str]], index_slice: slice = slice(None)):
+               class_names: Optional[list[str]], index_slice: slice = slice(None),
+               num_sample: int = 1):
     self._data_loader = data_loader
     self._index_slice = index_slice
     self._iterator = iter(data_loader)
@@ -134,7 +145,8 @@ class TrainLoader:
     self.local_batch_size = local_batch_size
     self.global_batch_size = global_batch_size
     self.num_records = num_records
-    self.steps_per_epoch = num_records // global_batch_size
+    self.num_sample = int(num_sample)
+    self.steps_per_epoch = num_records // (global_batch_size // self.num_sample)
     self.class_names = class_names
 
   def __iter__(self) -> "TrainLoader":
@@ -143,12 +155,14 @@ class TrainLoader:
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._iterator)
     if self._images is None:
+      if self.num_sample > 1:   # [records, n, ...] -> [records * n, ...], copies side by side
+        batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
       out = {"image": batch["image"], "label": batch["label"].astype(np.int32),
              "bad": batch["bad"].astype(np.int32), "index": batch["index"].astype(np.int32)}
       if "offset" in batch:   # input.device_resize: what the step needs to resample the regions
         out.update({k: batch[k] for k in ("offset", "box", "valid", "flip", "host_resized")})
       return out
-    index = np.asarray(batch)[self._index_slice]
+    index = np.repeat(np.asarray(batch)[self._index_slice], self.num_sample)
     return {"image": self._images[index], "label": self._labels[index],
             "bad": np.zeros(index.shape[0], np.int32), "index": index.astype(np.int32)}
 
@@ -178,6 +192,18 @@ def _local_batch(input_cfg: Any, process_count: int) -> tuple[int, int]:
         f"--config.input.batch_size={global_batch} is not a positive multiple of the "
         f"{process_count} processes: set it to a multiple of {process_count}")
   return global_batch, global_batch // process_count
+
+
+def num_sample(input_cfg: Any, process_count: int = 1) -> int:
+  """``input.aug.num_sample`` (default 1), checked: a whole number >= 1 dividing each
+  process's batch."""
+  n = _get(_get(input_cfg, "aug", {}) or {}, "num_sample", 1)
+  batch = int(input_cfg.batch_size)
+  if not isinstance(n, int) or n < 1 or (batch // max(int(process_count), 1)) % n:
+    raise DataConfigError(f"--config.input.aug.num_sample={n!r}: use a whole number >= 1 that "
+                          f"divides the batch of each of the {process_count} processes "
+                          f"({batch // max(int(process_count), 1)})")
+  return n
 
 
 def _aug(input_cfg: Any) -> tuple[tuple[float, float], tuple[float, float], bool, str]:
@@ -212,6 +238,8 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
   grain = _grain(workers)
   process_index, process_count = _process_index_and_count(process_index, process_count)
   global_batch, local_batch = _local_batch(input_cfg, process_count)
+  repeats = num_sample(input_cfg, process_count)
+  global_records, local_records = global_batch // repeats, local_batch // repeats
   data_cfg = input_cfg.data
   seed = int(seed) % (2**31)
   in_memory = sources.is_in_memory(data_cfg)
@@ -231,7 +259,7 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     # Every process walks the same global order of index batches and keeps its own slice of
     # each (indices are cheap): the global batch of step s is then the same for any number of
     # processes, so a 2-process run equals a 1-process run.
-    operations = [grain.transforms.Batch(global_batch, drop_remainder=True)]
+    operations = [grain.transforms.Batch(global_records, drop_remainder=True)]
     read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   else:
     raw = sources.streaming_source(data_cfg, "pretrain")
@@ -247,8 +275,12 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
                               "method's several views and input.device_resize are image-only "
                               "(set --config.input.device_resize=0; train it on images)")
       source = _Permuted(raw, seed)
-      crop = video.HostReadClip(raw.reader, size, video_crop, scale, ratio, hflip)
+      crop = video.HostReadClip(raw.reader, size, video_crop, scale, ratio, hflip, repeats)
       image_shape = (raw.reader.num_frames, size, size, 3)
+    elif repeats > 1:
+      raise DataConfigError(f"--config.input.aug.num_sample={repeats}: repeated augmentation "
+                            "is for streamed video and in-memory data, not streamed images: "
+                            "set it to 1")
     elif views:
       if canvas:
         raise DataConfigError("input.device_resize resamples one crop per image; this method "
@@ -271,16 +303,16 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
     else:
       source = _Permuted(DecodedSource(raw), seed)
       crop = HostRandomResizedCropFlip(size, scale, ratio, hflip)
-    operations = [crop, grain.transforms.Batch(local_batch, drop_remainder=True,
+    operations = [crop, grain.transforms.Batch(local_records, drop_remainder=True,
                                                batch_fn=batch_fn)]
     read_options = grain.ReadOptions(num_threads=int(_get(input_cfg, "read_threads", 2)),
                                      prefetch_buffer_size=int(_get(input_cfg, "read_buffer", 16)))
 
   num_records = len(source)
-  if num_records // process_count < local_batch:
+  if num_records // process_count < local_records:
     raise DataConfigError(
-        f"the training split has {num_records} records, fewer than one batch of {global_batch} "
-        f"({local_batch} on each of {process_count} processes): lower --config.input.batch_size "
+        f"the training split has {num_records} records, fewer than one batch of {global_records} "
+        f"({local_records} on each of {process_count} processes): lower --config.input.batch_size "
         "or use more data (a larger --config.input.data.train_subset, if set)")
   if in_memory:
     shard = grain.sharding.ShardOptions(0, 1, drop_remainder=True)
@@ -294,8 +326,9 @@ def make_train_loader(input_cfg: Any, *, seed: int, process_index: Optional[int]
   train_loader = TrainLoader(loader, on_device_aug=in_memory, images=images, labels=labels,
                      image_shape=image_shape, local_batch_size=local_batch,
                      global_batch_size=global_batch, num_records=num_records,
-                     class_names=class_names,
-                     index_slice=slice(process_index * local_batch, (process_index + 1) * local_batch))
+                     class_names=class_names, num_sample=repeats,
+                     index_slice=slice(process_index * local_records,
+                                       (process_index + 1) * local_records))
   train_loader.num_skipped = num_skipped  # unreadable files skipped while decoding (in memory)
   return train_loader
 
@@ -416,5 +449,6 @@ def num_classes(input_cfg: Any) -> int:
 
 def steps_per_epoch(input_cfg: Any) -> int:
   """Optimiser steps in one epoch: pretraining records ('pretrain': the training split or its
-  ``train_subset``) // global batch size."""
-  return num_examples(input_cfg, "pretrain") // int(input_cfg.batch_size)
+  ``train_subset``) // records per global batch (the batch size / ``aug.num_sample``)."""
+  return num_examples(input_cfg, "pretrain") // (int(input_cfg.batch_size)
+                                                 // num_sample(input_cfg))

@@ -421,7 +421,8 @@ class ClipReader:
   frames ``sampling_rate`` apart, random with an ``rng``, else test clip ``clip_idx`` of
   ``num_clips``) or 'segment' (`segment_indices`: ``num_frames`` segments; random with an
   ``rng``, else the segment middles, or with ``num_clips=2`` test clip ``clip_idx`` 0 (the
-  segment starts) or 1 (the middles)).
+  segment starts) or 1 (the middles)). ``use_offset`` ('clip' only): SlowFast's
+  DATA.USE_OFFSET_SAMPLING test clips (`clip_indices`' ``use_offset``).
 
   An unreadable, undecodable or truncated video is replaced by the next readable one
   (i+1, i+2, ..., wrapping around) and ``'bad'`` counts the videos skipped: the contract of
@@ -429,7 +430,8 @@ class ClipReader:
   """
 
   def __init__(self, paths: Sequence[str], labels: Sequence[int], num_frames: int,
-               sampling_rate: int = 1, sampling: str = "clip", num_clips: int = 1):
+               sampling_rate: int = 1, sampling: str = "clip", num_clips: int = 1,
+               use_offset: bool = False):
     if sampling not in SAMPLINGS:
       raise DataConfigError(f"unknown temporal sampling {sampling!r}: set "
                             "--config.input.data.sampling to 'videomae', 'clip' or 'segment'")
@@ -441,6 +443,10 @@ class ClipReader:
     self.sampling_rate = int(sampling_rate)
     self.sampling = sampling
     self.num_clips = int(num_clips)
+    self.use_offset = bool(use_offset)
+    if self.use_offset and sampling != "clip":
+      raise DataConfigError(f"input.data.use_offset=True is SlowFast's test-clip placement of "
+                            f"'clip' sampling, not {sampling!r}: set it to False")
     if sampling == "segment" and self.num_clips not in (1, 2):
       raise DataConfigError(f"{self.num_clips} test clips of segment sampling: VideoMAE's SSv2 "
                             "test has 1 (segment middles) or 2 (starts, middles)")
@@ -462,7 +468,7 @@ class ClipReader:
               else videomae_finetune_indices)
       return draw(video_frames, self.num_frames, self.sampling_rate, rng)
     return clip_indices(video_frames, self.num_frames, self.sampling_rate, rng,
-                        -1 if rng is not None else clip_idx, self.num_clips)
+                        -1 if rng is not None else clip_idx, self.num_clips, self.use_offset)
 
   def read(self, i: int, rng: Optional[np.random.Generator] = None,
            clip_idx: int = 0) -> dict[str, Any]:
@@ -726,6 +732,7 @@ def clip_source(data_cfg: Any, split: str) -> ClipSource:
   relative to ``data.dir`` when set), split the same way; with ``data.eval_csv`` (Kinetics'
   ``val.csv``) the 'eval' split is that whole list instead of the hold-out. Clip keys:
   ``num_frames`` (16), ``sampling_rate`` (4), ``sampling`` ('videomae', see `ClipReader`);
+  ``use_offset`` (False; 'clip' sampling's SlowFast test-clip placement);
   ``test_views`` (temporal clips, spatial crops) is read by `HostEvalClip`.
   """
   import hashlib  # pylint: disable=g-import-not-at-top
@@ -751,7 +758,8 @@ def clip_source(data_cfg: Any, split: str) -> ClipSource:
   paths = [listing.paths[i] for i in select]
   sampling = get(data_cfg, "sampling", "videomae")
   reader = ClipReader(paths, listing.labels[select], int(get(data_cfg, "num_frames", 16)),
-                      int(get(data_cfg, "sampling_rate", 4)), sampling)
+                      int(get(data_cfg, "sampling_rate", 4)), sampling,
+                      use_offset=bool(get(data_cfg, "use_offset", False)))
   digest = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
   tag = (f"{name}:{split}:{get(data_cfg, 'holdout_per_class', 0)}:"
          f"{get(data_cfg, 'holdout_seed', 0)}:subset={get(data_cfg, 'train_subset', 0)}:"
@@ -766,10 +774,13 @@ class HostReadClip:
   unreadable video is replaced by the next readable one and counted in 'bad'), then one crop
   per clip from the same rng: ``crop='multiscale'`` (VideoMAE's pretraining,
   `multiscale_crop_clip`) or 'random_resized' (`random_resized_crop_flip_clip` with
-  ``scale``, ``ratio``, ``hflip``)."""
+  ``scale``, ``ratio``, ``hflip``). With ``num_sample`` n > 1 (repeated augmentation, SlowFast's
+  AUG.NUM_SAMPLE: the clip decoded once, each copy cropped on its own, as `Kinetics.__getitem__`
+  does) 'image' is uint8 [n, T, size, size, 3] and 'label', 'bad', 'index' are [n] ('bad' on
+  the first copy only, so a skipped video counts once)."""
 
   def __init__(self, reader: ClipReader, size: int, crop: str, scale: Sequence[float],
-               ratio: Sequence[float], hflip: bool):
+               ratio: Sequence[float], hflip: bool, num_sample: int = 1):
     if crop not in VIDEO_CROPS:
       raise DataConfigError(f"unknown video crop {crop!r}: set --config.input.aug.video_crop to "
                             "'random_resized' or 'multiscale'")
@@ -779,16 +790,25 @@ class HostReadClip:
     self.scale = tuple(float(x) for x in scale)
     self.ratio = tuple(float(x) for x in ratio)
     self.hflip = bool(hflip)
+    self.num_sample = int(num_sample)
+
+  def _crop(self, video: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if self.crop == "multiscale":
+      return multiscale_crop_clip(video, self.size, rng)
+    return random_resized_crop_flip_clip(video, self.size, self.scale, self.ratio, self.hflip,
+                                         rng)
 
   def random_map(self, element: Any, rng: np.random.Generator) -> dict[str, Any]:
     record = self.reader.read(int(element), rng)
-    if self.crop == "multiscale":
-      clip = multiscale_crop_clip(record["video"], self.size, rng)
-    else:
-      clip = random_resized_crop_flip_clip(record["video"], self.size, self.scale, self.ratio,
-                                           self.hflip, rng)
-    return {"image": clip, "label": record["label"], "bad": record["bad"],
-            "index": record["index"]}
+    if self.num_sample == 1:
+      return {"image": self._crop(record["video"], rng), "label": record["label"],
+              "bad": record["bad"], "index": record["index"]}
+    n = self.num_sample
+    bad = np.zeros(n, np.int32)
+    bad[0] = record["bad"]
+    return {"image": np.stack([self._crop(record["video"], rng) for _ in range(n)]),
+            "label": np.full(n, record["label"], np.int32), "bad": bad,
+            "index": np.full(n, record["index"], np.int32)}
 
 
 class HostEvalClip:
@@ -807,7 +827,8 @@ class HostEvalClip:
                             "(temporal clips, spatial crops)")
     # The reader's test clips are this test's temporal views.
     self.reader = ClipReader(reader.paths, reader.labels, reader.num_frames,
-                             reader.sampling_rate, reader.sampling, num_clips=self.views[0])
+                             reader.sampling_rate, reader.sampling, num_clips=self.views[0],
+                             use_offset=reader.use_offset)
     self.buffered = reader.sampling.startswith("videomae")
 
   def map(self, element: Any) -> dict[str, Any]:
