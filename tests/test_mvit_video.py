@@ -3,6 +3,8 @@ MViT, `attention.py`) as `config.model.num_frames` > 0 of models.mvit. Geometry 
 Kinetics MViTv2-S 16x4 against the yaml and the published count, the temporal relative
 position term and the 3-D pooling convolution against loop re-derivations of the official
 functions, per-frame mask upsampling, and the one-line errors."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +175,72 @@ def test_maskmvit_names_round_trip_with_slowfast_layouts():
   with pytest.raises(ConversionError, match="blocks.1.attn.rel_pos_t"):
     take_shaped({k: v for k, v in sd.items() if k != "blocks.1.attn.rel_pos_t"}, ents,
                 lacks="lacks", not_ours="ours", misfit="fit")
+
+
+def test_cli_converts_a_video_maskmvit_checkpoint(tmp_path):
+  """`python -m mim_jax.convert --from=torch --arch=mvitv2` on a SlowFast MaskMViT state dict
+  (e.g. the released k400_MVIT_S_MaskFeat_PT_epoch_00300.pyth): the clip length from rel_pos_t,
+  the Conv3d kernels' time extents, MaskFeat's kept last-stage grid (query strides 2, 2, 1) and
+  the video kv stride 8 read as defaults, a configs/maskfeat.py workdir whose parameters are
+  the checkpoint's."""
+  import safetensors.numpy
+  from mim_jax import config_lib, methods, train
+  from mim_jax.convert import mvit as convert_mvit
+  from mim_jax.convert import __main__ as cli
+  from mim_jax.convert.names import put_shaped
+  c = config_lib.load("maskfeat", "clips")
+  c.model.update(embed_dim=8, stage_strides=(2, 2, 1), kv_stride=8)
+  c.maskfeat.update(hog_cell=8, mask_window=(4, 2, 2))     # output grid 2x2, stride 16
+  m = methods.get(c)
+  shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 32, 32, 3)))
+  rs = np.random.RandomState(1)
+  params = jax.tree.map(lambda s: rs.randn(*s.shape).astype(np.float32), shapes)
+  sd = put_shaped(params, convert_mvit.entries(m.encoder, maskfeat_dim=108))
+  assert convert_mvit.is_video(sd) and convert_mvit.maskfeat_dim(sd) == 108
+  path = tmp_path / "maskfeat_k400.safetensors"
+  safetensors.numpy.save_file(sd, str(path))
+  out = tmp_path / "run"
+  assert cli.main(["--from=torch", "--arch=mvitv2", "--image_size=32", "--preset=clips",
+                   str(path), str(out)]) == 0
+  info = json.loads((out / "convert.json").read_text())
+  assert info["method"] == "maskfeat" and info["initialised_not_converted"] == []
+  spec = info["spec"]
+  assert (spec["num_frames"], spec["patch_kernel_t"], spec["pool_kernel_t"], spec["kv_stride"],
+          tuple(spec["stage_strides"]), spec["rel_pos_temporal"]) == (8, 3, 3, 8, (2, 2, 1), True)
+  tr = train.Trainer.from_workdir(str(out), devices=jax.devices()[:1])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(tr.state["params"]), params)
+  back = convert_mvit.params_to_official(jax.device_get(tr.state["params"]), tr.config.model, 32)
+  assert sorted(back) == sorted(sd)
+  # Other geometry is passed explicitly: the clips preset's own MViT (strides 2, 1, 1, kv 1).
+  own = methods.get(config_lib.load("maskfeat", "clips"))
+  own_shapes = jax.eval_shape(own.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 32, 32, 3)))
+  own_sd = put_shaped(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), own_shapes),
+                      convert_mvit.entries(own.encoder, maskfeat_dim=108))
+  _, cfg, _ = convert_mvit.official_to_params(own_sd, image_size=32, stage_strides=(2, 1, 1),
+                                              kv_stride=1)
+  want = config_lib.load("maskfeat", "clips").model
+  for k in ("embed_dim", "num_heads", "stage_blocks", "stage_strides", "kv_stride", "num_frames",
+            "patch_kernel_t", "pool_kernel_t", "dim_mul_in_att", "cls_token", "patch_kernel"):
+    assert np.array_equal(cfg[k], want[k]), k
+
+
+def test_video_conversion_configs():
+  """A video classifier converts into configs/finetune.py:k400_mvitv2_s (SlowFast's
+  USE_MEAN_POOLING head), built on the embedded clips when the preset reads files; an image
+  MViT keeps the default preset and 'avg'."""
+  from mim_jax.convert import mvit as convert_mvit
+  video = mvit.default_config(**K400_S)
+  c = convert_mvit.make_config(video, 400)
+  assert (c.method, c.input.data.name, c.finetune.pooling, c.finetune.num_classes) == (
+      "finetune", "video_csv", "mean", 400)
+  b = convert_mvit.build_config(c)
+  assert (b.input.data.name, b.input.data.num_frames, b.input.batch_size) == (
+      "embedded_clips", 16, jax.device_count())
+  assert c.input.data.name == "video_csv"                       # the written config unchanged
+  image = convert_mvit.make_config(mvit.default_config(variant="small"), 1000)
+  assert (image.finetune.pooling, image.input.data.name) == ("avg", "embedded")
+  assert convert_mvit.build_config(image) is None
+  pt = mvit.default_config(**dict(K400_S, stage_strides=(2, 2, 1)))   # MaskFeat's 14x14 output
+  mf = convert_mvit.make_config(pt, 0, maskfeat=108)
+  assert (mf.method, mf.input.data.name, mf.maskfeat.hog_cell) == ("maskfeat", "video_csv", 8)
+  assert tuple(mf.maskfeat.mask_window) == ()      # the output grid: [8, 7, 7] here, as the yaml

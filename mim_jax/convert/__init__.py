@@ -409,12 +409,14 @@ def _merge(init: dict, converted: dict) -> tuple[dict, list[str]]:
 
 
 def write_workdir(out_dir: str, config, params: dict, provenance: Optional[dict] = None,
-                  collections: Optional[dict] = None) -> dict:
+                  collections: Optional[dict] = None, build_config=None) -> dict:
   """Writes `config` and a step-0 checkpoint whose params are the method's seeded
   initialisation with `params` put in, as train.py would: the trainer's own state (optimizer
   state and all), saved by checkpointing.Checkpointer; `collections` ({'batch_stats':
-  {'encoder': ...}}) replace the models' initial ones likewise. Returns the provenance written
-  to `<out_dir>/convert.json` (with the parameters kept from the initialisation)."""
+  {'encoder': ...}}) replace the models' initial ones likewise. `build_config`: the config the
+  trainer is built from when `config`'s data is not on this machine (the same model and
+  method on the embedded data). Returns the provenance written to `<out_dir>/convert.json`
+  (with the parameters kept from the initialisation)."""
   import jax
 
   from mim_jax import checkpointing, train
@@ -422,7 +424,7 @@ def write_workdir(out_dir: str, config, params: dict, provenance: Optional[dict]
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise ConversionError(f"{ckpt_dir} already holds checkpoints: give a new output directory")
   os.makedirs(out_dir, exist_ok=True)
-  tr = train.Trainer.create(config)
+  tr = train.Trainer.create(build_config if build_config is not None else config)
   init = jax.device_get(tr.state["params"])
   merged, kept = _merge(init, params)
   # Every optimiser here (AdamW, LARS, LAMB, SGD) starts from zero moments whatever the

@@ -10,7 +10,8 @@ python -m mim_jax.analysis). --arch=vqkd (BEiT v2's VQ-KD tokenizer) and --arch=
 dVAE encoder, BEiT's) write a frozen tokenizer for --config.beit.tokenizer; --arch=torchvision_resnet
 (a torchvision ResNet, running statistics included) a configs/finetune.py ResNet workdir;
 --arch=swin | swinv2 (microsoft/Swin-Transformer and SimMIM weights) and --arch=mvitv2
-(facebookresearch/mvit weights) a Swin or MViT v2 workdir. See docs/convert.md.
+(facebookresearch/mvit weights; SlowFast's video MViT and MaskFeat MaskMViT) a Swin or MViT v2
+workdir. See docs/convert.md.
 """
 from __future__ import annotations
 
@@ -71,8 +72,10 @@ def main(argv=None) -> int:
               f"embed {spec.get('embed_dim')} depths {spec.get('depths')} window "
               f"{spec.get('window_size')} at {spec.get('image_size')}px")
       elif info.get("arch") == "mvitv2":
+        frames = f", {spec['num_frames']} frames" if spec.get("num_frames") else ""
         print(f"wrote {args.output}: method {info.get('method')}, MViT v2 blocks "
-              f"{spec.get('stage_blocks')} width {spec.get('embed_dim')}")
+              f"{spec.get('stage_blocks')} width {spec.get('embed_dim')} query strides "
+              f"{spec.get('stage_strides')}{frames}")
       elif info.get("arch") == "torchvision_resnet":
         print(f"wrote {args.output}: method {info.get('method')}, ResNet-{spec.get('depth')} "
               f"width {spec.get('width')} ({spec.get('stem')} stem, {spec.get('num_classes')} "

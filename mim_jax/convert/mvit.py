@@ -19,11 +19,16 @@ LayerNorm weight / bias -> scale / bias; cls_token, pos_embed, rel_pos_h, rel_po
 The classifier `head.projection` becomes the 'head' entry {'fc': kernel, bias} of
 configs/finetune.py's ClassifierHead.
 
-`convert_checkpoint` (`--arch=mvitv2`) writes a configs/finetune.py workdir; the convert
-package registers it in ARCHS and `convert_torch_checkpoint`.
+SlowFast's video MViT (`is_video`: Conv3d patch and pooling kernels kept 5-D, `rel_pos_t`) and
+MaskMViT (`maskfeat_dim`: `mask_token`, `pred_head`) are read the same way.
+
+`convert_checkpoint` (`--arch=mvitv2`) writes a configs/finetune.py workdir (a MaskMViT: a
+configs/maskfeat.py one); the convert package registers it in ARCHS and
+`convert_torch_checkpoint`.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -102,38 +107,63 @@ def entries(model: mvit.MViT, num_classes: int = 0, maskfeat_dim: int = 0) -> li
   return out
 
 
+def is_video(sd: dict) -> bool:
+  """Whether an official state dict is SlowFast's video MViT: a temporal relative position
+  table, or a patch kernel that spans frames."""
+  pw = np.shape(sd.get("patch_embed.proj.weight", ()))
+  return "blocks.0.attn.rel_pos_t" in sd or (len(pw) == 5 and pw[2] > 1)
+
+
 def _squeezed(key: str, x: np.ndarray) -> np.ndarray:
-  """SlowFast's Conv3d pooling kernels [C, 1, 1, k, k] (and patch kernels [C, 3, 1, k, k]) as
-  2-D ones; anything else unchanged."""
+  """SlowFast's Conv3d pooling kernels [C, 1, 1, k, k] (and patch kernels [C, 3, 1, k, k]) of
+  an image MViT as 2-D ones; anything else unchanged."""
   if x.ndim == 5 and re.search(r"(pool_[qkv]|patch_embed\.proj)\.weight$", key):
     if x.shape[2] != 1:
-      raise ConversionError(f"{key} {list(x.shape)} pools over time (a video MViT): only image "
-                            f"MViTs (temporal kernel 1) convert")
+      raise ConversionError(f"{key} {list(x.shape)} spans {x.shape[2]} frames in an image MViT's "
+                            f"state dict: its other kernels have one")
     return x[:, :, 0]
   return x
 
 
 def unwrap(obj: Any) -> dict:
   """The state dict inside an official checkpoint ({'model_state': sd} as mvit / SlowFast save
-  it), with a 'module.' (DDP) prefix removed, Conv3d kernels squeezed to 2-D."""
+  it), with a 'module.' (DDP) prefix removed; an image MViT's Conv3d kernels squeezed to 2-D
+  (a video MViT's kept)."""
   if not isinstance(obj, dict):
     raise ConversionError(f"the checkpoint holds a {type(obj).__name__}, not a state dict")
   sd = obj.get("model_state", obj)
   if not isinstance(sd, dict):
     raise ConversionError("the checkpoint's 'model_state' is not a state dict")
-  sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-  return {k: _squeezed(k, np.asarray(v)) for k, v in sd.items()}
+  sd = {k[len("module."):] if k.startswith("module.") else k: np.asarray(v) for k, v in sd.items()}
+  return sd if is_video(sd) else {k: _squeezed(k, v) for k, v in sd.items()}
+
+
+def maskfeat_dim(sd: dict) -> int:
+  """The HOG width of SlowFast's MaskMViT prediction head (pred_head.projections.0), 0 for a
+  plain MViT."""
+  w = sd.get("pred_head.projections.0.weight")
+  return int(np.shape(w)[0]) if w is not None else 0
 
 
 def config_from_official(sd: dict, *, image_size: int = 224, stage_strides: tuple = (),
-                         patch_stride: int = 4, patch_padding: int = 3,
-                         kv_stride: int = 4) -> tuple[ml_collections.ConfigDict, int]:
-  """(`config.model`, number of classes: 0 without head) of an official state dict."""
+                         patch_stride: int = 4, patch_padding: int = 3, kv_stride: int = 0,
+                         num_frames: int = 0, patch_stride_t: int = 2,
+                         patch_padding_t: int = 1) -> tuple[ml_collections.ConfigDict, int]:
+  """(`config.model`, number of classes: 0 without head) of an official state dict.
+
+  A video MViT (`is_video`; SlowFast's) reads its patch and pooling kernels' time extent from
+  the Conv3d kernels and its clip length from rel_pos_t (2 T' - 1 rows, T' = num_frames /
+  patch_stride_t; give `num_frames` for a model without it). Defaults that leave no parameter:
+  query strides 2 at every stage transition, except the last for a MaskMViT (pred_head keys:
+  SlowFast's MaskFeat MViT yamls keep the last stage's grid, "instead of [14, 1, 2, 2] for
+  14x14 output"); adaptive kv stride 4 for an image MViT, 8 for a video one
+  (POOL_KV_STRIDE_ADAPTIVE [1, 8, 8] of the Kinetics yamls)."""
   if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
     raise ConversionError(f"not an official MViT state dict: no patch_embed.proj.weight / "
                           f"blocks.0.attn.qkv.weight (keys: {fmt_keys(sorted(sd))})")
   pw = np.shape(sd["patch_embed.proj.weight"])
-  if len(pw) != 4 or pw[1] != 3 or pw[2] != pw[3]:
+  video = is_video(sd)
+  if len(pw) != (5 if video else 4) or pw[1] != 3 or pw[-2] != pw[-1]:
     raise ConversionError(f"patch_embed.proj.weight {list(pw)} is not a square RGB convolution")
   depth = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
   embed = int(pw[0])
@@ -152,14 +182,29 @@ def config_from_official(sd: dict, *, image_size: int = 224, stage_strides: tupl
   else:
     raise ConversionError("no relative position table or pooling kernel in block 0: the head "
                           "count cannot be read from the weights")
-  pool = next((int(np.shape(v)[-1]) for k, v in sd.items() if k.endswith("attn.pool_q.weight")), 1)
+  pool_w = next((np.shape(v) for k, v in sd.items() if k.endswith("attn.pool_q.weight")), None)
+  pool = int(pool_w[-1]) if pool_w is not None else 1
+  strides = tuple(stage_strides) or (2,) * (len(stage_blocks) - 2) + (
+      (1 if maskfeat_dim(sd) else 2,) if len(stage_blocks) > 1 else ())
+  video_kw = {}
+  if video:
+    if "blocks.0.attn.rel_pos_t" in sd:
+      rows = int(np.shape(sd["blocks.0.attn.rel_pos_t"])[0])
+      num_frames = num_frames or (rows + 1) // 2 * patch_stride_t
+    if not num_frames:
+      raise ConversionError("a video MViT without temporal relative positions does not give "
+                            "its clip length: pass num_frames")
+    video_kw = dict(num_frames=int(num_frames), patch_kernel_t=int(pw[2]),
+                    patch_stride_t=patch_stride_t, patch_padding_t=patch_padding_t,
+                    pool_kernel_t=int(pool_w[2]) if pool_w is not None else 1,
+                    rel_pos_temporal="blocks.0.attn.rel_pos_t" in sd)
   cfg = mvit.default_config(
-      embed_dim=embed, num_heads=heads, stage_blocks=stage_blocks,
-      stage_strides=tuple(stage_strides) or (2,) * (len(stage_blocks) - 1),
-      patch_kernel=int(pw[2]), patch_stride=patch_stride, patch_padding=patch_padding,
-      pool_kernel=pool, kv_stride=kv_stride, qkv_bias="blocks.0.attn.qkv.bias" in sd,
-      cls_token="cls_token" in sd, abs_pos="pos_embed" in sd,
-      rel_pos="blocks.0.attn.rel_pos_h" in sd, dim_mul_in_att=in_att)
+      embed_dim=embed, num_heads=heads, stage_blocks=stage_blocks, stage_strides=strides,
+      patch_kernel=int(pw[-1]), patch_stride=patch_stride, patch_padding=patch_padding,
+      pool_kernel=pool, kv_stride=kv_stride or (8 if video else 4),
+      qkv_bias="blocks.0.attn.qkv.bias" in sd, cls_token="cls_token" in sd,
+      abs_pos="pos_embed" in sd, rel_pos="blocks.0.attn.rel_pos_h" in sd,
+      dim_mul_in_att=in_att, **video_kw)
   num_classes = int(np.shape(sd["head.projection.weight"])[0]) if "head.projection.weight" in sd else 0
   try:
     mvit.from_config(cfg, image_size)
@@ -170,14 +215,15 @@ def config_from_official(sd: dict, *, image_size: int = 224, stage_strides: tupl
 
 def official_to_params(sd: dict, *, image_size: int = 224, **geometry) -> tuple[dict, ml_collections.ConfigDict, int]:
   """({'encoder': ..., ['head': {'fc': ...}]} float32 numpy, `config.model`, classes) of an
-  official MViT state dict; `geometry` (stage_strides, patch_stride, patch_padding,
-  kv_stride) where they are not the official values. ConversionError, one line, for missing,
-  unknown or misshapen keys."""
+  official MViT state dict (a MaskMViT's: {'encoder' with its mask_token, 'head': {'proj'}},
+  MaskFeat's tree); `geometry` (stage_strides, patch_stride, patch_padding, kv_stride, video:
+  num_frames, patch_stride_t, patch_padding_t) where they are not the defaults of
+  `config_from_official`. ConversionError, one line, for missing, unknown or misshapen keys."""
   cfg, num_classes = config_from_official(sd, image_size=image_size, **geometry)
   params = take_shaped(
-      sd, entries(mvit.from_config(cfg, image_size), num_classes),
+      sd, entries(mvit.from_config(cfg, image_size), num_classes, maskfeat_dim(sd)),
       lacks="the state dict lacks, of the MViT its shapes describe,",
-      not_ours="an image MViT's",
+      not_ours=f"{'a video' if cfg.num_frames else 'an image'} MViT's",
       misfit=f"the MViT at {image_size}px with query strides {tuple(cfg.stage_strides)}, kv "
              f"stride {cfg.kv_stride} (the relative position tables fix the strides and the "
              f"image size)")
@@ -188,24 +234,43 @@ def params_to_official(params: PyTree, model_cfg, image_size: int = 224,
                        dtype: Any = np.float32) -> dict:
   """{official key: numpy array in torch layout} of `params` ({'encoder': ..., ['head':
   {'fc': ...}]}) of the MViT `model_cfg` describes."""
-  fc = params.get("head", {}).get("fc") if isinstance(params.get("head"), dict) else None
-  num_classes = int(np.shape(fc["kernel"])[1]) if fc is not None else 0
-  return put_shaped(params, entries(mvit.from_config(model_cfg, image_size), num_classes), dtype)
+  head = params.get("head") if isinstance(params.get("head"), dict) else {}
+  num_classes = int(np.shape(head["fc"]["kernel"])[1]) if "fc" in head else 0
+  hog = int(np.shape(head["proj"]["kernel"])[1]) if "proj" in head else 0
+  return put_shaped(params, entries(mvit.from_config(model_cfg, image_size), num_classes, hog),
+                    dtype)
 
 
 def make_config(model_cfg, num_classes: int, *, image_size: int = 224, preset: str = "",
-                config_dir: str = "") -> ml_collections.ConfigDict:
-  """The run config of a converted MViT: configs/finetune.py (`preset`, default '') with the
-  model set from the weights, the classifier on the mean of the final-norm tokens ('avg', the
-  official head's input without a cls token), its classes from the head, ImageNet's mean and
-  std and `image_size`."""
+                config_dir: str = "", maskfeat: int = 0) -> ml_collections.ConfigDict:
+  """The run config of a converted MViT, the model set from the weights, ImageNet's mean and
+  std and `image_size`: configs/finetune.py (`preset`, default '' for an image MViT,
+  'k400_mvitv2_s' for a video one) with its classes from the head, the classifier on the mean
+  of the final-norm tokens ('avg', the official image head's input without a cls token) or, for
+  a video MViT, SlowFast's USE_MEAN_POOLING ('mean', MaskFeat's fine-tuning yamls); a MaskMViT
+  (`maskfeat`: its HOG width) configs/maskfeat.py (`preset`, default 'k400_mvitv2_s' /
+  'imagenet_mvitv2_s') with the HOG cell its head width gives at the model's output stride and
+  the mask window on the output grid (as the official presets have them)."""
   from mim_jax import config_lib
+  video = bool(model_cfg.num_frames)
+  name = "maskfeat" if maskfeat else "finetune"
+  if not preset and (video or maskfeat):
+    preset = "k400_mvitv2_s" if video else "imagenet_mvitv2_s"
   try:
-    c = config_lib.load("finetune", preset, config_dir)
+    c = config_lib.load(name, preset, config_dir)
   except FileNotFoundError as e:
     raise ConversionError(str(e)) from None
   c.model = model_cfg
-  c.finetune.pooling = "avg"
+  if maskfeat:
+    stride = int(image_size) // mvit.from_config(model_cfg, int(image_size)).specs[-1].grid_q
+    per_side = math.isqrt(int(maskfeat) // (3 * int(c.maskfeat.hog_bins)))
+    if per_side < 1 or per_side ** 2 * 3 * int(c.maskfeat.hog_bins) != int(maskfeat) or stride % per_side:
+      raise ConversionError(f"pred_head.projections.0 predicts {maskfeat} values a token, not "
+                            f"HOG of {c.maskfeat.hog_bins} bins x 3 channels on a square of "
+                            f"cells dividing the output stride {stride}")
+    c.maskfeat.update(hog_cell=stride // per_side, mask_window=())
+  else:
+    c.finetune.pooling = "mean" if video else "avg"
   if num_classes:
     c.finetune.num_classes = num_classes
   c.input.image_size = int(image_size)
@@ -215,13 +280,31 @@ def make_config(model_cfg, num_classes: int, *, image_size: int = 224, preset: s
 
 def convert_checkpoint(path: str, out_dir: str, *, image_size: int = 0, preset: str = "",
                        config_dir: str = "", reader: str = "pure") -> dict:
-  """`--arch=mvitv2`: an official MViTv2 checkpoint -> a configs/finetune.py workdir (the
-  backbone as the encoder, head.projection as the classifier)."""
+  """`--arch=mvitv2`: an official MViTv2 checkpoint (facebookresearch/mvit, or SlowFast's image
+  or video MViT) -> a configs/finetune.py workdir (the backbone as the encoder, head.projection
+  as the classifier); SlowFast's MaskMViT (MaskFeat pretraining, e.g. the released
+  k400_MVIT_S_MaskFeat_PT_epoch_00300.pyth) -> a configs/maskfeat.py workdir."""
   from mim_jax import convert
   sd = unwrap(convert.read_checkpoint(path, reader))
   size = int(image_size or 224)
   params, model_cfg, num_classes = official_to_params(sd, image_size=size)
   config = make_config(model_cfg, num_classes, image_size=size, preset=preset,
-                       config_dir=config_dir)
+                       config_dir=config_dir, maskfeat=maskfeat_dim(sd))
   prov = dict(source=path, arch="mvitv2", spec=model_cfg.to_dict())
-  return convert.write_workdir(out_dir, config, params, prov)
+  return convert.write_workdir(out_dir, config, params, prov, build_config=build_config(config))
+
+
+def build_config(config) -> ml_collections.ConfigDict | None:
+  """For a video MViT's config whose data are files (the Kinetics presets, which this machine
+  may not have): the same config on the embedded clips, a batch of one per device, to build
+  the step-0 state from (same model, method and optimiser; the written config keeps the
+  files). None otherwise."""
+  if not config.model.get("num_frames") or config.input.data.name == "embedded_clips":
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  build = config.copy_and_resolve_references()
+  build.input.data = ml_collections.ConfigDict(dict(
+      name="embedded_clips", holdout_per_class=100, num_frames=int(config.model.num_frames)))
+  build.input.update(batch_size=jax.device_count(), workers=0)
+  build.input.aug.num_sample = 1
+  return build
