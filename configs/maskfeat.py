@@ -95,7 +95,8 @@ to the same 8x8 grid, a 32x32 first stage) costs 2.3x the ViT's forward and back
 over the CPU budget.
 
 Video recipe (k400_mvitv2_s; configs/masked_ssl/k400_MVITv2_S_16x4_MaskFeat_PT.yaml with
-SlowFast's defaults): 16 frames at sampling rate 4 (a random clip, 'clip' sampling), 224 px,
+SlowFast's defaults): 16 frames at sampling rate 4 (a random clip, 'clip' sampling; the
+evaluators' clip the central one, USE_OFFSET_SAMPLING), 224 px,
 RandomResizedCrop(scale 0.5-1, ratio 0.75-1.333) + flip on the whole clip, no colour
 augmentation; the video MViTv2-S (models/mvit.py: Conv3d patch 3x7x7 / 2x4x4 / 1x3x3, width 96,
 1 head, blocks 1-2-11-2, 3x3x3 pooling, adaptive kv stride (1, 8, 8), CLS_EMBED_ON, relative
@@ -191,7 +192,8 @@ def get_config(arg=None):
     c.optim.update(base_lr=2e-3, warmup_lr=0.0, min_lr=0.0)   # as the image CPU presets
   elif preset == "k400_mvitv2_s":
     c.input.data.update(name="video_csv", csv="", eval_csv="", in_memory=False,
-                        holdout_per_class=0, num_frames=16, sampling="clip", sampling_rate=4)
+                        holdout_per_class=0, num_frames=16, sampling="clip", sampling_rate=4,
+                        use_offset=True)   # DATA.USE_OFFSET_SAMPLING: the centre clip to evaluate
     c.input.aug.video_crop = "random_resized"
     c.input.update(image_size=224, batch_size=32, workers=16)
     c.model = mvit.default_config(variant="small", stage_strides=(2, 2, 1), kv_stride=8,

@@ -141,7 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
       # image (0: half the square), and the step resamples them (augment.resize_regions).
       device_resize=0,
       device_resize_budget=0,
-      aug=dict(crop_scale=(0.2, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0), hflip=True),
+      # num_sample: repeated augmentation (SlowFast's AUG.NUM_SAMPLE): examples per record read,
+      # side by side in the batch (streamed video, in-memory data).
+      aug=dict(crop_scale=(0.2, 1.0), crop_ratio=(3.0 / 4.0, 4.0 / 3.0), hflip=True, num_sample=1),
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
   ))
