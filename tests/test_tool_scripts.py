@@ -13,7 +13,8 @@ import pytest
 from helpers import ROOT
 from mim_jax import config_lib
 
-SCRIPTS = {"cifar10_table.sh": ["mae", "simmim:swin_cifar10", "maskfeat:mvit_cifar10"],
+SCRIPTS = {"cifar10_table.sh": ["mae", "simmim:swin_cifar10", "maskfeat:mvit_cifar10",
+                                 "videomae:default:clips", "maskfeat:clips:maskfeat_clips"],
            "tinymim_cifar10.sh": []}
 
 
@@ -59,6 +60,20 @@ def test_tool_scripts_run_existing_configs_and_keys(script, tmp_path):
   names = reports[0][reports[0].index("--names") + 1].split(",")
   runs = [a for a in listed if a in workdirs]
   assert runs and len(runs) == len(names), (listed, names)
+
+
+def test_cifar10_table_takes_a_fine_tuning_preset(tmp_path):
+  """METHOD:PRESET:FT_PRESET fine-tunes with configs/finetune.py:FT_PRESET from METHOD_PRESET's
+  run and from scratch; METHOD:PRESET fine-tunes with PRESET."""
+  calls = recorded_commands("cifar10_table.sh", ["maskfeat:clips:maskfeat_clips", "mae"],
+                            tmp_path, env={"FINETUNE": "1"})
+  ft = [dict(a[2:].split("=", 1) for a in c[2:]) for c in calls
+        if c[:2] == ["-m", "mim_jax.main"] and "finetune.py" in c[2]]
+  run = str(tmp_path / "runs" / "maskfeat_clips")
+  assert [(f["config"], f.get("config.finetune.pretrained")) for f in ft] == [
+      ("configs/finetune.py:maskfeat_clips", run), ("configs/finetune.py:maskfeat_clips", None),
+      ("configs/finetune.py:cifar10", str(tmp_path / "runs" / "mae_cifar10")),
+      ("configs/finetune.py:cifar10", None)]
 
 
 def _official_parity():
