@@ -40,7 +40,8 @@ any split: evaluators read 'train' and 'eval', the held-out-loss evaluator also 
 (the very images the model was trained on).
 
 Config keys (``input_cfg``): ``data`` (see `sources`, plus ``in_memory``), ``batch_size``
-(global), ``image_size``, ``workers``, ``aug`` = {``crop_scale``, ``crop_ratio``, ``hflip``},
+(global), ``image_size``, ``workers``, ``aug`` = {``crop_scale``, ``crop_ratio``, ``hflip``,
+``video_crop``, ``num_sample``},
 ``fast_decode`` (default True; False: full decode, then crop), ``read_threads`` and
 ``read_buffer`` (streaming: grain's reader threads and prefetch buffer in each worker; default
 2 and 16), ``device_resize`` and ``device_resize_budget`` (streaming, default 0: off; the
