@@ -140,6 +140,8 @@ learnable position embedding at the sin-cos table (the official script does so o
 loads a checkpoint; timm: trunc-normal .02); the 32 px CPU presets evaluate the stored images
 without the 0.875 centre crop; bf16 compute on accelerators (official: fp16 autocast).
 """
+import os
+
 import ml_collections
 
 from mim_jax import config_lib
@@ -175,6 +177,14 @@ def finetune_settings(num_classes: int) -> ml_collections.ConfigDict:
           mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, smoothing=0.1,
       ),
   ))
+
+
+def pretraining_model(method: str, preset: str, **changes) -> ml_collections.ConfigDict:
+  """The model of configs/<method>.py:<preset>, the pretraining a preset fine-tunes (so its
+  workdir loads), with the fine-tuning's `changes` (drop path, strides)."""
+  model = config_lib.load(method, preset, os.path.dirname(os.path.abspath(__file__))).model
+  model.update(changes)
+  return model
 
 
 def classifier_evals(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -237,9 +247,7 @@ def swin_preset(c: ml_collections.ConfigDict, preset: str) -> None:
   if preset == "swin_cifar10":
     # The Swin of configs/simmim.py:swin_cifar10, so its workdir loads; 100-epoch layer decay
     # 0.9 (configs/swin_base__100ep) for a model of 8 blocks.
-    c.model = swin.default_config(variant="tiny", embed_dim=48, depths=(2, 2, 2, 2),
-                                  num_heads=(3, 6, 12, 24), patch_size=2, window_size=4,
-                                  drop_path=0.1)
+    c.model = pretraining_model("simmim", "swin_cifar10", drop_path=0.1)
     c.input.image_size = 32
     c.input.data.update(name="image_folder", dir="", holdout_per_class=500)
     c.input.batch_size = 256
@@ -300,16 +308,12 @@ def clips_preset(c: ml_collections.ConfigDict, preset: str) -> None:
 def maskfeat_video_preset(c: ml_collections.ConfigDict, preset: str) -> None:
   """SlowFast's MaskFeat video fine-tuning (configs/masked_ssl/k400_MVITv2_S_16x4_FT.yaml) on
   Kinetics-400 ('k400_mvitv2_s') or at the embedded clips' CPU budget ('maskfeat_clips')."""
-  from mim_jax.models import mvit  # pylint: disable=g-import-not-at-top
   c.finetune.pooling = "mean"             # USE_MEAN_POOLING, HEAD_INIT_SCALE 0.001
   c.finetune.aug.update(ra_num_layers=2, ra_magnitude=7.0)    # AA_TYPE rand-m7-mstd0.5-inc1
   c.optim.update(base_lr=6e-4, layer_decay=0.75, warmup_lr=1e-6, min_lr=1e-6, clip_grad=5.0)
   c.pooling = "mean"
   if preset == "maskfeat_clips":          # the MViT of configs/maskfeat.py:clips
-    c.model = mvit.default_config(variant="small", embed_dim=32, num_heads=1,
-                                  stage_blocks=(1, 1, 2, 1), stage_strides=(2, 1, 1),
-                                  kv_stride=1, cls_token=True, dim_mul_in_att=False,
-                                  num_frames=8, drop_path=0.1)
+    c.model = pretraining_model("maskfeat", "clips", drop_path=0.1)
     c.input.data.update(name="embedded_clips", holdout_per_class=100, num_frames=8)
     c.input.image_size = 32
     c.input.batch_size = 128
@@ -317,9 +321,9 @@ def maskfeat_video_preset(c: ml_collections.ConfigDict, preset: str) -> None:
     c.total_epochs = 6                    # 186 steps
     c.log_every, c.ckpt_every = 10, 200
     return
-  c.model = mvit.default_config(variant="small", stage_strides=(2, 2, 2), kv_stride=8,
-                                cls_token=True, dim_mul_in_att=False, drop_path=0.1,
-                                num_frames=16, dtype="bfloat16")
+  # The pretraining's MViTv2-S with block 14's query stride restored (MASK.PRETRAIN_DEPTH off).
+  c.model = pretraining_model("maskfeat", "k400_mvitv2_s", stage_strides=(2, 2, 2),
+                              drop_path=0.1)
   c.input.data.update(name="video_csv", csv="", eval_csv="", in_memory=False, holdout_per_class=0,
                       num_frames=16, sampling="clip", sampling_rate=4, use_offset=True,
                       test_views=(10, 1))
@@ -351,11 +355,7 @@ def get_config(arg=None):
     c.input.image_size = 32
     c.model.update(variant="tiny", depth=6, patch_size=4)
     if preset == "mvit_cifar10":        # the MViT of configs/maskfeat.py:mvit_cifar10
-      from mim_jax.models import mvit  # pylint: disable=g-import-not-at-top
-      c.model = mvit.default_config(variant="small", embed_dim=32, num_heads=1,
-                                    stage_blocks=(1, 1, 2, 1), stage_strides=(2, 1, 1),
-                                    patch_kernel=3, patch_stride=2, patch_padding=1,
-                                    kv_stride=2, cls_token=True, drop_path=0.1)
+      c.model = pretraining_model("maskfeat", "mvit_cifar10", drop_path=0.1)
       c.finetune.pooling = "mean"
     if preset == "default":
       c.input.data.update(name="embedded", holdout_per_class=100)

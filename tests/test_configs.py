@@ -27,6 +27,23 @@ def test_presets_build_their_method(config_name, preset):
   assert c.input.batch_size % 8 == 0
 
 
+@pytest.mark.parametrize("ft_preset,method,preset,changed", [
+    ("swin_cifar10", "simmim", "swin_cifar10", {"drop_path"}),
+    ("mvit_cifar10", "maskfeat", "mvit_cifar10", {"drop_path"}),
+    ("maskfeat_clips", "maskfeat", "clips", {"drop_path"}),
+    ("k400_mvitv2_s", "maskfeat", "k400_mvitv2_s", {"drop_path", "stage_strides"}),
+])
+def test_finetune_presets_build_the_model_their_pretraining_saved(ft_preset, method, preset,
+                                                                    changed):
+  """A fine-tuning preset's backbone is its pretraining preset's (so the workdir loads), but
+  for the fine-tuning's own settings: drop path 0.1, and k400_mvitv2_s's restored stride."""
+  ft = load_config("finetune", ft_preset).model.to_dict()
+  pt = load_config(method, preset).model.to_dict()
+  assert set(ft) == set(pt)
+  assert {k for k in ft if ft[k] != pt[k]} == changed
+  assert ft["drop_path"] == 0.1
+
+
 def test_every_registered_method_has_a_config_and_a_title():
   from mim_jax import report
   used = {load_config(n).method for n in config_lib.config_names(CONFIG_DIR)}
