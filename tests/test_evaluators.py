@@ -359,6 +359,30 @@ def test_reconstruction_grid_pixels(tmp_path):
     assert a.read() == b.read()
 
 
+def test_reconstruction_picture_takes_the_methods_words(tmp_path, monkeypatch):
+  """A method that is not masked image modelling names its columns and header line
+  (ctx.picture_titles; the rest stays the default), and the protocol records them."""
+  from mim_jax.evaluators import reconstruction
+  drawn = []
+  real = reconstruction.add_header
+  monkeypatch.setattr(reconstruction, "add_header",
+                      lambda grid, title, cols, *a: drawn.append((title, cols)) or real(
+                          grid, title, cols, *a))
+  data = _separable_data(0, n_train=10, n_eval=10)
+  ctx = data.ctx(3, tmp_path, step=12, reconstruct=_fake_reconstruct([]))
+  words = {"masked": "shuffled tiles", "header": "{hidden:.0%} moved"}
+  ctx.picture_titles = words
+  result = evaluators.build("recon", {"type": "reconstruction", "num_images": 2}).run(ctx)
+  hidden = result["protocol"]["masked_fraction"]
+  assert drawn == [(f"step 12: {hidden:.0%} moved",
+                    ["input", "shuffled tiles", "reconstruction"])]
+  assert result["protocol"]["titles"] == {**reconstruction.TITLES, **words}
+  ctx.picture_titles = None          # the default: masked image modelling's words
+  evaluators.build("recon", {"type": "reconstruction", "num_images": 2}).run(ctx)
+  assert drawn[1] == (f"step 12: {hidden:.0%} of the pixels masked",
+                      ["input", "masked input", "reconstruction"])
+
+
 def _fake_masked(image):
   masked = image.copy()
   masked[::2, ::2] = 0

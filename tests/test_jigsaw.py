@@ -180,3 +180,15 @@ def test_method_loss_matches_its_parts(preset):
   assert "collections" in aux
   pic = jax.jit(m.reconstruct)(v["params"], state, x, jax.random.PRNGKey(3))
   assert pic["masked"].shape == pic["reconstruction"].shape == x.shape
+
+
+def test_the_trainers_picture_names_the_puzzle(tmp_path):
+  """The trainer hands the method's picture words to the evaluator: jigsaw's picture titles
+  its columns 'shuffled tiles' and 'predicted order', not a masked input."""
+  from mim_jax import evaluators, train
+  tr = train.Trainer.create(tiny("cifar10"), devices=jax.devices()[:1])
+  ctx = tr.eval_context(str(tmp_path), 0)
+  result = evaluators.build("rec", {"type": "reconstruction", "num_images": 2}).run(ctx)
+  titles = result["protocol"]["titles"]
+  assert (titles["masked"], titles["reconstruction"]) == ("shuffled tiles", "predicted order")
+  assert titles["header"] == jigsaw.Jigsaw.picture_titles["header"]

@@ -77,6 +77,9 @@ class EvalContext:
   # The multi-view test of streamed video (`input.data.test_views` other than (1, 1)): like
   # `batches`, images uint8 [b, V, T, S, S, 3]; None when every example is one view.
   view_batches: Optional[BatchesFn] = None
+  # The reconstruction picture's column titles and header (the method's picture_titles:
+  # {'masked', 'reconstruction', 'header'}); None: the masked-image-modelling words.
+  picture_titles: Optional[Mapping[str, str]] = None
 
 
 class Evaluator(abc.ABC):

@@ -9,7 +9,10 @@ cells separated and framed by ``separator`` pixels of ``separator_value``.
 
 Above the grid a white header band of ``header`` pixels (in the result's protocol) holds
 two lines of text: the step and the fraction of pixels the masking hid (pixels where the
-masked picture differs from the input), then each column's title centred over it.
+masked picture differs from the input), then each column's title centred over it; a method
+that is not masked image modelling names its own columns and header line
+(``ctx.picture_titles``: jigsaw's shuffled tiles and predicted order, colorization's grey
+input and colours).
 
 Layout (used by the tests): with cell size ``h*scale x w*scale``, separator width ``sep``
 and header height ``hd``, cell (row r, column c) has its top-left corner at
@@ -65,7 +68,8 @@ def filmstrip(clips: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(clips).transpose(0, 2, 1, 3, 4).reshape(n, h, t * w, c))
 
 
-TITLES = {"input": "input", "masked": "masked input", "reconstruction": "reconstruction"}
+TITLES = {"input": "input", "masked": "masked input", "reconstruction": "reconstruction",
+          "header": "{hidden:.0%} of the pixels masked"}
 LINE = 14    # header line height, px (PIL's default bitmap font is 11 px tall)
 
 
@@ -123,8 +127,9 @@ class ReconstructionEvaluator(common.Evaluator):
     separator = int(self.option("separator", 2))
     grid = make_grid(columns, scale, separator, int(self.option("separator_value", 255)))
     hidden = masked_fraction(columns[0], columns[1])
-    grid = add_header(grid, f"step {int(ctx.step)}: {hidden:.0%} of the pixels masked",
-                      [TITLES[c] for c in COLUMNS], w * scale, separator)
+    titles = {**TITLES, **(ctx.picture_titles or {})}
+    grid = add_header(grid, f"step {int(ctx.step)}: " + titles["header"].format(hidden=hidden),
+                      [titles[c] for c in COLUMNS], w * scale, separator)
     os.makedirs(ctx.workdir, exist_ok=True)
     path = os.path.join(ctx.workdir, f"reconstruction_{int(ctx.step)}.png")
     Image.fromarray(grid).save(path)
@@ -144,6 +149,7 @@ class ReconstructionEvaluator(common.Evaluator):
             "separator": separator,
             "header": 2 * LINE,
             "masked_fraction": hidden,
+            "titles": titles,
             **({"frames_per_cell": int(frames)} if frames else {}),
         },
     }

@@ -82,6 +82,11 @@ class Method:
   # (`adversary_loss`) and optimiser (`adversary_optim_config`) in the same step, before the
   # main loss, which then sees the updated adversary; the main optimiser leaves them alone.
   adversary_keys: tuple[str, ...] = ()
+  # The reconstruction picture's words where they are not masked image modelling's
+  # (evaluators.reconstruction.TITLES): the 'masked' and 'reconstruction' columns' titles and
+  # the 'header' line after the step ({hidden}: the fraction of pixels the 'masked' column
+  # changes). The pretext tasks name what they show.
+  picture_titles: Optional[dict] = None
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config

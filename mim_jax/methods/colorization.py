@@ -106,6 +106,8 @@ def tokens_to_map(out: dict) -> jax.Array:
 
 class Colorization(Method):
   name = "colorization"
+  picture_titles = {"masked": "grey input (L)", "reconstruction": "colorized",
+                    "header": "ab predicted from L (annealed mean)"}
 
   def __init__(self, config):
     super().__init__(config)

@@ -260,6 +260,8 @@ class Discriminator(nn.Module):
 
 class ContextEncoder(Method):
   name = "context_encoder"
+  picture_titles = {"masked": "erased", "reconstruction": "inpainted",
+                    "header": "{hidden:.0%} of the pixels erased"}
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)

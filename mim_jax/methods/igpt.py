@@ -87,6 +87,8 @@ def complete(logits_fn, tokens: jax.Array, given: int, rng: jax.Array, temperatu
 
 class IGPT(Method):
   name = "igpt"
+  picture_titles = {"masked": "top half given", "reconstruction": "sampled completion",
+                    "header": "the bottom half sampled from the model"}
 
   def __init__(self, config):
     cfg = config.get("igpt", None)

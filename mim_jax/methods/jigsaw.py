@@ -216,6 +216,8 @@ class JigsawHead(nn.Module):
 
 class Jigsaw(Method):
   name = "jigsaw"
+  picture_titles = {"masked": "shuffled tiles", "reconstruction": "predicted order",
+                    "header": "the tiles shuffled, then put back by the prediction"}
 
   def __init__(self, config):
     super().__init__(config)

@@ -264,6 +264,8 @@ class Head(nn.Module):
 
 class LimitedContextInpainting(Method):
   name = "limited_context"
+  picture_titles = {"masked": "erased patch", "reconstruction": "inpainted",
+                    "header": "{hidden:.0%} of the pixels erased"}
   adversary_keys = ("inpainter", "patch_disc")
 
   def __init__(self, config: ml_collections.ConfigDict):

@@ -55,6 +55,8 @@ def half_width(model_cfg):
 
 class SplitBrain(Method):
   name = "split_brain"
+  picture_titles = {"masked": "grey input (L)", "reconstruction": "colorized",
+                    "header": "the L half's ab prediction (annealed mean)"}
 
   def __init__(self, config):
     super().__init__(config)
