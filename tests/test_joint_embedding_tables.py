@@ -62,6 +62,19 @@ def test_every_row_is_a_valid_override_and_recipes_are_shared(tmp_path, capsys):
             '"linear/online/top1": 20.0}}\n')
   tool.main(["--table", "simclr_head", "--workdir_root", str(tmp_path), "--dry_run"])
   assert "done, skipped" in capsys.readouterr().out
+  # A finished run of another length is not taken for this budget's row: a one-line error.
+  with open(os.path.join(wd, "config.json"), "w") as f:
+    f.write('{"total_steps": 3, "input": {"batch_size": 256}}')
+  assert tool.main(["--table", "simclr_head", "--workdir_root", str(tmp_path), "--steps", "3",
+                    "--dry_run"]) == 0
+  assert "done, skipped" in capsys.readouterr().out
+  assert tool.main(["--table", "simclr_head", "--workdir_root", str(tmp_path), "--steps", "300",
+                    "--dry_run"]) == 2
+  err = capsys.readouterr().err
+  assert "total_steps=3 (asked: 300)" in err and f"--workdir_root (e.g. {tmp_path}_300)" in err
+  assert tool.main(["--table", "simclr_head", "--workdir_root", str(tmp_path), "--batch", "64",
+                    "--steps", "3", "--dry_run"]) == 2
+  assert "input.batch_size=256 (asked: 64)" in capsys.readouterr().err
   md = open(tmp_path / "simclr_head.md").read()
   assert "| no head | proj_head_mode=none | 3 | 0.50 | 12.5 | 13.0 | 20.0 |" in md
   assert f"workdirs {tmp_path}/simclr_head_* and {tmp_path}/simclr_recipe." in md

@@ -8,7 +8,8 @@ one factor at a time; each row runs as
 
 Rows whose overrides restate the base config's own values are one run, in <root>/<recipe>,
 shared by every table of that base. Rows are skipped when their workdir holds a finished run (a
-'summary' record in metrics.jsonl); then <root>/<table>.md is written: per row the table's
+'summary' record in metrics.jsonl) of the same length and batch (another is an error: a table
+never mixes budgets, so --steps / --batch other than a root's runs need another root); then <root>/<table>.md is written: per row the table's
 monitored training value (the last logged one), kNN top-1 (and kNN k=200 where the run has it)
 and linear-probe top-1 of the online encoder on the held-out images. `--dry_run` only prints
 the commands (and writes the tables of whatever runs exist).
@@ -95,6 +96,22 @@ def finished(wd: str) -> bool:
   return any("summary" in r for r in records(wd))
 
 
+def budget_mismatch(wd: str, table: Table, steps: int = 0, batch: int = 0) -> str:
+  """What differs between the finished run in `wd` (its config.json) and the length and batch
+  asked for (0: the base config's); '' when they agree or the run has no config.json."""
+  path = os.path.join(wd, "config.json")
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    ran = json.load(f)
+  base = base_config(table.base)
+  want = {"total_steps": steps or int(base.total_steps),
+          "input.batch_size": batch or int(base.input.batch_size)}
+  got = {"total_steps": int(ran.get("total_steps", 0)),
+         "input.batch_size": int(ran["input"]["batch_size"])}
+  return ", ".join(f"{k}={got[k]} (asked: {want[k]})" for k in want if got[k] != want[k])
+
+
 def _metric(summary: dict, evaluator: str):
   for key in (f"{evaluator}/online/top1", f"{evaluator}/top1"):
     if key in summary:
@@ -166,6 +183,12 @@ def main(tables: dict, argv: list[str], description: str, default_root: str) -> 
         continue
       started.add(wd)
       if finished(wd):
+        differs = budget_mismatch(wd, table, args.steps, args.batch)
+        if differs:     # a table mixes no budgets: that run stays, this one goes elsewhere
+          print(f"error: {wd} finished with {differs}; give this budget its own "
+                f"--workdir_root (e.g. {args.workdir_root}_{args.steps or 'preset'})",
+                file=sys.stderr)
+          return 2
         print(f"# done, skipped: {wd}")
         continue
       print(" ".join(cmd), flush=True)
