@@ -9,10 +9,11 @@ one factor at a time; each row runs as
 Rows whose overrides restate the base config's own values are one run, in <root>/<recipe>,
 shared by every table of that base. Rows are skipped when their workdir holds a finished run (a
 'summary' record in metrics.jsonl) of the same length and batch (another is an error: a table
-never mixes budgets, so --steps / --batch other than a root's runs need another root); then <root>/<table>.md is written: per row the table's
-monitored training value (the last logged one), kNN top-1 (and kNN k=200 where the run has it)
-and linear-probe top-1 of the online encoder on the held-out images. `--dry_run` only prints
-the commands (and writes the tables of whatever runs exist).
+never mixes budgets, so --steps / --batch other than a root's runs need another root); then
+<root>/<table>.md is written: per row the table's monitored training value (the last logged
+one), kNN top-1 (and kNN k=200 where the run has it) and linear-probe top-1 of the online
+encoder on the held-out images. `--dry_run` only prints the commands (and writes the tables
+of whatever runs exist).
 """
 from __future__ import annotations
 
@@ -99,16 +100,15 @@ def finished(wd: str) -> bool:
 def budget_mismatch(wd: str, table: Table, steps: int = 0, batch: int = 0) -> str:
   """What differs between the finished run in `wd` (its config.json) and the length and batch
   asked for (0: the base config's); '' when they agree or the run has no config.json."""
-  path = os.path.join(wd, "config.json")
-  if not os.path.exists(path):
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(wd, "config.json")):
     return ""
-  with open(path) as f:
-    ran = json.load(f)
+  ran = config_lib.load_run_config(wd)
   base = base_config(table.base)
   want = {"total_steps": steps or int(base.total_steps),
           "input.batch_size": batch or int(base.input.batch_size)}
   got = {"total_steps": int(ran.get("total_steps", 0)),
-         "input.batch_size": int(ran["input"]["batch_size"])}
+         "input.batch_size": int(ran.input.batch_size)}
   return ", ".join(f"{k}={got[k]} (asked: {want[k]})" for k in want if got[k] != want[k])
 
 
