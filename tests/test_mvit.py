@@ -389,8 +389,35 @@ def test_mean_pooling_is_slowfasts_use_mean_pooling_and_finetunes():
   np.testing.assert_allclose(np.asarray(feats), np.asarray(m.apply(enc, x, pooled="mean")), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(feats) @ np.asarray(head["kernel"]),
                              rtol=1e-5, atol=1e-9)
+  c.finetune.pooling = "max"
+  with pytest.raises(ValueError, match="'avg' or 'cls' or 'mean'"):
+    methods.get(c)
+
+
+def test_cls_pooling_reads_the_final_norm_cls_token():
+  """finetune.pooling='cls' on an MViT (both official forwards with CLS_EMBED_ON and no
+  USE_MEAN_POOLING: norm, then x[:, 0]): the features are the encoder's first final-norm
+  token, the head at the official trunc_normal_(std=.02); without a cls token it is refused."""
+  from helpers import load_config
+  from mim_jax import methods
+  m = mvit.from_config(tiny_cfg(), 16)
+  x = jnp.asarray(np.random.RandomState(6).randn(2, 16, 16, 3), jnp.float32)
+  c = load_config("finetune", "resnet18")
+  c.model = tiny_cfg()
+  c.input.image_size = 16
   c.finetune.pooling = "cls"
-  with pytest.raises(ValueError, match="'avg' or 'mean'"):
+  ft = methods.get(c)
+  fv = ft.init_variables(jax.random.PRNGKey(0), x)
+  head = fv["params"]["head"]["fc"]
+  assert 0.01 < float(np.std(np.asarray(head["kernel"]))) < 0.03 and not np.any(head["bias"])
+  feats, logits, _ = ft.cnn_classify(fv["params"], {}, x)
+  tokens = m.apply({"params": fv["params"]["encoder"]}, x)
+  np.testing.assert_allclose(np.asarray(feats), np.asarray(tokens[:, 0]), rtol=1e-6)
+  assert not np.allclose(np.asarray(feats), np.asarray(tokens[:, 1]))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(feats) @ np.asarray(head["kernel"]),
+                             rtol=1e-5, atol=1e-6)
+  c.model = tiny_cfg(cls_token=False)
+  with pytest.raises(ValueError, match="model.cls_token=True"):
     methods.get(c)
 
 def test_official_initialisation():

@@ -225,20 +225,25 @@ def test_cli_converts_a_video_maskmvit_checkpoint(tmp_path):
 
 
 def test_video_conversion_configs():
-  """A video classifier converts into configs/finetune.py:k400_mvitv2_s (SlowFast's
-  USE_MEAN_POOLING head), built on the embedded clips when the preset reads files; an image
-  MViT keeps the default preset and 'avg'."""
+  """A video classifier converts into configs/finetune.py:k400_mvitv2_s, its head on the
+  final-norm cls token as SlowFast's supervised MViTv2_S_16x4 forward reads it (CLS_EMBED_ON,
+  no USE_MEAN_POOLING), built on the embedded clips when the preset reads files; an image MViT
+  keeps the default preset and 'avg' without a cls token, 'cls' with one (mvit's forward)."""
   from mim_jax.convert import mvit as convert_mvit
   video = mvit.default_config(**K400_S)
   c = convert_mvit.make_config(video, 400)
   assert (c.method, c.input.data.name, c.finetune.pooling, c.finetune.num_classes) == (
-      "finetune", "video_csv", "mean", 400)
+      "finetune", "video_csv", "cls", 400)
+  no_cls = convert_mvit.make_config(mvit.default_config(**dict(K400_S, cls_token=False)), 400)
+  assert no_cls.finetune.pooling == "avg"
   b = convert_mvit.build_config(c)
   assert (b.input.data.name, b.input.data.num_frames, b.input.batch_size) == (
       "embedded_clips", 16, jax.device_count())
   assert c.input.data.name == "video_csv"                       # the written config unchanged
   image = convert_mvit.make_config(mvit.default_config(variant="small"), 1000)
   assert (image.finetune.pooling, image.input.data.name) == ("avg", "embedded")
+  with_cls = convert_mvit.make_config(mvit.default_config(variant="small", cls_token=True), 1000)
+  assert with_cls.finetune.pooling == "cls"
   assert convert_mvit.build_config(image) is None
   pt = mvit.default_config(**dict(K400_S, stage_strides=(2, 2, 1)))   # MaskFeat's 14x14 output
   mf = convert_mvit.make_config(pt, 0, maskfeat=108)

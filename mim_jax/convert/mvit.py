@@ -245,9 +245,12 @@ def make_config(model_cfg, num_classes: int, *, image_size: int = 224, preset: s
                 config_dir: str = "", maskfeat: int = 0) -> ml_collections.ConfigDict:
   """The run config of a converted MViT, the model set from the weights, ImageNet's mean and
   std and `image_size`: configs/finetune.py (`preset`, default '' for an image MViT,
-  'k400_mvitv2_s' for a video one) with its classes from the head, the classifier on the mean
-  of the final-norm tokens ('avg', the official image head's input without a cls token) or, for
-  a video MViT, SlowFast's USE_MEAN_POOLING ('mean', MaskFeat's fine-tuning yamls); a MaskMViT
+  'k400_mvitv2_s' for a video one) with its classes from the head, the classifier on what both
+  official forwards (mvit, SlowFast) give it without USE_MEAN_POOLING: the final-norm cls token
+  ('cls') when the model has one (SlowFast's released Kinetics / SSv2 MViTv2 classifiers), else
+  the mean of the final-norm tokens ('avg'; the released image MViTv2s). A checkpoint
+  fine-tuned under USE_MEAN_POOLING (MaskFeat's fine-tuning yamls) is read with
+  finetune.pooling='mean', which its state dict cannot tell apart; a MaskMViT
   (`maskfeat`: its HOG width) configs/maskfeat.py (`preset`, default 'k400_mvitv2_s' /
   'imagenet_mvitv2_s') with the HOG cell its head width gives at the model's output stride and
   the mask window on the output grid (as the official presets have them)."""
@@ -270,7 +273,7 @@ def make_config(model_cfg, num_classes: int, *, image_size: int = 224, preset: s
                             f"cells dividing the output stride {stride}")
     c.maskfeat.update(hog_cell=stride // per_side, mask_window=())
   else:
-    c.finetune.pooling = "mean" if video else "avg"
+    c.finetune.pooling = "cls" if model_cfg.cls_token else "avg"
   if num_classes:
     c.finetune.num_classes = num_classes
   c.input.image_size = int(image_size)

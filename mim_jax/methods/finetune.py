@@ -90,11 +90,13 @@ class ClassifierHead(nn.Module):
   'avg' (CNN and Swin backbones): the global average pool of the last feature map, then the
   linear layer, weight ~ N(0, avg_init_std^2) and bias 0: 0.01 as MoCo's / torchvision-style
   classifiers, 0.02 for a Swin (its _init_weights: timm trunc_normal_(std=.02), bounds +-2);
+  'cls' at cls_init_std (MAE's 2e-5; an MViT's official head 0.02);
   'pooled': features the backbone pooled and normed itself ([B, 1, D]: an MViT's 'mean'),
   weight ~ N(0, 2e-5^2)."""
   num_classes: int
   pooling: str = "mean"
   avg_init_std: float = 0.01
+  cls_init_std: float = 2e-5
   prefix: int = 1                     # leading cls token(s) 'mean' skips (0: a video ViT)
 
   @nn.compact
@@ -106,7 +108,7 @@ class ClassifierHead(nn.Module):
     if self.pooling == "mean":
       feats = vit.layer_norm("fc_norm", jnp.float32)(tokens[:, self.prefix:].mean(axis=1))
     elif self.pooling == "cls":
-      feats = tokens[:, 0]
+      feats, init = tokens[:, 0], nn.initializers.normal(self.cls_init_std)
     elif self.pooling == "avg":
       feats, init = tokens.mean(axis=1), nn.initializers.normal(self.avg_init_std)
     elif self.pooling == "pooled":      # features the backbone pooled and normed: [B, 1, D]
@@ -138,7 +140,9 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
 # Other backbones' model modules declare theirs, and their fine-tuning rules, by these names
 # (mim_jax/models/swin.py, mvit.py):
 #   FINETUNE_ARCH_KEYS   the config keys that must equal the pretraining run's;
-#   FINETUNE_HEAD_STD    the 'avg' head's weight init std (default 0.01);
+#   FINETUNE_HEAD_STD    the 'avg' (and 'cls') head's weight init std (default 0.01);
+#   FINETUNE_POOLINGS    the finetune.pooling values it takes (default ('avg',)): 'avg' and
+#       'cls' read the backbone's tokens, any other the features it pools itself;
 #   finetune_adapt(loaded, init, finetune_cfg)  the pretrained parameters resized where the
 #       fine-tuning model differs (position tables at another image or window size): with it,
 #       the image size may differ from the pretraining run's;
@@ -296,12 +300,17 @@ class FineTune(Method):
     if self.head_pooling not in allowed:
       raise ValueError(f"config.finetune.pooling must be {' or '.join(map(repr, allowed))} for "
                        f"model.name={models.name_of(config.model)!r}, got {self.head_pooling!r}")
-    # A backbone's own pooling other than 'avg' (an MViT's 'mean'): it returns the pooled,
-    # normed features and the head is only the classifier.
-    self.backbone_pools = not self.is_vit and self.head_pooling != "avg"
+    if self.head_pooling == "cls" and not models.prefix_tokens(config.model):
+      raise ValueError("config.finetune.pooling='cls' reads the cls token: set "
+                       "config.model.cls_token=True or use another pooling")
+    # A backbone's own pooling other than 'avg' or 'cls' (an MViT's 'mean'): it returns the
+    # pooled, normed features and the head is only the classifier.
+    self.backbone_pools = not self.is_vit and self.head_pooling not in ("avg", "cls")
+    head_std = getattr(self.backbone, "FINETUNE_HEAD_STD", 0.01)
     self.head = ClassifierHead(self.num_classes,
                               "pooled" if self.backbone_pools else self.head_pooling,
-                              avg_init_std=getattr(self.backbone, "FINETUNE_HEAD_STD", 0.01),
+                              avg_init_std=head_std,
+                              cls_init_std=2e-5 if self.is_vit else head_std,
                               prefix=models.prefix_tokens(config.model))
     self.pretrained = str(f.get("pretrained", "") or "")
     self.pretrained_encoder = str(f.get("pretrained_encoder", "online"))

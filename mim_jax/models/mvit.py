@@ -918,10 +918,13 @@ FINETUNE_ARCH_KEYS = ("variant", "embed_dim", "num_heads", "stage_blocks", "patc
                       "patch_kernel_t", "patch_stride_t", "patch_padding_t", "pool_kernel_t",
                       "rel_pos_temporal")
 FINETUNE_HEAD_STD = 0.02        # the official head's trunc_normal_(std=.02), bias 0
-# finetune.pooling: 'avg' (the mean of the final-norm tokens, SlowFast's default [norm->mean])
-# or 'mean' (USE_MEAN_POOLING, MaskFeat's fine-tuning yamls: the backbone's `pooled='mean'`,
-# and the head at HEAD_INIT_SCALE 0.001 of its trunc_normal_(std=.02): std 2e-5, bias 0).
-FINETUNE_POOLINGS = ("avg", "mean")
+# finetune.pooling: 'avg' (the mean of the final-norm tokens, SlowFast's and mvit's default
+# [norm->mean] without a cls token), 'cls' (the final-norm cls token: both official forwards
+# with CLS_EMBED_ON, e.g. SlowFast's supervised Kinetics / SSv2 MViTv2 yamls; the head at
+# FINETUNE_HEAD_STD) or 'mean' (USE_MEAN_POOLING, MaskFeat's fine-tuning yamls: the backbone's
+# `pooled='mean'`, and the head at HEAD_INIT_SCALE 0.001 of its trunc_normal_(std=.02): std
+# 2e-5, bias 0).
+FINETUNE_POOLINGS = ("avg", "cls", "mean")
 
 
 def finetune_adapt(loaded: dict, init: dict, finetune_cfg) -> dict:
