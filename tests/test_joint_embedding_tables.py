@@ -36,7 +36,10 @@ def test_every_row_is_a_valid_override_and_recipes_are_shared(tmp_path, capsys):
   for line in lines:
     base = line.split("--config=")[1].split(" ")[0]
     name, preset = os.path.splitext(os.path.basename(base.split(":")[0]))[0], base.split(":")[1]
-    assert preset == "cifar10" and "--config.total_steps=3" in line
+    batch = (int(line.split("--config.input.batch_size=")[1].split(" ")[0])
+             if "batch_size" in line else 256)
+    # SimCLR's batch table runs each row as many images as 3 steps at batch 256.
+    assert preset == "cifar10" and f"--config.total_steps={round(3 * 256 / batch)}" in line, line
     c = load_config(name, preset)
     for arg in line.split(" --config.")[1:]:
       key, value = arg.split("=", 1)
@@ -75,6 +78,21 @@ def test_every_row_is_a_valid_override_and_recipes_are_shared(tmp_path, capsys):
   assert tool.main(["--table", "simclr_head", "--workdir_root", str(tmp_path), "--batch", "64",
                     "--steps", "3", "--dry_run"]) == 2
   assert "input.batch_size=256 (asked: 64)" in capsys.readouterr().err
+  # A finished row of the batch table is read at its own batch and its images-matched steps.
+  batch = tool.TABLES["simclr_batch"]
+  wd64 = tool.ablations.workdir(str(tmp_path), "simclr_batch", batch, batch.rows[0])
+  os.makedirs(wd64)
+  with open(os.path.join(wd64, "metrics.jsonl"), "w") as f:
+    f.write('{"step": 1200, "summary": {}}\n')
+  with open(os.path.join(wd64, "config.json"), "w") as f:
+    f.write('{"total_steps": 1200, "input": {"batch_size": 64}}')
+  assert tool.main(["--table", "simclr_batch", "--workdir_root", str(tmp_path), "--steps", "300",
+                    "--dry_run"]) == 0
+  out = capsys.readouterr().out
+  assert f"done, skipped: {wd64}" in out and "--config.total_steps=150 " in out
+  assert tool.main(["--table", "simclr_batch", "--workdir_root", str(tmp_path), "--steps", "3",
+                    "--dry_run"]) == 2
+  assert "total_steps=1200 (asked: 12)" in capsys.readouterr().err
   md = open(tmp_path / "simclr_head.md").read()
   assert "| no head | proj_head_mode=none | 3 | 0.50 | 12.5 | 13.0 | 20.0 |" in md
   assert f"workdirs {tmp_path}/simclr_head_* and {tmp_path}/simclr_recipe." in md

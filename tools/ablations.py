@@ -6,6 +6,10 @@ one factor at a time; each row runs as
     --config.input.data.dir=<data> [--config.total_steps=N] [--config.input.batch_size=B] \
     --config.<key>=<value> ...
 
+In a `per_epoch` table (rows that change the batch size) --steps counts steps at the base
+batch: each row runs as many images, N x base batch / its batch steps (SimCLR's batch study
+compares batch sizes at equal epochs).
+
 Rows whose overrides restate the base config's own values are one run, in <root>/<recipe>,
 shared by every table of that base. Rows are skipped when their workdir holds a finished run (a
 'summary' record in metrics.jsonl) of the same length and batch (another is an error: a table
@@ -40,6 +44,7 @@ class Table(NamedTuple):
   rows: list
   monitor: tuple = ("aux/sim", "Sim")  # (logged key, column title)
   recipe: str = "recipe"             # the workdir name of the base config's own run
+  per_epoch: bool = False            # rows change the batch: --steps scaled to equal images
 
 
 def slug(label: str) -> str:
@@ -73,12 +78,22 @@ def workdir(root: str, name: str, table: Table, row: Row) -> str:
   return os.path.join(root, f"{name}_{slug(row.label)}")
 
 
+def row_steps(table: Table, row: Row, steps: int = 0, batch: int = 0) -> int:
+  """The row's total_steps for --steps `steps` (0: the preset's length): `steps` itself, or in a
+  per_epoch table the steps that see as many images at the row's batch as `steps` at the
+  table's (`batch`, else the base config's)."""
+  if not steps or not table.per_epoch:
+    return steps
+  at = batch or int(base_config(table.base).input.batch_size)
+  return max(1, round(steps * at / int(row.overrides.get("input.batch_size", at))))
+
+
 def command(name: str, table: Table, row: Row, root: str, data: str, steps: int = 0,
             batch: int = 0) -> list[str]:
   cmd = [sys.executable, "-m", "mim_jax.main", f"--config={table.base}",
          f"--workdir={workdir(root, name, table, row)}", f"--config.input.data.dir={data}"]
   if steps:
-    cmd.append(f"--config.total_steps={int(steps)}")
+    cmd.append(f"--config.total_steps={row_steps(table, row, steps, batch)}")
   if batch:      # the learning rate follows: base_lr is per lr_batch_divisor images
     cmd.append(f"--config.input.batch_size={int(batch)}")
   cmd += [f"--config.{k}={v}" for k, v in row.overrides.items()]
@@ -183,7 +198,8 @@ def main(tables: dict, argv: list[str], description: str, default_root: str) -> 
         continue
       started.add(wd)
       if finished(wd):
-        differs = budget_mismatch(wd, table, args.steps, args.batch)
+        differs = budget_mismatch(wd, table, row_steps(table, row, args.steps, args.batch),
+                                  int(row.overrides.get("input.batch_size", args.batch)))
         if differs:     # a table mixes no budgets: that run stays, this one goes elsewhere
           print(f"error: {wd} finished with {differs}; give this budget its own "
                 f"--workdir_root (e.g. {args.workdir_root}_{args.steps or 'preset'})",

@@ -15,7 +15,8 @@ deviation of the L2-normalised output times sqrt(d) (1 healthy, 0 collapsed). Ta
   moco_v2           MoCo v2's MLP head / aug+ / cosine switches (the rows without cosine keep
                     the lr constant: the CPU runs are too short for the official step drops)
   moco_temperature  the temperature sweep with and without the MLP head
-  simclr_batch      SimCLR's batch size
+  simclr_batch      SimCLR's batch size at equal epochs, as the paper compares them (with
+                    --steps N: N x 256 / batch steps a row)
   simclr_head       SimCLR's projection head: none / linear / non-linear
   simclr_aug        SimCLR's augmentation study (Fig. 5): one branch the image, the other
                     each single operator of crop, color, rotate, cutout, noise, blur, sobel and
@@ -78,7 +79,7 @@ TABLES = {
     ]),
     "simclr_batch": _table("SimCLR: batch size", "simclr", [
         Row(f"batch {b}", {"input.batch_size": b}) for b in (64, 128, 256, 512)
-    ]),
+    ])._replace(per_epoch=True),
     "simclr_head": _table("SimCLR: projection head", "simclr", [
         Row("no head", {"simclr.proj_head_mode": "none"}),
         Row("linear", {"simclr.proj_head_mode": "linear"}),
