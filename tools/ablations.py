@@ -6,8 +6,8 @@ one factor at a time; each row runs as
     --config.input.data.dir=<data> [--config.total_steps=N] [--config.input.batch_size=B] \
     --config.<key>=<value> ...
 
-In a `per_epoch` table (rows that change the batch size) --steps counts steps at the base
-batch: each row runs as many images, N x base batch / its batch steps (SimCLR's batch study
+A row that changes the batch size (an `input.batch_size` override) counts --steps N at the
+table's batch: it runs as many images, N x that batch / its batch steps (SimCLR's batch study
 compares batch sizes at equal epochs).
 
 Rows whose overrides restate the base config's own values are one run, in <root>/<recipe>,
@@ -44,7 +44,6 @@ class Table(NamedTuple):
   rows: list
   monitor: tuple = ("aux/sim", "Sim")  # (logged key, column title)
   recipe: str = "recipe"             # the workdir name of the base config's own run
-  per_epoch: bool = False            # rows change the batch: --steps scaled to equal images
 
 
 def slug(label: str) -> str:
@@ -79,13 +78,13 @@ def workdir(root: str, name: str, table: Table, row: Row) -> str:
 
 
 def row_steps(table: Table, row: Row, steps: int = 0, batch: int = 0) -> int:
-  """The row's total_steps for --steps `steps` (0: the preset's length): `steps` itself, or in a
-  per_epoch table the steps that see as many images at the row's batch as `steps` at the
-  table's (`batch`, else the base config's)."""
-  if not steps or not table.per_epoch:
+  """The row's total_steps for --steps `steps` (0: the preset's length): `steps` itself, or for
+  a row that overrides the batch the steps that see as many images at its batch as `steps` at
+  the table's (`batch`, else the base config's)."""
+  if not steps or "input.batch_size" not in row.overrides:
     return steps
   at = batch or int(base_config(table.base).input.batch_size)
-  return max(1, round(steps * at / int(row.overrides.get("input.batch_size", at))))
+  return max(1, round(steps * at / int(row.overrides["input.batch_size"])))
 
 
 def command(name: str, table: Table, row: Row, root: str, data: str, steps: int = 0,

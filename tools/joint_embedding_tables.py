@@ -79,7 +79,7 @@ TABLES = {
     ]),
     "simclr_batch": _table("SimCLR: batch size", "simclr", [
         Row(f"batch {b}", {"input.batch_size": b}) for b in (64, 128, 256, 512)
-    ])._replace(per_epoch=True),
+    ]),
     "simclr_head": _table("SimCLR: projection head", "simclr", [
         Row("no head", {"simclr.proj_head_mode": "none"}),
         Row("linear", {"simclr.proj_head_mode": "linear"}),
